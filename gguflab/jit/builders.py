@@ -1,0 +1,95 @@
+"""Small helpers to write kernels once and build them for the CPU or for NVPTX."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from llvmlite import ir
+
+i1 = ir.IntType(1)
+i8 = ir.IntType(8)
+i16 = ir.IntType(16)
+i32 = ir.IntType(32)
+i64 = ir.IntType(64)
+f16 = ir.HalfType()
+f32 = ir.FloatType()
+f64 = ir.DoubleType()
+void = ir.VoidType()
+
+
+def ptr(t: ir.Type) -> ir.PointerType:
+    return t.as_pointer()
+
+
+def const(t: ir.Type, v: int | float) -> ir.Constant:
+    return ir.Constant(t, v)
+
+
+class Target(enum.Enum):
+    CPU = "cpu"
+    NVPTX = "nvptx"
+
+
+@contextmanager
+def for_range(
+    b: ir.IRBuilder, start: ir.Value, stop: ir.Value, step: ir.Value | int = 1, name: str = "i"
+) -> Iterator[ir.Value]:
+    """`for (i = start; i < stop; i += step)`; the body is emitted inside the `with`."""
+    if isinstance(step, int):
+        step = const(start.type, step)
+    pre = b.block
+    cond_bb = b.append_basic_block(f"{name}.cond")
+    body_bb = b.append_basic_block(f"{name}.body")
+    end_bb = b.append_basic_block(f"{name}.end")
+    b.branch(cond_bb)
+    b.position_at_end(cond_bb)
+    idx = b.phi(start.type, name=name)
+    idx.add_incoming(start, pre)
+    b.cbranch(b.icmp_signed("<", idx, stop), body_bb, end_bb)
+    b.position_at_end(body_bb)
+    yield idx
+    nxt = b.add(idx, step, name=f"{name}.next")
+    idx.add_incoming(nxt, b.block)
+    b.branch(cond_bb)
+    b.position_at_end(end_bb)
+
+
+def _nvvm_sreg(b: ir.IRBuilder, reg: str) -> ir.Value:
+    mod = b.module
+    name = f"llvm.nvvm.read.ptx.sreg.{reg}"
+    fn = mod.globals.get(name) or ir.Function(mod, ir.FunctionType(i32, []), name)
+    return b.zext(b.call(fn, []), i64)
+
+
+def elementwise_kernel(
+    module: ir.Module,
+    name: str,
+    arg_types: Sequence[ir.Type],
+    target: Target,
+    body: Callable[[ir.IRBuilder, list[ir.Value], ir.Value], None],
+) -> ir.Function:
+    """A kernel `name(args..., i64 n)` that runs `body(builder, args, i)` for i in [0, n).
+
+    On the CPU it is a plain loop (LLVM vectorises it); on NVPTX each thread takes a
+    grid-stride slice of the range.
+    """
+    fn = ir.Function(module, ir.FunctionType(void, [*arg_types, i64]), name)
+    if target == Target.NVPTX:
+        fn.calling_convention = "ptx_kernel"
+    for a in fn.args[:-1]:
+        if isinstance(a.type, ir.PointerType):
+            a.add_attribute("noalias")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    args, n = list(fn.args[:-1]), fn.args[-1]
+    if target == Target.CPU:
+        start, step = const(i64, 0), const(i64, 1)
+    else:
+        block, threads = _nvvm_sreg(b, "ctaid.x"), _nvvm_sreg(b, "ntid.x")
+        start = b.add(b.mul(block, threads), _nvvm_sreg(b, "tid.x"))
+        step = b.mul(_nvvm_sreg(b, "nctaid.x"), threads)
+    with for_range(b, start, n, step) as i:
+        body(b, args, i)
+    b.ret_void()
+    return fn

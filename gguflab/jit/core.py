@@ -1,0 +1,212 @@
+"""Compile llvmlite IR for the host CPU (or emit PTX), with an on-disk object cache.
+
+`compile_kernels(module, {name: signature})` returns ctypes callables. ctypes releases
+the GIL for the duration of each call, so a thread pool runs kernels in parallel.
+
+GGUFLAB_DEBUG=1 prints compile and cache timings to stderr; GGUFLAB_DEBUG=2 also
+prints the optimised IR (and the PTX for GPU modules).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from functools import cache
+
+import llvmlite
+import llvmlite.binding as llvm
+from llvmlite import ir
+
+CACHE_VERSION = "1"  # bump when the generated code changes meaning without its IR changing
+_lock = threading.Lock()
+
+
+def debug_level() -> int:
+    try:
+        return int(os.environ.get("GGUFLAB_DEBUG", "0") or 0)
+    except ValueError:
+        return 1
+
+
+def _log(msg: str) -> None:
+    if debug_level() >= 1:
+        print(f"[gguflab.jit] {msg}", file=sys.stderr, flush=True)
+
+
+def cache_dir() -> str:
+    """Where compiled objects live: $GGUFLAB_CACHE_DIR, else ~/.cache/gguflab/jit."""
+    base = os.environ.get("GGUFLAB_CACHE_DIR")
+    if not base:
+        base = os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gguflab"
+        )
+    return os.path.join(base, "jit")
+
+
+@cache
+def _init() -> None:
+    llvm.initialize_all_targets()
+    llvm.initialize_all_asmprinters()
+
+
+@dataclass(frozen=True)
+class HostCPU:
+    triple: str
+    name: str
+    features: str
+
+    def has(self, feature: str) -> bool:
+        return f"+{feature}" in self.features.split(",")
+
+
+@cache
+def host_cpu() -> HostCPU:
+    _init()
+    name = os.environ.get("GGUFLAB_CPU") or llvm.get_host_cpu_name()
+    try:
+        features = llvm.get_host_cpu_features().flatten()
+    except RuntimeError:  # some platforms cannot report features
+        features = ""
+    if os.environ.get("GGUFLAB_CPU"):
+        features = ""  # a forced CPU name brings its own feature set
+    return HostCPU(llvm.get_process_triple(), name, features)
+
+
+@cache
+def _host_tm() -> llvm.TargetMachine:
+    cpu = host_cpu()
+    target = llvm.Target.from_triple(cpu.triple)
+    # jitdefault code model + PIC-free object: MCJIT relocates it in-process
+    return target.create_target_machine(
+        cpu=cpu.name, features=cpu.features, opt=3, codemodel="jitdefault"
+    )
+
+
+def _optimise(mod: llvm.ModuleRef, tm: llvm.TargetMachine, level: int = 3) -> None:
+    pto = llvm.create_pipeline_tuning_options(speed_level=level)
+    pto.loop_vectorization = True
+    pto.slp_vectorization = True
+    pb = llvm.create_pass_builder(tm, pto)
+    pb.getModulePassManager().run(mod, pb)
+
+
+def _parse(module: ir.Module | str) -> llvm.ModuleRef:
+    text = str(module)
+    mod = llvm.parse_assembly(text)
+    mod.verify()
+    return mod
+
+
+class CompiledModule:
+    """Compiled object code loaded into this process; keeps its engine alive."""
+
+    def __init__(self, engine: llvm.ExecutionEngine, signatures: dict[str, ctypes._CFuncPtr]):
+        self._engine = engine
+        self.functions = {}
+        for name, sig in signatures.items():
+            addr = engine.get_function_address(name)
+            if not addr:
+                raise KeyError(f"kernel {name!r} not found in compiled module")
+            fn = sig(addr)
+            fn._module = self  # the callable keeps the code alive
+            self.functions[name] = fn
+
+    def __getitem__(self, name: str):
+        return self.functions[name]
+
+
+_engines: dict[str, CompiledModule] = {}
+
+
+def compile_kernels(module: ir.Module | str, signatures: dict[str, type]) -> CompiledModule:
+    """Compile IR for the host CPU and return its functions as ctypes callables.
+
+    `signatures` maps each function name to a `ctypes.CFUNCTYPE(...)` type. Object code
+    is cached on disk, keyed by the IR, the CPU and llvmlite's LLVM version.
+    """
+    _init()
+    cpu = host_cpu()
+    tm = _host_tm()
+    text = str(module) if isinstance(module, ir.Module) else module
+    if isinstance(module, ir.Module) and module.triple in ("", "unknown-unknown-unknown"):
+        text = text.replace(
+            'target triple = "unknown-unknown-unknown"', f'target triple = "{cpu.triple}"', 1
+        )
+    key = hashlib.sha256(
+        "\0".join(
+            [CACHE_VERSION, llvmlite.__version__, cpu.triple, cpu.name, cpu.features, text]
+        ).encode()
+    ).hexdigest()[:32]
+    with _lock:
+        if key in _engines:
+            return _engines[key]
+        t0 = time.perf_counter()
+        path = os.path.join(cache_dir(), f"{key}.o")
+        obj = None
+        try:
+            with open(path, "rb") as f:
+                obj = f.read()
+            how = "cache hit"
+        except OSError:
+            pass
+        if obj is None:
+            mod = _parse(text)
+            mod.triple = cpu.triple
+            mod.data_layout = str(tm.target_data)
+            _optimise(mod, tm)
+            if debug_level() >= 2:
+                print(str(mod), file=sys.stderr)
+            obj = tm.emit_object(mod)
+            _store(path, obj)
+            how = "compiled"
+        engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
+        engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
+        engine.finalize_object()
+        compiled = CompiledModule(engine, signatures)
+        _engines[key] = compiled
+        _log(
+            f"{'/'.join(signatures)}: {how} in {1e3 * (time.perf_counter() - t0):.1f} ms "
+            f"({len(obj)} bytes, {cpu.name})"
+        )
+        return compiled
+
+
+def _store(path: str, data: bytes) -> None:
+    """Best-effort atomic write into the cache; a read-only home just means no cache."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        _log(f"cannot cache compiled code at {path}: {e}")
+
+
+# -- GPU ---------------------------------------------------------------------------------
+
+NVPTX_TRIPLE = "nvptx64-nvidia-cuda"
+PTX_VERSION = "+ptx78"  # PTX ISA 7.8: CUDA 11.8+ drivers, sm_80 and sm_90
+
+
+def emit_ptx(module: ir.Module | str, sm: str = "sm_80") -> str:
+    """Optimise IR for `nvptx64-nvidia-cuda` and return PTX text for GPU `sm`."""
+    _init()
+    t0 = time.perf_counter()
+    text = str(module)
+    mod = _parse(text)
+    mod.triple = NVPTX_TRIPLE
+    target = llvm.Target.from_triple(NVPTX_TRIPLE)
+    tm = target.create_target_machine(cpu=sm, features=PTX_VERSION, opt=3)
+    mod.data_layout = str(tm.target_data)
+    _optimise(mod, tm)
+    ptx = tm.emit_assembly(mod)
+    _log(f"PTX for {sm}: {1e3 * (time.perf_counter() - t0):.1f} ms, {len(ptx)} chars")
+    if debug_level() >= 2:
+        print(ptx, file=sys.stderr)
+    return ptx
