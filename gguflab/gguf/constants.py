@@ -54,6 +54,7 @@ class GGMLType(IntEnum):
     MXFP4 = 39
     NVFP4 = 40
     Q1_0 = 41
+    Q2_0 = 42
 
 
 # Ids that existed once and are no longer written by anyone (repacked Q4_0 variants).
@@ -139,6 +140,7 @@ TYPES: dict[GGMLType, TypeInfo] = {
         _t(G.MXFP4, 32, 1 + 16),
         _t(G.NVFP4, 64, 4 + 32),
         _t(G.Q1_0, 128, 2 + 16),
+        _t(G.Q2_0, 64, 2 + 16),
     )
 }
 del G
@@ -255,6 +257,7 @@ class LlamaFileType(IntEnum):
     MOSTLY_MXFP4_MOE = 38
     MOSTLY_NVFP4 = 39
     MOSTLY_Q1_0 = 40
+    MOSTLY_Q2_0 = 41
     GUESSED = 1024
 
 

@@ -93,3 +93,13 @@ def elementwise_kernel(
         body(b, args, i)
     b.ret_void()
     return fn
+
+
+def alloca_entry(b: ir.IRBuilder, t: ir.Type, n: int = 1, name: str = "") -> ir.Value:
+    """A stack array in the function's entry block: allocas inside loops would grow the
+    stack every iteration and block SROA/mem2reg."""
+    entry = b.function.entry_basic_block
+    with b.goto_block(entry):
+        if entry.instructions:
+            b.position_before(entry.instructions[0])
+        return b.alloca(t, size=const(i32, n) if n != 1 else None, name=name)

@@ -22,16 +22,17 @@ def hardware_half(target: Target) -> bool:
 
 
 def emit_f32_to_f16(b: ir.IRBuilder, x: ir.Value, hw: bool) -> ir.Value:
-    """fp32 -> fp16 bits (i16), round to nearest even; NaN stays a quiet NaN."""
-    if hw:
-        return b.bitcast(b.fptrunc(x, f16), i16)
+    """fp32 -> fp16 bits (i16), round to nearest even. NaN becomes the canonical quiet NaN
+    (sign kept, payload dropped), as ggml's portable conversion does."""
     c = lambda v: const(i32, v)  # noqa: E731
     bits = b.bitcast(x, i32)
     sign = b.and_(bits, c(0x80000000))
     f = b.xor(bits, sign)
-    # overflow to inf, or NaN with the top payload bits kept and the quiet bit set
-    nan = b.or_(c(0x7E00), b.and_(b.lshr(f, c(13)), c(0x3FF)))
-    big = b.select(b.icmp_unsigned(">", f, c(0x7F800000)), nan, c(0x7C00))
+    is_nan = b.icmp_unsigned(">", f, c(0x7F800000))
+    if hw:
+        h = b.bitcast(b.fptrunc(x, f16), i16)
+        return b.select(is_nan, b.trunc(b.or_(c(0x7E00), b.lshr(sign, c(16))), i16), h)
+    big = b.select(is_nan, c(0x7E00), c(0x7C00))
     # subnormal halves: let the FPU round by adding a magic number
     magic = c(126 << 23)
     sub = b.sub(b.bitcast(b.fadd(b.bitcast(f, f32), b.bitcast(magic, f32)), i32), magic)

@@ -1,0 +1,85 @@
+"""llama.cpp's own reference quantizers, called in the libggml-base that llama-cpp-python
+ships: the oracle for single rows of every type (`quantize_row_<t>_ref`,
+`dequantize_row_<t>`)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import cache
+
+import numpy as np
+import pytest
+
+from gguflab.gguf import GGMLType, type_info
+
+
+@cache
+def libggml() -> ctypes.CDLL:
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python (the test oracle) is not installed")
+    folder = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            return ctypes.CDLL(path)
+    pytest.skip(f"libggml-base not found in {folder}")
+
+
+def ggml_name(t: GGMLType) -> str:
+    """ggml's spelling in symbol names: q4_0, q4_K, iq2_xxs."""
+    name = t.name.lower()
+    return name[:-2] + "_K" if name.endswith("_k") else name
+
+
+def ggml_quantize(t: GGMLType, x: np.ndarray) -> np.ndarray:
+    """llama.cpp's reference quantizer on float32 rows `x` -> uint8 (rows, row_bytes)."""
+    x = np.ascontiguousarray(x, np.float32)
+    x2 = x.reshape(-1, x.shape[-1])
+    info = type_info(t)
+    out = np.zeros((x2.shape[0], info.row_bytes(x2.shape[1])), np.uint8)
+    if t == GGMLType.F16:
+        fn = libggml().ggml_fp32_to_fp16_row
+    elif t == GGMLType.BF16:
+        fn = libggml().ggml_fp32_to_bf16_row_ref
+    else:
+        fn = getattr(libggml(), f"quantize_row_{ggml_name(t)}_ref")
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    fn(x2.ctypes.data, out.ctypes.data, x2.size)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def ggml_dequantize(t: GGMLType, q: np.ndarray, n_per_row: int) -> np.ndarray:
+    """llama.cpp's dequantizer: uint8 rows -> float32 (rows, n_per_row)."""
+    q = np.ascontiguousarray(q, np.uint8)
+    q2 = q.reshape(-1, q.shape[-1])
+    out = np.zeros((q2.shape[0], n_per_row), np.float32)
+    if t == GGMLType.F16:
+        fn = libggml().ggml_fp16_to_fp32_row
+    elif t == GGMLType.BF16:
+        fn = libggml().ggml_bf16_to_fp32_row
+    else:
+        fn = getattr(libggml(), f"dequantize_row_{ggml_name(t)}")
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    fn(q2.ctypes.data, out.ctypes.data, out.size)
+    return out.reshape(*q.shape[:-1], n_per_row)
+
+
+def sample_weights(n_rows: int, n_per_row: int, seed: int = 0) -> np.ndarray:
+    """Weights that exercise the edge cases: normal rows, outliers, all-zero and constant
+    blocks, tiny and huge magnitudes, negative-only and positive-only blocks."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_rows, n_per_row)).astype(np.float32) * 0.02
+    if n_rows >= 8:
+        x[1, : n_per_row // 2] = 0.0
+        x[2] = 1.0
+        x[3] *= 1e-6
+        x[4] = np.abs(x[4]) * 1000
+        x[5] = -np.abs(x[5])
+        x[6, ::7] = 3.0
+        x[7] = rng.integers(-8, 8, n_per_row).astype(np.float32)
+    return x
