@@ -83,3 +83,28 @@ def sample_weights(n_rows: int, n_per_row: int, seed: int = 0) -> np.ndarray:
         x[6, ::7] = 3.0
         x[7] = rng.integers(-8, 8, n_per_row).astype(np.float32)
     return x
+
+
+def llama_quantize(src: str, dst: str, ftype: int, *, allow_requantize: bool = False,
+                   pure: bool = False, leave_output: bool = False, only_copy: bool = False,
+                   output_tensor_type: int | None = None,
+                   token_embedding_type: int | None = None, threads: int = 2) -> None:
+    """llama.cpp's `llama_model_quantize` (what llama-quantize runs), via llama-cpp-python."""
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python (the test oracle) is not installed")
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.nthread = threads
+    p.ftype = ftype
+    p.allow_requantize = allow_requantize
+    p.pure = pure
+    p.quantize_output_tensor = not leave_output
+    p.only_copy = only_copy
+    if output_tensor_type is not None:
+        p.output_tensor_type = output_tensor_type
+    if token_embedding_type is not None:
+        p.token_embedding_type = token_embedding_type
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc}) for {src} -> {dst}")

@@ -7,6 +7,7 @@ left before anything is allocated for it, so a hostile or truncated file gets a
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from collections.abc import Iterator
@@ -337,6 +338,19 @@ class GGUFReader:
     @property
     def tensor_data_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    def release(self, t: ReaderTensor) -> None:
+        """Tell the OS this process is done with a tensor's pages, so that streaming through
+        a model larger than memory keeps the resident set small (views of it stay valid:
+        the pages are read again from the file if touched)."""
+        mm = getattr(self._mm, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        start = t.offset // page * page
+        end = min(self.file_size, t.offset + t.nbytes)
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def close(self) -> None:
         """Drop this reader's references to the mapping (views handed out keep it alive)."""

@@ -187,31 +187,52 @@ class GGUFWriter:
 
     def write_tensor(self, name: str, data: np.ndarray | bytes | memoryview) -> None:
         """Write the next tensor's bytes (an array in its storage dtype, or raw bytes)."""
+        self.begin_tensor(name)
+        self.write_part(data)
+        self.end_tensor()
+
+    def begin_tensor(self, name: str) -> None:
+        """Start the next tensor, whose bytes then come in any number of `write_part`s."""
         spec = self.next_spec
         if spec is None or spec.name != name:
             expected = spec.name if spec else "no more tensors"
-            raise GGUFError(
-                self.path, f"tensor {name!r} written out of order (expected {expected})"
-            )
+            raise GGUFError(self.path, f"tensor {name!r} written out of order (expected {expected})")
+        self._written = 0
+
+    def write_part(self, data: np.ndarray | bytes | memoryview) -> None:
+        spec = self.next_spec
+        if self._file is None:
+            raise GGUFError(self.path, "writing was aborted")
         if isinstance(data, np.ndarray):
             if data.dtype.byteorder == ">":
                 data = data.astype(data.dtype.newbyteorder("<"))
             buf = memoryview(np.ascontiguousarray(data)).cast("B")
         else:
             buf = memoryview(data).cast("B")
-        if buf.nbytes != spec.nbytes:
-            raise GGUFError(
-                self.path,
-                f"tensor {name!r}: got {buf.nbytes} bytes, its shape "
-                f"{list(reversed(spec.shape))} as {spec.type.name} "
-                f"takes {spec.nbytes}",
-            )
+        if self._written + buf.nbytes > spec.nbytes:
+            self.abort()  # bytes already in the file would be wrong: nothing more can be written
+            raise GGUFError(self.path, self._size_error(spec, self._written + buf.nbytes))
         try:
             self._file.write(buf)
+        except OSError as e:
+            raise GGUFError(self.path, f"cannot write: {e.strerror or e}") from None
+        self._written += buf.nbytes
+
+    def end_tensor(self) -> None:
+        spec = self.next_spec
+        if self._written != spec.nbytes:
+            self.abort()
+            raise GGUFError(self.path, self._size_error(spec, self._written))
+        try:
             self._file.write(b"\0" * (self._pad(spec.nbytes) - spec.nbytes))
         except OSError as e:
             raise GGUFError(self.path, f"cannot write: {e.strerror or e}") from None
         self._next += 1
+
+    @staticmethod
+    def _size_error(spec: TensorSpec, got: int) -> str:
+        return (f"tensor {spec.name!r}: got {got} bytes, its shape {list(reversed(spec.shape))} "
+                f"as {spec.type.name} takes {spec.nbytes}")
 
     def finish(self) -> None:
         """Flush, sync and rename the partial file into place."""

@@ -1,0 +1,169 @@
+"""Q6_K: 16 sub-blocks of 16 weights, 6-bit levels, 8-bit sub-block scales, an fp16 d.
+
+Block (210 bytes): ql[128] (low 4 bits), qh[64] (high 2 bits), scales[16] (int8), d (fp16).
+Weight w = d * scale[w // 16] * (level - 32).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+
+from ...gguf import GGMLType
+from ...jit.builders import Target, alloca_entry, const, f32, for_range, i8, i16, i32
+from ...jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
+from ..base import QuantType, register
+from ..floats import f16_from_f32_ref
+from ._qx import (
+    GROUP_MAX_EPS,
+    QK_K,
+    V8,
+    VF,
+    VI,
+    emit_clamp,
+    emit_make_qx_quants,
+    emit_nearest_int,
+    emit_scalar_first_absmax,
+    emit_splat,
+    emit_transpose_in,
+    emit_transpose_out,
+    first_absmax,
+    fp16_bits_to_f32,
+    make_qx_quants,
+    nearest_int,
+    splat,
+)
+
+TYPE_SIZE = 210
+QL, QH, SC, D = 0, 128, 192, 208
+
+# where each weight's bits live: ql byte, its shift, qh byte, its shift
+_o = np.arange(QK_K)
+_h, _k, _l = _o // 128, (_o % 128) // 32, _o % 32
+QL_IDX = QL + 64 * _h + 32 * (_k % 2) + _l
+QL_SHIFT = 4 * (_k // 2)
+QH_IDX = QH + 32 * _h + _l
+QH_SHIFT = 2 * _k
+
+
+def _pack(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Levels (n, 256) in [0, 64) -> (ql (n, 128), qh (n, 64))."""
+    L = L.astype(np.uint8)
+    ql = np.empty((L.shape[0], 128), np.uint8)
+    qh = np.empty((L.shape[0], 64), np.uint8)
+    for h in range(2):
+        q1, q2, q3, q4 = (L[:, 128 * h + 32 * k: 128 * h + 32 * k + 32] for k in range(4))
+        ql[:, 64 * h: 64 * h + 32] = (q1 & 0xF) | ((q3 & 0xF) << 4)
+        ql[:, 64 * h + 32: 64 * h + 64] = (q2 & 0xF) | ((q4 & 0xF) << 4)
+        qh[:, 32 * h: 32 * h + 32] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | (
+            (q4 >> 4) << 6)
+    return ql, qh
+
+
+@register
+class Q6_K(QuantType):
+    type = GGMLType.Q6_K
+    n_levels = 64
+    has_quantize_kernel = has_dequantize_kernel = True
+
+    # -- numpy ----------------------------------------------------------------------------
+
+    def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, np.float32)
+        nb = x.shape[0]
+        scales, L = make_qx_quants(x.reshape(nb * 16, 16), 32, 1)
+        scales = scales.reshape(nb, 16)
+        L = L.reshape(nb, QK_K).astype(np.int32)
+        max_abs, max_scale = first_absmax(scales)
+        zero = max_abs < GROUP_MAX_EPS
+        with np.errstate(all="ignore"):
+            iscale = np.float32(-128) / max_scale
+            d16 = f16_from_f32_ref(np.float32(1) / iscale)
+            sc = np.minimum(127, nearest_int(iscale[:, None] * scales)).astype(np.int8)
+            d = fp16_bits_to_f32(d16)[:, None] * sc.astype(np.float32)
+            d = np.repeat(d, 16, axis=1)
+            fresh = np.clip(nearest_int(x / d), -32, 31) + 32
+        L = np.where(d == 0, L, fresh)
+        out = np.zeros((nb, TYPE_SIZE), np.uint8)
+        out[:, QL:QH], out[:, QH:SC] = _pack(L)
+        out[:, SC:D] = sc.view(np.uint8)
+        out[:, D:] = d16.reshape(nb, 1).view(np.uint8)
+        out[zero] = 0
+        return out
+
+    def levels_ref(self, q: np.ndarray) -> np.ndarray:
+        q = np.ascontiguousarray(q, np.uint8)
+        low = (q[:, QL_IDX] >> QL_SHIFT) & 0xF
+        high = (q[:, QH_IDX] >> QH_SHIFT) & 3
+        return (low | (high << 4)).astype(np.int32)
+
+    def dequantize_blocks_ref(self, q: np.ndarray) -> np.ndarray:
+        q = np.ascontiguousarray(q, np.uint8)
+        d = fp16_bits_to_f32(q[:, D:].copy().view(np.uint16))  # (n, 1)
+        sc = q[:, SC:D].view(np.int8).astype(np.float32)
+        ds = np.repeat(d * sc, 16, axis=1)
+        return ds * (self.levels_ref(q) - 32).astype(np.float32)
+
+    # -- IR -------------------------------------------------------------------------------
+
+    def emit_quantize_block(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> None:
+        hw = hardware_half(Target.CPU)
+        xt = emit_transpose_in(b, x)
+        lt = alloca_entry(b, V8, 16, name="lt")
+        scales = emit_make_qx_quants(b, xt, 16, 32, lt)
+        amax, max_scale = emit_scalar_first_absmax(b, scales)
+        is_zero = b.fcmp_ordered("<", amax, const(f32, float(GROUP_MAX_EPS)))
+        with b.if_else(is_zero) as (zero, normal):
+            with zero:
+                with for_range(b, const(i32, 0), const(i32, TYPE_SIZE), name="z") as j:
+                    b.store(const(i8, 0), b.gep(y, [j]))
+            with normal:
+                iscale = b.fdiv(const(f32, -128.0), max_scale)
+                d16 = emit_f32_to_f16(b, b.fdiv(const(f32, 1.0), iscale), hw)
+                b.store(d16, b.bitcast(b.gep(y, [const(i32, D)]), i16.as_pointer()), align=1)
+                l = emit_nearest_int(b, b.fmul(emit_splat(b, iscale), scales))
+                l = b.select(b.icmp_signed(">", l, splat(VI, 127)), splat(VI, 127), l)
+                sc = b.trunc(l, V8)
+                b.store(sc, b.bitcast(b.gep(y, [const(i32, SC)]), V8.as_pointer()), align=1)
+                d = b.fmul(emit_splat(b, emit_f16_to_f32(b, d16, hw)), b.sitofp(sc, VF))
+                keep = b.fcmp_ordered("==", d, splat(VF, 0.0))
+                for i in range(16):
+                    xv = b.load(b.gep(xt, [const(i32, i)]))
+                    q = emit_clamp(b, emit_nearest_int(b, b.fdiv(xv, d)), -32, 31)
+                    q = b.trunc(b.add(q, splat(VI, 32)), V8)
+                    p = b.gep(lt, [const(i32, i)])
+                    b.store(b.select(keep, b.load(p), q), p)
+                L = emit_transpose_out(b, lt)
+                self._emit_pack(b, L, y)
+
+    @staticmethod
+    def _emit_pack(b: ir.IRBuilder, L: ir.Value, y: ir.Value) -> None:
+        c8 = lambda v: const(i8, v)  # noqa: E731
+        for h in range(2):
+            with for_range(b, const(i32, 0), const(i32, 32), name="pk") as l:
+                q = [b.load(b.gep(L, [b.add(l, const(i32, 128 * h + 32 * k))])) for k in range(4)]
+                lo = [b.and_(v, c8(0xF)) for v in q]
+                hi = [b.lshr(v, c8(4)) for v in q]
+                b.store(b.or_(lo[0], b.shl(lo[2], c8(4))),
+                        b.gep(y, [b.add(l, const(i32, QL + 64 * h))]))
+                b.store(b.or_(lo[1], b.shl(lo[3], c8(4))),
+                        b.gep(y, [b.add(l, const(i32, QL + 64 * h + 32))]))
+                qh = b.or_(b.or_(hi[0], b.shl(hi[1], c8(2))),
+                           b.or_(b.shl(hi[2], c8(4)), b.shl(hi[3], c8(6))))
+                b.store(qh, b.gep(y, [b.add(l, const(i32, QH + 32 * h))]))
+
+    def emit_dequantize_block(self, b: ir.IRBuilder, y: ir.Value, x: ir.Value) -> None:
+        hw = hardware_half(Target.CPU)
+        c = lambda v: const(i32, v)  # noqa: E731
+        d16 = b.load(b.bitcast(b.gep(y, [c(D)]), i16.as_pointer()), align=1)
+        d = emit_f16_to_f32(b, d16, hw)
+        with for_range(b, c(0), c(QK_K), name="o") as o:
+            h, k, l = b.lshr(o, c(7)), b.and_(b.lshr(o, c(5)), c(3)), b.and_(o, c(31))
+            qli = b.add(b.add(b.shl(h, c(6)), b.shl(b.and_(k, c(1)), c(5))), l)
+            low = b.lshr(b.zext(b.load(b.gep(y, [qli])), i32), b.shl(b.lshr(k, c(1)), c(2)))
+            qhi = b.add(c(QH), b.add(b.shl(h, c(5)), l))
+            high = b.lshr(b.zext(b.load(b.gep(y, [qhi])), i32), b.shl(k, c(1)))
+            level = b.or_(b.and_(low, c(0xF)), b.shl(b.and_(high, c(3)), c(4)))
+            sc = b.load(b.gep(y, [b.add(c(SC), b.lshr(o, c(4)))]))
+            ds = b.fmul(d, b.sitofp(sc, f32))
+            b.store(b.fmul(ds, b.sitofp(b.sub(level, c(32)), f32)), b.gep(x, [o]))

@@ -1,0 +1,98 @@
+"""Synthetic llama-architecture GGUF models with random weights from a fixed seed: test
+data for every K-quant path (widths that are multiples of 256, GQA, several layers), and
+models of any size for benchmarks, written one tensor at a time."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .gguf import GGMLType, Keys, LlamaFileType, TensorSpec, Value, ValueType, write_gguf
+from .quant import get
+
+U32, F32V = ValueType.UINT32, ValueType.FLOAT32
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    n_layer: int = 4
+    n_embd: int = 512
+    n_ff: int = 1536
+    n_head: int = 8
+    n_head_kv: int = 2
+    n_vocab: int = 1024
+    n_ctx: int = 2048
+    tied: bool = False
+    dtype: GGMLType = GGMLType.F16
+    seed: int = 0
+    name: str = "synthetic-llama"
+
+
+def tensor_shapes(c: SynthConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, numpy shape) in the order llama.cpp's converter writes them."""
+    head_dim = c.n_embd // c.n_head
+    out = [("token_embd.weight", (c.n_vocab, c.n_embd))]
+    for i in range(c.n_layer):
+        p = f"blk.{i}."
+        out += [(p + "attn_norm.weight", (c.n_embd,)),
+                (p + "attn_q.weight", (c.n_embd, c.n_embd)),
+                (p + "attn_k.weight", (c.n_head_kv * head_dim, c.n_embd)),
+                (p + "attn_v.weight", (c.n_head_kv * head_dim, c.n_embd)),
+                (p + "attn_output.weight", (c.n_embd, c.n_embd)),
+                (p + "ffn_norm.weight", (c.n_embd,)),
+                (p + "ffn_gate.weight", (c.n_ff, c.n_embd)),
+                (p + "ffn_up.weight", (c.n_ff, c.n_embd)),
+                (p + "ffn_down.weight", (c.n_embd, c.n_ff))]
+    out.append(("output_norm.weight", (c.n_embd,)))
+    if not c.tied:
+        out.append(("output.weight", (c.n_vocab, c.n_embd)))
+    return out
+
+
+def _weights(c: SynthConfig, index: int, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    rng = np.random.default_rng([c.seed, index])
+    if len(shape) == 1:  # norms: around 1, as trained models have them
+        return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    x = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+    # a few outlier columns and a heavier tail, like real weights
+    cols = rng.choice(shape[1], size=max(1, shape[1] // 64), replace=False)
+    x[:, cols] *= 8
+    return x
+
+
+def metadata(c: SynthConfig) -> dict[str, Value]:
+    a = "llama"
+    ftype = {GGMLType.F32: LlamaFileType.ALL_F32, GGMLType.F16: LlamaFileType.MOSTLY_F16,
+             GGMLType.BF16: LlamaFileType.MOSTLY_BF16}[c.dtype]
+    return {
+        Keys.ARCHITECTURE: Value(ValueType.STRING, a),
+        Keys.NAME: Value(ValueType.STRING, c.name),
+        Keys.arch(Keys.CONTEXT_LENGTH, a): Value(U32, c.n_ctx),
+        Keys.arch(Keys.EMBEDDING_LENGTH, a): Value(U32, c.n_embd),
+        Keys.arch(Keys.BLOCK_COUNT, a): Value(U32, c.n_layer),
+        Keys.arch(Keys.FEED_FORWARD_LENGTH, a): Value(U32, c.n_ff),
+        Keys.arch(Keys.HEAD_COUNT, a): Value(U32, c.n_head),
+        Keys.arch(Keys.HEAD_COUNT_KV, a): Value(U32, c.n_head_kv),
+        Keys.arch(Keys.ROPE_FREQ_BASE, a): Value(F32V, 10000.0),
+        Keys.arch(Keys.LAYERNORM_RMS_EPS, a): Value(F32V, 1e-5),
+        Keys.arch(Keys.ROPE_DIMENSION_COUNT, a): Value(U32, c.n_embd // c.n_head),
+        Keys.arch(Keys.VOCAB_SIZE, a): Value(U32, c.n_vocab),
+        Keys.FILE_TYPE: Value(U32, int(ftype)),
+    }
+
+
+def write_synthetic_llama(path: str | os.PathLike, config: SynthConfig | None = None,
+                          overwrite: bool = False) -> str:
+    """Write a random llama model; 2-D weights in `config.dtype`, norms in F32."""
+    c = config or SynthConfig()
+    tensors = []
+    for i, (name, shape) in enumerate(tensor_shapes(c)):
+        t = GGMLType.F32 if len(shape) == 1 else c.dtype
+        qt = get(t)
+        tensors.append((TensorSpec(name, shape, t),
+                        lambda i=i, name=name, shape=shape, qt=qt:
+                        qt.quantize(_weights(c, i, name, shape))))
+    write_gguf(path, metadata(c), tensors, overwrite=overwrite)
+    return os.fspath(path)

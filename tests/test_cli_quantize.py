@@ -1,0 +1,109 @@
+"""`gguflab quantize` as a user meets it: llama-quantize's forms, its per-tensor lines, and
+one clear line for every bad input, with nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gguflab.cli import main
+from gguflab.events import TensorDone
+from gguflab.quant.mixes import parse_mix
+from gguflab.quant.pipeline import QuantizeOptions, quantize_model
+from gguflab.synth import SynthConfig, write_synthetic_llama
+
+TINY = SynthConfig(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=256)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return write_synthetic_llama(tmp_path / "tiny-f16.gguf", TINY)
+
+
+def gguflab(*args):
+    return subprocess.run([sys.executable, "-m", "gguflab", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_default_output_name_and_lines(tiny, tmp_path, capsys):
+    assert main(["quantize", tiny, "Q8_0"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "ggml-model-Q8_0.gguf").exists()
+    assert "[   2/  21] blk.0.attn_k.weight" in out
+    assert "type =    f16, converting to q8_0 .. size =     0.12 MiB ->     0.07 MiB" in out
+    assert "type =    f32, size =    0.001 MiB" in out
+    assert "quant size  =" in out
+
+
+def test_in_out_type_threads_form(tiny, tmp_path, capsys):
+    out = tmp_path / "out.gguf"
+    assert main(["quantize", tiny, str(out), "q4_k_m", "1"]) == 0
+    assert out.exists()
+    assert "converting to q4_K" in capsys.readouterr().out
+
+
+def test_type_by_number(tiny, tmp_path):
+    assert main(["quantize", tiny, str(tmp_path / "o.gguf"), "15"]) == 0  # 15 = Q4_K_M
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gguflab: error:"), r.stderr
+    for n in needles:
+        assert n in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_inputs_one_line_nothing_written(tiny, tmp_path):
+    before = set(os.listdir(tmp_path))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a model" * 10)
+    _one_line_error(gguflab("quantize", junk, tmp_path / "o.gguf", "Q4_0"), "not a GGUF file")
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(open(tiny, "rb").read()[:-5000])
+    _one_line_error(gguflab("quantize", trunc, tmp_path / "o.gguf", "Q4_0"), "past the end")
+    _one_line_error(gguflab("quantize", tiny, tmp_path / "o.gguf", "Q3_Z"), "unknown quantization type")
+    _one_line_error(gguflab("quantize", tiny, tmp_path / "no" / "o.gguf", "Q4_0"), "does not exist")
+    assert set(os.listdir(tmp_path)) == before | {"junk.gguf", "trunc.gguf"}
+
+
+def test_quantized_input_needs_allow_requantize(tiny, tmp_path):
+    q = tmp_path / "q8.gguf"
+    assert gguflab("quantize", tiny, q, "Q8_0").returncode == 0
+    _one_line_error(gguflab("quantize", q, tmp_path / "o.gguf", "Q4_0"), "--allow-requantize")
+    assert not (tmp_path / "o.gguf").exists()
+    r = gguflab("quantize", "--allow-requantize", q, tmp_path / "o.gguf", "Q4_0")
+    assert r.returncode == 0 and "requantizing 14 Q8_0 tensors" in r.stderr
+
+
+def test_existing_output_needs_force(tiny, tmp_path):
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"keep me")
+    _one_line_error(gguflab("quantize", tiny, out, "Q8_0"), "--force")
+    assert out.read_bytes() == b"keep me"
+    assert gguflab("quantize", "--force", tiny, out, "Q8_0").returncode == 0
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_cancel_leaves_no_partial_and_keeps_existing(tiny, tmp_path):
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"keep me")
+    gen = quantize_model(tiny, out, parse_mix("Q4_K_M"), QuantizeOptions(overwrite=True))
+    for ev in gen:
+        if isinstance(ev, TensorDone) and ev.index == 5:
+            assert os.path.exists(str(out) + ".partial")
+            gen.close()  # what a cancel does
+            break
+    assert out.read_bytes() == b"keep me"
+    assert sorted(os.listdir(tmp_path)) == ["o.gguf", "tiny-f16.gguf"]
+
+
+def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
+    assert main(["quantize", "--dry-run", tiny, "Q4_K_M"]) == 0
+    out = capsys.readouterr().out
+    assert "dry run" in out and "quant size" in out
+    assert sorted(os.listdir(tmp_path)) == ["tiny-f16.gguf"]
