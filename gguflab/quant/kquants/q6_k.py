@@ -155,15 +155,18 @@ class Q6_K(QuantType):
     def emit_dequantize_block(self, b: ir.IRBuilder, y: ir.Value, x: ir.Value) -> None:
         hw = hardware_half(Target.CPU)
         c = lambda v: const(i32, v)  # noqa: E731
-        d16 = b.load(b.bitcast(b.gep(y, [c(D)]), i16.as_pointer()), align=1)
-        d = emit_f16_to_f32(b, d16, hw)
-        with for_range(b, c(0), c(QK_K), name="o") as o:
-            h, k, l = b.lshr(o, c(7)), b.and_(b.lshr(o, c(5)), c(3)), b.and_(o, c(31))
-            qli = b.add(b.add(b.shl(h, c(6)), b.shl(b.and_(k, c(1)), c(5))), l)
-            low = b.lshr(b.zext(b.load(b.gep(y, [qli])), i32), b.shl(b.lshr(k, c(1)), c(2)))
-            qhi = b.add(c(QH), b.add(b.shl(h, c(5)), l))
-            high = b.lshr(b.zext(b.load(b.gep(y, [qhi])), i32), b.shl(k, c(1)))
-            level = b.or_(b.and_(low, c(0xF)), b.shl(b.and_(high, c(3)), c(4)))
-            sc = b.load(b.gep(y, [b.add(c(SC), b.lshr(o, c(4)))]))
+        d = emit_f16_to_f32(b, b.load(b.bitcast(b.gep(y, [c(D)]), i16.as_pointer()), align=1), hw)
+        vbytes = lambda k: b.zext(  # noqa: E731
+            b.load(b.bitcast(b.gep(y, [c(k)]), V8.as_pointer()), align=1), VI)
+        xv = b.bitcast(x, VF.as_pointer())
+        for j in range(16):  # sub-block j: weights 16j .. 16j+15
+            o = 16 * j
+            sc = b.load(b.gep(y, [c(SC + j)]))
             ds = b.fmul(d, b.sitofp(sc, f32))
-            b.store(b.fmul(ds, b.sitofp(b.sub(level, c(32)), f32)), b.gep(x, [o]))
+            low = b.and_(b.lshr(vbytes(int(QL_IDX[o])), splat(VI, int(QL_SHIFT[o]))),
+                         splat(VI, 0xF))
+            high = b.and_(b.lshr(vbytes(int(QH_IDX[o])), splat(VI, int(QH_SHIFT[o]))),
+                          splat(VI, 3))
+            level = b.or_(low, b.shl(high, splat(VI, 4)))
+            val = b.fmul(emit_splat(b, ds), b.sitofp(b.sub(level, splat(VI, 32)), VF))
+            b.store(val, b.gep(xv, [c(j)]), align=4)
