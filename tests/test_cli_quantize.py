@@ -107,3 +107,20 @@ def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dry run" in out and "quant size" in out
     assert sorted(os.listdir(tmp_path)) == ["tiny-f16.gguf"]
+
+
+def test_types_without_arithmetic_get_a_clear_message(tmp_path):
+    """A model with IQ2_XXS tensors can be inspected; requantizing it says why not."""
+    import numpy as np
+
+    from gguflab.gguf import GGMLType, TensorSpec, tensor_bytes, write_gguf
+    from gguflab.synth import metadata
+
+    src = tmp_path / "iq.gguf"
+    shape = (256, 256)
+    raw = np.zeros(tensor_bytes(GGMLType.IQ2_XXS, shape), np.uint8)
+    write_gguf(src, metadata(TINY), [(TensorSpec("blk.0.attn_q.weight", shape,
+                                                 GGMLType.IQ2_XXS), raw)])
+    assert gguflab("inspect", src).returncode == 0
+    _one_line_error(gguflab("quantize", "--allow-requantize", src, tmp_path / "o.gguf", "Q4_0"),
+                    "IQ2_XXS is not supported")

@@ -119,7 +119,7 @@ TYPES: dict[GGMLType, TypeInfo] = {
         _t(G.Q5_0, 32, 2 + 4 + 16),
         _t(G.Q5_1, 32, 2 + 2 + 4 + 16),
         _t(G.Q8_0, 32, 2 + 32),
-        _t(G.Q8_1, 32, 4 + 4 + 32),
+        _t(G.Q8_1, 32, 2 + 2 + 32),  # two fp16 (d, d*sum) + 32 int8
         _t(G.Q2_K, QK_K, 2 + 2 + QK_K // 16 + QK_K // 4),
         _t(G.Q3_K, QK_K, 2 + QK_K // 4 + QK_K // 8 + 12),
         _t(G.Q4_K, QK_K, 2 + 2 + QK_K // 2 + 12),

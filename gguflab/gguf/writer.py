@@ -235,13 +235,13 @@ class GGUFWriter:
                 f"as {spec.type.name} takes {spec.nbytes}")
 
     def finish(self) -> None:
-        """Flush, sync and rename the partial file into place."""
+        """Flush and rename the partial file into place. No fsync: like llama.cpp, leave
+        writeback to the OS (syncing a multi-GB file costs more than the quantizing)."""
         if self._next != len(self.specs):
             self.abort()
             raise GGUFError(self.path, f"only {self._next} of {len(self.specs)} tensors written")
         try:
             self._file.flush()
-            os.fsync(self._file.fileno())
             self._file.close()
             self._file = None
             os.replace(self.partial, self.path)

@@ -9,18 +9,16 @@ Facts the arithmetic has to respect to stay bit-exact:
   element wins, and NaNs are skipped (Q4/Q5) or restart the scan (Q8's `MAX` macro).
 
 The kernels work on one block as 32-lane vectors: the reductions are trees over the lanes
-(order does not change a max or a min), and the winning element is then found by index, so
-ties resolve to the first element as in the sequential scan.
+(order does not change a max or a min), and the sign of the winner is then taken from the
+first lane that reaches it, so ties resolve as in the sequential scan.
 """
 
 from __future__ import annotations
 
-from functools import cached_property
-
 import numpy as np
 from llvmlite import ir
 
-from ..gguf import GGMLType, TypeInfo
+from ..gguf import GGMLType
 from ..jit.builders import Target, const, f32, i1, i8, i16, i32, ptr
 from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
 from .base import QuantType, register
@@ -186,12 +184,23 @@ def _mask(b: ir.IRBuilder, bits: ir.Value) -> ir.Value:
     return b.bitcast(bits, i32)
 
 
+def _sign_mask(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """The sign bits of the lanes of a float vector, as an i32 mask."""
+    return _mask(b, b.icmp_signed("<", b.bitcast(v, _vt(i32)), _vconst(i32, 0)))
+
+
+def _first_is_negative(b: ir.IRBuilder, eq: ir.Value, neg: ir.Value) -> ir.Value:
+    """Whether the first lane set in the (non-zero) mask `eq` is set in `neg`."""
+    lowest = b.and_(eq, b.sub(const(i32, 0), eq))
+    return b.icmp_unsigned("!=", b.and_(lowest, neg), const(i32, 0))
+
+
 def _first_equal(b: ir.IRBuilder, v: ir.Value, s: ir.Value) -> ir.Value:
-    """The lane of `v` at the first index where it equals the scalar `s` (which one of the
-    lanes does equal): picks the sign of a zero, or of +a / -a, as a sequential scan does."""
-    m = _mask(b, b.fcmp_ordered("==", v, _splat(b, s)))
-    idx = _intrinsic(b, "llvm.cttz.i32", i32, [m, const(i1, 0)])
-    return b.extract_element(v, idx)
+    """`s`, one of the lanes of `v`, with the sign of the first lane equal to it: what a
+    sequential scan returns when +0 and -0 tie."""
+    eq = _mask(b, b.fcmp_ordered("==", v, _splat(b, s)))
+    mag = _intrinsic(b, "llvm.fabs.f32", f32, [s])
+    return b.select(_first_is_negative(b, eq, _sign_mask(b, v)), b.fneg(mag), mag)
 
 
 def _load_block(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
@@ -249,9 +258,10 @@ def _emit_signed_absmax(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     zero = _vconst(f32, 0.0)
     a = b.select(b.fcmp_ordered("<", zero, ax), ax, zero)
     amax = _vmax(b, a)
-    m = _mask(b, b.fcmp_ordered("==", a, _splat(b, amax)))
-    first = b.extract_element(x, _intrinsic(b, "llvm.cttz.i32", i32, [m, const(i1, 0)]))
-    return b.select(b.fcmp_ordered(">", amax, const(f32, 0.0)), first, const(f32, 0.0))
+    eq = _mask(b, b.fcmp_ordered("==", a, _splat(b, amax)))
+    neg = b.and_(_first_is_negative(b, eq, _sign_mask(b, x)),
+                 b.fcmp_ordered(">", amax, const(f32, 0.0)))
+    return b.select(neg, b.fneg(amax), amax)
 
 
 def _emit_min_max(b: ir.IRBuilder, x: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -341,7 +351,8 @@ class _Symmetric(_Legacy):
         q = np.ascontiguousarray(q, np.uint8)
         d = _f16_field(q, 0)
         levels = self.levels_ref(q).astype(np.int32) - self.n_levels // 2
-        return levels.astype(F) * d
+        with np.errstate(invalid="ignore"):
+            return levels.astype(F) * d
 
     def emit_quantize_block(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> None:
         half = self.n_levels // 2
@@ -431,7 +442,11 @@ class _Affine(_Legacy):
         else:
             q = _emit_load_q5(b, y, self.qh_at)
         scaled = b.fmul(_emit_levels_f32(b, q), _splat(b, d))
-        _store_block(b, b.fadd(scaled, _splat(b, m)), x)
+        # x86 returns the first operand's NaN when both are NaN, and LLVM may swap the
+        # operands of fadd: keep x*d's NaN explicitly, as ggml's `x*d + m` does.
+        out = b.select(b.fcmp_unordered("uno", scaled, scaled), scaled,
+                       b.fadd(scaled, _splat(b, m)))
+        _store_block(b, out, x)
 
 
 class _Eight(_Legacy):
@@ -441,18 +456,18 @@ class _Eight(_Legacy):
     n_levels = 256
     qs_at = 2
 
-    def _quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, F)
         with np.errstate(over="ignore", invalid="ignore"):
             d = _q8_absmax(x) / F(127)
             qs = _cast_low_byte(_roundf(x * _inverse(d)[:, None]))
-        return d, qs
-
-    def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
-        d, qs = self._quantize(x)
         out = np.empty((x.shape[0], self.info.type_size), np.uint8)
         out[:, 0:2] = _f16_bytes(d)
         out[:, self.qs_at:] = qs
+        if self.qs_at == 4:  # Q8_1: s = sum(qs) * d (integers: the order is moot)
+            total = qs.view(np.int8).astype(np.int32).sum(axis=1)
+            with np.errstate(over="ignore", invalid="ignore"):
+                out[:, 2:4] = _f16_bytes(total.astype(F) * d)
         return out
 
     def levels_ref(self, q: np.ndarray) -> np.ndarray:
@@ -461,7 +476,8 @@ class _Eight(_Legacy):
 
     def dequantize_blocks_ref(self, q: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(q, np.uint8)
-        return q[:, self.qs_at:].view(np.int8).astype(F) * _f16_field(q, 0)
+        with np.errstate(invalid="ignore"):
+            return q[:, self.qs_at:].view(np.int8).astype(F) * _f16_field(q, 0)
 
     def _emit_quantize(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> tuple:
         v = _load_block(b, x)
@@ -518,20 +534,6 @@ class Q8_1(_Eight):
 
     type = GGMLType.Q8_1
     qs_at = 4
-
-    @cached_property
-    def info(self) -> TypeInfo:
-        # ggml's block_q8_1 is two fp16 and 32 int8: 36 bytes (gguf-py, and the type table,
-        # say 40, left over from when d and s were float32).
-        return TypeInfo(GGMLType.Q8_1, QK, 2 + 2 + QK, None)
-
-    def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
-        out = super().quantize_blocks_ref(x)
-        d, qs = self._quantize(x)
-        total = qs.view(np.int8).astype(np.int32).sum(axis=1)  # integers: order is moot
-        with np.errstate(over="ignore", invalid="ignore"):
-            out[:, 2:4] = _f16_bytes(total.astype(F) * d)
-        return out
 
     def emit_quantize_block(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> None:
         d, qs = self._emit_quantize(b, x, y)
