@@ -32,8 +32,10 @@ def test_default_output_name_and_lines(tiny, tmp_path, capsys):
     assert main(["quantize", tiny, "Q8_0"]) == 0
     out = capsys.readouterr().out
     assert (tmp_path / "ggml-model-Q8_0.gguf").exists()
-    assert "[   2/  21] blk.0.attn_k.weight" in out
-    assert "type =    f16, converting to q8_0 .. size =     0.12 MiB ->     0.07 MiB" in out
+    # llama.cpp's order (non-layer tensors first, then by layer and name) and line format
+    assert "[   1/  21] output.weight                        - [  256,   256,     1,     1], " \
+           "type =    f16, converting to q8_0 .. size =     0.12 MiB ->     0.07 MiB" in out
+    assert "[   4/  21] blk.0.attn_k.weight " in out
     assert "type =    f32, size =    0.001 MiB" in out
     assert "quant size  =" in out
 
@@ -77,7 +79,7 @@ def test_quantized_input_needs_allow_requantize(tiny, tmp_path):
     _one_line_error(gguflab("quantize", q, tmp_path / "o.gguf", "Q4_0"), "--allow-requantize")
     assert not (tmp_path / "o.gguf").exists()
     r = gguflab("quantize", "--allow-requantize", q, tmp_path / "o.gguf", "Q4_0")
-    assert r.returncode == 0 and "requantizing 14 Q8_0 tensors" in r.stderr
+    assert r.returncode == 0 and "requantizing 16 Q8_0 tensors" in r.stderr
 
 
 def test_existing_output_needs_force(tiny, tmp_path):

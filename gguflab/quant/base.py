@@ -130,8 +130,11 @@ class QuantType:
 
     def dequantize(self, q: np.ndarray, threads: int | None = None,
                    reference: bool = False) -> np.ndarray:
-        """uint8 rows (..., row_bytes) -> float32 rows (..., n_per_row)."""
-        q = np.ascontiguousarray(q, dtype=np.uint8)
+        """Rows of raw bytes (..., row_bytes) -> float32 rows (..., n_per_row). Arrays of
+        another dtype (bf16 as uint16, say) are taken as their bytes."""
+        q = np.ascontiguousarray(q)
+        if q.dtype != np.uint8:
+            q = q.view(np.uint8)
         bs, ts = self.info.block_size, self.info.type_size
         if q.shape[-1] % ts:
             raise UserError(f"{self.name} rows are whole blocks of {ts} bytes, got {q.shape[-1]}")

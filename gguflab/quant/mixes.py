@@ -210,6 +210,14 @@ def allows_quantization(name: str, ne: tuple[int, ...], mix: Mix, opts: MixOptio
     return ok
 
 
+def requires_imatrix(name: str, dst: GGMLType, mix: Mix) -> bool:
+    """llama.cpp refuses these without an importance matrix (which gguflab does not make
+    yet): Q2_K tensors of a Q2_K_S file, other than the embeddings and output."""
+    if category(name) in (Category.TOKEN_EMBD, Category.OUTPUT):
+        return False
+    return dst == G.Q2_K and mix.ftype == F.MOSTLY_Q2_K_S
+
+
 class Planner:
     """Chooses each tensor's type. Call `choose` once per tensor in `llama_order`."""
 

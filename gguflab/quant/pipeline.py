@@ -28,7 +28,16 @@ from ..gguf import (
 )
 from ..gguf.constants import QUANTIZATION_VERSION
 from .base import HIST_BINS, get
-from .mixes import Mix, MixOptions, ModelFacts, Planner, is_quantized, llama_order, n_dims
+from .mixes import (
+    Mix,
+    MixOptions,
+    ModelFacts,
+    Planner,
+    is_quantized,
+    llama_order,
+    n_dims,
+    requires_imatrix,
+)
 
 SLAB_ELEMENTS = 1 << 24  # rows are converted 64 MiB of float32 at a time: memory stays bounded
 HIST_SAMPLE = 1 << 20  # weights per tensor that the level histogram is counted on
@@ -152,6 +161,13 @@ def plan_model(r: GGUFReader, mix: Mix, opts: QuantizeOptions) -> ModelPlan:
                 raise UserError(f"{r.path}: tensor {t.name}: {e}") from None
         plans.append(plan)
     warnings = []
+    needs_imatrix = [p.name for p in plans if requires_imatrix(p.name, p.dst_type, mix)]
+    if needs_imatrix:
+        msg = (f"{mix.name} needs an importance matrix for {len(needs_imatrix)} tensors (first: "
+               f"{needs_imatrix[0]}), as in llama.cpp; gguflab has no imatrix yet: use Q2_K")
+        if not opts.dry_run:
+            raise UserError(f"{r.path}: {msg}")
+        warnings.append(msg)
     if requant:
         kinds = ", ".join(f"{n} {k}" for k, n in requant.items())
         if not opts.allow_requantize:
