@@ -16,9 +16,9 @@ import numpy as np
 from llvmlite import ir
 
 from ...jit.builders import alloca_entry, const, f32, for_range, i1, i8, i16, i32
+from ._qkx2 import nearest_int_ref
 
 GROUP_MAX_EPS = np.float32(1e-15)
-_MAGIC = np.float32(12582912.0)  # 1.5 * 2^23: adding it leaves round(x) in the low mantissa
 
 QK_K = 256
 LANES = 16  # sub-blocks per super-block, one per vector lane
@@ -31,11 +31,7 @@ V8 = ir.VectorType(i8, LANES)
 # -- numpy --------------------------------------------------------------------------------
 
 
-def nearest_int(v: np.ndarray) -> np.ndarray:
-    """ggml's `nearest_int`: the add-magic trick (round half to even for |v| < 2^22, and
-    the same bits as C outside that range)."""
-    s = np.asarray(np.asarray(v, np.float32) + _MAGIC, np.float32)
-    return (s.view(np.int32) & 0x7FFFFF) - 0x400000
+nearest_int = nearest_int_ref  # one definition of ggml's rounding for every K-quant
 
 
 def first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
