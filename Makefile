@@ -38,6 +38,8 @@ $(VENV)/.test-installed: pyproject.toml $(VENV)/.venv-created
 	$(PY) -c "import llama_cpp" 2>/dev/null || \
 	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q --no-cache-dir --no-binary llama-cpp-python llama-cpp-python
 	$(PIP) install -q -e '.[test]'
+	# torch only writes the PyTorch checkpoints the converter tests read (CPU wheel, local)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
 	touch $@ $(VENV)/.run-installed
 
 clean:

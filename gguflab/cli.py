@@ -126,6 +126,45 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import time
+
+    from . import fmt
+    from .convert.pipeline import ConvertOptions, convert_model
+    from .events import Finished, Log, Progress, Started, TensorDone
+    from .progress import ProgressBar
+
+    opts = ConvertOptions(outtype=args.outtype, vocab_only=args.vocab_only,
+                          dry_run=args.dry_run, overwrite=args.force, threads=args.threads)
+    bar, done, t0 = None, 0, time.perf_counter()
+    for ev in convert_model(args.model_dir, args.outfile, opts):
+        if isinstance(ev, Started):
+            what = "vocab only" if ev.info["vocab_only"] else f"{ev.total} tensors"
+            print(f"converting {ev.source} ({ev.info['arch']}, {fmt.count(ev.info['n_params'])} "
+                  f"parameters, {what}) to {ev.target or '(dry run)'} as {ev.info['outtype']}")
+            bar = ProgressBar(ev.total_bytes)
+        elif isinstance(ev, Log):
+            bar.clear()
+            print(f"{ev.level}: {ev.text}", file=sys.stderr)
+        elif isinstance(ev, Progress):
+            bar.update(ev.bytes_done)
+        elif isinstance(ev, TensorDone):
+            bar.clear()
+            dims = " x ".join(str(d) for d in ev.shape)
+            print(f"[{ev.index:{len(str(ev.total))}d}/{ev.total}] Writing tensor {ev.name:32s} | "
+                  f"size {dims:>16s} | type {ev.dst_type:4s} | T+{time.perf_counter() - t0:4.0f}",
+                  flush=True)
+            done += ev.bytes_in
+            bar.update(done)
+        elif isinstance(ev, Finished):
+            bar.clear()
+            s = ev.stats
+            what = "dry run" if ev.path is None else f"wrote {ev.path}"
+            print(f"{what}: {s['n_tensors']} tensors, {fmt.size(s['bytes'])} "
+                  f"({s['bpw']:.2f} bits per weight) in {fmt.duration(s['seconds'])}")
+    return 0
+
+
 def _quantize_help() -> str:
     from .quant.mixes import MIXES
 
@@ -173,6 +212,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the per-tensor RMSE and histogram (a little faster)")
     s.add_argument("--hist", action="store_true", help="print each tensor's level histogram")
     s.set_defaults(func=cmd_quantize)
+
+    s = sub.add_parser("convert", help="convert a Hugging Face model folder to GGUF "
+                                       "(like convert_hf_to_gguf.py)")
+    s.add_argument("model_dir", metavar="MODEL_DIR")
+    s.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0", "auto"],
+                   help="type of the 2-D weights (default f16; auto: bf16 for bf16 "
+                        "checkpoints, else f16)")
+    s.add_argument("--outfile", help="output path (default MODEL_DIR/ggml-model-OUTTYPE.gguf)")
+    s.add_argument("--vocab-only", action="store_true", help="write the tokenizer only")
+    s.add_argument("--dry-run", action="store_true", help="plan only; write nothing")
+    s.add_argument("-t", "--threads", type=int, default=None)
+    s.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
+    s.set_defaults(func=cmd_convert)
     return p
 
 
