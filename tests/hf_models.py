@@ -116,3 +116,77 @@ def hf_forward(cfg: dict, w: dict[str, np.ndarray], tokens: list[int]) -> np.nda
     x = _rms(x, W["model.norm.weight"], eps)
     head = W.get("lm_head.weight", W["model.embed_tokens.weight"])
     return x @ head.T
+
+
+def write_smollm2_tokenizer(d: Path, keys: dict) -> None:
+    """SmolLM2's tokenizer.json and tokenizer_config.json, rebuilt from the tokenizer keys
+    of its GGUF with the tokenizers library (BPE, digits split one by one, byte-level)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    from gguflab.gguf import Keys
+
+    tokens = keys[Keys.TOKENS].to_python()
+    types = keys[Keys.TOKEN_TYPE].to_python()
+    merges = [tuple(m.split(" ")) for m in keys[Keys.MERGES].to_python()]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = 3
+    specials = [t for t, ty in zip(tokens, types) if ty == control]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "add_prefix_space": False, "add_bos_token": False, "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>", "pad_token": "<|im_end|>", "unk_token": "<|endoftext|>",
+        "chat_template": keys[Keys.CHAT_TEMPLATE].value, "tokenizer_class": "GPT2Tokenizer"}))
+
+
+def export_hf_folder(gguf_path: str, folder: Path) -> dict:
+    """A llama GGUF back to an HF folder: dequantized F32 safetensors (Q/K rotary
+    permutation undone), config.json and the SmolLM2-style tokenizer files. Returns the
+    config."""
+    from safetensors.numpy import save_file
+
+    from gguflab import quant
+    from gguflab.gguf import GGUFReader, Keys
+
+    r = GGUFReader(gguf_path)
+    a = r.architecture
+    hp = lambda k: r.get(Keys.arch(k, a))  # noqa: E731
+    n_head, n_kv = hp(Keys.HEAD_COUNT), hp(Keys.HEAD_COUNT_KV)
+    names = {"token_embd.weight": "model.embed_tokens.weight",
+             "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+    layer = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj",
+             "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+             "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    weights = {}
+    for t in r:
+        x = quant.get(t.type).dequantize(t.data.reshape(-1, t.data.shape[-1]))
+        x = x.reshape(t.shape)
+        if t.name.startswith("blk."):
+            _, i, kind, suffix = t.name.split(".")
+            if kind in ("attn_q", "attn_k"):  # undo llama.cpp's interleaving of rotary pairs
+                h = n_head if kind == "attn_q" else n_kv
+                x = x.reshape(h, x.shape[0] // h // 2, 2, *x.shape[1:]).swapaxes(1, 2)
+                x = x.reshape(t.shape)
+            hf = f"model.layers.{i}.{layer[kind]}.{suffix}"
+        else:
+            hf = names[t.name]
+        weights[hf] = np.ascontiguousarray(x, np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / "model.safetensors"))
+    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": hp(Keys.EMBEDDING_LENGTH),
+           "intermediate_size": hp(Keys.FEED_FORWARD_LENGTH),
+           "num_hidden_layers": hp(Keys.BLOCK_COUNT), "num_attention_heads": n_head,
+           "num_key_value_heads": n_kv, "vocab_size": len(r.get(Keys.TOKENS)),
+           "max_position_embeddings": hp(Keys.CONTEXT_LENGTH),
+           "rms_norm_eps": hp(Keys.LAYERNORM_RMS_EPS), "rope_theta": hp(Keys.ROPE_FREQ_BASE),
+           "tie_word_embeddings": "output.weight" not in {t.name for t in r},
+           "bos_token_id": r.get(Keys.BOS_ID), "eos_token_id": r.get(Keys.EOS_ID)}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    write_smollm2_tokenizer(folder, {k: v for k, v in r.metadata.items()
+                                     if k.startswith("tokenizer.")})
+    return cfg

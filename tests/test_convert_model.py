@@ -173,3 +173,32 @@ def test_bad_folders_one_clear_error_nothing_written(tiny_llama, tmp_path, break
     with pytest.raises(UserError, match=cause):
         convert(folder, tmp_path / "out.gguf")
     assert not list(tmp_path.glob("out.gguf*"))
+
+
+def test_smollm2_round_trip_equals_llama_cpp_f16(smollm2, tmp_path):
+    """Real weights: SmolLM2 exported to an HF folder and converted back gives llama.cpp's
+    own F16 file of that model: names, shapes, types, values, hparams and tokenizer."""
+    from ggml_oracle import llama_quantize
+    from hf_models import export_hf_folder
+
+    ref = tmp_path / "llama-f16.gguf"
+    llama_quantize(smollm2, str(ref), 1, allow_requantize=True)  # 1 = MOSTLY_F16
+    folder = tmp_path / "SmolLM2-135M-Instruct"
+    export_hf_folder(smollm2, folder)
+    out = tmp_path / "ours.gguf"
+    convert(folder, out)
+    a, b = GGUFReader(ref), GGUFReader(out)
+    ta = {t.name: t for t in a}
+    tb = {t.name: t for t in b}
+    assert ta.keys() == tb.keys()
+    for name, t in ta.items():
+        assert (t.type, t.shape) == (tb[name].type, tb[name].shape), name
+        assert bytes(t.raw) == bytes(tb[name].raw), name  # f16(dequantized): exactly equal
+    for key, v in a.metadata.items():
+        if key.startswith(("llama.", "tokenizer.")) or key in ("general.architecture",
+                                                                "general.file_type"):
+            assert key in b.metadata, key
+            assert b.metadata[key].type == v.type, key
+            x, y = v.to_python(), b.metadata[key].to_python()
+            assert x == y, key
+    assert b.get("tokenizer.ggml.pre") == "smollm"

@@ -208,7 +208,7 @@ _TEKKEN = (
     r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _DEEPSEEK3 = (
-    r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"""
     r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
@@ -397,11 +397,13 @@ def _sentencepiece_vocab(f: _Folder, vocab_size: int | None) -> _Vocab:
 def _bpe_model(f: _Folder) -> dict:
     path = f.tokenizer_json_path
     model = f.tokenizer_json.get("model") if f.tokenizer_json else None
-    if not isinstance(model, dict) or not isinstance(model.get("vocab"), dict):
-        raise TokenizerError(f"{path}: no model vocab in it")
+    if not isinstance(model, dict):
+        raise TokenizerError(f"{path}: no tokenizer model in it")
     kind = model.get("type", "BPE" if "merges" in model else None)
     if kind != "BPE":
         raise TokenizerError(f"{path}: a {kind} tokenizer model, only BPE is supported")
+    if not isinstance(model.get("vocab"), dict):
+        raise TokenizerError(f"{path}: the BPE model has no vocab")
     for tok, tid in model["vocab"].items():
         if not isinstance(tid, int) or tid < 0:
             raise TokenizerError(f"{path}: vocab entry {tok!r} has no token id ({tid!r})")
