@@ -55,13 +55,13 @@ class TokenType(IntEnum):
 
 
 # Tokenizer keys llama.cpp writes that gguf.constants.Keys does not spell (yet).
-EOM_ID = "tokenizer.ggml.eom_token_id"
-MASK_ID = "tokenizer.ggml.mask_token_id"
-ADD_SEP = "tokenizer.ggml.add_sep_token"
-CHAT_TEMPLATE_NAMED = "tokenizer.chat_template.{name}"
-CHAT_TEMPLATES = "tokenizer.chat_templates"
-NORMALIZER_LOWERCASE = "tokenizer.ggml.normalizer.lowercase"
-NORMALIZER_STRIP_ACCENTS = "tokenizer.ggml.normalizer.strip_accents"
+EOM_ID = Keys.EOM_ID
+MASK_ID = Keys.MASK_ID
+ADD_SEP = Keys.ADD_SEP
+CHAT_TEMPLATE_NAMED = Keys.CHAT_TEMPLATE_NAMED
+CHAT_TEMPLATES = Keys.CHAT_TEMPLATES
+NORMALIZER_LOWERCASE = Keys.NORMALIZER_LOWERCASE
+NORMALIZER_STRIP_ACCENTS = Keys.NORMALIZER_STRIP_ACCENTS
 
 # special token kind -> key of its id; kinds with no key (cls, prefix, ...) are not written
 _SPECIAL_ID_KEYS = {

@@ -306,13 +306,20 @@ class Keys:
     BOS_ID = "tokenizer.ggml.bos_token_id"
     EOS_ID = "tokenizer.ggml.eos_token_id"
     EOT_ID = "tokenizer.ggml.eot_token_id"
+    EOM_ID = "tokenizer.ggml.eom_token_id"
+    MASK_ID = "tokenizer.ggml.mask_token_id"
     UNK_ID = "tokenizer.ggml.unknown_token_id"
     SEP_ID = "tokenizer.ggml.seperator_token_id"  # sic: llama.cpp's spelling
     PAD_ID = "tokenizer.ggml.padding_token_id"
     ADD_BOS = "tokenizer.ggml.add_bos_token"
     ADD_EOS = "tokenizer.ggml.add_eos_token"
+    ADD_SEP = "tokenizer.ggml.add_sep_token"
     ADD_SPACE_PREFIX = "tokenizer.ggml.add_space_prefix"
     CHAT_TEMPLATE = "tokenizer.chat_template"
+    CHAT_TEMPLATE_NAMED = "tokenizer.chat_template.{name}"
+    CHAT_TEMPLATES = "tokenizer.chat_templates"
+    NORMALIZER_LOWERCASE = "tokenizer.ggml.normalizer.lowercase"
+    NORMALIZER_STRIP_ACCENTS = "tokenizer.ggml.normalizer.strip_accents"
 
     @staticmethod
     def arch(key: str, arch: str) -> str:
