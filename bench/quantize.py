@@ -77,8 +77,9 @@ def peak_rss(tmp: str, threads: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model")
-    ap.add_argument("--types", default=",".join(m.name for m in MIXES
-                                                if m.alias_of is None and m.name != "COPY"))
+    # Q2_K_S needs an importance matrix in llama.cpp (and gguflab): not benchmarked
+    ap.add_argument("--types", default=",".join(
+        m.name for m in MIXES if m.alias_of is None and m.name not in ("COPY", "Q2_K_S")))
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rss", action="store_true")

@@ -165,6 +165,169 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace):
+    from .catalog import embedded_model
+    from .runner.model import Model
+    from .runner.tokenizer import Tokenizer
+
+    if getattr(args, "n_gpu_layers", 0):
+        print("gguflab: no GPU backend yet: running every layer on the CPU", file=sys.stderr)
+    model = Model(args.model or embedded_model())
+    return model, Tokenizer.from_gguf(model.reader)
+
+
+def _ctx_size(args: argparse.Namespace, model) -> int:
+    n = args.ctx_size or min(4096, model.hp.n_ctx_train)
+    if n < 8:
+        raise UserError(f"--ctx-size {n} is too small")
+    return n
+
+
+def _sampler(args: argparse.Namespace):
+    from .runner.sampling import Sampler, SamplerParams
+
+    return Sampler(SamplerParams(temp=args.temp, top_k=args.top_k, top_p=args.top_p,
+                                 min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                                 repeat_last_n=args.repeat_last_n,
+                                 seed=None if args.seed < 0 else args.seed))
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.file:
+        try:
+            with open(args.file, encoding="utf-8") as f:
+                return f.read()
+        except OSError as e:
+            raise UserError(f"{args.file}: {e.strerror}") from None
+    return args.prompt or ""
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .runner.generate import Generation, Timings
+
+    model, tok = _load_model(args)
+    text = _read_prompt(args)
+    ids = tok.encode(text, add_special=True, parse_special=True)
+    gen = Generation.start(model, tok, _ctx_size(args, model))
+    t = Timings()
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    for piece in gen.stream(ids, _sampler(args), args.n_predict, timings=t):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(t.line(), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .gguf import Keys
+    from .runner.chat import pick_template, render_chat
+    from .runner.generate import Generation, Timings
+
+    model, tok = _load_model(args)
+    template = pick_template(model.reader.get(Keys.CHAT_TEMPLATE), args.chat_template)
+    n_ctx = _ctx_size(args, model)
+    sampler = _sampler(args)
+    messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
+    bos = tok.token_to_piece(tok.bos_id, special=True).decode("utf-8", "replace") \
+        if tok.bos_id is not None else ""
+    eos = tok.token_to_piece(tok.eos_id, special=True).decode("utf-8", "replace") \
+        if tok.eos_id is not None else ""
+    print("chat with the model; an empty line or Ctrl-D ends, /new starts over", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        if line.strip() == "/new":
+            messages = messages[:1] if args.system_prompt else []
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = render_chat(template, messages, bos_token=bos, eos_token=eos)
+        ids = tok.encode(prompt, add_special=False, parse_special=True)
+        gen = Generation.start(model, tok, n_ctx)  # the whole conversation, re-evaluated
+        t = Timings()
+        reply = ""
+        try:
+            for piece in gen.stream(ids, sampler, args.n_predict, timings=t):
+                reply += piece
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            t.stop_reason = "interrupted"
+        print()
+        print(f"[{t.line()}]", file=sys.stderr)
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from .catalog import embedded_model
+    from .gguf import GGUFReader
+    from .runner.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(GGUFReader(args.model or embedded_model()))
+    ids = tok.encode(_read_prompt(args), add_special=not args.no_bos,
+                     parse_special=not args.no_parse_special)
+    if args.ids:
+        print("[" + ", ".join(map(str, ids)) + "]")
+    else:
+        for i in ids:
+            piece = tok.token_to_piece(i, special=True).decode("utf-8", "replace")
+            print(f"{i:6d} -> '{piece}'")
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from .runner.perplexity import perplexity
+
+    model, tok = _load_model(args)
+    text = _read_prompt(args)
+    if not text:
+        raise UserError("perplexity needs a text: -f FILE")
+    tokens = tok.encode(text, add_special=True, parse_special=False)
+    n_ctx = args.ctx_size or 512
+    print(f"perplexity: {len(tokens)} tokens, chunks of {n_ctx}", file=sys.stderr)
+
+    def progress(i, n, ppl):
+        print(f"[{i}]{ppl:.4f},", end="" if i < n else "\n", flush=True)
+
+    res = perplexity(model, tokens, n_ctx, add_bos=tok.add_bos, bos_id=tok.bos_id,
+                     n_chunks=args.chunks, base_path=args.kl_divergence_base
+                     if args.kl_divergence else None,
+                     save_base=None if args.kl_divergence else args.kl_divergence_base,
+                     on_chunk=progress)
+    print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.ppl_err:.5f}")
+    if res.kld:
+        k = res.kld
+        print(f"Mean KLD: {k['mean_kld']:.6f} +/- {k['kld_err']:.6f}")
+        print(f"Same top p: {100 * k['same_top_p']:.3f} %")
+        print(f"Delta PPL: {k['delta_ppl']:+.4f} (base {k['base_ppl']:.4f})")
+    return 0
+
+
+def _add_model_flags(s: argparse.ArgumentParser, sampling: bool = True) -> None:
+    s.add_argument("-m", "--model", help="GGUF model (default: the embedded SmolLM2)")
+    s.add_argument("-c", "--ctx-size", type=int, default=0,
+                   help="context size (default: the model's, at most 4096)")
+    s.add_argument("-t", "--threads", type=int, default=None)
+    s.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
+                   help="layers to offload to the GPU (the GPU backend is not built yet)")
+    if sampling:
+        s.add_argument("-n", "--n-predict", type=int, default=-1,
+                       help="tokens to generate (-1: until end of generation)")
+        s.add_argument("--temp", type=float, default=0.8)
+        s.add_argument("--top-k", type=int, default=40)
+        s.add_argument("--top-p", type=float, default=0.95)
+        s.add_argument("--min-p", type=float, default=0.05)
+        s.add_argument("--repeat-penalty", type=float, default=1.0)
+        s.add_argument("--repeat-last-n", type=int, default=64)
+        s.add_argument("-s", "--seed", type=int, default=-1, help="-1: random")
+
+
 def _quantize_help() -> str:
     from .quant.mixes import MIXES
 
@@ -225,6 +388,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-t", "--threads", type=int, default=None)
     s.add_argument("-f", "--force", action="store_true", help="overwrite an existing output")
     s.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("run", help="generate text from a prompt (like llama-cli -p)")
+    _add_model_flags(s)
+    s.add_argument("-p", "--prompt", default="")
+    s.add_argument("-f", "--file", help="read the prompt from a file")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("chat", help="chat with a model in the terminal")
+    _add_model_flags(s)
+    s.add_argument("-sys", "--system-prompt", default="")
+    s.add_argument("--chat-template", help="chatml, llama2, llama3 or zephyr instead of the "
+                                           "model's own")
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("tokenize", help="show the tokens of a text (like llama-tokenize)")
+    s.add_argument("-m", "--model", help="GGUF model (default: the embedded SmolLM2)")
+    s.add_argument("-p", "--prompt", default="")
+    s.add_argument("-f", "--file")
+    s.add_argument("--ids", action="store_true", help="only the ids, as a list")
+    s.add_argument("--no-bos", action="store_true", help="do not add BOS/EOS")
+    s.add_argument("--no-parse-special", action="store_true",
+                   help="treat <|special|> texts as plain text")
+    s.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser("perplexity", help="perplexity and KL-divergence (like llama-perplexity)")
+    _add_model_flags(s, sampling=False)
+    s.add_argument("-f", "--file", help="text to evaluate")
+    s.add_argument("-p", "--prompt", default="")
+    s.add_argument("--chunks", type=int, default=-1, help="at most this many chunks")
+    s.add_argument("--kl-divergence-base", metavar="FILE",
+                   help="save this model's log-probs to FILE (or, with --kl-divergence, "
+                        "compare against them)")
+    s.add_argument("--kl-divergence", action="store_true",
+                   help="compare with the base saved in --kl-divergence-base")
+    s.set_defaults(func=cmd_perplexity)
     return p
 
 

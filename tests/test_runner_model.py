@@ -1,0 +1,100 @@
+"""The forward pass against llama.cpp (llama-cpp-python) on the same GGUF, and against a
+numpy forward pass of HF weights (converter tests' oracle) for the NEOX-RoPE path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ggml_oracle import llama_quantize
+
+from gguflab.errors import UserError
+from gguflab.runner.model import Model
+from gguflab.runner.perplexity import log_softmax, perplexity
+
+TOKENS = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 3458, 282, 8295, 314, 4110, 30, 378,
+          3458, 282, 7365, 314, 216]
+
+
+def llama_logits(path, tokens, n_ctx=64):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    m = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2)
+    m.eval(tokens)
+    return np.array(m.scores[: len(tokens)], dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def smol_f32(tmp_path_factory, smollm2):
+    out = tmp_path_factory.mktemp("runner") / "smol-f32.gguf"
+    llama_quantize(smollm2, str(out), 0, allow_requantize=True)  # 0 = ALL_F32
+    return out
+
+
+def test_f32_logits_match_llama_cpp(smol_f32):
+    ours = Model(smol_f32).forward(TOKENS, Model(smol_f32).new_cache(64), all_logits=True)
+    ref = llama_logits(smol_f32, TOKENS)
+    assert np.abs(ours - ref).max() < 0.05  # logits span about +-30
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_quantized_weights_used_in_place_agree_with_llama_cpp(smollm2):
+    m = Model(smollm2)  # Q4_1 + Q8_0, never dequantized as a whole
+    ours = m.forward(TOKENS, m.new_cache(64), all_logits=True)
+    ref = llama_logits(smollm2, TOKENS)
+    # llama.cpp also quantizes the activations (Q8_1): agreement, not identity
+    assert (ours.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+    kl = (np.exp(log_softmax(ref)) * (log_softmax(ref) - log_softmax(ours))).sum(-1)
+    assert kl.mean() < 0.05
+
+
+def test_incremental_decoding_equals_one_batch(smol_f32):
+    m = Model(smol_f32)
+    whole = m.forward(TOKENS, m.new_cache(64), all_logits=True)
+    cache = m.new_cache(64)
+    part = [m.forward(TOKENS[:9], cache, all_logits=True)]
+    part += [m.forward([t], cache)[None] for t in TOKENS[9:]]
+    assert np.abs(np.vstack(part) - whole).max() < 0.02
+
+
+def test_context_full_is_a_clear_error(smollm2):
+    m = Model(smollm2)
+    cache = m.new_cache(8)
+    m.forward(TOKENS[:8], cache)
+    with pytest.raises(UserError, match="context full"):
+        m.forward(TOKENS[8:9], cache)
+
+
+def test_qwen2_neox_rope_and_biases_match_hf(tmp_path, fixtures):
+    from hf_models import hf_forward, llama_config, random_weights, write_folder
+
+    from gguflab.convert.pipeline import ConvertOptions, convert_model
+
+    cfg = llama_config("Qwen2ForCausalLM", tie=True, rope_theta=1000000.0)
+    w = random_weights(cfg, seed=5, bias=True)
+    folder = write_folder(tmp_path / "q", cfg, w, fixtures / "llama2-tokenizer.model")
+    list(convert_model(folder, tmp_path / "q.gguf", ConvertOptions(outtype="f32")))
+    tokens = [1, 450, 4996, 17354, 1701, 29916, 432, 17204]
+    m = Model(tmp_path / "q.gguf")
+    ours = m.forward(tokens, m.new_cache(16), all_logits=True)
+    want = hf_forward(cfg, w, tokens)
+    assert np.abs(ours - want).max() < 2e-3 * np.abs(want).max()
+
+
+def test_perplexity_equals_llama_cpp_protocol_on_its_logits(smol_f32):
+    rng = np.random.default_rng(0)
+    tokens = [int(t) for t in rng.integers(2, 49152, 3 * 32)]
+    m = Model(smol_f32)
+    res = perplexity(m, tokens, 32, add_bos=True, bos_id=1)
+    assert res.n_chunks == 3 and res.count == 3 * 15
+    # the same protocol on llama.cpp's logits: chunks of n_ctx, BOS first, second half scored
+    nll = []
+    for i in range(3):
+        chunk = tokens[i * 32:(i + 1) * 32]
+        chunk[0] = 1
+        lp = log_softmax(llama_logits(smol_f32, chunk, 32))
+        nll += [-lp[j, tokens[i * 32 + j + 1]] for j in range(16, 31)]
+    assert abs(res.ppl - np.exp(np.mean(nll))) / res.ppl < 2e-3
+
+
+def test_perplexity_needs_enough_tokens(smol_f32):
+    with pytest.raises(UserError, match="at least 64 tokens"):
+        perplexity(Model(smol_f32), list(range(10)), 32, add_bos=True, bos_id=1)
