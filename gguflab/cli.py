@@ -282,12 +282,13 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
+    from .catalog import default_eval_text
     from .runner.perplexity import perplexity
 
     model, tok = _load_model(args)
+    if not args.file and not args.prompt:
+        args.file = default_eval_text()
     text = _read_prompt(args)
-    if not text:
-        raise UserError("perplexity needs a text: -f FILE")
     tokens = tok.encode(text, add_special=True, parse_special=False)
     n_ctx = args.ctx_size or 512
     print(f"perplexity: {len(tokens)} tokens, chunks of {n_ctx}", file=sys.stderr)
@@ -414,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("perplexity", help="perplexity and KL-divergence (like llama-perplexity)")
     _add_model_flags(s, sampling=False)
-    s.add_argument("-f", "--file", help="text to evaluate")
+    s.add_argument("-f", "--file", help="text to evaluate (default: the shipped eval.txt)")
     s.add_argument("-p", "--prompt", default="")
     s.add_argument("--chunks", type=int, default=-1, help="at most this many chunks")
     s.add_argument("--kl-divergence-base", metavar="FILE",
