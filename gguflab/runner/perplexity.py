@@ -50,8 +50,10 @@ def perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: bool,
     this model's log-probs there for a later comparison."""
     n_chunk = chunks_of(tokens, n_ctx, n_chunks)
     first = n_ctx // 2
-    base = _load_base(base_path, tokens, n_ctx, n_chunk) if base_path else None
-    saved = [] if save_base else None
+    base, base_tok_nll = (_load_base(base_path, tokens, n_ctx, n_chunk) if base_path
+                          else (None, None))
+    saved = [] if save_base else None  # log-probs in F16, as llama.cpp also stores them small
+    saved_nll = []
     nll = nll2 = 0.0
     count = 0
     kl = []
@@ -72,12 +74,13 @@ def perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: bool,
         count += len(target)
         if saved is not None:
             saved.append(lp.astype(np.float16))
+            saved_nll.append(-tok_lp)
         if base is not None:
             b = base[i].astype(np.float64)
             pb = np.exp(b)
             kl.append((pb * (b - lp)).sum(-1))
             same_top += int((b.argmax(-1) == lp.argmax(-1)).sum())
-            base_nll += float(-b[np.arange(len(target)), target].sum())
+            base_nll += float(base_tok_nll[i].sum())
         running.append(math.exp(nll / count))
         if on_chunk:
             on_chunk(i + 1, n_chunk, running[-1])
@@ -87,7 +90,7 @@ def perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: bool,
     err = math.sqrt(var / (count - 1)) * ppl if var > 0 and count > 1 else 0.0
     result = PerplexityResult(ppl, err, n_chunk, n_ctx, count, running)
     if saved is not None:
-        _save_base(save_base, tokens, n_ctx, n_chunk, saved)
+        _save_base(save_base, tokens, n_ctx, n_chunk, saved, saved_nll)
     if base is not None:
         k = np.concatenate(kl)
         base_ppl = math.exp(base_nll / count)
@@ -99,18 +102,23 @@ def perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: bool,
 
 
 def _save_base(path: str, tokens: list[int], n_ctx: int, n_chunk: int,
-               logprobs: list[np.ndarray]) -> None:
+               logprobs: list[np.ndarray], nll: list[np.ndarray]) -> None:
     tmp = path + ".partial"
-    with open(tmp, "wb") as f:
-        np.savez(f, tokens=np.asarray(tokens[: n_chunk * n_ctx], np.int32), n_ctx=n_ctx,
-                 logprobs=np.stack(logprobs))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, tokens=np.asarray(tokens[: n_chunk * n_ctx], np.int32), n_ctx=n_ctx,
+                     logprobs=np.stack(logprobs), nll=np.stack(nll))
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write: {e.strerror}") from None
 
 
-def _load_base(path: str, tokens: list[int], n_ctx: int, n_chunk: int) -> np.ndarray:
+def _load_base(path: str, tokens: list[int], n_ctx: int,
+               n_chunk: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         with np.load(path) as z:
-            base_tokens, base_ctx, lp = z["tokens"], int(z["n_ctx"]), z["logprobs"]
+            base_tokens, base_ctx, lp, nll = (z["tokens"], int(z["n_ctx"]), z["logprobs"],
+                                              z["nll"])
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"{path}: not a gguflab KL-divergence base file ({e})") from None
     if base_ctx != n_ctx:
@@ -118,4 +126,4 @@ def _load_base(path: str, tokens: list[int], n_ctx: int, n_chunk: int) -> np.nda
     if len(lp) < n_chunk or not np.array_equal(base_tokens[: n_chunk * n_ctx],
                                                np.asarray(tokens[: n_chunk * n_ctx])):
         raise UserError(f"{path}: saved for another text or tokenizer")
-    return lp
+    return lp, nll

@@ -1,0 +1,68 @@
+"""`gguflab run / tokenize / perplexity` as llama.cpp users call them."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from ggml_oracle import llama_quantize
+
+from gguflab.cli import main
+
+
+@pytest.fixture(scope="module")
+def smol_f32(tmp_path_factory, smollm2):
+    out = tmp_path_factory.mktemp("cli-runner") / "smol-f32.gguf"
+    llama_quantize(smollm2, str(out), 0, allow_requantize=True)
+    return str(out)
+
+
+def test_tokenize_ids_match_llama_cpp(smollm2, capsys):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    text = "Hello world! 12345 <|im_start|>user"
+    assert main(["tokenize", "-m", smollm2, "-p", text, "--ids"]) == 0
+    got = eval(capsys.readouterr().out)  # a printed list of ints
+    ref = llama_cpp.Llama(smollm2, vocab_only=True, verbose=False)
+    assert got == ref.tokenize(text.encode(), add_bos=True, special=True)
+
+
+def test_run_greedy_matches_llama_cpp(smol_f32, capsys):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    prompt = "The capital of France is"
+    assert main(["run", "-m", smol_f32, "-p", prompt, "-n", "8", "--temp", "0"]) == 0
+    out = capsys.readouterr()
+    ref = llama_cpp.Llama(smol_f32, n_ctx=64, verbose=False, n_threads=2)
+    want = ref(prompt, max_tokens=8, temperature=0)["choices"][0]["text"]
+    assert out.out.rstrip("\n") == prompt + want
+    assert re.search(r"prompt: \d+ tokens, [\d.]+ tok/s \| generation: 8 tokens, [\d.]+ tok/s",
+                     out.err)
+
+
+def test_perplexity_prints_llama_perplexity_line_and_kld(smollm2, tmp_path, capsys):
+    base = tmp_path / "base.kld"
+    assert main(["perplexity", "-m", smollm2, "-c", "128", "--chunks", "2",
+                 "--kl-divergence-base", str(base)]) == 0
+    out = capsys.readouterr().out
+    m = re.search(r"Final estimate: PPL = ([\d.]+) \+/- ([\d.]+)", out)
+    assert m and 1 < float(m.group(1)) < 100
+    assert base.exists()
+    assert main(["perplexity", "-m", smollm2, "-c", "128", "--chunks", "2",
+                 "--kl-divergence-base", str(base), "--kl-divergence"]) == 0
+    out = capsys.readouterr().out
+    # the same model against itself: KLD only from storing the base's log-probs in F16
+    kld = float(re.search(r"Mean KLD: ([\d.]+)", out).group(1))
+    assert kld < 1e-4 and "Same top p: 100.000 %" in out and "Delta PPL: +0.0000" in out
+
+
+def test_runner_user_errors_are_one_line(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"nope")
+    for args in (["run", "-m", str(bad), "-p", "hi"],
+                 ["perplexity", "-m", str(bad)],
+                 ["tokenize", "-m", str(bad), "-p", "hi"]):
+        r = subprocess.run([sys.executable, "-m", "gguflab", *args], capture_output=True,
+                           text=True)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert r.stderr.strip().splitlines()[-1].startswith("gguflab: error:")
