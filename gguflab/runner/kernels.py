@@ -1,0 +1,670 @@
+"""The matrix products of inference, over weights kept in their GGUF form.
+
+`matmul(w, wtype, x)` computes `x @ W.T` where W is the weight as stored in the file: rows
+of raw quantized bytes (a zero-copy view into the memory map), or a float array for
+F32/F16/BF16. Each weight type gets its own compiled kernels, generated from that type's
+`emit_dequantize_block` IR (the same generator the quantizer's dequantizer uses), so the
+products see exactly the weights `quant.get(t).dequantize` gives:
+
+- `gemv1_<t>` / `gemv4_<t>` (decoding: 1 token, or 2-4 in one pass) stream each weight row
+  once. The block's dequantization IR is emitted through `_Builder`, which turns each of its
+  stores into FMAs into the accumulators, so the dequantized floats never touch memory;
+- `gemm_<t>` (prompt processing) dequantizes a group of rows into a per-thread scratch
+  buffer that stays in L2, then runs a register-blocked kernel (2 rows x 4 tokens, eight
+  vector accumulators) over it, so the dequantization is paid once per row for a whole
+  chunk of tokens.
+
+The dot products carry fast-math flags (LLVM reassociates and fuses them); the dequantization
+does not, and every output row is computed the same way whatever the thread split. Rows are
+split across threads with `parallel_rows` (ctypes releases the GIL), only for products big
+enough to pay for the hand-off. The kernels take the numpy arrays themselves (PyObject*) and
+read their data pointers, which keeps a call to a few microseconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+from llvmlite import ir
+
+from .. import quant
+from ..errors import UserError
+from ..gguf import GGMLType
+from ..jit import compile_kernels, host_cpu, parallel_rows
+from ..jit.builders import alloca_entry, const, f16, f32, for_range, i8, i16, i32, i64, ptr, void
+
+__all__ = ["SUPPORTED_TYPES", "matmul", "get_rows"]
+
+SUPPORTED_TYPES = (
+    GGMLType.F32, GGMLType.F16, GGMLType.BF16,
+    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+    GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
+)
+_FLOAT_TYPES = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.BF16: np.uint16}
+FLOAT_GROUP = 32  # float weights are handled as virtual blocks of this many elements
+
+FAST = ("fast",)
+L2_BUDGET = 256 << 10  # bytes of dequantized rows the prompt kernel keeps hot per thread
+MAX_GROUP_ROWS = 16
+TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
+TILE_TOKENS = 4  # tokens per register tile of the prompt kernel (x 2 rows)
+# work (in weight elements touched) below which one more thread costs more than it saves
+MIN_WORK_PER_THREAD = 1 << 20
+# blocks of more vectors than this go through memory between dequantization and dot
+BARRIER_MIN_CHUNKS = 8
+FUSE = True
+GEMV_ACCS = 4  # accumulators of the decode kernel: enough to cover the FMA latency
+GEMV_TOKENS = (1, 4)  # decode kernel variants: 1 token, and up to 4 tokens in one pass
+GEMV_ROWS = 1  # rows the decode kernel runs side by side (quantized weights)
+GEMV_ROWS_FLOAT = 4  # (float weights)
+
+
+# -- the block each kernel walks -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    size: int  # floats per block
+    nbytes: int  # bytes per block
+    emit: Callable[[ir.IRBuilder, ir.Value, ir.Value], None]  # (builder, i8* src, f32* dst)
+    # float weights: 32 copies of a one-element IR, which SLP vectorises only when left as
+    # plain scalar conversions and stores (no fusing, no half -> float rewrite)
+    elementwise: bool = False
+
+
+def _blocks(t: GGMLType) -> _Blocks:
+    qt = quant.get(t)
+    info = qt.info
+    if info.block_size > 1:
+        return _Blocks(info.block_size, info.type_size, qt.emit_dequantize_block)
+    es, g = info.type_size, FLOAT_GROUP
+    if t == GGMLType.F32:
+        vt = ir.VectorType(f32, g)
+
+        def emit(b, y, x):
+            v = b.load(b.bitcast(y, ptr(vt)), align=4)
+            b.store(v, b.bitcast(x, ptr(vt)), align=4)
+    else:
+
+        def emit(b, y, x):
+            for i in range(g):
+                qt.emit_dequantize_block(b, b.gep(y, [const(i32, i * es)]),
+                                         b.gep(x, [const(i32, i)]))
+
+    return _Blocks(g, g * es, emit, elementwise=True)
+
+
+# -- IR --------------------------------------------------------------------------------------
+
+
+def _vector_width() -> int:
+    return 16 if host_cpu().has("avx512f") else 8
+
+
+def _hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    n = v.type.count
+    while n > 1:
+        h = n // 2
+        lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, h), list(range(h))))
+        hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, h), list(range(h, n))))
+        v = b.fadd(lo, hi, flags=FAST)
+        n = h
+    return b.extract_element(v, const(i32, 0))
+
+
+def _fma(b: ir.IRBuilder, acc: ir.Value, a: ir.Value, c: ir.Value) -> ir.Value:
+    return b.fadd(acc, b.fmul(a, c, flags=FAST), flags=FAST)
+
+
+class _Accs:
+    """Vector accumulators in entry-block stack slots (SROA turns them into registers)."""
+
+    def __init__(self, b: ir.IRBuilder, vt: ir.VectorType, n: int):
+        self.b, self.vt, self.n = b, vt, n
+        self.slot = alloca_entry(b, vt, n, name="acc")
+
+    def _at(self, i: int) -> ir.Value:
+        return self.b.gep(self.slot, [const(i32, i)])
+
+    def zero(self) -> None:
+        for i in range(self.n):
+            self.b.store(ir.Constant(self.vt, [0.0] * self.vt.count), self._at(i))
+
+    def add_product(self, i: int, a: ir.Value, c: ir.Value) -> None:
+        self.b.store(_fma(self.b, self.b.load(self._at(i)), a, c), self._at(i))
+
+    def get(self, i: int) -> ir.Value:
+        return self.b.load(self._at(i))
+
+
+def _vload(b: ir.IRBuilder, base: ir.Value, vt: ir.VectorType, index: ir.Value | int,
+           align: int = 4) -> ir.Value:
+    """The vector at `base` (f32*) + index * lanes."""
+    if isinstance(index, int):
+        index = const(i64, index)
+    return b.load(b.gep(b.bitcast(base, ptr(vt)), [index]), align=align)
+
+
+def _barrier(b: ir.IRBuilder, p: ir.Value) -> None:
+    """An empty asm that may read memory at `p`: the stores before it stay stores, and the
+    loads after it cannot be forwarded from them. Keeps a dequantized block in L1 instead of
+    in (spilled) registers while it waits for its dot product."""
+    asm = ir.InlineAsm(ir.FunctionType(void, [p.type]), "", "r,~{memory}", side_effect=True)
+    b.call(asm, [p])
+
+
+class _CannotFuse(Exception):
+    """The dequantization IR uses its output buffer in a way `_Builder` cannot follow."""
+
+
+def _float_lanes(t: ir.Type) -> int | None:
+    """Floats in one element of pointee type `t` (float or a vector of floats), else None."""
+    if t == f32:
+        return 1
+    if isinstance(t, ir.VectorType) and t.element == f32:
+        return t.count
+    return None
+
+
+class _Builder(ir.IRBuilder):
+    """The builder the dequantization IR is emitted through.
+
+    - `intercept(base, on_store)`: while active, every store the IR makes through `base` (an
+      f32* it was handed as its output) becomes `on_store(value, float_offset)` instead: the
+      decode kernel folds each dequantized vector into the dot product the moment it is
+      made, so the block never goes through memory. Pointers derived from `base` by
+      bitcasts and constant GEPs are followed; anything else raises `_CannotFuse`.
+    - Half -> float: on x86, LLVM loads a scalar fp16 with `vpinsrw` into whatever register
+      it picks, a false dependency on that register's last writer; when that is an
+      accumulator, every block waits for the previous block's FMA chain. Here a scalar half
+      goes through a zero-extended vector (`vmovd`, a whole-register write) and a vector
+      `vcvtph2ps`; an empty asm keeps LLVM from folding it back into the scalar form.
+    """
+
+    _tracked: dict | None = None
+    _on_store = None
+    fix_half = True
+
+    @contextmanager
+    def intercept(self, base: ir.Value, on_store: Callable[[ir.Value, int], None]):
+        self._tracked, self._on_store = {id(base): (base, 0)}, on_store
+        try:
+            yield
+        finally:
+            self._tracked = self._on_store = None
+
+    def _offset(self, p: ir.Value) -> int | None:
+        e = self._tracked.get(id(p)) if self._tracked is not None else None
+        return e[1] if e is not None and e[0] is p else None
+
+    def bitcast(self, value, typ, name=""):
+        r = super().bitcast(value, typ, name)
+        o = self._offset(value)
+        if o is not None:
+            if not isinstance(typ, ir.PointerType) or _float_lanes(typ.pointee) is None:
+                raise _CannotFuse(f"bitcast to {typ}")
+            self._tracked[id(r)] = (r, o)
+        return r
+
+    def gep(self, ptr_, indices, inbounds=False, name="", source_etype=None):
+        r = super().gep(ptr_, indices, inbounds=inbounds, name=name, source_etype=source_etype)
+        o = self._offset(ptr_)
+        if o is not None:
+            lanes = _float_lanes(source_etype or getattr(ptr_.type, "pointee", None))
+            if lanes is None or len(indices) != 1 or not isinstance(indices[0], ir.Constant):
+                raise _CannotFuse("gep")
+            self._tracked[id(r)] = (r, o + int(indices[0].constant) * lanes)
+        return r
+
+    def store(self, value, ptr_, align=None):
+        o = self._offset(ptr_)
+        if o is None:
+            return super().store(value, ptr_, align)
+        self._on_store(value, o)
+        return None
+
+    def load(self, ptr_, name="", align=None, typ=None):
+        if self._offset(ptr_) is not None:
+            raise _CannotFuse("load from the output")
+        return super().load(ptr_, name, align, typ)
+
+    def fpext(self, value, typ, name=""):
+        if not (self.fix_half and value.type == f16 and typ == f32 and _x86_f16c()):
+            return super().fpext(value, typ, name)
+        v4i = ir.VectorType(i32, 4)
+        v = self.insert_element(ir.Constant(v4i, None), self.zext(self.bitcast(value, i16), i32),
+                                const(i32, 0))
+        v = self.call(ir.InlineAsm(ir.FunctionType(v4i, [v4i]), "", "=x,0"), [v])
+        h = self.bitcast(v, ir.VectorType(f16, 8))
+        h = self.shuffle_vector(h, h, ir.Constant(ir.VectorType(i32, 4), [0, 1, 2, 3]))
+        return self.extract_element(self.fpext(h, ir.VectorType(f32, 4)), const(i32, 0),
+                                    name=name)
+
+
+@cache
+def _x86_f16c() -> bool:
+    return host_cpu().triple.startswith(("x86_64", "i686", "i386")) and host_cpu().has("f16c")
+
+
+def _pieces(b: ir.IRBuilder, value: ir.Value, offset: int, vw: int):
+    """A stored float vector as (offset, <vw x float>) pieces; _CannotFuse if it does not
+    split into whole aligned pieces."""
+    t = value.type
+    n = t.count if isinstance(t, ir.VectorType) and t.element == f32 else 0
+    if not n or n % vw or offset % vw:
+        raise _CannotFuse(f"store of {t} at {offset}")
+    if n == vw:
+        return [(offset, value)]
+    idx = lambda p: ir.Constant(ir.VectorType(i32, vw), list(range(p, p + vw)))  # noqa: E731
+    return [(offset + p, b.shuffle_vector(value, value, idx(p))) for p in range(0, n, vw)]
+
+
+def _can_fuse(blk: _Blocks, vw: int) -> bool:
+    """Whether the block's dequantization IR writes each output float exactly once, in
+    aligned vectors, through pointers `_Builder` can follow (tried on a scratch module)."""
+    if blk.elementwise:
+        return False
+    m = ir.Module()
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(i8), ptr(f32)]), "probe")
+    b = _Builder(fn.append_basic_block("entry"))
+    seen = np.zeros(blk.size, np.int64)
+
+    def on_store(value, offset):
+        for o, _ in _pieces(b, value, offset, vw):
+            if o + vw > blk.size:
+                raise _CannotFuse("store past the block")
+            seen[o:o + vw] += 1
+
+    try:
+        with b.intercept(fn.args[1], on_store):
+            blk.emit(b, fn.args[0], fn.args[1])
+    except _CannotFuse:
+        return False
+    return bool((seen == 1).all())
+
+
+def _build_gemv(m: ir.Module, name: str, blk: _Blocks, vw: int, T: int) -> ir.Function:
+    """gemv(w, w_stride, x, ldx, y, ldy, n_tok, r0, r1, n_blocks): y[t, r] = dot(W[r], x[t])
+    for r in [r0, r1), t < n_tok <= T: each weight row is read and dequantized once for all
+    the tokens (tokens past n_tok repeat the last one and are not stored).
+
+    Fused (the usual case): the dequantized vectors of a block go straight into the
+    accumulators as the IR makes them. Otherwise the block is dequantized into a stack
+    buffer and dotted from there. `_gemv_rows(blk)` rows go side by side (more streams in
+    flight, x loaded once for all of them), the remainder one by one."""
+    vt = ir.VectorType(f32, vw)
+    fn = _internal(m, name, [ptr(i8), i64, ptr(f32), i64, ptr(f32), i64, i64, i64, i64, i64])
+    w, ws, x, ldx, y, ldy, ntok, r0, r1, nb = fn.args
+    b = _Builder(fn.append_basic_block("entry"))
+    b.fix_half = not blk.elementwise
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    chunks = blk.size // vw
+    fuse = FUSE and _can_fuse(blk, vw)
+    rows = _gemv_rows(blk) if T == 1 else 1
+    scratch_v = alloca_entry(b, vt, 1 if fuse else chunks * rows, name="scratch")
+    scratch = b.bitcast(scratch_v, ptr(f32))
+    per = max(1, GEMV_ACCS // (rows * T))  # accumulators per (row, token)
+    accs = _Accs(b, vt, per * rows * T)
+    last = b.sub(ntok, c64(1))
+    tok = [c64(0)] + [b.select(b.icmp_signed("<", c64(t), ntok), c64(t), last)
+                      for t in range(1, T)]
+    xt = [b.gep(x, [b.mul(t, ldx)]) for t in tok]
+
+    def acc(i, t, o):
+        return (i * T + t) * per + o // vw % per
+
+    def row_loop(start, stop, R):
+        with for_range(b, start, stop, step=R, name=f"r{R}") as r:
+            accs.zero()
+            row = [b.gep(w, [b.mul(b.add(r, c64(i)), ws)]) for i in range(R)]
+            with for_range(b, c64(0), nb, name=f"blk{R}") as k:
+                xb = [b.gep(p, [b.mul(k, c64(blk.size))]) for p in xt]
+                xs = {}
+
+                def xload(t, o):  # x[t] at float offset o of the block, loaded once
+                    if (t, o) not in xs:
+                        xs[t, o] = b.load(b.bitcast(b.gep(xb[t], [c64(o)]), ptr(vt)), align=4)
+                    return xs[t, o]
+
+                for i in range(R):
+                    src = b.gep(row[i], [b.mul(k, c64(blk.nbytes))])
+                    if fuse:
+
+                        def on_store(value, offset, i=i):
+                            for o, v in _pieces(b, value, offset, vw):
+                                for t in range(T):
+                                    accs.add_product(acc(i, t, o), v, xload(t, o))
+
+                        with b.intercept(scratch, on_store):
+                            blk.emit(b, src, scratch)
+                        continue
+                    out = b.gep(scratch, [c64(i * blk.size)])
+                    blk.emit(b, src, out)
+                    if chunks > BARRIER_MIN_CHUNKS:
+                        _barrier(b, out)
+                    for c in range(chunks):
+                        v = _vload(b, out, vt, c, align=vw * 4)
+                        for t in range(T):
+                            accs.add_product(acc(i, t, c * vw), v, xload(t, c * vw))
+            for i in range(R):
+                for t in range(T):
+                    total = accs.get(acc(i, t, 0))
+                    for a in range(1, per):
+                        total = b.fadd(total, accs.get(acc(i, t, 0) + a), flags=FAST)
+                    dst = b.gep(y, [b.add(b.mul(c64(t), ldy), b.add(r, c64(i)))])
+                    if t == 0:
+                        b.store(_hsum(b, total), dst)
+                    else:
+                        with b.if_then(b.icmp_signed("<", c64(t), ntok)):
+                            b.store(_hsum(b, total), dst)
+
+    if rows > 1:
+        tiled = b.add(r0, b.mul(b.sdiv(b.sub(r1, r0), c64(rows)), c64(rows)))
+        row_loop(r0, tiled, rows)
+        r0 = tiled
+    row_loop(r0, r1, 1)
+    b.ret_void()
+    return fn
+
+
+def _gemv_rows(blk: _Blocks) -> int:
+    return GEMV_ROWS_FLOAT if blk.elementwise else GEMV_ROWS
+
+
+def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int) -> ir.Function:
+    """gemm(w, w_stride, x, ldx, y, ldy, t0, t1, r0, r1, n_blocks, scratch, group_rows):
+    y[t, r] = dot(W[r], x[t]) for t in [t0, t1), r in [r0, r1). Rows go in groups of
+    `group_rows`, dequantized into `scratch` (group_rows * n floats), then 2-row x 4-token
+    register tiles (1-token tiles for the remainder) run over them."""
+    vt = ir.VectorType(f32, vw)
+    args = [ptr(i8), i64, ptr(f32), i64, ptr(f32), i64, i64, i64, i64, i64, i64, ptr(f32), i64]
+    fn = _internal(m, name, args)
+    w, ws, x, ldx, y, ldy, t0, t1, r0, r1, nb, scratch, group = fn.args
+    b = _Builder(fn.append_basic_block("entry"))
+    b.fix_half = not blk.elementwise
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    n = b.mul(nb, c64(blk.size))
+    nv = b.mul(nb, c64(blk.size // vw))  # vectors per row
+    T = TILE_TOKENS
+    tile = _Accs(b, vt, 2 * T)
+    unroll = max(1, FLOAT_GROUP // vw)  # n is a multiple of FLOAT_GROUP floats
+    tail = _Accs(b, vt, 2 * unroll)
+    t_tiled = b.add(t0, b.mul(b.sdiv(b.sub(t1, t0), c64(T)), c64(T)))
+
+    def smin(a, c):
+        return b.select(b.icmp_signed("<", a, c), a, c)
+
+    def store_y(t, row, v):
+        b.store(v, b.gep(y, [b.add(b.mul(t, ldy), row)]))
+
+    with for_range(b, r0, r1, step=group, name="g") as g:
+        cnt = b.sub(smin(b.add(g, group), r1), g)
+        with for_range(b, c64(0), cnt, name="dq") as i:
+            row = b.gep(w, [b.mul(b.add(g, i), ws)])
+            dst = b.gep(scratch, [b.mul(i, n)])
+            with for_range(b, c64(0), nb, name="blk") as k:
+                blk.emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]),
+                         b.gep(dst, [b.mul(k, c64(blk.size))]))
+        last = b.sub(cnt, c64(1))
+
+        def pair(p):
+            ib = smin(b.add(p, c64(1)), last)
+            return p, ib, b.gep(scratch, [b.mul(p, n)]), b.gep(scratch, [b.mul(ib, n)])
+
+        with for_range(b, t0, t_tiled, step=T, name="t") as t:
+            xs = [b.gep(x, [b.mul(b.add(t, c64(j)), ldx)]) for j in range(T)]
+            with for_range(b, c64(0), cnt, step=2, name="p") as p:
+                ia, ib, wa, wb = pair(p)
+                tile.zero()
+                with for_range(b, c64(0), nv, name="k") as k:
+                    va, vb = _vload(b, wa, vt, k), _vload(b, wb, vt, k)
+                    for j in range(T):
+                        xv = _vload(b, xs[j], vt, k)
+                        tile.add_product(j, va, xv)
+                        tile.add_product(T + j, vb, xv)
+                for j in range(T):
+                    tj = b.add(t, c64(j))
+                    store_y(tj, b.add(g, ia), _hsum(b, tile.get(j)))
+                    store_y(tj, b.add(g, ib), _hsum(b, tile.get(T + j)))
+        with for_range(b, t_tiled, t1, name="tr") as t:
+            xt = b.gep(x, [b.mul(t, ldx)])
+            with for_range(b, c64(0), cnt, step=2, name="pr") as p:
+                ia, ib, wa, wb = pair(p)
+                tail.zero()
+                with for_range(b, c64(0), nv, step=unroll, name="kr") as k:
+                    for u in range(unroll):
+                        ku = b.add(k, c64(u))
+                        xv = _vload(b, xt, vt, ku)
+                        tail.add_product(u, _vload(b, wa, vt, ku), xv)
+                        tail.add_product(unroll + u, _vload(b, wb, vt, ku), xv)
+                sa, sb = tail.get(0), tail.get(unroll)
+                for u in range(1, unroll):
+                    sa = b.fadd(sa, tail.get(u), flags=FAST)
+                    sb = b.fadd(sb, tail.get(unroll + u), flags=FAST)
+                store_y(t, b.add(g, ia), _hsum(b, sa))
+                store_y(t, b.add(g, ib), _hsum(b, sb))
+    b.ret_void()
+    return fn
+
+
+def _internal(m: ir.Module, name: str, args: list[ir.Type]) -> ir.Function:
+    """A function inlined into its exported wrapper, its pointers marked noalias."""
+    fn = ir.Function(m, ir.FunctionType(void, args), f"{name}.impl")
+    fn.linkage = "internal"
+    fn.attributes.add("alwaysinline")
+    for a in fn.args:
+        if isinstance(a.type, ir.PointerType):
+            a.add_attribute("noalias")
+    return fn
+
+
+def _export(m: ir.Module, name: str, impl: ir.Function) -> None:
+    """`name(args...)` with each pointer argument of `impl` passed as a numpy array object
+    (a PyObject*): the data pointer is read from the array, which saves the microseconds
+    `ndarray.ctypes` costs on every call."""
+    types = [ptr(i8) if isinstance(a.type, ir.PointerType) else a.type for a in impl.args]
+    fn = ir.Function(m, ir.FunctionType(void, types), name)
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    args = []
+    for a, want in zip(fn.args, impl.args):
+        if isinstance(want.type, ir.PointerType):
+            field = b.bitcast(b.gep(a, [const(i64, ARRAY_DATA_OFFSET)]), ptr(ptr(i8)))
+            a = b.bitcast(b.load(field), want.type)
+        args.append(a)
+    b.call(impl, args)
+    b.ret_void()
+
+
+def build_module(t: GGMLType) -> ir.Module:
+    """`gemv_<t>` and `gemm_<t>` for weight type `t`; their array arguments are ndarray
+    objects (see `_export`)."""
+    blk, vw = _blocks(t), _vector_width()
+    m = ir.Module(name=f"matmul_{t.name.lower()}")
+    name = t.name.lower()
+    for T in GEMV_TOKENS:
+        _export(m, f"gemv{T}_{name}", _build_gemv(m, f"gemv{T}_{name}", blk, vw, T))
+    _export(m, f"gemm_{name}", _build_gemm(m, f"gemm_{name}", blk, vw))
+    return m
+
+
+def _array_data_offset() -> int:
+    """Where an ndarray object keeps its data pointer: right after the object header
+    (`PyArrayObject_fields.data`). Checked against `ndarray.ctypes` once."""
+    off = object.__basicsize__
+    probe = np.empty(3)
+    raw = ctypes.string_at(id(probe) + off, ctypes.sizeof(ctypes.c_void_p))
+    if int.from_bytes(raw, sys.byteorder) != probe.ctypes.data:  # pragma: no cover
+        raise RuntimeError("unexpected ndarray object layout")
+    return off
+
+
+ARRAY_DATA_OFFSET = _array_data_offset()
+
+_I64, _A = ctypes.c_int64, ctypes.py_object
+_GEMV_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A, _I64, _A, _I64, _I64, _I64, _I64, _I64)
+_GEMM_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A, _I64, _A, _I64, _I64, _I64, _I64, _I64, _I64,
+                             _A, _I64)
+
+
+# -- Python side -----------------------------------------------------------------------------
+
+
+class _Plan:
+    """What `matmul` needs per weight type: layout, accepted dtypes, compiled kernels."""
+
+    def __init__(self, t: GGMLType):
+        info = quant.get(t).info
+        self.t, self.name = t, t.name
+        self.block, self.type_size = info.block_size, info.type_size
+        self.dtypes = (np.dtype(np.uint8),)
+        if t in _FLOAT_TYPES:
+            self.dtypes += (np.dtype(_FLOAT_TYPES[t]),)
+        self.vblock = _blocks(t).size  # floats per block the kernels walk
+        name = t.name.lower()
+        sigs = {f"gemv{T}_{name}": _GEMV_SIG for T in GEMV_TOKENS}
+        mod = compile_kernels(build_module(t), {**sigs, f"gemm_{name}": _GEMM_SIG})
+        self.gemv = {T: mod[f"gemv{T}_{name}"] for T in GEMV_TOKENS}
+        self.gemm = mod[f"gemm_{name}"]
+
+    def weight(self, w) -> np.ndarray:
+        """`w` checked: 2-D, an accepted dtype, whole blocks per row, contiguous rows (copied
+        only when they are not)."""
+        if not isinstance(w, np.ndarray) or w.ndim != 2:
+            raise UserError(f"{self.name} weight must be a 2-D array of rows, got "
+                            f"{getattr(w, 'shape', type(w).__name__)}")
+        if w.dtype not in self.dtypes:
+            want = " or ".join(d.name for d in self.dtypes[::-1])
+            raise UserError(f"{self.name} weight must be {want} (raw bytes), got {w.dtype}")
+        if (w.shape[1] * w.itemsize) % self.type_size:
+            raise UserError(f"{self.name} rows are whole blocks of {self.type_size} bytes, "
+                            f"got rows of {w.shape[1] * w.itemsize} bytes")
+        if w.strides[1] != w.itemsize and w.shape[1] > 1:
+            w = np.ascontiguousarray(w)
+        return w
+
+
+_PLANS: dict = {}
+_plans_lock = threading.Lock()
+
+
+def _plan(wtype) -> _Plan:
+    """The plan for `wtype` (a GGMLType, its id or its name), compiled on first use."""
+    p = _PLANS.get(wtype)
+    if p is not None:
+        return p
+    try:
+        t = GGMLType[wtype.upper()] if isinstance(wtype, str) else GGMLType(wtype)
+    except (ValueError, KeyError, AttributeError):
+        raise UserError(f"unknown tensor type {wtype!r}") from None
+    if t not in SUPPORTED_TYPES:
+        raise UserError(f"matmul over {t.name} weights is not supported yet")
+    with _plans_lock:
+        p = _PLANS.get(t) or _Plan(t)
+        _PLANS[t] = _PLANS[wtype] = p
+    return p
+
+
+_tls = threading.local()
+
+
+def _scratch(n: int) -> np.ndarray:
+    """A per-thread float32 buffer of at least n elements, reused across calls."""
+    buf = getattr(_tls, "scratch", None)
+    if buf is None or buf.size < n:
+        buf = _tls.scratch = np.empty(max(n, 1 << 14), np.float32)
+    return buf
+
+
+def _min_rows(work_per_row: int) -> int:
+    return -(-MIN_WORK_PER_THREAD // max(1, work_per_row))
+
+
+def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = None,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ W.T : `w` is the weight as stored in GGUF, rows of raw bytes (n_out, row_bytes)
+    as a uint8 array (a zero-copy view into the memory-mapped file: it is not copied), or a
+    float32/float16 (n_out, n_in) array for F32/F16 weights (BF16 as uint16 raw bits); `x`
+    float32 (n_tok, n_in) (or (n_in,) -> returns (n_out,)). Returns float32 (n_tok, n_out)."""
+    p = _PLANS.get(wtype) or _plan(wtype)
+    if not (type(w) is np.ndarray and w.ndim == 2 and w.dtype in p.dtypes
+            and w.strides[1] == w.itemsize and not (w.shape[1] * w.itemsize) % p.type_size):
+        w = p.weight(w)
+    n_out = w.shape[0]
+    n_in = w.shape[1] * w.itemsize // p.type_size * p.block
+    if type(x) is not np.ndarray or x.dtype != np.float32 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x, np.float32)
+    if x.ndim == 1:
+        n_tok, shape = 1, (n_out,)
+    elif x.ndim == 2:
+        n_tok, shape = x.shape[0], (x.shape[0], n_out)
+    else:
+        raise UserError(f"x must be (n_tok, n_in) or (n_in,), got shape {x.shape}")
+    if x.shape[-1] != n_in:
+        if x.shape[-1] % p.block:
+            raise UserError(f"{p.name} weights need n_in a multiple of {p.block}, "
+                            f"got {x.shape[-1]}")
+        raise UserError(f"x has {x.shape[-1]} features but the {p.name} weight rows hold {n_in}")
+    if out is None:
+        y = np.empty(shape, np.float32)
+        ldy = n_out
+    else:
+        if out.shape != shape or out.dtype != np.float32 or out.strides[-1] != 4 or (
+                out.ndim == 2 and out.strides[0] % 4):
+            raise UserError(f"out must be float32 of shape {shape} with contiguous rows, "
+                            f"got {out.dtype} {out.shape}")
+        y = out
+        ldy = out.strides[0] // 4 if out.ndim == 2 else n_out
+    if n_tok == 0 or n_out == 0:
+        return y
+    if n_in == 0:
+        y[...] = 0
+        return y
+    if n_in % FLOAT_GROUP:  # float weights of an odd width: numpy on converted rows
+        y[...] = x @ get_rows(w, p.t, np.arange(n_out)).T
+        return y
+
+    ws, nb = w.strides[0], n_in // p.vblock
+    if n_tok <= GEMV_TOKENS[-1]:
+        gemv, ldx = p.gemv[1 if n_tok == 1 else GEMV_TOKENS[-1]], n_in
+        work = n_in * (1 + n_tok // 2)
+        if threads == 1 or n_out < 2 * _min_rows(work):
+            gemv(w, ws, x, ldx, y, ldy, n_tok, 0, n_out, nb)
+        else:
+            parallel_rows(lambda a, c: gemv(w, ws, x, ldx, y, ldy, n_tok, a, c, nb), n_out,
+                          threads, _min_rows(work))
+        return y
+
+    gemm = p.gemm
+    group = max(2, min(MAX_GROUP_ROWS, L2_BUDGET // (4 * n_in)))
+    group -= group % 2
+
+    def run(a, c):
+        s = _scratch(group * n_in)
+        for t0 in range(0, n_tok, TOKEN_CHUNK):  # x's chunk stays in cache across row groups
+            gemm(w, ws, x, n_in, y, ldy, t0, min(t0 + TOKEN_CHUNK, n_tok), a, c, nb, s, group)
+
+    parallel_rows(run, n_out, threads, _min_rows(n_in * (2 + n_tok // 2)))
+    return y
+
+
+def get_rows(w: np.ndarray, wtype: GGMLType, ids: np.ndarray) -> np.ndarray:
+    """Embedding lookup: rows `ids` of the weight, dequantized: float32 (len(ids), n_in)."""
+    p = _plan(wtype)
+    w = p.weight(w)
+    n_in = w.shape[1] * w.itemsize // p.type_size * p.block
+    ids = np.asarray(ids).reshape(-1)
+    if ids.size and (ids.min() < -w.shape[0] or ids.max() >= w.shape[0]):
+        raise UserError(f"row id out of range for a weight of {w.shape[0]} rows")
+    rows = w[ids]  # only the rows asked for are copied
+    if rows.dtype == np.float32:
+        return rows
+    if rows.dtype == np.float16:
+        return rows.astype(np.float32)
+    return quant.get(p.t).dequantize(rows.view(np.uint8)).reshape(len(ids), n_in)

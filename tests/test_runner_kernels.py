@@ -1,0 +1,167 @@
+"""gguflab.runner.kernels: x @ W.T over quantized weights against numpy on the dequantized
+weight (float64), for every supported type."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gguflab import quant
+from gguflab.errors import UserError
+from gguflab.gguf import GGMLType
+from gguflab.runner import kernels
+from gguflab.runner.kernels import SUPPORTED_TYPES, get_rows, matmul
+
+N_IN = 768  # 3 super-blocks, 24 legacy blocks
+TOL = 1e-5
+
+
+def make_weight(t: GGMLType, n_out: int, n_in: int = N_IN, seed: int = 0) -> np.ndarray:
+    """The weight as a GGUF reader hands it over: raw bytes, or a float array."""
+    rng = np.random.default_rng(seed)
+    wf = (rng.standard_normal((n_out, n_in)) * rng.uniform(0.1, 2.0, (n_out, 1))).astype(np.float32)
+    if t == GGMLType.F32:
+        return wf
+    if t == GGMLType.F16:
+        return wf.astype(np.float16)
+    q = quant.get(t).quantize(wf)
+    return q.view(np.uint16) if t == GGMLType.BF16 else q
+
+
+def dequantized(t: GGMLType, w: np.ndarray) -> np.ndarray:
+    n_out = w.shape[0]
+    return quant.get(t).dequantize(np.ascontiguousarray(w).view(np.uint8)).reshape(n_out, -1)
+
+
+def check_close(y: np.ndarray, x: np.ndarray, wd: np.ndarray) -> float:
+    x64, w64 = x.astype(np.float64), wd.astype(np.float64)
+    ref = x64 @ w64.T
+    scale = np.maximum(np.abs(x64) @ np.abs(w64).T, 1e-30)
+    err = float((np.abs(y.astype(np.float64) - ref) / scale).max())
+    assert err < TOL, err
+    return err
+
+
+@pytest.fixture(scope="module", params=SUPPORTED_TYPES, ids=lambda t: t.name)
+def case(request):
+    t = request.param
+    n_out = 97 + 17 * SUPPORTED_TYPES.index(t)  # 97..301: odd and even row counts
+    w = make_weight(t, n_out, seed=int(t))
+    return t, w, dequantized(t, w)
+
+
+@pytest.mark.parametrize("n_tok", [1, 3, 17])  # decode kernel, 4-token decode kernel, prompt
+def test_matches_dequantized_reference(case, n_tok):
+    t, w, wd = case
+    x = np.random.default_rng(n_tok).standard_normal((n_tok, N_IN)).astype(np.float32)
+    y = matmul(w, t, x)
+    assert y.shape == (n_tok, w.shape[0]) and y.dtype == np.float32
+    check_close(y, x, wd)
+
+
+@pytest.mark.parametrize("n_tok", [1, 2, 17])
+def test_threads_agree(case, n_tok, monkeypatch):
+    t, w, _ = case
+    monkeypatch.setattr(kernels, "MIN_WORK_PER_THREAD", 1)  # split even these small products
+    x = np.random.default_rng(7).standard_normal((n_tok, N_IN)).astype(np.float32)
+    y1 = matmul(w, t, x, threads=1)
+    y2 = matmul(w, t, x, threads=2)
+    scale = np.abs(x) @ np.abs(dequantized(t, w)).T
+    assert (np.abs(y1 - y2) <= 1e-6 * scale).all()
+
+
+def test_out_and_1d(case):
+    t, w, wd = case
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, N_IN)).astype(np.float32)
+    out = np.full((5, w.shape[0]), np.nan, np.float32)
+    assert matmul(w, t, x, out=out) is out
+    check_close(out, x, wd)
+    v = x[2]
+    y = matmul(w, t, v)
+    assert y.shape == (w.shape[0],)
+    check_close(y[None], v[None], wd)
+    out1 = np.empty(w.shape[0], np.float32)
+    assert matmul(w, t, v, out=out1) is out1
+    np.testing.assert_array_equal(out1, y)
+    # x of another dtype or layout is converted
+    np.testing.assert_array_equal(matmul(w, t, np.asfortranarray(x.astype(np.float64))), out)
+
+
+def test_get_rows_is_dequantize(case):
+    t, w, wd = case
+    ids = np.array([0, 5, w.shape[0] - 1, 5, 3])
+    r = get_rows(w, t, ids)
+    assert r.dtype == np.float32 and r.shape == (len(ids), N_IN)
+    np.testing.assert_array_equal(r.view(np.uint32), wd[ids].view(np.uint32))
+
+
+def test_weight_view_is_used_in_place():
+    """A read-only zero-copy view (as from a memory map), with rows strided inside a larger
+    buffer, works as it is."""
+    t = GGMLType.Q4_K
+    w = make_weight(t, 64)
+    buf = np.zeros((64, w.shape[1] + 16), np.uint8)
+    buf[:, 8:8 + w.shape[1]] = w
+    buf.flags.writeable = False
+    view = buf[:, 8:8 + w.shape[1]]
+    x = np.random.default_rng(1).standard_normal((2, N_IN)).astype(np.float32)
+    np.testing.assert_array_equal(matmul(view, t, x), matmul(w, t, x))
+
+
+def test_float_weights_as_raw_bytes_and_odd_widths():
+    rng = np.random.default_rng(2)
+    for n_in in (96, 100):
+        wf = rng.standard_normal((33, n_in)).astype(np.float32)
+        x = rng.standard_normal((3, n_in)).astype(np.float32)
+        for t, w in ((GGMLType.F32, wf), (GGMLType.F16, wf.astype(np.float16)),
+                     (GGMLType.BF16, quant.get(GGMLType.BF16).quantize(wf).view(np.uint16))):
+            wd = dequantized(t, w)
+            check_close(matmul(w, t, x), x, wd)
+            check_close(matmul(w.view(np.uint8), t, x), x, wd)
+            check_close(matmul(w, t, x[0])[None], x[:1], wd)
+
+
+def test_shapes_errors():
+    t = GGMLType.Q4_0
+    w = make_weight(t, 8, n_in=64)
+    with pytest.raises(UserError, match="multiple of 32"):
+        matmul(w, t, np.zeros((2, 48), np.float32))
+    with pytest.raises(UserError, match="features"):
+        matmul(w, t, np.zeros((2, 96), np.float32))
+    with pytest.raises(UserError, match="whole blocks of 18 bytes"):
+        matmul(w[:, :30], t, np.zeros(64, np.float32))
+    with pytest.raises(UserError, match="whole blocks of 144 bytes"):
+        matmul(np.zeros((4, 100), np.uint8), GGMLType.Q4_K, np.zeros(256, np.float32))
+    with pytest.raises(UserError, match="uint8"):
+        matmul(w.view(np.int8), t, np.zeros(64, np.float32))
+    with pytest.raises(UserError, match="out must be"):
+        matmul(w, t, np.zeros((2, 64), np.float32), out=np.zeros((8, 2), np.float32))
+    with pytest.raises(UserError, match="not supported"):
+        matmul(w, GGMLType.IQ2_XXS, np.zeros(64, np.float32))
+    with pytest.raises(UserError, match="out of range"):
+        get_rows(w, t, np.array([8]))
+
+
+def test_empty():
+    t = GGMLType.Q8_0
+    w = make_weight(t, 8, n_in=64)
+    assert matmul(w, t, np.zeros((0, 64), np.float32)).shape == (0, 8)
+    assert matmul(w[:0], t, np.zeros((3, 64), np.float32)).shape == (3, 0)
+    assert get_rows(w, t, np.array([], np.int64)).shape == (0, 64)
+    y = matmul(np.zeros((5, 0), np.uint8), t, np.zeros((9, 0), np.float32))
+    assert y.shape == (9, 5) and not y.any()
+
+
+def test_long_prompt_and_strided_out():
+    """More tokens than one prompt-kernel chunk, several row groups, output rows inside a
+    wider buffer."""
+    t = GGMLType.Q4_K
+    w = make_weight(t, 70, n_in=512)
+    wd = dequantized(t, w)
+    x = np.random.default_rng(5).standard_normal((kernels.TOKEN_CHUNK + 7, 512)).astype(np.float32)
+    buf = np.zeros((x.shape[0], 80), np.float32)
+    out = buf[:, 3:73]
+    assert matmul(w, t, x, out=out) is out
+    check_close(out, x, wd)
+    assert not buf[:, :3].any() and not buf[:, 73:].any()
