@@ -199,6 +199,9 @@ def _read_prompt(args: argparse.Namespace) -> str:
                 return f.read()
         except OSError as e:
             raise UserError(f"{args.file}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise UserError(f"{args.file}: not UTF-8 text (byte {e.start}: "
+                            f"{e.object[e.start:e.start + 1]!r})") from None
     return args.prompt or ""
 
 

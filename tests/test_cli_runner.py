@@ -66,3 +66,34 @@ def test_runner_user_errors_are_one_line(tmp_path):
                            text=True)
         assert r.returncode == 1 and "Traceback" not in r.stderr
         assert r.stderr.strip().splitlines()[-1].startswith("gguflab: error:")
+
+
+def test_prompt_errors(smollm2, tmp_path):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    r = subprocess.run([sys.executable, "-m", "gguflab", "run", "-m", smollm2, "-f", str(latin1)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "not UTF-8" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "gguflab", "run", "-m", smollm2, "-c", "16", "-p",
+                        "word " * 40], capture_output=True, text=True)
+    assert r.returncode == 1 and "does not fit in the context" in r.stderr
+
+
+def test_unsupported_architecture(tmp_path):
+    from gguflab.errors import UserError
+    from gguflab.gguf import Value, ValueType, write_gguf
+    from gguflab.runner.model import Model
+
+    p = tmp_path / "gptneox.gguf"
+    write_gguf(p, {"general.architecture": Value(ValueType.STRING, "gptneox")}, [])
+    with pytest.raises(UserError, match="'gptneox' is not supported"):
+        Model(p)
+
+
+def test_chat_repl_answers_with_the_model_template(smollm2):
+    r = subprocess.run([sys.executable, "-m", "gguflab", "chat", "-m", smollm2, "--temp", "0",
+                        "-n", "12"], input="What is the capital of France?\n\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "generation:" in r.stderr
