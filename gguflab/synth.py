@@ -28,6 +28,7 @@ class SynthConfig:
     dtype: GGMLType = GGMLType.F16
     seed: int = 0
     name: str = "synthetic-llama"
+    tokenizer_from: str | None = None  # a GGUF whose tokenizer.* keys (and vocab) to copy
 
 
 def tensor_shapes(c: SynthConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -85,8 +86,19 @@ def metadata(c: SynthConfig) -> dict[str, Value]:
 
 def write_synthetic_llama(path: str | os.PathLike, config: SynthConfig | None = None,
                           overwrite: bool = False) -> str:
-    """Write a random llama model; 2-D weights in `config.dtype`, norms in F32."""
+    """Write a random llama model; 2-D weights in `config.dtype`, norms in F32. With
+    `tokenizer_from`, the vocab of that model makes it loadable by llama.cpp and runnable."""
     c = config or SynthConfig()
+    meta = metadata(c)
+    if c.tokenizer_from:
+        from dataclasses import replace
+
+        from .gguf import GGUFReader
+
+        src = GGUFReader(c.tokenizer_from)
+        tok = {k: v for k, v in src.metadata.items() if k.startswith("tokenizer.")}
+        c = replace(c, n_vocab=len(src.get(Keys.TOKENS)))
+        meta = metadata(c) | tok
     tensors = []
     for i, (name, shape) in enumerate(tensor_shapes(c)):
         t = GGMLType.F32 if len(shape) == 1 else c.dtype
@@ -94,5 +106,5 @@ def write_synthetic_llama(path: str | os.PathLike, config: SynthConfig | None = 
         tensors.append((TensorSpec(name, shape, t),
                         lambda i=i, name=name, shape=shape, qt=qt:
                         qt.quantize(_weights(c, i, name, shape))))
-    write_gguf(path, metadata(c), tensors, overwrite=overwrite)
+    write_gguf(path, meta, tensors, overwrite=overwrite)
     return os.fspath(path)
