@@ -55,9 +55,14 @@ def theirs(path, tokens, threads):
     t = time.perf_counter()
     ll.eval(tokens[:PP])
     pp = PP / (time.perf_counter() - t)
+    n_vocab = ll.n_vocab()
+
+    def last_logits():
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ll.ctx, -1), (n_vocab,))
+
     t = time.perf_counter()
     for _ in range(TG):
-        ll.eval([int(np.argmax(ll.scores[ll.n_tokens - 1]))])
+        ll.eval([int(np.argmax(last_logits()))])
     tg = TG / (time.perf_counter() - t)
     return pp, tg
 
