@@ -105,6 +105,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                          f" -> {mib_out:8.2f} MiB")
                 if ev.rmse is not None:
                     line += f" | rmse {ev.rmse:.4f}"
+                if ev.note:
+                    line += " (fallback)"
                 if args.hist and ev.hist:
                     n = sum(ev.hist) or 1
                     line += " | hist: " + " ".join(f"{h / n:.3f}" for h in ev.hist)

@@ -176,8 +176,10 @@ def plan_model(r: GGUFReader, mix: Mix, opts: QuantizeOptions) -> ModelPlan:
                             "F16/BF16/F32)")
         warnings.append(f"requantizing {kinds} tensors: the result will be worse than "
                         "quantizing from the F16/BF16/F32 original")
-    for name, note in planner.fallback_notes.items():
-        warnings.append(f"{name}: {note}")
+    by_reason = Counter(planner.fallback_notes.values())  # one line per kind of fallback
+    for note, n in by_reason.items():
+        first = next(k for k, v in planner.fallback_notes.items() if v == note)
+        warnings.append(f"{n} tensor(s), e.g. {first}: {note}")
 
     meta = dict(r.metadata)
     ftype = _source_ftype(r) if mix.default_type is None else int(mix.ftype)
