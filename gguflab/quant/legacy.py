@@ -315,13 +315,28 @@ def _store_block(b: ir.IRBuilder, v: ir.Value, x: ir.Value) -> None:
 
 class _Legacy(QuantType):
     has_quantize_kernel = has_dequantize_kernel = True
+    qs_at = 2  # bytes of scale header before the packed levels
+    qh_at: int | None = None  # Q5: where the fifth bits live
+
+    def _store_levels(self, out: np.ndarray, xi: np.ndarray) -> None:
+        """4-bit levels as nibbles after the header (Q5: fifth bits first, then nibbles)."""
+        if self.qh_at is None:
+            out[:, self.qs_at:] = _pack_nibbles(xi[:, :16], xi[:, 16:])
+        else:
+            out[:, self.qh_at:self.qh_at + 4] = _pack_qh(xi)
+            low = xi & 0x0F
+            out[:, self.qh_at + 4:] = _pack_nibbles(low[:, :16], low[:, 16:])
+
+    def levels_ref(self, q: np.ndarray) -> np.ndarray:
+        q = np.ascontiguousarray(q, np.uint8)
+        if self.qh_at is None:
+            return _nibbles(q[:, self.qs_at:])
+        return _nibbles(q[:, self.qh_at + 4:]) | _qh_bits(q, self.qh_at)
 
 
 class _Symmetric(_Legacy):
     """Q4_0 / Q5_0: d = max / -(n_levels / 2), the max being the signed element of largest
     magnitude; level = MIN(n_levels - 1, (int8_t)(x / d + n_levels / 2 + 0.5))."""
-
-    qh_at: int | None = None  # Q5: where the fifth bits live
 
     def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, F)
@@ -333,19 +348,8 @@ class _Symmetric(_Legacy):
         xi = _min_int8(_cast_low_byte(t), self.n_levels - 1)
         out = np.empty((x.shape[0], self.info.type_size), np.uint8)
         out[:, 0:2] = _f16_bytes(d)
-        if self.qh_at is None:
-            out[:, 2:] = _pack_nibbles(xi[:, :16], xi[:, 16:])
-        else:
-            out[:, self.qh_at:self.qh_at + 4] = _pack_qh(xi)
-            low = xi & 0x0F
-            out[:, self.qh_at + 4:] = _pack_nibbles(low[:, :16], low[:, 16:])
+        self._store_levels(out, xi)
         return out
-
-    def levels_ref(self, q: np.ndarray) -> np.ndarray:
-        q = np.ascontiguousarray(q, np.uint8)
-        if self.qh_at is None:
-            return _nibbles(q[:, 2:])
-        return _nibbles(q[:, self.qh_at + 4:]) | _qh_bits(q, self.qh_at)
 
     def dequantize_blocks_ref(self, q: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(q, np.uint8)
@@ -382,7 +386,7 @@ class _Affine(_Legacy):
     """Q4_1 / Q5_1: d = (max - min) / (n_levels - 1), m = min; level = (x - min) / d + 0.5
     truncated (capped at 15 for Q4_1; Q5_1 keeps the low byte as it is)."""
 
-    qh_at: int | None = None
+    qs_at = 4  # d and m
     cap: int | None = None
 
     def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
@@ -398,19 +402,8 @@ class _Affine(_Legacy):
         out = np.empty((x.shape[0], self.info.type_size), np.uint8)
         out[:, 0:2] = _f16_bytes(d)
         out[:, 2:4] = _f16_bytes(mn)
-        if self.qh_at is None:
-            out[:, 4:] = _pack_nibbles(xi[:, :16], xi[:, 16:])
-        else:
-            out[:, self.qh_at:self.qh_at + 4] = _pack_qh(xi)
-            low = xi & 0x0F
-            out[:, self.qh_at + 4:] = _pack_nibbles(low[:, :16], low[:, 16:])
+        self._store_levels(out, xi)
         return out
-
-    def levels_ref(self, q: np.ndarray) -> np.ndarray:
-        q = np.ascontiguousarray(q, np.uint8)
-        if self.qh_at is None:
-            return _nibbles(q[:, 4:])
-        return _nibbles(q[:, self.qh_at + 4:]) | _qh_bits(q, self.qh_at)
 
     def dequantize_blocks_ref(self, q: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(q, np.uint8)
@@ -454,7 +447,6 @@ class _Eight(_Legacy):
     s = fp16(sum(q) * d)."""
 
     n_levels = 256
-    qs_at = 2
 
     def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, F)
