@@ -72,6 +72,14 @@ class Failed(Event):
     error: str
 
 
+@dataclass
+class Measured(Event):
+    """One row of results as it is measured (a sweep's row for one type, a perplexity
+    figure): `name` says what was measured, `values` holds JSON-serialisable figures."""
+    name: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    c.__name__: c for c in (Started, TensorDone, Log, Progress, Finished, Failed)
+    c.__name__: c for c in (Started, TensorDone, Log, Progress, Finished, Failed, Measured)
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,7 +47,25 @@ def perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: bool,
                base_path: str | None = None, save_base: str | None = None,
                on_chunk: Callable[[int, int, float], None] | None = None) -> PerplexityResult:
     """`base_path`: compare against saved base log-probs (KL-divergence); `save_base`: save
-    this model's log-probs there for a later comparison."""
+    this model's log-probs there for a later comparison. `on_chunk(i, n, ppl)` after each
+    chunk with the running estimate."""
+    steps = iter_perplexity(model, tokens, n_ctx, add_bos=add_bos, bos_id=bos_id,
+                            n_chunks=n_chunks, base_path=base_path, save_base=save_base)
+    while True:
+        try:
+            i, n, ppl = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if on_chunk:
+            on_chunk(i, n, ppl)
+
+
+def iter_perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: bool,
+                    bos_id: int | None, n_chunks: int | None = None,
+                    base_path: str | None = None, save_base: str | None = None
+                    ) -> Generator[tuple[int, int, float], None, PerplexityResult]:
+    """`perplexity` one chunk at a time: yields (chunk, chunks, running ppl) and returns the
+    result, so that a job can report progress and stop between chunks."""
     n_chunk = chunks_of(tokens, n_ctx, n_chunks)
     first = n_ctx // 2
     base, base_tok_nll = (_load_base(base_path, tokens, n_ctx, n_chunk) if base_path
@@ -82,8 +100,7 @@ def perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: bool,
             same_top += int((b.argmax(-1) == lp.argmax(-1)).sum())
             base_nll += float(base_tok_nll[i].sum())
         running.append(math.exp(nll / count))
-        if on_chunk:
-            on_chunk(i + 1, n_chunk, running[-1])
+        yield i + 1, n_chunk, running[-1]
     mean = nll / count
     var = nll2 / count - mean * mean
     ppl = math.exp(mean)
