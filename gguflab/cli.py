@@ -217,7 +217,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     t = Timings()
     sys.stdout.write(text)
     sys.stdout.flush()
-    for piece in gen.stream(ids, _sampler(args), args.n_predict, timings=t):
+    for piece in gen.stream(ids, _sampler(args), args.n_predict, stop=args.reverse_prompt,
+                            timings=t):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -257,7 +258,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         t = Timings()
         reply = ""
         try:
-            for piece in gen.stream(ids, sampler, args.n_predict, timings=t):
+            for piece in gen.stream(ids, sampler, args.n_predict, stop=args.reverse_prompt,
+                                    timings=t):
                 reply += piece
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -332,6 +334,8 @@ def _add_model_flags(s: argparse.ArgumentParser, sampling: bool = True) -> None:
         s.add_argument("--repeat-penalty", type=float, default=1.0)
         s.add_argument("--repeat-last-n", type=int, default=64)
         s.add_argument("-s", "--seed", type=int, default=-1, help="-1: random")
+        s.add_argument("-r", "--reverse-prompt", action="append", default=[], metavar="TEXT",
+                       help="stop when the model writes TEXT (not printed; may repeat)")
 
 
 def _quantize_help() -> str:

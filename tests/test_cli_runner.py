@@ -40,6 +40,17 @@ def test_run_greedy_matches_llama_cpp(smol_f32, capsys):
                      out.err)
 
 
+def test_reverse_prompt_stops_generation(smol_f32, capsys):
+    prompt = "The capital of France is"
+    assert main(["run", "-m", smol_f32, "-p", prompt, "-n", "16", "--temp", "0"]) == 0
+    full = capsys.readouterr().out.rstrip("\n")[len(prompt):]
+    stop = full[6:10]
+    assert stop.strip() and full.index(stop) == 6
+    assert main(["run", "-m", smol_f32, "-p", prompt, "-n", "16", "--temp", "0",
+                 "-r", "no such text", "-r", stop]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == prompt + full[:6]
+
+
 def test_perplexity_prints_llama_perplexity_line_and_kld(smollm2, tmp_path, capsys):
     base = tmp_path / "base.kld"
     assert main(["perplexity", "-m", smollm2, "-c", "128", "--chunks", "2",

@@ -62,7 +62,7 @@ class Generation:
         t.n_prompt += len(prompt)
         self.history += list(prompt)
         dec = StreamDecoder(self.tokenizer)
-        text = ""
+        held = ""  # text that may be the start of a stop string: not shown until it is not
         stop = [s for s in (stop or []) if s]
         t0 = time.perf_counter()
         n = 0
@@ -73,24 +73,37 @@ class Generation:
             if self.tokenizer.is_eog(tok):
                 t.stop_reason = "eos"
                 break
-            piece = dec.push(tok)
-            if stop and piece:
-                text += piece
-                hit = next((s for s in stop if s in text), None)
-                if hit:
-                    yield piece[: len(piece) - (len(text) - text.index(hit))]
+            held += dec.push(tok)
+            if stop:
+                hits = [held.index(s) for s in stop if s in held]
+                if hits:
+                    held = held[: min(hits)]
                     t.stop_reason = "stop string"
                     break
-            if piece:
-                yield piece
+                keep = _stop_prefix(held, stop)
+                if len(held) > keep:
+                    yield held[: len(held) - keep]
+                    held = held[len(held) - keep:]
+            elif held:
+                yield held
+                held = ""
             if self.cache.n >= self.cache.n_ctx:
                 t.stop_reason = "context full"
                 break
             logits = self.model.forward([tok], self.cache)
         else:
             t.stop_reason = "n_predict"
-        rest = dec.flush()
-        if rest and t.stop_reason != "stop string":
-            yield rest
+        if t.stop_reason != "stop string":
+            held += dec.flush()
+        if held:
+            yield held
         t.n_gen += n
         t.gen_s += time.perf_counter() - t0
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that begins one of `stops`."""
+    for k in range(min(len(text), max(map(len, stops)) - 1), 0, -1):
+        if any(s.startswith(text[-k:]) for s in stops):
+            return k
+    return 0
