@@ -172,9 +172,18 @@ def _load_model(args: argparse.Namespace):
     from .runner.model import Model
     from .runner.tokenizer import Tokenizer
 
-    if getattr(args, "n_gpu_layers", 0):
-        print("gguflab: no GPU backend yet: running every layer on the CPU", file=sys.stderr)
     model = Model(args.model or embedded_model())
+    ngl = getattr(args, "n_gpu_layers", 0)
+    if ngl:  # plan before loading anything onto a GPU; no usable GPU: say why, use the CPU
+        from .runner.offload import plan_for_cli
+
+        plan = plan_for_cli(model.reader, _ctx_size(args, model), ngl,
+                            getattr(args, "main_gpu", 0))
+        print(f"gguflab: {plan.summary()}", file=sys.stderr)
+        if plan.on_gpu:  # the device path is not yet wired into run/chat/perplexity
+            print("gguflab: the GPU forward pass is not wired into this command yet: "
+                  "running every layer on the CPU", file=sys.stderr)
+        args.offload_plan = plan
     return model, Tokenizer.from_gguf(model.reader)
 
 
@@ -317,13 +326,59 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from . import fmt
+    from .catalog import embedded_model
+    from .events import Finished, Log, Measured, Started
+    from .sweep import help_line, parse_size, plot_rows, render_table, sweep_model
+
+    vram = parse_size(args.vram) if args.vram else None
+    if vram is None and args.n_gpu_layers:  # mark what fits the GPU that -ngl would use
+        from .runner.offload import probe_gpu
+
+        gpu, why = probe_gpu(getattr(args, "main_gpu", 0))
+        if gpu:
+            vram = gpu.free_bytes
+            print(f"marking the types that fit GPU {gpu.index} ({gpu.name}): "
+                  f"{fmt.size(vram)} free", file=sys.stderr)
+        else:
+            print(f"gguflab: no GPU to mark the types that fit ({why}); use --vram",
+                  file=sys.stderr)
+    model = args.model or embedded_model()
+    for ev in sweep_model(model, args.types, args.file, n_ctx=args.ctx_size, chunks=args.chunks,
+                          threads=args.threads, out_dir=args.out_dir, force=args.force,
+                          n_gpu_layers=args.n_gpu_layers, vram_bytes=vram):
+        if isinstance(ev, Started):
+            i = ev.info
+            print(f"sweep of {ev.source} ({i['base_type']}): {', '.join(i['types'])}; "
+                  f"{i['chunks']} chunks of {i['n_ctx']} tokens", file=sys.stderr)
+        elif isinstance(ev, Log):
+            print(f"{ev.level}: {ev.text}", file=sys.stderr, flush=True)
+        elif isinstance(ev, Measured):
+            print(help_line(ev.values), flush=True)
+        elif isinstance(ev, Finished):
+            rows = ev.stats["rows"]
+            print()
+            print(render_table(rows))
+            if len(rows) > 1:
+                print()
+                print(plot_rows(rows, args.plot))
+            print(f"\nwrote {ev.path} and {ev.stats['markdown']}")
+    return 0
+
+
 def _add_model_flags(s: argparse.ArgumentParser, sampling: bool = True) -> None:
     s.add_argument("-m", "--model", help="GGUF model (default: the embedded SmolLM2)")
     s.add_argument("-c", "--ctx-size", type=int, default=0,
                    help="context size (default: the model's, at most 4096)")
     s.add_argument("-t", "--threads", type=int, default=None)
-    s.add_argument("-ngl", "--n-gpu-layers", type=int, default=0,
-                   help="layers to offload to the GPU (the GPU backend is not built yet)")
+    from .runner.offload import parse_n_gpu_layers
+
+    s.add_argument("-ngl", "--n-gpu-layers", type=parse_n_gpu_layers, default=0,
+                   metavar="N|auto",
+                   help="offload the last N layers to the GPU (N > layers: the output layer "
+                        "too, 999: all; auto: as many as fit)")
+    s.add_argument("--main-gpu", type=int, default=0, help="the GPU to use (default 0)")
     if sampling:
         s.add_argument("-n", "--n-predict", type=int, default=-1,
                        help="tokens to generate (-1: until end of generation)")
@@ -433,6 +488,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kl-divergence", action="store_true",
                    help="compare with the base saved in --kl-divergence-base")
     s.set_defaults(func=cmd_perplexity)
+
+    s = sub.add_parser("sweep", help="quantize a model to several types and measure each: "
+                                     "size, ppl, KLD, speed",
+                           description="-c defaults to 512 here, halved while the text is "
+                                       "shorter than two chunks.")
+    _add_model_flags(s, sampling=False)
+    s.add_argument("--types", default="Q8_0,Q6_K,Q5_K_M,Q4_K_M,Q3_K_M,Q2_K",
+                   help="comma-separated types (default: %(default)s)")
+    s.add_argument("-f", "--file", help="text to evaluate (default: the shipped eval.txt)")
+    s.add_argument("--chunks", type=int, default=-1, help="at most this many chunks")
+    s.add_argument("--vram", help="GPU memory to mark the types that fit (e.g. 8G, 512M)")
+    s.add_argument("--out-dir", help="folder for the quantized files, the table and the cache "
+                                     "(default: the model's)")
+    s.add_argument("--force", action="store_true", help="requantize and re-measure everything")
+    s.add_argument("--plot", choices=["kld", "ppl"], default="kld",
+                   help="y axis of the plot: mean KLD or delta ppl (default kld)")
+    s.set_defaults(func=cmd_sweep)
     return p
 
 

@@ -1,0 +1,515 @@
+"""The CUDA backend without a GPU: every kernel's PTX assembles (ptxas, sm_80 and sm_90), the
+same kernel bodies built for the host CPU match numpy, and the offloaded forward pass on the
+host device gives Model.forward's logits. The `gpu` test runs the real device when there is
+one."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+import sys
+import threading
+import types
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from gguflab import quant
+from gguflab.errors import UserError
+from gguflab.gguf import GGMLType
+from gguflab.jit import Target, emit_ptx
+from gguflab.runner.cuda import kernels as K
+from gguflab.runner.cuda.device import KERNELS, MAX_GRID, HostDevice, build_module
+from gguflab.runner.cuda.layers import GpuLayers, forward_offloaded
+from gguflab.runner.model import Model
+from gguflab.runner.offload import placement, probe_gpu
+from gguflab.synth import SynthConfig, write_synthetic_llama
+
+MODULES = ["common", *(t.name for t in K.WEIGHT_TYPES)]
+
+
+def test_every_registry_type_with_a_dequantizer_has_gpu_kernels():
+    want = {t for t, q in quant.REGISTRY.items() if q.has_dequantize_kernel}
+    assert want | {GGMLType.F32} == set(K.WEIGHT_TYPES)
+    for t in (GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1,
+              GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K):
+        assert f"matvec_{t.name.lower()}" in KERNELS
+
+
+def test_rows_of_few_blocks_share_a_warp():
+    """A warp's lanes take whole blocks: a row of 8 blocks gets 8 lanes, not 32."""
+    assert [K.lanes_per_row(n) for n in (1, 2, 3, 8, 18, 32, 100)] == [1, 2, 4, 8, 32, 32, 32]
+
+
+@pytest.mark.slow  # ~15 s of llvmlite + ptxas CPU time per target
+@pytest.mark.parametrize("sm", ["sm_80", "sm_90"])
+def test_ptx_of_every_kernel_assembles(sm, tmp_path):
+    ptxas = shutil.which("ptxas")
+
+    def emit_and_assemble(key):  # llvmlite and ptxas both run outside the GIL: 2 at a time
+        ptx = emit_ptx(build_module(key, Target.NVPTX), sm)
+        if ptxas is None:
+            return key, ptx, 0, ""
+        src = tmp_path / f"{key}.ptx"
+        src.write_text(ptx)
+        r = subprocess.run([ptxas, f"-arch={sm}", str(src), "-o", str(tmp_path / f"{key}.o")],
+                           capture_output=True, text=True)
+        return key, ptx, r.returncode, r.stderr
+
+    with ThreadPoolExecutor(2) as pool:
+        results = {key: rest for key, *rest in pool.map(emit_and_assemble, MODULES)}
+    for name, (_, key) in KERNELS.items():
+        ptx, rc, err = results[key]
+        assert f".entry {name}(" in ptx and f".target {sm}" in ptx, name
+        assert rc == 0, f"ptxas -arch={sm} rejected {key}: {err}"
+    if ptxas is None:
+        pytest.skip("ptxas is not on this machine: PTX emitted but not assembled")
+
+
+# -- the kernels against numpy: host builds everywhere, the GPU where there is one -------
+
+
+@pytest.fixture(scope="module", params=["host", pytest.param("cuda", marks=pytest.mark.gpu)])
+def dev(request):
+    """The host device; and, marked `gpu`, a CudaDevice running the same checks."""
+    if request.param == "host":
+        yield HostDevice()
+        return
+    info, why = probe_gpu(0)
+    if info is None:
+        pytest.skip(f"no GPU: {why}")
+    from gguflab.runner.cuda.device import CudaDevice
+
+    device = CudaDevice(0)
+    yield device
+    device.close()
+
+
+def _f32(dev, p, shape):
+    return dev.read(p, np.empty(shape, np.float32))
+
+
+def _weights(t: GGMLType, n_out: int, n_in: int, rng) -> tuple[np.ndarray, np.ndarray]:
+    """(raw rows, the floats they decode to per the quant type's numpy reference)."""
+    w = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    if t == GGMLType.F32:
+        return w.view(np.uint8).reshape(n_out, -1), w
+    qt = quant.get(t)
+    if t in (GGMLType.Q8_K,):  # no quantizer: random bytes with sane f32 scales
+        blocks = rng.integers(-127, 128, (n_out, n_in // 256, 292), dtype=np.int64)
+        raw = blocks.astype(np.int8).view(np.uint8)
+        raw[..., :4] = np.frombuffer(np.float32(0.01).tobytes(), np.uint8)
+        raw = np.ascontiguousarray(raw.reshape(n_out, -1))
+    else:
+        raw = qt.quantize(w, reference=True)
+    return raw, qt.dequantize(raw, reference=True)
+
+
+@pytest.mark.parametrize("t", K.WEIGHT_TYPES, ids=lambda t: t.name)
+def test_products_and_get_rows_match_numpy(t, dev):
+    rng = np.random.default_rng(int(t))
+    n_out, n_in = 37, 512
+    raw, wf = _weights(t, n_out, n_in, rng)
+    pw = dev.upload(raw)
+    nb = n_in // K.virtual_block(t)
+    name = t.name.lower()
+    for n_tok in (1, 3, 6):
+        x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
+        px, py = dev.upload(x), dev.alloc(4 * n_tok * n_out)
+        ref = x.astype(np.float64) @ wf.T.astype(np.float64)
+        # float32 sums of n_in products, in any order: a few ulps of the sum of magnitudes
+        tol = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(wf).T.astype(np.float64))
+        for kernel, per_item in (("matvec", 1), ("matmul", K.MATMUL_TOKENS)):
+            dev.write(py, np.full((n_tok, n_out), np.nan, np.float32))
+            items = -(-n_tok // per_item) * n_out  # an item is (group of tokens, row)
+            dev.launch(f"{kernel}_{name}", items, pw, raw.strides[0], px, n_in, py, n_out,
+                       n_out, nb, n_tok, K.lanes_per_row(nb))
+            got = _f32(dev, py, (n_tok, n_out))
+            assert np.all(np.abs(got - ref) <= tol), (kernel, n_tok)
+    ids = np.array([5, 0, 36, 5], np.int64)
+    py = dev.alloc(4 * len(ids) * n_in)
+    dev.launch(f"get_rows_{name}", len(ids) * nb, pw, raw.strides[0], dev.upload(ids), py, nb)
+    np.testing.assert_array_equal(_f32(dev, py, (len(ids), n_in)), wf[ids])
+
+
+def test_rms_norm_softmax_and_elementwise_match_numpy(dev):
+    rng = np.random.default_rng(1)
+    n, rows = 300, 5
+    x = rng.standard_normal((rows, n)).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    u = rng.standard_normal((rows, n)).astype(np.float32)
+    px, pw, pu, py = dev.upload(x), dev.upload(w), dev.upload(u), dev.alloc(x.nbytes)
+
+    dev.launch("rms_norm", rows, px, pw, py, n, 1e-5)
+    ms = np.mean(x.astype(np.float64) ** 2, -1, keepdims=True)
+    np.testing.assert_allclose(_f32(dev, py, x.shape), x / np.sqrt(ms + 1e-5) * w, rtol=1e-5,
+                               atol=1e-6)
+
+    dev.launch("softmax", rows, px, py, n)
+    e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    np.testing.assert_allclose(_f32(dev, py, x.shape), e / e.sum(-1, keepdims=True),
+                               rtol=1e-5, atol=1e-9)
+
+    dev.launch("silu_mul", x.size, px, pu, py)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(_f32(dev, py, x.shape), x64 / (1 + np.exp(-x64)) * u,
+                               rtol=1e-5, atol=1e-6)
+
+    dev.launch("add", x.size, px, pu, py)
+    np.testing.assert_array_equal(_f32(dev, py, x.shape), x + u)
+
+    pb = dev.upload(w)
+    dev.launch("add_bias", x.size, px, pb, n)
+    np.testing.assert_array_equal(_f32(dev, px, x.shape), x + w)
+
+
+def test_f16_conversions_round_like_numpy(dev):
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.standard_normal(1000).astype(np.float32) * 100,
+                        np.float32([65504, 65520, 1e-7, -0.0, np.inf])])
+    px, ph, pf = dev.upload(x), dev.alloc(2 * x.size), dev.alloc(4 * x.size)
+    dev.launch("f32_to_f16", x.size, px, ph)
+    h = dev.read(ph, np.empty(x.size, np.float16))
+    with np.errstate(over="ignore"):  # 65520 rounds to inf, as intended
+        want = x.astype(np.float16)
+    np.testing.assert_array_equal(h.view(np.uint16), want.view(np.uint16))
+    dev.launch("f16_to_f32", x.size, ph, pf)
+    np.testing.assert_array_equal(_f32(dev, pf, x.shape), h.astype(np.float32))
+
+
+def _rope_ref(x, pos, d, base, neox):
+    inv = base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+    ang = pos[:, None, None] * inv[None, None, :]
+    cos, sin = np.cos(ang), np.sin(ang)
+    out = x.astype(np.float64).copy()
+    if neox:
+        a, b = x[..., : d // 2], x[..., d // 2: d]
+        out[..., : d // 2], out[..., d // 2: d] = a * cos - b * sin, a * sin + b * cos
+    else:
+        a, b = x[..., 0:d:2], x[..., 1:d:2]
+        out[..., 0:d:2], out[..., 1:d:2] = a * cos - b * sin, a * sin + b * cos
+    return out
+
+
+@pytest.mark.parametrize("neox", [False, True], ids=["normal", "neox"])
+def test_rope_matches_numpy(neox, dev):
+    rng = np.random.default_rng(3)
+    n_tok, n_head, hd, rope_dim, p0, base = 3, 4, 16, 12, 5, 10000.0
+    x = rng.standard_normal((n_tok, n_head, hd)).astype(np.float32)
+    half = rope_dim // 2
+    inv = base ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
+    ang = np.arange(16)[:, None] * inv[None, :]
+    table = np.stack([np.cos(ang), np.sin(ang)], -1).astype(np.float32)
+    px = dev.upload(x)
+    dev.launch("rope_neox" if neox else "rope_normal", n_tok * n_head * half, px,
+               dev.upload(table), p0, n_head, hd, half)
+    ref = _rope_ref(x, np.arange(p0, p0 + n_tok), rope_dim, base, neox)
+    np.testing.assert_allclose(_f32(dev, px, x.shape), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_tok, p0", [(1, 0), (1, 40), (7, 0), (5, 20)])
+def test_attention_over_the_f16_cache_matches_numpy(n_tok, p0, dev):
+    """One query (decode) and a batch (prompt), causal, with grouped-query heads."""
+    rng = np.random.default_rng(n_tok * 100 + p0)
+    n_head, n_kv, hd, n_ctx = 6, 2, 32, 64
+    T = p0 + n_tok
+    q = rng.standard_normal((n_tok, n_head, hd)).astype(np.float32)
+    kc = np.zeros((n_ctx, n_kv, hd), np.float16)
+    vc = np.zeros((n_ctx, n_kv, hd), np.float16)
+    kc[:T] = rng.standard_normal((T, n_kv, hd)) * 2
+    vc[:T] = rng.standard_normal((T, n_kv, hd))
+    po = dev.alloc(q.nbytes)
+    scale = float(np.float32(1 / np.sqrt(hd)))
+    dev.launch("attention", n_tok * n_head, dev.upload(q), dev.upload(kc), dev.upload(vc), po,
+               n_head, n_kv, hd, p0, scale)
+    k64, v64 = kc[:T].astype(np.float64), vc[:T].astype(np.float64)
+    ref = np.empty((n_tok, n_head, hd))
+    for t in range(n_tok):
+        for h in range(n_head):
+            g = h // (n_head // n_kv)
+            s = k64[: p0 + t + 1, g] @ q[t, h] * scale
+            p = np.exp(s - s.max())
+            ref[t, h] = p @ v64[: p0 + t + 1, g] / p.sum()
+    np.testing.assert_allclose(_f32(dev, po, q.shape), ref, rtol=1e-4, atol=1e-5)
+
+
+# -- the offloaded forward pass on the host device ------------------------------------------
+
+N_LAYER = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Model:
+    path = tmp_path_factory.mktemp("cuda-fwd") / "tiny.gguf"
+    return Model(write_synthetic_llama(path, SynthConfig(
+        n_layer=N_LAYER, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, n_vocab=160)))
+
+
+def _greedy(forward, prompt, steps):
+    """Prompt logits (all positions), then `steps` greedy tokens with their logits."""
+    logits = forward(prompt, True)
+    toks, step_logits = [], []
+    nxt = int(np.argmax(logits[-1]))
+    for _ in range(steps):
+        toks.append(nxt)
+        lg = forward([nxt], False)
+        step_logits.append(lg)
+        nxt = int(np.argmax(lg))
+    return logits, toks, np.array(step_logits)
+
+
+@pytest.mark.parametrize("ngl", [0, N_LAYER // 2, N_LAYER, 999])
+def test_forward_offloaded_on_the_host_device_matches_model_forward(ngl, tiny_model):
+    m, prompt, n_ctx = tiny_model, [3, 17, 42, 99, 5, 8, 120], 32
+    cpu_cache = m.new_cache(n_ctx)
+    ref = _greedy(lambda t, a: m.forward(t, cpu_cache, all_logits=a), prompt, 4)
+    layers, output = placement(m.hp.n_layer, ngl)
+    gpu = GpuLayers(m, layers, n_ctx, HostDevice(), output=output) if ngl else None
+    cache = m.new_cache(n_ctx)
+    got = _greedy(lambda t, a: forward_offloaded(m, gpu, t, cache, all_logits=a), prompt, 4)
+    assert got[1] == ref[1]  # greedy tokens identical
+    scale = np.abs(ref[0]).max()
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-4 * scale, rtol=0)
+    np.testing.assert_allclose(got[2], ref[2], atol=1e-4 * scale, rtol=0)
+    assert cache.n == cpu_cache.n == len(prompt) + 4
+    if gpu is not None:  # every offloaded layer's weights went to the device, once
+        per_layer = sum(w.data.nbytes for w in (
+            m.layers[0].wq, m.layers[0].wk, m.layers[0].wv, m.layers[0].wo,
+            m.layers[0].w_gate, m.layers[0].w_up, m.layers[0].w_down))
+        assert gpu.bytes_uploaded >= len(layers) * per_layer
+
+
+def test_forward_offloaded_with_neox_rope_and_qkv_biases(tmp_path):
+    """qwen2's differences from llama (NEOX RoPE, q/k/v biases, a partial rotary dim) on a
+    llama file whose Model is given them: the device path must follow the CPU's."""
+    from dataclasses import replace
+
+    path = write_synthetic_llama(tmp_path / "q.gguf", SynthConfig(
+        n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2, n_vocab=64))
+    m = Model(path)
+    m.hp = replace(m.hp, rope_neox=True, rope_dim=8)
+    m.inv_freq = m.hp.rope_base ** (-np.arange(0, 8, 2, dtype=np.float64) / 8)
+    rng = np.random.default_rng(5)
+    for L in m.layers:
+        L.bq = rng.standard_normal(64).astype(np.float32)
+        L.bk = rng.standard_normal(32).astype(np.float32)
+        L.bv = rng.standard_normal(32).astype(np.float32)
+    prompt = [1, 2, 3, 50, 60]
+    ref = m.forward(prompt, m.new_cache(16), all_logits=True)
+    gpu = GpuLayers(m, [0, 1], 16, HostDevice(), output=True)
+    got = forward_offloaded(m, gpu, prompt, m.new_cache(16), all_logits=True)
+    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
+def test_forward_offloaded_handles_prompts_longer_than_a_device_batch(tiny_model, monkeypatch):
+    from gguflab.runner.cuda import layers as L
+
+    monkeypatch.setattr(L, "MAX_BATCH", 3)
+    m, prompt = tiny_model, list(range(10, 18))
+    ref = m.forward(prompt, m.new_cache(16), all_logits=True)
+    gpu = GpuLayers(m, [2, 3], 16, HostDevice(), output=True)
+    got = forward_offloaded(m, gpu, prompt, m.new_cache(16), all_logits=True)
+    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
+# -- a real GPU -----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_device_logits_match_the_cpu(tiny_model):
+    gpu_info, why = probe_gpu(0)
+    if gpu_info is None:
+        pytest.skip(f"no GPU: {why}")
+    from gguflab.runner.cuda.device import CudaDevice
+
+    m, prompt, n_ctx = tiny_model, [3, 17, 42, 99, 5, 8, 120], 32
+    cpu_cache = m.new_cache(n_ctx)
+    ref = _greedy(lambda t, a: m.forward(t, cpu_cache, all_logits=a), prompt, 4)
+    dev = CudaDevice(0)
+    try:
+        gpu = GpuLayers(m, list(range(N_LAYER)), n_ctx, dev, output=True)
+        cache = m.new_cache(n_ctx)
+        got = _greedy(lambda t, a: forward_offloaded(m, gpu, t, cache, all_logits=a), prompt, 4)
+    finally:
+        dev.close()
+    assert got[1] == ref[1]
+    scale = np.abs(ref[0]).max()
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-3 * scale, rtol=0)
+
+
+# -- CudaDevice against a stand-in driver -------------------------------------------------
+
+
+class FakeDriver(types.ModuleType):
+    """`cuda.bindings.driver` as far as CudaDevice uses it: (CUresult, values...) tuples,
+    memory in host buffers, modules that must be the PTX holding the asked-for `.entry`, and
+    launches that decode the `void**` parameter block and run the host build of that kernel.
+    So the device's argument packing, copies and module handling are checked without a GPU."""
+
+    CUdeviceptr = int
+    CUstream = int
+    CUdevice_attribute = types.SimpleNamespace(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR="maj",
+                                               CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR="min")
+
+    def __init__(self, fail_alloc_over: int | None = None):
+        super().__init__("cuda.bindings.driver")
+        self.host = HostDevice()
+        self.modules: dict[int, bytes] = {}
+        self.launched: list[str] = []
+        self.fail_alloc_over = fail_alloc_over
+        self.current: dict[int, object] = {}  # thread -> its current context
+
+    def cuInit(self, flags):
+        return (0,)
+
+    def cuDeviceGetCount(self):
+        return 0, 1
+
+    def cuDeviceGet(self, i):
+        return (0, i) if i == 0 else (101,)  # CUDA_ERROR_INVALID_DEVICE
+
+    def cuDevicePrimaryCtxRetain(self, dev):
+        return 0, "ctx"
+
+    def cuDevicePrimaryCtxRelease(self, dev):
+        return (0,)
+
+    def cuCtxSetCurrent(self, ctx):
+        self.current[threading.get_ident()] = ctx
+        return (0,)
+
+    def cuCtxSynchronize(self):
+        return (0,)
+
+    def cuDeviceGetName(self, n, dev):
+        return 0, b"Fake H100".ljust(n, b"\0")
+
+    def cuDeviceGetAttribute(self, attr, dev):
+        return 0, 9 if attr == "maj" else 0
+
+    def cuMemGetInfo(self):
+        return 0, 80 << 30, 81 << 30
+
+    def cuGetErrorString(self, err):
+        return 0, b"out of memory" if int(err) == 2 else b"error"
+
+    def cuModuleLoadData(self, image):
+        assert isinstance(image, bytes) and image.endswith(b"\0") and b".target sm_90" in image
+        self.modules[len(self.modules)] = image
+        return 0, len(self.modules) - 1
+
+    def cuModuleUnload(self, mod):
+        return (0,)
+
+    def cuModuleGetFunction(self, mod, name):
+        assert b".entry " + name + b"(" in self.modules[mod]
+        return 0, name.decode()
+
+    def cuMemAlloc(self, n):
+        assert self.current.get(threading.get_ident()) == "ctx", "no current context"
+        if self.fail_alloc_over is not None and n > self.fail_alloc_over:
+            return (2,)  # CUDA_ERROR_OUT_OF_MEMORY
+        return 0, self.host.alloc(n)
+
+    def cuMemFree(self, p):
+        return (0,)
+
+    def cuMemcpyHtoD(self, dst, src, n):
+        ctypes.memmove(int(dst), src, n)
+        return (0,)
+
+    def cuMemcpyDtoH(self, dst, src, n):
+        ctypes.memmove(dst, int(src), n)
+        return (0,)
+
+    def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        spec = KERNELS[f][0]
+        ptrs = (ctypes.c_void_p * (len(spec.args) + 1)).from_address(params)
+        kinds = {"p": ctypes.c_uint64, "i": ctypes.c_int64, "f": ctypes.c_float}
+        args = [kinds[k].from_address(p).value for k, p in zip(spec.args, ptrs)]
+        n_items = ctypes.c_int64.from_address(ptrs[-1]).value
+        assert (gy, gz, by, bz, shared, extra) == (1, 1, 1, 1, 0, 0)
+        assert bx % 32 == 0 and gx >= 1 and n_items > 0
+        lanes = args[-1] if spec.grouped else spec.lanes  # the grid covers every item
+        assert gx * bx >= min(n_items * lanes, MAX_GRID * bx)
+        self.launched.append(f)
+        self.host.launch(f, n_items, *args)
+        return (0,)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    driver = FakeDriver()
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.driver = driver
+    cuda = types.ModuleType("cuda")
+    cuda.bindings = bindings
+    for name, mod in (("cuda", cuda), ("cuda.bindings", bindings),
+                      ("cuda.bindings.driver", driver)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return driver
+
+
+def test_cuda_device_through_a_stand_in_driver_matches_the_cpu(fake_cuda, tiny_model):
+    from gguflab.runner.cuda.device import CudaDevice
+
+    info, why = probe_gpu(0)
+    assert why == "" and (info.name, info.compute_capability) == ("Fake H100", (9, 0))
+    assert info.free_bytes == 80 << 30
+    assert probe_gpu(1) == (None, "there is no GPU 1 (found 1)")
+    m, prompt, n_ctx = tiny_model, [3, 17, 42, 99, 5], 16
+    ref = m.forward(prompt, m.new_cache(n_ctx), all_logits=True)
+    dev = CudaDevice(0)
+    assert (dev.name, dev.sm) == ("Fake H100", "sm_90")
+    gpu = GpuLayers(m, [1, 2, 3], n_ctx, dev, output=True)
+    got = forward_offloaded(m, gpu, prompt, m.new_cache(n_ctx), all_logits=True)
+    dev.close()
+    np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    assert {"matmul_f16", "attention", "rope_normal", "f32_to_f16"} <= set(fake_cuda.launched)
+
+
+def test_cuda_device_binds_its_context_in_every_calling_thread(fake_cuda):
+    from gguflab.runner.cuda.device import CudaDevice
+
+    dev = CudaDevice(0)
+    with ThreadPoolExecutor(1) as pool:  # a UI's worker thread
+        p = pool.submit(dev.upload, np.arange(4, dtype=np.float32)).result()
+    np.testing.assert_array_equal(dev.read(p, np.empty(4, np.float32)), np.arange(4))
+    dev.close()
+    dev.close()  # twice is harmless
+
+
+def test_load_offload_follows_the_plan(fake_cuda, tiny_model):
+    from gguflab.runner.cuda.layers import load_offload
+    from gguflab.runner.offload import plan_offload
+
+    reader = tiny_model.reader
+    assert load_offload(tiny_model, plan_offload(reader, 16, 2, None), 16) is None
+    assert load_offload(tiny_model, plan_offload(reader, 16, 0, 1 << 40), 16) is None
+    gpu = load_offload(tiny_model, plan_offload(reader, 16, 999, 1 << 40), 16)
+    assert gpu.layers == list(range(N_LAYER)) and gpu.output
+    assert gpu.device.name == "Fake H100"
+    gpu.device.close()
+
+
+def test_cuda_out_of_memory_is_one_user_error(fake_cuda, tiny_model):
+    from gguflab.runner.cuda.device import CudaDevice
+
+    fake_cuda.fail_alloc_over = 1 << 10
+    dev = CudaDevice(0)
+    with pytest.raises(UserError, match=r"CUDA error 2 \(out of memory\) allocating"):
+        GpuLayers(tiny_model, [3], 16, dev)
+
+
+def test_cuda_device_without_a_driver_library_is_one_user_error(fake_cuda):
+    from gguflab.runner.cuda.device import CudaDevice
+
+    def no_libcuda(flags):
+        raise RuntimeError('"cuda" is an NVIDIA driver library...\nmore')
+
+    fake_cuda.cuInit = no_libcuda
+    with pytest.raises(UserError, match=r"^the CUDA driver is not usable: \"cuda\" is an NVIDIA"
+                                        r" driver library\.\.\.$"):
+        CudaDevice(0)

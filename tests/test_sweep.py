@@ -1,0 +1,246 @@
+"""`gguflab sweep` on a tiny synthetic model with SmolLM2's vocab: every JSON field for every
+row, figures equal to what `gguflab perplexity` prints for the same files, sizes equal to the
+files' own, the cache (a second run measures nothing, a new type measures only itself), clean
+errors and cancel."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+
+import pytest
+
+from gguflab import cli
+from gguflab.catalog import default_eval_text
+from gguflab.errors import UserError
+from gguflab.events import Finished, Log, Measured, Progress, Started
+from gguflab.plot import Point, scatter
+from gguflab.quant.mixes import parse_mix
+from gguflab.sweep import (
+    ROW_FIELDS,
+    parse_size,
+    parse_types,
+    plot_rows,
+    quant_path,
+    sweep_model,
+)
+from gguflab.synth import SynthConfig, write_synthetic_llama
+
+N_CTX, CHUNKS = 64, 2
+TYPES = ["Q8_0", "Q4_K_M"]
+CONFIG = dict(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, tied=True)
+
+
+def run(model, types, **kw):
+    """All events of a sweep, and its Finished event."""
+    kw = {"n_ctx": N_CTX, "chunks": CHUNKS} | kw
+    events = list(sweep_model(str(model), types, kw.pop("text_file", None), **kw))
+    assert isinstance(events[0], Started) and isinstance(events[-1], Finished)
+    return events, events[-1]
+
+
+def mtimes(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, smollm2):
+    folder = tmp_path_factory.mktemp("sweep")
+    model = folder / "tiny.gguf"
+    write_synthetic_llama(model, SynthConfig(tokenizer_from=smollm2, **CONFIG))
+    events, fin = run(model, TYPES)
+    return model, events, fin, mtimes(folder)
+
+
+def test_json_and_markdown_have_every_field_for_every_row(first):
+    model, events, fin, _ = first
+    with open(fin.path) as f:
+        doc = json.load(f)
+    assert fin.path == str(model.with_suffix(".sweep.json"))
+    rows = doc["rows"]
+    assert [r["type"] for r in rows] == ["F16", *TYPES]
+    for e in events:  # jobs send events between processes as JSON
+        assert json.loads(json.dumps(e.to_dict())) == e.to_dict()
+    measured = [e for e in events if isinstance(e, Measured)]
+    assert [(e.name, e.values) for e in measured] == [(r["type"], r) for r in rows]
+    for r in rows:
+        assert set(ROW_FIELDS) <= set(r), r["type"]
+        for k in ROW_FIELDS:
+            if k != "fits":
+                assert r[k] is not None, (r["type"], k)
+        assert r["fits"] is None and r["cached"] is False  # no --vram; first run
+        assert r["ppl"] > 1 and r["pp_tps"] > 0 and r["tg_tps"] > 0
+        assert 0 <= r["same_top_p"] <= 1 and r["mean_kld"] >= 0
+    assert rows[0]["is_base"] and rows[0]["mean_kld"] == 0 and rows[0]["delta_ppl"] == 0
+    md = open(fin.stats["markdown"]).read()
+    assert all(f"| {t} |" in md for t in TYPES) and "| F16 (base) |" in md
+    assert doc["n_ctx"] == N_CTX and doc["chunks"] == CHUNKS
+
+
+def test_sizes_and_bpw_are_the_files_own(first):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    _, _, fin, _ = first
+    for r in fin.stats["rows"]:
+        assert r["size_bytes"] == os.path.getsize(r["file"])
+        ll = llama_cpp.Llama(r["file"], n_ctx=N_CTX, verbose=False, n_threads=2)
+        n_bytes = llama_cpp.llama_model_size(ll.model)  # llama.cpp's own model size
+        n = llama_cpp.llama_model_n_params(ll.model)
+        assert r["bpw"] == pytest.approx(8 * n_bytes / n)
+        if not r["is_base"]:
+            buf = ctypes.create_string_buffer(32)
+            llama_cpp.llama_model_meta_val_str(ll.model, b"general.file_type", buf, 32)
+            assert int(buf.value) == int(parse_mix(r["type"]).ftype)
+        ll.close()
+
+
+def _perplexity_cli(capsys, path, *extra):
+    capsys.readouterr()
+    assert cli.main(["perplexity", "-m", str(path), "-f", default_eval_text(), "-c", str(N_CTX),
+                     "--chunks", str(CHUNKS), *extra]) == 0
+    return capsys.readouterr().out
+
+
+def test_figures_equal_the_perplexity_command(first, capsys, tmp_path):
+    _, _, fin, _ = first
+    rows = fin.stats["rows"]
+    base_kld = str(tmp_path / "base.kld")
+    out = _perplexity_cli(capsys, rows[0]["file"], "--kl-divergence-base", base_kld)
+    assert re.search(r"PPL = ([\d.]+) \+/- ([\d.]+)", out).groups() == (
+        f"{rows[0]['ppl']:.4f}", f"{rows[0]['ppl_err']:.5f}")
+    for r in rows[1:]:
+        out = _perplexity_cli(capsys, r["file"], "--kl-divergence-base", base_kld,
+                              "--kl-divergence")
+        assert re.search(r"PPL = ([\d.]+)", out)[1] == f"{r['ppl']:.4f}"
+        assert re.search(r"Mean KLD: ([\d.]+)", out)[1] == f"{r['mean_kld']:.6f}"
+        assert re.search(r"Same top p: ([\d.]+) %", out)[1] == f"{100 * r['same_top_p']:.3f}"
+        assert re.search(r"Delta PPL: (\S+)", out)[1] == f"{r['delta_ppl']:+.4f}"
+
+
+def test_second_run_measures_and_quantizes_nothing(first):
+    model, _, fin, before = first
+    events, fin2 = run(model, TYPES)
+    rows2 = fin2.stats["rows"]
+    assert all(r["cached"] for r in rows2)
+    strip = [{k: v for k, v in r.items() if k != "cached"} for r in rows2]
+    assert strip == [{k: v for k, v in r.items() if k != "cached"} for r in fin.stats["rows"]]
+    assert not [e for e in events if isinstance(e, Log) and "quantizing" in e.text]
+    after = mtimes(model.parent)
+    for name in ("tiny-Q8_0.gguf", "tiny-Q4_K_M.gguf", "tiny.sweep-base.kld", "tiny.gguf"):
+        assert after[name] == before[name], name
+
+
+def test_adding_a_type_measures_only_that_type(first):
+    model, _, _, before = first
+    events, fin = run(model, [*TYPES, "Q6_K"])
+    assert [(r["type"], r["cached"]) for r in fin.stats["rows"]] == [
+        ("F16", True), ("Q8_0", True), ("Q4_K_M", True), ("Q6_K", False)]
+    quantized = [e.text for e in events if isinstance(e, Log) and "quantizing" in e.text]
+    assert len(quantized) == 1 and quantized[0].startswith("Q6_K")
+    after = mtimes(model.parent)
+    assert after["tiny-Q8_0.gguf"] == before["tiny-Q8_0.gguf"]
+    assert os.path.exists(quant_path(str(model), parse_mix("Q6_K"), None))
+
+
+def test_vram_marks_the_types_that_fit(first):
+    model, _, fin, _ = first
+    rows = fin.stats["rows"]
+    c = SynthConfig(**CONFIG)
+    kv = 2 * 2 * c.n_layer * N_CTX * c.n_head_kv * (c.n_embd // c.n_head)  # F16 K and V
+    vram = (rows[1]["size_bytes"] + rows[2]["size_bytes"]) // 2 + kv  # Q4_K_M fits, Q8_0 not
+    _, fin2 = run(model, TYPES, vram_bytes=vram)
+    fits = {r["type"]: r["fits"] for r in fin2.stats["rows"]}
+    assert fits == {"F16": False, "Q8_0": False, "Q4_K_M": True}
+    plot = plot_rows(fin2.stats["rows"], "kld")
+    assert "* Q4_K_M" in plot and "o Q8_0" in plot.replace("Q8_0 o", "o Q8_0")
+
+
+def test_cli_prints_help_lines_table_and_plot(first, capsys):
+    model, _, _, _ = first
+    assert cli.main(["sweep", "-m", str(model), "--types", ",".join(TYPES), "-c", str(N_CTX),
+                     "--chunks", str(CHUNKS), "--vram", "1G", "--plot", "ppl"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^Q4_K_M  : +[\d.]+M, [+-][\d.]+ ppl, KLD [\d.]+ \(cached\)$", out, re.M)
+    assert "Δppl vs base" in out and "* fits the GPU memory given" in out
+    assert "wrote " + str(model.with_suffix(".sweep.json")) in out
+
+
+def test_bad_input_is_one_clear_error(first, capsys, tmp_path):
+    model, _, _, _ = first
+    with pytest.raises(UserError, match="unknown quantization type 'Q4_K_X'"):
+        run(model, ["Q8_0", "Q4_K_X"])
+    with pytest.raises(UserError, match="no such model file"):
+        run(tmp_path / "nope.gguf", TYPES)
+    short = tmp_path / "short.txt"
+    short.write_text("Too short a text.")
+    with pytest.raises(UserError, match="you need at least 128 tokens"):
+        run(model, TYPES, text_file=str(short), out_dir=str(tmp_path))
+    assert not list(tmp_path.glob("*.gguf"))
+    assert cli.main(["sweep", "-m", str(model), "--types", "Q9_K"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith("gguflab: error: unknown quantization type")
+
+
+@pytest.mark.parametrize("stop_after", ["perplexity", "quantize"])
+def test_cancel_leaves_no_partial_files(first, tmp_path, stop_after):
+    model, _, _, _ = first
+    gen = sweep_model(str(model), TYPES, None, n_ctx=N_CTX, chunks=CHUNKS,
+                      out_dir=str(tmp_path))
+    quantizing = False
+    for ev in gen:
+        quantizing |= isinstance(ev, Log) and "quantizing" in ev.text
+        if isinstance(ev, Progress) and (stop_after == "perplexity" or quantizing):
+            break
+    gen.close()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert not [n for n in left if n.endswith(".partial")], left
+    assert not [n for n in left if n.endswith(".gguf") or n.endswith(".sweep.json")], left
+    if stop_after == "perplexity":
+        assert left == []  # the base's log-probs are written only when complete
+
+
+def test_requantizing_a_quantized_base_warns(first, tmp_path):
+    model, _, _, _ = first
+    q8 = quant_path(str(model), parse_mix("Q8_0"), None)
+    events, fin = run(q8, ["Q4_K_M"], out_dir=str(tmp_path), chunks=1)
+    warnings = [e.text for e in events if isinstance(e, Log) and e.level == "warning"]
+    assert any("already quantized (Q8_0)" in w for w in warnings)
+    assert [r["type"] for r in fin.stats["rows"]] == ["Q8_0", "Q4_K_M"]
+
+
+def test_parse_types_and_sizes():
+    assert [m.name for m in parse_types("q4_k, Q4_K_M,Q8_0")] == ["Q4_K_M", "Q8_0"]
+    assert parse_size("8G") == 8 << 30 and parse_size("512M") == 512 << 20
+    assert parse_size("1.5GiB") == 3 << 29 and parse_size("4096") == 4096
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(UserError):
+            parse_size(bad)
+
+
+def test_scatter_places_marks_by_value():
+    text = scatter([Point(1.0, 0.5, "big", True), Point(3.0, 0.01, "small", False)],
+                   "size", "KLD", width=40, height=10, log_y=True)
+    lines = text.splitlines()
+    big = next(i for i, line in enumerate(lines) if "* big" in line)
+    small = next(i for i, line in enumerate(lines) if "small o" in line)
+    assert big < small  # larger y is higher up
+    assert lines[big].index("*") < lines[small].index("o")  # smaller x is further left
+
+
+def test_a_quantized_file_it_did_not_write_is_reused_only_when_it_matches(first, tmp_path):
+    import shutil
+
+    model, _, fin, _ = first
+    files = {r["type"]: r["file"] for r in fin.stats["rows"]}
+    target = quant_path(str(model), parse_mix("Q8_0"), str(tmp_path))
+    shutil.copy(files["Q8_0"], target)  # e.g. from an earlier `gguflab quantize`
+    mtime = os.stat(target).st_mtime_ns
+    events, fin2 = run(model, ["Q8_0"], out_dir=str(tmp_path))
+    assert any("reusing" in e.text for e in events if isinstance(e, Log))
+    assert os.stat(target).st_mtime_ns == mtime
+    assert fin2.stats["rows"][1]["ppl"] == fin.stats["rows"][1]["ppl"]
+    shutil.copy(files["Q4_K_M"], target)  # a file that is not what its name says: left alone
+    with pytest.raises(UserError, match="is not Q8_0 of this model"):
+        run(model, ["Q8_0"], out_dir=str(tmp_path))
+    assert open(target, "rb").read() == open(files["Q4_K_M"], "rb").read()
