@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -256,6 +257,7 @@ class JobManager:
             if len(self._running()) >= self.max_running:
                 return
             if job.state == "queued":
+                _start_resource_tracker()
                 job._queue = self._ctx.Queue()
                 job._cancel = self._ctx.Event()
                 job._proc = self._ctx.Process(
@@ -350,6 +352,20 @@ class JobManager:
             job._proc.kill()
             job._apply(Failed(_CANCELLED))
             self._reap(job)
+
+
+def _start_resource_tracker() -> None:
+    """multiprocessing starts its resource tracker on first use and hands it sys.stderr's fd;
+    under a TUI sys.stderr may be a capture whose fileno() is -1, and the start would fail
+    ("bad value(s) in fds_to_keep"): start it with the process's real stderr."""
+    from multiprocessing import resource_tracker
+
+    saved = sys.stderr
+    sys.stderr = sys.__stderr__
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.stderr = saved
 
 
 def _remove_partial(job: Job) -> None:

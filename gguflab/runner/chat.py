@@ -4,8 +4,12 @@ Hugging Face does), or a known template by name when the model has none."""
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 FALLBACK_TEMPLATES = {
     "chatml": ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
@@ -60,3 +64,17 @@ def pick_template(model_template: str | None, name: str | None = None) -> str:
         raise UserError(f"unknown chat template {name!r}; known: "
                         f"{', '.join(FALLBACK_TEMPLATES)}")
     return model_template or FALLBACK_TEMPLATES["chatml"]
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, template: str, messages: list[dict]) -> list[int]:
+    """The whole conversation rendered with `template` and tokenized as llama.cpp's chat
+    does: the template writes the special tokens itself, so none are added and they parse."""
+
+    def text(token: int | None) -> str:
+        if token is None:
+            return ""
+        return tokenizer.token_to_piece(token, special=True).decode("utf-8", "replace")
+
+    prompt = render_chat(template, messages, bos_token=text(tokenizer.bos_id),
+                         eos_token=text(tokenizer.eos_id))
+    return tokenizer.encode(prompt, add_special=False, parse_special=True)
