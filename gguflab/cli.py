@@ -10,6 +10,33 @@ from . import __version__
 from .errors import UserError
 
 
+def tui_dirs(models_dir: list[str] | None) -> list[str] | None:
+    """The folders the TUI scans: those given (plus the embedded model), else its default."""
+    import os
+
+    from .catalog import embedded_model
+
+    if not models_dir:
+        return None
+    for d in models_dir:
+        if not os.path.exists(d):
+            raise UserError(f"--models-dir {d}: no such folder")
+    try:
+        return [*models_dir, embedded_model()]
+    except UserError:
+        return list(models_dir)
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    dirs = tui_dirs(args.models_dir)
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise UserError("the TUI needs a terminal; see `gguflab --help` for the commands")
+    from .tui.app import GgufLabApp
+
+    GgufLabApp(dirs).run()
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .catalog import embedded_model
     from .gguf import GGUFReader
@@ -237,7 +264,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from .gguf import Keys
-    from .runner.chat import pick_template, render_chat
+    from .runner.chat import chat_prompt_ids, pick_template
     from .runner.generate import Generation, Timings
 
     model, tok = _load_model(args)
@@ -245,10 +272,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     n_ctx = _ctx_size(args, model)
     sampler = _sampler(args)
     messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
-    bos = tok.token_to_piece(tok.bos_id, special=True).decode("utf-8", "replace") \
-        if tok.bos_id is not None else ""
-    eos = tok.token_to_piece(tok.eos_id, special=True).decode("utf-8", "replace") \
-        if tok.eos_id is not None else ""
     print("chat with the model; an empty line or Ctrl-D ends, /new starts over", file=sys.stderr)
     while True:
         try:
@@ -261,8 +284,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = messages[:1] if args.system_prompt else []
             continue
         messages.append({"role": "user", "content": line})
-        prompt = render_chat(template, messages, bos_token=bos, eos_token=eos)
-        ids = tok.encode(prompt, add_special=False, parse_special=True)
+        ids = chat_prompt_ids(tok, template, messages)
         gen = Generation.start(model, tok, n_ctx)  # the whole conversation, re-evaluated
         t = Timings()
         reply = ""
@@ -407,11 +429,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gguflab",
         description=(
             "Convert, quantize, test and chat with GGUF models. With no command, "
-            "shows the embedded default model (SmolLM2-135M-Instruct)."
+            "opens the terminal UI (`gguflab inspect` shows the embedded model)."
         ),
     )
+    p.add_argument("--models-dir", action="append", dest="top_models_dir", metavar="DIR",
+                   help="with no command: a folder of models for the TUI (repeatable)")
     p.add_argument("--version", action="version", version=f"gguflab {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("tui", help="the terminal UI: browse, quantize, measure, chat "
+                                   "(the default command)")
+    s.add_argument("--models-dir", action="append", metavar="DIR",
+                   help="a folder of models (repeatable; default ~/models and the current "
+                        "folder); the embedded SmolLM2 is always listed")
+    s.set_defaults(func=cmd_tui)
 
     s = sub.add_parser("inspect", help="show a GGUF file's metadata and tensors (like gguf-dump)")
     s.add_argument("file", nargs="?", help="GGUF file (default: the embedded SmolLM2 model)")
@@ -516,8 +547,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["inspect", *(argv or [])])
+    if args.command is None:  # `gguflab` alone opens the TUI
+        args.models_dir, args.func = args.top_models_dir, cmd_tui
     try:
         return args.func(args)
     except UserError as e:
