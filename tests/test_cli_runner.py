@@ -63,8 +63,8 @@ def test_perplexity_prints_llama_perplexity_line_and_kld(smollm2, tmp_path, caps
                  "--kl-divergence-base", str(base), "--kl-divergence"]) == 0
     out = capsys.readouterr().out
     # the same model against itself: KLD only from storing the base's log-probs in F16
-    kld = float(re.search(r"Mean KLD: ([\d.]+)", out).group(1))
-    assert kld < 1e-4 and "Same top p: 100.000 %" in out and "Delta PPL: +0.0000" in out
+    kld = float(re.search(r"Mean KLD: (-?[\d.]+)", out).group(1))
+    assert abs(kld) < 1e-4 and "Same top p: 100.000 %" in out and "Delta PPL: +0.0000" in out
 
 
 def test_runner_user_errors_are_one_line(tmp_path):
@@ -102,9 +102,28 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_chat_repl_answers_with_the_model_template(smollm2):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from gguflab.gguf import GGUFReader, Keys
+    from gguflab.runner.chat import chat_prompt_ids, pick_template
+    from gguflab.runner.tokenizer import Tokenizer
+
+    question = "What is the capital of France?"
     r = subprocess.run([sys.executable, "-m", "gguflab", "chat", "-m", smollm2, "--temp", "0",
-                        "-n", "12"], input="What is the capital of France?\n\n",
+                        "-n", "12"], input=question + "\n\n",
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "Paris" in r.stdout
     assert "generation:" in r.stderr
+    # llama.cpp, greedy, on the prompt the model's own template makes of the same turn
+    reader = GGUFReader(smollm2)
+    ids = chat_prompt_ids(Tokenizer.from_gguf(reader),
+                          pick_template(reader.get(Keys.CHAT_TEMPLATE)),
+                          [{"role": "user", "content": question}])
+    ref = llama_cpp.Llama(smollm2, n_ctx=256, verbose=False, n_threads=2)
+    out = []
+    for t in ref.generate(ids, temp=0, top_k=1):
+        if t == ref.token_eos():
+            break
+        out.append(t)
+        if len(out) == 12:
+            break
+    assert r.stdout == "> " + ref.detokenize(out).decode() + "\n> "

@@ -42,6 +42,15 @@ def check_close(y: np.ndarray, x: np.ndarray, wd: np.ndarray) -> float:
     return err
 
 
+def decode_input(t: GGMLType, x: np.ndarray) -> np.ndarray:
+    """What the kernels multiply by: one token's x rounded by gguflab's Q8_0 quantizer (bit
+    exact with llama.cpp's) where the type has integer dot products, as llama.cpp does."""
+    if x.shape[0] == 1 and kernels.quantizes_activations(t):
+        q8 = quant.get(GGMLType.Q8_0)
+        return q8.dequantize(q8.quantize(x)).reshape(x.shape)
+    return x
+
+
 @pytest.fixture(scope="module", params=SUPPORTED_TYPES, ids=lambda t: t.name)
 def case(request):
     t = request.param
@@ -56,13 +65,34 @@ def test_matches_dequantized_reference(case, n_tok):
     x = np.random.default_rng(n_tok).standard_normal((n_tok, N_IN)).astype(np.float32)
     y = matmul(w, t, x)
     assert y.shape == (n_tok, w.shape[0]) and y.dtype == np.float32
-    check_close(y, x, wd)
+    check_close(y, decode_input(t, x), wd)
+
+
+def test_integer_dot_products_on_x86():
+    """On an AVX2 host the one-token products of the common llama.cpp types go through Q8_0
+    activations; their error against the float product is that rounding's, not more."""
+    from gguflab.jit import host_cpu
+
+    if not host_cpu().has("avx2"):
+        pytest.skip("integer dot products are x86 AVX2 only")
+    for t in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
+              GGMLType.Q4_K, GGMLType.Q6_K):
+        assert kernels.quantizes_activations(t)
+        w = make_weight(t, 40, seed=1)
+        x = np.random.default_rng(2).standard_normal((1, N_IN)).astype(np.float32)
+        y = matmul(w, t, x)
+        wd = dequantized(t, w)
+        check_close(y, decode_input(t, x), wd)
+        scale = np.abs(x) @ np.abs(wd).T
+        assert (np.abs(y - x @ wd.T) < 0.01 * scale).all()
+    assert not kernels.quantizes_activations(GGMLType.F16)
 
 
 @pytest.mark.parametrize("n_tok", [1, 2, 17])
 def test_threads_agree(case, n_tok, monkeypatch):
     t, w, _ = case
     monkeypatch.setattr(kernels, "MIN_WORK_PER_THREAD", 1)  # split even these small products
+    monkeypatch.setattr(kernels, "MIN_WORK_PER_PART", 1)
     x = np.random.default_rng(7).standard_normal((n_tok, N_IN)).astype(np.float32)
     y1 = matmul(w, t, x, threads=1)
     y2 = matmul(w, t, x, threads=2)
@@ -80,12 +110,62 @@ def test_out_and_1d(case):
     v = x[2]
     y = matmul(w, t, v)
     assert y.shape == (w.shape[0],)
-    check_close(y[None], v[None], wd)
+    check_close(y[None], decode_input(t, v[None]), wd)
     out1 = np.empty(w.shape[0], np.float32)
     assert matmul(w, t, v, out=out1) is out1
     np.testing.assert_array_equal(out1, y)
     # x of another dtype or layout is converted
     np.testing.assert_array_equal(matmul(w, t, np.asfortranarray(x.astype(np.float64))), out)
+
+
+@pytest.mark.parametrize("n_tok", [1, 3, 9])
+def test_matmuls_is_matmul_of_each(n_tok):
+    """The products posted together (a layer's Q, K, V) give what each gives alone."""
+    types = (GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.F16, GGMLType.Q5_K)
+    ws = [(make_weight(t, 40 + 8 * i, seed=i), t) for i, t in enumerate(types)]
+    x = np.random.default_rng(4).standard_normal((n_tok, N_IN)).astype(np.float32)
+    for y, (w, t) in zip(kernels.matmuls(ws, x), ws, strict=True):
+        np.testing.assert_array_equal(y, matmul(w, t, x))
+
+
+def test_concurrent_callers_get_their_own_results():
+    """Two Python threads decoding at once: one gets the team, the other runs alone."""
+    import threading
+
+    t = GGMLType.Q4_K
+    w = make_weight(t, 300)
+    xs = np.random.default_rng(6).standard_normal((2, 50, N_IN)).astype(np.float32)
+    want = [[matmul(w, t, x) for x in xs[k]] for k in range(2)]
+    got = [[], []]
+
+    def run(k):
+        for x in xs[k]:
+            got[k].append(matmul(w, t, x, threads=2))
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for k in range(2):
+        np.testing.assert_array_equal(np.array(got[k]), np.array(want[k]))
+
+
+def test_decoding_after_the_team_fell_asleep(monkeypatch):
+    """A worker that found nothing to do goes to sleep; the caller then runs the parts alone
+    and wakes it: every result is still whole."""
+    import time
+
+    from gguflab.jit import parallel
+
+    monkeypatch.setattr(parallel, "SPIN_LIMIT", 1)
+    t = GGMLType.Q4_1
+    w = make_weight(t, 256)
+    x = np.random.default_rng(8).standard_normal((1, N_IN)).astype(np.float32)
+    want = matmul(w, t, x, threads=1)
+    for _ in range(20):
+        np.testing.assert_array_equal(matmul(w, t, x, threads=2), want)
+        time.sleep(0.002)
 
 
 def test_get_rows_is_dequantize(case):

@@ -128,9 +128,10 @@ def test_perplexity_of_the_eval_text_matches_llama_cpp(smollm2, smol_f32, tmp_pa
     m = Model(path)
     tok = Tokenizer.from_gguf(m.reader)
     ids = tok.encode(open(default_eval_text(), encoding="utf-8").read(), add_special=True)
+    ids = ids[: 6 * 128]  # six chunks: the comparison, not the whole text
     ours = perplexity(m, ids, 128, add_bos=True, bos_id=tok.bos_id).ppl
     ref = _ppl_llama_cpp_way(path, list(ids), 128, tok.bos_id)
-    # measured: 0.74% (Q8_0) and 0.91% (Q4_1): llama.cpp also rounds the activations to 8 bits
+    print(f"ppl ours {ours:.4f} llama.cpp {ref:.4f}: {100 * (ours - ref) / ref:+.2f}%")
     assert abs(ours - ref) / ref < bound, (ours, ref)
 
 

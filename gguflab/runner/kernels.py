@@ -6,6 +6,10 @@ F32/F16/BF16. Each weight type gets its own compiled kernels, generated from tha
 `emit_dequantize_block` IR (the same generator the quantizer's dequantizer uses), so the
 products see exactly the weights `quant.get(t).dequantize` gives:
 
+- `gemvq_<t>` (decoding one token, x86 AVX2, the legacy types, Q4_K and Q6_K): as llama.cpp
+  does, x is rounded to Q8_0 once per product and each block is read as groups of 32 small
+  integers with a float scale and offset (from the same level and scale emitters as the
+  type's dequantizer): integer dot products (vpmaddubsw / vpmaddwd), one float FMA a group;
 - `gemv1_<t>` / `gemv4_<t>` (decoding: 1 token, or 2-4 in one pass) stream each weight row
   once. The block's dequantization IR is emitted through `_Builder`, which turns each of its
   stores into FMAs into the accumulators, so the dequantized floats never touch memory;
@@ -14,11 +18,13 @@ products see exactly the weights `quant.get(t).dequantize` gives:
   vector accumulators) over it, so the dequantization is paid once per row for a whole
   chunk of tokens.
 
-The dot products carry fast-math flags (LLVM reassociates and fuses them); the dequantization
-does not, and every output row is computed the same way whatever the thread split. Rows are
-split across threads with `parallel_rows` (ctypes releases the GIL), only for products big
-enough to pay for the hand-off. The kernels take the numpy arrays themselves (PyObject*) and
-read their data pointers, which keeps a call to a few microseconds.
+The dot products carry fast-math flags (LLVM reassociates and fuses them), and in the decode
+kernels so does the dequantization; every output row is computed the same way whatever the
+thread split. Decoding products are posted as jobs to the thread team of `jit.parallel`
+(`matmuls` posts a layer's Q, K, V, or gate and up, at once), a hand-off of about a
+microsecond; prompt products split rows with `parallel_rows`. The kernels take the numpy
+arrays themselves (PyObject*) and read their data pointers, which keeps a call to a few
+microseconds.
 """
 
 from __future__ import annotations
@@ -39,8 +45,9 @@ from ..errors import UserError
 from ..gguf import GGMLType
 from ..jit import compile_kernels, host_cpu, parallel_rows
 from ..jit.builders import alloca_entry, const, f16, f32, for_range, i8, i16, i32, i64, ptr, void
+from ..jit.parallel import MAX_JOBS, JobTable, default_threads, job_table
 
-__all__ = ["SUPPORTED_TYPES", "matmul", "get_rows"]
+__all__ = ["SUPPORTED_TYPES", "matmul", "matmuls", "get_rows", "quantizes_activations"]
 
 SUPPORTED_TYPES = (
     GGMLType.F32, GGMLType.F16, GGMLType.BF16,
@@ -57,9 +64,11 @@ TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
 TILE_TOKENS = 4  # tokens per register tile of the prompt kernel (x 2 rows)
 # work (in weight elements touched) below which one more thread costs more than it saves
 MIN_WORK_PER_THREAD = 1 << 20
+MIN_WORK_PER_PART = 1 << 16  # (decoding, where a hand-off to a team thread costs ~1 us)
 # blocks of more vectors than this go through memory between dequantization and dot
 BARRIER_MIN_CHUNKS = 8
 FUSE = True
+FAST_DEQUANT = True  # decode kernels: fast-math on the dequantization ops as well
 GEMV_ACCS = 4  # accumulators of the decode kernel: enough to cover the FMA latency
 GEMV_TOKENS = (1, 4)  # decode kernel variants: 1 token, and up to 4 tokens in one pass
 GEMV_ROWS = 1  # rows the decode kernel runs side by side (quantized weights)
@@ -191,6 +200,7 @@ class _Builder(ir.IRBuilder):
     _tracked: dict | None = None
     _on_store = None
     fix_half = True
+    fast = False  # fast-math on the dequantization's float ops too (see `_fast_ops`)
 
     @contextmanager
     def intercept(self, base: ir.Value, on_store: Callable[[ir.Value, int], None]):
@@ -234,6 +244,27 @@ class _Builder(ir.IRBuilder):
         if self._offset(ptr_) is not None:
             raise _CannotFuse("load from the output")
         return super().load(ptr_, name, align, typ)
+
+    # The dequantization IR keeps ggml's exact float semantics (no fusing, NaN kept); a
+    # product reorders anyway, so in the kernels its ops may fuse into FMAs and drop the
+    # NaN checks: a third of the instructions of an affine (Q4_1) block.
+    def fmul(self, lhs, rhs, name="", flags=()):
+        return super().fmul(lhs, rhs, name, flags=flags or self._fast_ops())
+
+    def fadd(self, lhs, rhs, name="", flags=()):
+        return super().fadd(lhs, rhs, name, flags=flags or self._fast_ops())
+
+    def fsub(self, lhs, rhs, name="", flags=()):
+        return super().fsub(lhs, rhs, name, flags=flags or self._fast_ops())
+
+    def fcmp_unordered(self, cmpop, lhs, rhs, name="", flags=()):
+        return super().fcmp_unordered(cmpop, lhs, rhs, name, flags=flags or self._fast_ops())
+
+    def fcmp_ordered(self, cmpop, lhs, rhs, name="", flags=()):
+        return super().fcmp_ordered(cmpop, lhs, rhs, name, flags=flags or self._fast_ops())
+
+    def _fast_ops(self) -> tuple:
+        return FAST if self.fast else ()
 
     def fpext(self, value, typ, name=""):
         if not (self.fix_half and value.type == f16 and typ == f32 and _x86_f16c()):
@@ -304,6 +335,7 @@ def _build_gemv(m: ir.Module, name: str, blk: _Blocks, vw: int, T: int) -> ir.Fu
     w, ws, x, ldx, y, ldy, ntok, r0, r1, nb = fn.args
     b = _Builder(fn.append_basic_block("entry"))
     b.fix_half = not blk.elementwise
+    b.fast = FAST_DEQUANT
     c64 = lambda v: const(i64, v)  # noqa: E731
     chunks = blk.size // vw
     fuse = FUSE and _can_fuse(blk, vw)
@@ -370,6 +402,205 @@ def _build_gemv(m: ir.Module, name: str, blk: _Blocks, vw: int, T: int) -> ir.Fu
         row_loop(r0, tiled, rows)
         r0 = tiled
     row_loop(r0, r1, 1)
+    b.ret_void()
+    return fn
+
+
+# -- integer dot products (decoding on x86 AVX2) ---------------------------------------------
+#
+# As llama.cpp does: x is rounded to Q8_0 (groups of 32: d = max|x| / 127 as fp16, q = round(x
+# / d)) once per product, and each weight block is read as groups of 32 small integers with a
+# float scale a and offset c (w = a * q + c). A group's dot is then one vpmaddubsw + vpmaddwd
+# on the integers and one float FMA: a * dx * sum(q * qx) + c * dx * sum(qx), about a quarter
+# of the instructions of dequantizing to floats. The levels and scales come from the same
+# emitters as the types' dequantizers.
+
+Q8_GROUP = 32
+INT_DOT = True  # decode with integer dot products where the type and the host allow it
+_V32I8 = ir.VectorType(i8, 32)
+
+
+@dataclass(frozen=True)
+class _IntGroup:
+    q: ir.Value  # <32 x i8> levels
+    signed: bool  # levels are i8 (else u8 below 128)
+    scale: ir.Value  # f32: w = scale * q + offset
+    offset: ir.Value | None
+    halves: ir.Value | None = None  # <16 x i16>: integer scales of each half (Q6_K), or 1
+
+
+def _legacy_groups(qt) -> Callable:
+    from ..quant import legacy as lg
+
+    def emit(b, src):
+        d = lg._load_f16(b, src, 0)
+        if qt.n_levels == 256:  # Q8_0: signed bytes after d
+            q = b.load(b.bitcast(b.gep(src, [const(i64, qt.qs_at)]), ptr(_V32I8)), align=1)
+            return [_IntGroup(q, True, d, None)]
+        if qt.qh_at is None:
+            q = lg._emit_load_nibbles(b, src, qt.qs_at)
+        else:
+            q = lg._emit_load_q5(b, src, qt.qh_at)
+        if qt.qs_at == 4 or (qt.qh_at is not None and qt.qh_at == 4):  # affine: d, m
+            return [_IntGroup(q, False, d, lg._load_f16(b, src, 2))]
+        return [_IntGroup(q, False, d, b.fmul(d, const(f32, -(qt.n_levels // 2))))]
+
+    return emit
+
+
+def _q4_k_groups(b, src):
+    from ..quant.kquants._qkx2 import emit_get_scale_min_k4
+    from ..quant.legacy import _load_f16
+
+    d, dmin = _load_f16(b, src, 0), _load_f16(b, src, 2)
+    scales = b.gep(src, [const(i64, 4)])
+    out = []
+    for j in range(4):
+        qs = b.load(b.bitcast(b.gep(src, [const(i64, 16 + 32 * j)]), ptr(_V32I8)), align=1)
+        for h in range(2):
+            q = b.lshr(qs, _splat_i8(4)) if h else b.and_(qs, _splat_i8(0xF))
+            sc, m = emit_get_scale_min_k4(b, scales, 2 * j + h)
+            out.append(_IntGroup(q, False, b.fmul(d, b.uitofp(sc, f32)),
+                                 b.fmul(b.fmul(dmin, b.uitofp(m, f32)), const(f32, -1.0))))
+    return out
+
+
+def _q6_k_groups(b, src):
+    from ..quant.kquants import q6_k
+    from ..quant.legacy import _load_f16
+
+    d = _load_f16(b, src, q6_k.D)
+    out = []
+    for g in range(8):
+        o = 32 * g
+        ql = b.load(b.bitcast(b.gep(src, [const(i64, int(q6_k.QL_IDX[o]))]), ptr(_V32I8)),
+                    align=1)
+        qh = b.load(b.bitcast(b.gep(src, [const(i64, int(q6_k.QH_IDX[o]))]), ptr(_V32I8)),
+                    align=1)
+        low = b.and_(b.lshr(ql, _splat_i8(int(q6_k.QL_SHIFT[o]))), _splat_i8(0xF))
+        high = b.and_(b.lshr(qh, _splat_i8(int(q6_k.QH_SHIFT[o]))), _splat_i8(3))
+        q = b.sub(b.or_(low, b.shl(high, _splat_i8(4))), _splat_i8(32))
+        sc = [b.sext(b.load(b.gep(src, [const(i64, q6_k.SC + 2 * g + h)])), i16)
+              for h in range(2)]
+        v16 = ir.VectorType(i16, 16)
+        halves = ir.Constant(v16, None)
+        for k in range(16):
+            halves = b.insert_element(halves, sc[k // 8], const(i32, k))
+        out.append(_IntGroup(q, True, d, None, halves))
+    return out
+
+
+def _splat_i8(v: int) -> ir.Constant:
+    return ir.Constant(_V32I8, [v] * 32)
+
+
+def _int_groups(t: GGMLType) -> Callable | None:
+    """The integer view of a block of type t (a function (builder, i8* block) -> its
+    `_IntGroup`s in order), or None where the decode kernel dequantizes to floats."""
+    x86 = host_cpu().triple.startswith("x86_64")
+    if not (INT_DOT and x86 and host_cpu().has("avx2")):
+        return None
+    if t in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0):
+        return _legacy_groups(quant.get(t))
+    if t == GGMLType.Q4_K:
+        return _q4_k_groups
+    if t == GGMLType.Q6_K:
+        return _q6_k_groups
+    return None
+
+
+def _intrinsic(b: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
+    m = b.module
+    fn = m.globals.get(name) or ir.Function(m, ir.FunctionType(ret, [a.type for a in args]),
+                                            name)
+    return b.call(fn, args)
+
+
+def _group_dot(b: ir.IRBuilder, g: _IntGroup, xq: ir.Value) -> ir.Value:
+    """sum(q * xq) of one group, as 8 i32 lanes."""
+    v16 = ir.VectorType(i16, 16)
+    if g.signed:  # vpmaddubsw takes unsigned x signed: move w's sign onto x
+        u = _intrinsic(b, "llvm.abs.v32i8", _V32I8, [g.q, ir.Constant(ir.IntType(1), 0)])
+        s = _intrinsic(b, "llvm.x86.avx2.psign.b", _V32I8, [xq, g.q])
+    else:
+        u, s = g.q, xq
+    pairs = _intrinsic(b, "llvm.x86.avx2.pmadd.ub.sw", v16, [u, s])
+    halves = g.halves if g.halves is not None else ir.Constant(v16, [1] * 16)
+    return _intrinsic(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(i32, 8), [pairs, halves])
+
+
+def _build_gemvq(m: ir.Module, name: str, blk: _Blocks, groups: Callable) -> ir.Function:
+    """gemvq(w, w_stride, xq, y, r0, r1, n_blocks): y[r] = dot(W[r], x) for one token whose
+    x is given as `quantize_q8` wrote it: n_in i8 levels, then per group of 32 its scale dx
+    (f32) and dx * sum of its levels (f32)."""
+    vt = ir.VectorType(f32, 8)
+    fn = _internal(m, name, [ptr(i8), i64, ptr(i8), ptr(f32), i64, i64, i64])
+    w, ws, xq, y, r0, r1, nb = fn.args
+    b = _Builder(fn.append_basic_block("entry"))
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    gpb = blk.size // Q8_GROUP
+    n_groups = b.mul(nb, c64(gpb))
+    xd = b.bitcast(b.gep(xq, [b.mul(nb, c64(blk.size))]), ptr(f32))
+    xs = b.gep(xd, [n_groups])
+    accs = _Accs(b, vt, 2)
+    off = alloca_entry(b, f32, name="off")
+    with for_range(b, r0, r1, name="r") as r:
+        accs.zero()
+        b.store(const(f32, 0.0), off)
+        row = b.gep(w, [b.mul(r, ws)])
+        with for_range(b, c64(0), nb, name="blk") as k:
+            src = b.gep(row, [b.mul(k, c64(blk.nbytes))])
+            for i, g in enumerate(groups(b, src)):
+                gi = b.add(b.mul(k, c64(gpb)), c64(i))
+                xg = b.load(b.bitcast(b.gep(xq, [b.mul(gi, c64(Q8_GROUP))]), ptr(_V32I8)),
+                            align=1)
+                dx = b.load(b.gep(xd, [gi]))
+                isum = b.sitofp(_group_dot(b, g, xg), vt)
+                scale = b.fmul(g.scale, dx, flags=FAST)
+                splat = b.shuffle_vector(b.insert_element(ir.Constant(vt, None), scale,
+                                                          const(i32, 0)),
+                                         ir.Constant(vt, None), ir.Constant(
+                                             ir.VectorType(i32, 8), [0] * 8))
+                accs.add_product(i % 2, isum, splat)
+                if g.offset is not None:
+                    b.store(_fma(b, b.load(off), g.offset, b.load(b.gep(xs, [gi]))), off)
+        total = b.fadd(accs.get(0), accs.get(1), flags=FAST)
+        b.store(b.fadd(_hsum(b, total), b.load(off), flags=FAST), b.gep(y, [r]))
+    b.ret_void()
+    return fn
+
+
+def _build_quantize_q8(m: ir.Module) -> ir.Function:
+    """quantize_q8(x, n_groups, out): x (f32) as Q8_0 levels and scales, laid out for
+    `gemvq`; the same d (rounded to fp16) and levels (roundf) as the Q8_0 quantizer."""
+    from ..jit.builders import Target
+    from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
+
+    v32 = ir.VectorType(f32, 32)
+    fn = _internal(m, "quantize_q8", [ptr(f32), i64, ptr(i8)])
+    x, ng, out = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    hw = hardware_half(Target.CPU)
+    xd = b.bitcast(b.gep(out, [b.mul(ng, const(i64, Q8_GROUP))]), ptr(f32))
+    xs = b.gep(xd, [ng])
+    with for_range(b, const(i64, 0), ng, name="g") as g:
+        v = b.load(b.bitcast(b.gep(x, [b.mul(g, const(i64, Q8_GROUP))]), ptr(v32)), align=4)
+        amax = _intrinsic(b, "llvm.vector.reduce.fmax.v32f32", f32,
+                          [_intrinsic(b, "llvm.fabs.v32f32", v32, [v])])
+        d = b.fdiv(amax, const(f32, 127.0))
+        inv = b.select(b.fcmp_unordered("!=", d, const(f32, 0.0)),
+                       b.fdiv(const(f32, 1.0), d), const(f32, 0.0))
+        dh = emit_f16_to_f32(b, emit_f32_to_f16(b, d, hw), hw)
+        sv = b.shuffle_vector(b.insert_element(ir.Constant(v32, None), inv, const(i32, 0)),
+                              ir.Constant(v32, None), ir.Constant(ir.VectorType(i32, 32),
+                                                                  [0] * 32))
+        qi = b.fptosi(_intrinsic(b, "llvm.round.v32f32", v32, [b.fmul(v, sv)]),
+                      ir.VectorType(i32, 32))
+        b.store(b.trunc(qi, _V32I8),
+                b.bitcast(b.gep(out, [b.mul(g, const(i64, Q8_GROUP))]), ptr(_V32I8)), align=1)
+        total = _intrinsic(b, "llvm.vector.reduce.add.v32i32", i32, [qi])
+        b.store(dh, b.gep(xd, [g]))
+        b.store(b.fmul(dh, b.sitofp(total, f32)), b.gep(xs, [g]))
     b.ret_void()
     return fn
 
@@ -482,14 +713,64 @@ def _export(m: ir.Module, name: str, impl: ir.Function) -> None:
     b.ret_void()
 
 
+def _array_data(b: ir.IRBuilder, obj: ir.Value, typ: ir.Type) -> ir.Value:
+    """The data pointer of the ndarray object at `obj` (an i8* PyObject*), as `typ`."""
+    field = b.bitcast(b.gep(obj, [const(i64, ARRAY_DATA_OFFSET)]), ptr(ptr(i8)))
+    return b.bitcast(b.load(field), typ)
+
+
+def _export_part(m: ir.Module, name: str, impl: ir.Function, align: int) -> None:
+    """`name(i64* args, part, n_parts)`: a gemv as a team job (see jit.parallel). args are
+    (w, w_stride, x, ldx, y, ldy, n_tok, n_rows, n_blocks) with the arrays as ndarray object
+    addresses; the part runs its share of the rows, cut at multiples of `align`."""
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(i64), i64, i64]), name)
+    argv, part, n_parts = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    a = [b.load(b.gep(argv, [const(i64, k)])) for k in range(9)]
+    w, ws, x, ldx, y, ldy, ntok, n_rows, nb = a
+
+    def bound(p):
+        r = b.sdiv(b.mul(n_rows, p), n_parts)
+        r = b.mul(b.sdiv(r, const(i64, align)), const(i64, align))
+        return b.select(b.icmp_signed("==", p, n_parts), n_rows, r)
+
+    r0, r1 = bound(part), bound(b.add(part, const(i64, 1)))
+    data = lambda v, arg: _array_data(b, b.inttoptr(v, ptr(i8)), arg.type)  # noqa: E731
+    b.call(impl, [data(w, impl.args[0]), ws, data(x, impl.args[2]), ldx, data(y, impl.args[4]),
+                  ldy, ntok, r0, r1, nb])
+    b.ret_void()
+
+
+def _export_q_part(m: ir.Module, name: str, impl: ir.Function) -> None:
+    """`name(i64* args, part, n_parts)`: gemvq as a team job; args are (w, w_stride, xq, y,
+    n_rows, n_blocks), the arrays as ndarray object addresses."""
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(i64), i64, i64]), name)
+    argv, part, n_parts = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    w, ws, xq, y, n_rows, nb = [b.load(b.gep(argv, [const(i64, k)])) for k in range(6)]
+    r0 = b.sdiv(b.mul(n_rows, part), n_parts)
+    r1 = b.sdiv(b.mul(n_rows, b.add(part, const(i64, 1))), n_parts)
+    data = lambda v, arg: _array_data(b, b.inttoptr(v, ptr(i8)), arg.type)  # noqa: E731
+    b.call(impl, [data(w, impl.args[0]), ws, data(xq, impl.args[2]), data(y, impl.args[3]),
+                  r0, r1, nb])
+    b.ret_void()
+
+
 def build_module(t: GGMLType) -> ir.Module:
     """`gemv_<t>` and `gemm_<t>` for weight type `t`; their array arguments are ndarray
-    objects (see `_export`)."""
+    objects (see `_export`); `gemv<T>_<t>_part`, the same gemv as a team job; and where the
+    type has an integer view, `gemvq_<t>_part` and `quantize_q8_<t>` (see `_build_gemvq`)."""
     blk, vw = _blocks(t), _vector_width()
     m = ir.Module(name=f"matmul_{t.name.lower()}")
     name = t.name.lower()
+    groups = _int_groups(t)
+    if groups is not None:
+        _export_q_part(m, f"gemvq_{name}_part", _build_gemvq(m, f"gemvq_{name}", blk, groups))
+        _export(m, f"quantize_q8_{name}", _build_quantize_q8(m))
     for T in GEMV_TOKENS:
-        _export(m, f"gemv{T}_{name}", _build_gemv(m, f"gemv{T}_{name}", blk, vw, T))
+        impl = _build_gemv(m, f"gemv{T}_{name}", blk, vw, T)
+        _export(m, f"gemv{T}_{name}", impl)
+        _export_part(m, f"gemv{T}_{name}_part", impl, _gemv_rows(blk) if T == 1 else 1)
     _export(m, f"gemm_{name}", _build_gemm(m, f"gemm_{name}", blk, vw))
     return m
 
@@ -509,6 +790,8 @@ ARRAY_DATA_OFFSET = _array_data_offset()
 
 _I64, _A = ctypes.c_int64, ctypes.py_object
 _GEMV_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A, _I64, _A, _I64, _I64, _I64, _I64, _I64)
+_PART_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, _I64, _I64)
+_Q8_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A)
 _GEMM_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A, _I64, _A, _I64, _I64, _I64, _I64, _I64, _I64,
                              _A, _I64)
 
@@ -529,8 +812,18 @@ class _Plan:
         self.vblock = _blocks(t).size  # floats per block the kernels walk
         name = t.name.lower()
         sigs = {f"gemv{T}_{name}": _GEMV_SIG for T in GEMV_TOKENS}
+        sigs |= {f"gemv{T}_{name}_part": _PART_SIG for T in GEMV_TOKENS}
+        self.int_dot = _int_groups(t) is not None
+        if self.int_dot:
+            sigs |= {f"gemvq_{name}_part": _PART_SIG, f"quantize_q8_{name}": _Q8_SIG}
         mod = compile_kernels(build_module(t), {**sigs, f"gemm_{name}": _GEMM_SIG})
         self.gemv = {T: mod[f"gemv{T}_{name}"] for T in GEMV_TOKENS}
+        # team jobs are run by address, from compiled code
+        self.gemv_part = {T: ctypes.cast(mod[f"gemv{T}_{name}_part"], ctypes.c_void_p).value
+                          for T in GEMV_TOKENS}
+        if self.int_dot:
+            self.gemvq_part = ctypes.cast(mod[f"gemvq_{name}_part"], ctypes.c_void_p).value
+            self.quantize_q8 = mod[f"quantize_q8_{name}"]
         self.gemm = mod[f"gemm_{name}"]
 
     def weight(self, w) -> np.ndarray:
@@ -586,12 +879,8 @@ def _min_rows(work_per_row: int) -> int:
     return -(-MIN_WORK_PER_THREAD // max(1, work_per_row))
 
 
-def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = None,
-           out: np.ndarray | None = None) -> np.ndarray:
-    """y = x @ W.T : `w` is the weight as stored in GGUF, rows of raw bytes (n_out, row_bytes)
-    as a uint8 array (a zero-copy view into the memory-mapped file: it is not copied), or a
-    float32/float16 (n_out, n_in) array for F32/F16 weights (BF16 as uint16 raw bits); `x`
-    float32 (n_tok, n_in) (or (n_in,) -> returns (n_out,)). Returns float32 (n_tok, n_out)."""
+def _prepare(w, wtype, x, out):
+    """Checked operands of one product: (plan, w, x, y, ldy, n_tok, n_in, n_out)."""
     p = _PLANS.get(wtype) or _plan(wtype)
     if not (type(w) is np.ndarray and w.ndim == 2 and w.dtype in p.dtypes
             and w.strides[1] == w.itemsize and not (w.shape[1] * w.itemsize) % p.type_size):
@@ -621,26 +910,68 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
                             f"got {out.dtype} {out.shape}")
         y = out
         ldy = out.strides[0] // 4 if out.ndim == 2 else n_out
+    return p, w, x, y, ldy, n_tok, n_in, n_out
+
+
+def _special(p, w, x, y, n_tok, n_in, n_out) -> bool:
+    """The degenerate shapes, done here; False for the ones the kernels take."""
     if n_tok == 0 or n_out == 0:
-        return y
+        return True
     if n_in == 0:
         y[...] = 0
-        return y
+        return True
     if n_in % FLOAT_GROUP:  # float weights of an odd width: numpy on converted rows
         y[...] = x @ get_rows(w, p.t, np.arange(n_out)).T
+        return True
+    return False
+
+
+def _quantized(p: _Plan, x: np.ndarray, n_in: int) -> np.ndarray:
+    """x (one token) rounded to Q8_0 for the integer kernels, in this thread's buffer."""
+    ng = n_in // Q8_GROUP
+    buf = getattr(_tls, "xq", None)
+    if buf is None or buf.size < n_in + 8 * ng:
+        buf = _tls.xq = np.empty(n_in + 8 * ng, np.uint8)
+    p.quantize_q8(x, ng, buf)
+    return buf
+
+
+def _add_gemv(jobs: JobTable, p: _Plan, w, x, y, ldy, n_tok, n_in, n_out, threads,
+              xq: list) -> None:
+    """Post one decode product (n_tok <= GEMV_TOKENS[-1]) as a team job: a part per
+    MIN_WORK_PER_PART of work, at most two per thread (parts are taken first come, first
+    served, which evens out a slow thread). `xq` holds x rounded to Q8_0 once it is needed
+    (shared by the products of one x)."""
+    T = 1 if n_tok == 1 else GEMV_TOKENS[-1]
+    parts = n_out * n_in * (1 + n_tok // 2) // MIN_WORK_PER_PART
+    parts = max(1, min(parts, 2 * threads if threads > 1 else 1, n_out))
+    if T == 1 and p.int_dot:
+        if not xq:
+            xq.append(_quantized(p, x, n_in))
+        jobs.add(p.gemvq_part, parts, id(w), w.strides[0], id(xq[0]), id(y), n_out,
+                 n_in // p.vblock)
+        return
+    jobs.add(p.gemv_part[T], parts, id(w), w.strides[0], id(x), n_in, id(y), ldy, n_tok,
+             n_out, n_in // p.vblock)
+
+
+def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = None,
+           out: np.ndarray | None = None) -> np.ndarray:
+    """y = x @ W.T : `w` is the weight as stored in GGUF, rows of raw bytes (n_out, row_bytes)
+    as a uint8 array (a zero-copy view into the memory-mapped file: it is not copied), or a
+    float32/float16 (n_out, n_in) array for F32/F16 weights (BF16 as uint16 raw bits); `x`
+    float32 (n_tok, n_in) (or (n_in,) -> returns (n_out,)). Returns float32 (n_tok, n_out)."""
+    p, w, x, y, ldy, n_tok, n_in, n_out = _prepare(w, wtype, x, out)
+    if _special(p, w, x, y, n_tok, n_in, n_out):
+        return y
+    threads = threads or default_threads()
+    if n_tok <= GEMV_TOKENS[-1]:
+        jobs = job_table()
+        _add_gemv(jobs, p, w, x, y, ldy, n_tok, n_in, n_out, threads, [])
+        jobs.run(threads)
         return y
 
     ws, nb = w.strides[0], n_in // p.vblock
-    if n_tok <= GEMV_TOKENS[-1]:
-        gemv, ldx = p.gemv[1 if n_tok == 1 else GEMV_TOKENS[-1]], n_in
-        work = n_in * (1 + n_tok // 2)
-        if threads == 1 or n_out < 2 * _min_rows(work):
-            gemv(w, ws, x, ldx, y, ldy, n_tok, 0, n_out, nb)
-        else:
-            parallel_rows(lambda a, c: gemv(w, ws, x, ldx, y, ldy, n_tok, a, c, nb), n_out,
-                          threads, _min_rows(work))
-        return y
-
     gemm = p.gemm
     group = max(2, min(MAX_GROUP_ROWS, L2_BUDGET // (4 * n_in)))
     group -= group % 2
@@ -652,6 +983,31 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
 
     parallel_rows(run, n_out, threads, _min_rows(n_in * (2 + n_tok // 2)))
     return y
+
+
+def matmuls(weights: list[tuple[np.ndarray, GGMLType]], x: np.ndarray,
+            threads: int | None = None) -> list[np.ndarray]:
+    """`[matmul(w, t, x) for w, t in weights]`; when decoding, in one hand-off to the
+    threads (the Q, K, V or gate and up products of a layer read the same x)."""
+    threads = threads or default_threads()
+    if (x.ndim == 2 and x.shape[0] > GEMV_TOKENS[-1]) or len(weights) > MAX_JOBS:
+        return [matmul(w, t, x, threads) for w, t in weights]
+    jobs, ys, xq = job_table(), [], []
+    for w, t in weights:
+        p, w, xx, y, ldy, n_tok, n_in, n_out = _prepare(w, t, x, None)
+        if not _special(p, w, xx, y, n_tok, n_in, n_out):
+            _add_gemv(jobs, p, w, xx, y, ldy, n_tok, n_in, n_out, threads, xq)
+            ys.append((y, w, xx))  # the arrays stay alive until the jobs have run
+        else:
+            ys.append((y,))
+    jobs.run(threads)
+    return [r[0] for r in ys]
+
+
+def quantizes_activations(wtype: GGMLType) -> bool:
+    """Whether one-token products over `wtype` round x to Q8_0 first (integer dot products,
+    as llama.cpp does); the others use x as it is."""
+    return _plan(wtype).int_dot
 
 
 def get_rows(w: np.ndarray, wtype: GGMLType, ids: np.ndarray) -> np.ndarray:

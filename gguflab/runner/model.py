@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..gguf import GGMLType, GGUFReader, Keys, ReaderTensor
-from .kernels import get_rows, matmul
+from .kernels import get_rows, matmul, matmuls
 
 SUPPORTED_ARCHS = {"llama": False, "qwen2": True}  # arch -> NEOX-style RoPE
 
@@ -104,13 +104,15 @@ class Layer:
 
 
 class KVCache:
-    """Keys and values of every layer for up to `n_ctx` positions, in F16 as llama.cpp keeps
-    them by default."""
+    """Keys and values of every layer for up to `n_ctx` positions, rounded to F16 as
+    llama.cpp keeps them by default, but held as float32: numpy converts F16 one element at
+    a time, which re-reading the whole context every token would pay. Laid out
+    (layer, kv head, position, dim) so that each head's keys are one matrix."""
 
     def __init__(self, hp: HParams, n_ctx: int):
-        shape = (hp.n_layer, n_ctx, hp.n_head_kv, hp.head_dim)
-        self.k = np.zeros(shape, np.float16)
-        self.v = np.zeros(shape, np.float16)
+        shape = (hp.n_layer, hp.n_head_kv, n_ctx, hp.head_dim)
+        self.k = np.zeros(shape, np.float32)
+        self.v = np.zeros(shape, np.float32)
         self.n_ctx = n_ctx
         self.n = 0  # positions filled
 
@@ -176,7 +178,8 @@ class Model:
             h = rms_norm(x, L.attn_norm, hp.rms_eps)
             x = x + self.attention(il, L, h, pos, cache)
             h = rms_norm(x, L.ffn_norm, hp.rms_eps)
-            x = x + L.w_down @ (silu(L.w_gate @ h) * (L.w_up @ h))
+            gate, up = matmuls([(L.w_gate.data, L.w_gate.type), (L.w_up.data, L.w_up.type)], h)
+            x = x + L.w_down @ (silu(gate) * up)
         cache.n = p0 + n
         if not all_logits:
             x = x[-1:]
@@ -186,48 +189,66 @@ class Model:
     def attention(self, il: int, L: Layer, h: np.ndarray, pos: np.ndarray,
                   cache: KVCache) -> np.ndarray:
         hp = self.hp
-        n, hd = len(pos), hp.head_dim
-        q = (L.wq @ h + (L.bq if L.bq is not None else 0)).reshape(n, hp.n_head, hd)
-        k = (L.wk @ h + (L.bk if L.bk is not None else 0)).reshape(n, hp.n_head_kv, hd)
-        v = (L.wv @ h + (L.bv if L.bv is not None else 0)).reshape(n, hp.n_head_kv, hd)
-        q, k = self.rope(q, pos), self.rope(k, pos)
-        p0 = pos[0]
-        cache.k[il, p0:p0 + n] = k
-        cache.v[il, p0:p0 + n] = v
-        keys = cache.k[il, : p0 + n].astype(np.float32)  # (T, n_kv, hd)
-        vals = cache.v[il, : p0 + n].astype(np.float32)
-        group = hp.n_head // hp.n_head_kv
-        qg = q.reshape(n, hp.n_head_kv, group, hd)
-        scores = np.einsum("nkgd,tkd->kgnt", qg, keys) * np.float32(1 / np.sqrt(hd))
-        causal = pos[:, None] < np.arange(p0 + n)[None, :]  # future positions
-        scores = np.where(causal, -np.inf, scores)
+        n, hd, n_kv = len(pos), hp.head_dim, hp.n_head_kv
+        group = hp.n_head // n_kv
+        q, k, v = matmuls([(L.wq.data, L.wq.type), (L.wk.data, L.wk.type),
+                           (L.wv.data, L.wv.type)], h)
+        if L.bq is not None:
+            q, k, v = q + L.bq, k + L.bk, v + L.bv
+        q = self.rope(q.reshape(n, hp.n_head, hd), pos)
+        k = self.rope(k.reshape(n, n_kv, hd), pos)
+        p0, t = pos[0], pos[0] + n
+        keys, vals = cache.k[il], cache.v[il]  # (n_kv, n_ctx, hd)
+        keys[:, p0:t] = k.astype(np.float16).transpose(1, 0, 2)
+        vals[:, p0:t] = v.reshape(n, n_kv, hd).astype(np.float16).transpose(1, 0, 2)
+        # (n_kv, group * n, hd): the query heads that share a kv head, one matrix per kv head
+        qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
+        scores = (qg @ keys[:, :t].transpose(0, 2, 1)) * np.float32(1 / np.sqrt(hd))
+        if n > 1:  # a token sees no later position of its batch
+            causal = pos[:, None] < np.arange(t)[None, :]
+            scores = np.where(causal, -np.inf, scores.reshape(n_kv, group, n, t))
+            scores = scores.reshape(n_kv, group * n, t)
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         scores /= scores.sum(-1, keepdims=True)
-        out = np.einsum("kgnt,tkd->nkgd", scores, vals).reshape(n, hp.n_head * hd)
-        return L.wo @ np.ascontiguousarray(out, np.float32)
+        out = (scores @ vals[:, :t]).reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3)
+        return L.wo @ np.ascontiguousarray(out, np.float32).reshape(n, hp.n_head * hd)
 
     def rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Rotate pairs of the first rope_dim dims by pos * theta_i: adjacent pairs for
         llama (llama.cpp's "normal" mode), halves for qwen2 (NEOX)."""
-        hp = self.hp
-        d = hp.rope_dim
-        ang = (pos[:, None] * hp.rope_scale) * self.inv_freq[None, :]  # (n, d/2)
-        cos = np.cos(ang).astype(np.float32)[:, None, :]
-        sin = np.sin(ang).astype(np.float32)[:, None, :]
-        out = x.copy()
-        if hp.rope_neox:
-            a, b = x[..., : d // 2], x[..., d // 2: d]
-            out[..., : d // 2] = a * cos - b * sin
-            out[..., d // 2: d] = a * sin + b * cos
-        else:
-            a, b = x[..., 0:d:2], x[..., 1:d:2]
-            out[..., 0:d:2] = a * cos - b * sin
-            out[..., 1:d:2] = a * sin + b * cos
-        return out
+        cos, sin, partner = self._rope_tables(pos)
+        # out[i] = x[i] * cos_i -+ x[partner(i)] * sin_i, as whole-row operations
+        return x * cos + np.take(x, partner, axis=-1) * sin
+
+    _rope_memo: tuple = (None, None, None, None)
+
+    def _rope_tables(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For every dim i of a head at `pos`: cos (n, 1, head_dim), signed sin (the sign
+        of x[partner] in out[i]) and the partner dim it rotates with; dims past rope_dim pass
+        through (cos 1, sin 0). Every layer rotates the same positions: the last are kept."""
+        key, memo = (int(pos[0]), len(pos)), self._rope_memo
+        if memo[0] != key:
+            hp = self.hp
+            d, hd = hp.rope_dim, hp.head_dim
+            ang = (pos[:, None] * hp.rope_scale) * self.inv_freq[None, :]  # (n, d/2)
+            c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+            cos = np.ones((len(pos), hd), np.float32)
+            sin = np.zeros((len(pos), hd), np.float32)
+            partner = np.arange(hd)
+            if hp.rope_neox:  # pairs (i, i + d/2)
+                first, second = np.arange(d // 2), np.arange(d // 2, d)
+            else:  # adjacent pairs (2i, 2i + 1)
+                first, second = np.arange(0, d, 2), np.arange(1, d, 2)
+            cos[:, first], cos[:, second] = c, c
+            sin[:, first], sin[:, second] = -s, s
+            partner[first], partner[second] = second, first
+            memo = self._rope_memo = (key, cos[:, None, :], sin[:, None, :], partner)
+        return memo[1], memo[2], memo[3]
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    ms = np.mean(x * x, axis=-1, keepdims=True, dtype=np.float32)
+    # the ufunc's reduce itself: np.mean's Python wrapper costs more than the sum here
+    ms = np.add.reduce(x * x, axis=-1, keepdims=True) / np.float32(x.shape[-1])
     return (x / np.sqrt(ms + np.float32(eps))) * w
 
 
