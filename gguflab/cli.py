@@ -207,9 +207,10 @@ def _load_model(args: argparse.Namespace):
         plan = plan_for_cli(model.reader, _ctx_size(args, model), ngl,
                             getattr(args, "main_gpu", 0))
         print(f"gguflab: {plan.summary()}", file=sys.stderr)
-        if plan.on_gpu:  # the device path is not yet wired into run/chat/perplexity
-            print("gguflab: the GPU forward pass is not wired into this command yet: "
-                  "running every layer on the CPU", file=sys.stderr)
+        if plan.on_gpu:
+            from .runner.cuda.layers import load_offload
+
+            model.gpu = load_offload(model, plan, _ctx_size(args, model))
         args.offload_plan = plan
     return model, Tokenizer.from_gguf(model.reader)
 
@@ -323,12 +324,13 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from .catalog import default_eval_text
     from .runner.perplexity import perplexity
 
+    args.ctx_size = args.ctx_size or 512  # llama-perplexity's default, also for the GPU plan
     model, tok = _load_model(args)
     if not args.file and not args.prompt:
         args.file = default_eval_text()
     text = _read_prompt(args)
     tokens = tok.encode(text, add_special=True, parse_special=False)
-    n_ctx = args.ctx_size or 512
+    n_ctx = args.ctx_size
     print(f"perplexity: {len(tokens)} tokens, chunks of {n_ctx}", file=sys.stderr)
 
     def progress(i, n, ppl):

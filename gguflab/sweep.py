@@ -301,7 +301,9 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
     from .catalog import default_eval_text
     from .jit.parallel import default_threads
     from .quant.pipeline import QuantizeOptions, plan_model, quantize_model
+    from .runner.cuda.layers import load_offload
     from .runner.model import Model
+    from .runner.offload import plan_for_cli
     from .runner.perplexity import chunks_of, perplexity
     from .runner.tokenizer import Tokenizer
 
@@ -351,13 +353,14 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
         yield Log("warning", f"{os.path.basename(model)} is already quantized ({base_name}): "
                              "the types are requantized from it, so their quality is worse "
                              "than from an F16/BF16/F32 original, and the base is not lossless")
-    if n_gpu_layers:
-        yield Log("warning", "the GPU forward pass is not wired into the sweep yet: every "
-                             "layer runs on the CPU")
-
     def measure(path: str, label: str, base_path: str | None, save_base: str | None):
         """One perplexity run (with KLD against the base when `base_path`) and the speed."""
         m = Model(path)
+        if n_gpu_layers:  # as `-ngl` in run and perplexity: the last layers on the GPU
+            plan = plan_for_cli(m.reader, max(n_ctx, PP_TOKENS + TG_TOKENS), n_gpu_layers)
+            yield Log("info", f"{label}: {plan.summary()}")
+            if plan.on_gpu:
+                m.gpu = load_offload(m, plan, max(n_ctx, PP_TOKENS + TG_TOKENS))
         res = yield from _with_progress(
             lambda on_chunk: perplexity(m, tokens, n_ctx, add_bos=tok.add_bos,
                                         bos_id=tok.bos_id, n_chunks=n_chunk,

@@ -183,3 +183,28 @@ def test_cli_rejects_a_bad_layer_count(capsys):
         main(["run", "-ngl", "many", "-p", "x"])
     assert e.value.code == 2
     assert "give a number of layers or auto" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ngl", ["1", "999"])
+def test_cli_offloads_to_the_emulated_gpu_with_the_cpu_tokens(tiny_with_vocab, capsys,
+                                                               monkeypatch, ngl):
+    """GGUFLAB_GPU=host: the device kernels, compiled for the CPU, run the offloaded layers
+    through `run` and `perplexity` exactly as a GPU would; tokens and figures as the CPU's."""
+    args = ["run", "-m", tiny_with_vocab, "-p", "Hello", "-n", "6", "--temp", "0", "-c", "64"]
+    assert main(args) == 0
+    cpu = capsys.readouterr().out
+    monkeypatch.setenv("GGUFLAB_GPU", "host")
+    assert main([*args, "-ngl", ngl]) == 0
+    got = capsys.readouterr()
+    assert got.out == cpu
+    n = "1/4 layers" if ngl == "1" else "4/4 layers + output"
+    assert f"offload: {n} on GPU 0 (host emulation)" in got.err
+
+    ppl = ["perplexity", "-m", tiny_with_vocab, "-c", "64", "--chunks", "2"]
+    figures = []
+    for env in ("", "host"):
+        monkeypatch.setenv("GGUFLAB_GPU", env)
+        assert main([*ppl, "-ngl", ngl]) == 0
+        out = capsys.readouterr().out
+        figures.append(float(out.split("Final estimate: PPL = ")[1].split()[0]))
+    assert figures[1] == pytest.approx(figures[0], rel=1e-3)

@@ -244,3 +244,17 @@ def test_a_quantized_file_it_did_not_write_is_reused_only_when_it_matches(first,
     with pytest.raises(UserError, match="is not Q8_0 of this model"):
         run(model, ["Q8_0"], out_dir=str(tmp_path))
     assert open(target, "rb").read() == open(files["Q4_K_M"], "rb").read()
+
+
+def test_gpu_layers_give_the_cpu_figures(first, tmp_path, monkeypatch):
+    """-ngl through the emulated GPU (the device kernels compiled for the CPU): the rows are
+    measured again (the settings differ) and agree with the CPU's."""
+    model, _, fin, _ = first
+    monkeypatch.setenv("GGUFLAB_GPU", "host")
+    events, gpu = run(model, ["Q8_0"], n_gpu_layers=999, out_dir=str(tmp_path))
+    assert any("offload: 2/2 layers + output" in e.text for e in events if isinstance(e, Log))
+    cpu = {r["type"]: r for r in fin.stats["rows"]}
+    for r in gpu.stats["rows"]:
+        assert not r["cached"]
+        assert r["ppl"] == pytest.approx(cpu[r["type"]]["ppl"], rel=1e-3)
+        assert r["mean_kld"] == pytest.approx(cpu[r["type"]]["mean_kld"], abs=1e-3)

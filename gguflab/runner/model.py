@@ -125,6 +125,7 @@ class Model:
     def __init__(self, path: str | os.PathLike):
         self.reader = r = GGUFReader(path)
         self.path = r.path
+        self.gpu = None  # GpuLayers (runner/cuda) running the last layers, set by the caller
         self.hp = hp = HParams.from_gguf(r)
         names = {t.name for t in r.tensors}
 
@@ -174,16 +175,23 @@ class Model:
             raise UserError(f"token id out of range [0, {hp.n_vocab})")
         pos = np.arange(p0, p0 + n)
         x = get_rows(self.tok_embd.data, self.tok_embd.type, tokens)
-        for il, L in enumerate(self.layers):
+        gpu = self.gpu  # the last layers (and maybe the output) when offloaded
+        n_cpu = hp.n_layer - (len(gpu.layers) if gpu is not None else 0)
+        for il, L in enumerate(self.layers[:n_cpu]):
             h = rms_norm(x, L.attn_norm, hp.rms_eps)
             x = x + self.attention(il, L, h, pos, cache)
             h = rms_norm(x, L.ffn_norm, hp.rms_eps)
             gate, up = matmuls([(L.w_gate.data, L.w_gate.type), (L.w_up.data, L.w_up.type)], h)
             x = x + L.w_down @ (silu(gate) * up)
+        if n_cpu < hp.n_layer:
+            x = gpu.run(x, p0)
         cache.n = p0 + n
         if not all_logits:
             x = x[-1:]
-        logits = self.output @ rms_norm(x, self.output_norm, hp.rms_eps)
+        if gpu is not None and gpu.output:
+            logits = gpu.logits(x)
+        else:
+            logits = self.output @ rms_norm(x, self.output_norm, hp.rms_eps)
         return logits if all_logits else logits[0]
 
     def attention(self, il: int, L: Layer, h: np.ndarray, pos: np.ndarray,

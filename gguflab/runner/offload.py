@@ -26,6 +26,10 @@ MAX_BATCH = 512  # tokens per device pass: longer prompts go through in chunks o
 # held back for what the driver takes at launch: the stack (local memory) of every resident
 # thread (the attention kernel keeps a head's row there), and the loaded modules
 RESERVE_BYTES = 512 * MIB
+# GGUFLAB_GPU=host: a pretend GPU in host memory that runs the very kernels the GPU would
+# (compiled for the CPU), so the whole offload path can be checked on a machine without one
+HOST_GPU_NAME = "host emulation"
+HOST_GPU_BYTES = 8 << 30
 _LAYER = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -246,6 +250,8 @@ def plan_for_cli(reader, n_ctx: int, n_gpu_layers: int | str,
     """Probe the GPU and plan in one call (GGUFLAB_NO_GPU=1 acts as if there were none)."""
     if os.environ.get("GGUFLAB_NO_GPU"):
         gpu, why = None, "GGUFLAB_NO_GPU is set"
+    elif os.environ.get("GGUFLAB_GPU") == "host":
+        gpu, why = GpuInfo(main_gpu, HOST_GPU_NAME, HOST_GPU_BYTES, HOST_GPU_BYTES, (0, 0)), ""
     else:
         gpu, why = probe_gpu(main_gpu)
     if gpu is None:

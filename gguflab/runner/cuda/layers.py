@@ -17,9 +17,8 @@ import numpy as np
 from ...errors import UserError
 from ...gguf import GGMLType
 from ...quant import get as quant_type
-from ..kernels import get_rows
-from ..model import KVCache, Model, Weight, rms_norm, silu
-from ..offload import MAX_BATCH
+from ..model import KVCache, Model, Weight
+from ..offload import HOST_GPU_NAME, MAX_BATCH
 from . import kernels as K
 from .device import Device
 
@@ -181,6 +180,16 @@ class GpuLayers:
             dev.launch("add", n * E, b["x"], b["o"], b["x"])
         return dev.read(b["x"], np.empty((n, E), np.float32))
 
+    def run(self, x: np.ndarray, p0: int) -> np.ndarray:
+        """`forward_layers` in batches of at most MAX_BATCH tokens (the scratch's size)."""
+        return np.concatenate([self.forward_layers(x[a:a + MAX_BATCH], p0 + a)
+                               for a in range(0, len(x), MAX_BATCH)])
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """`output_logits` in batches of at most MAX_BATCH tokens."""
+        return np.concatenate([self.output_logits(x[a:a + MAX_BATCH])
+                               for a in range(0, len(x), MAX_BATCH)])
+
     def output_logits(self, x: np.ndarray) -> np.ndarray:
         """Logits (n, n_vocab) of hidden states x (n, n_embd) through the device's head."""
         if not self.output:
@@ -199,37 +208,11 @@ def forward_offloaded(model: Model, gpu: GpuLayers | None, tokens: list[int] | n
     """`Model.forward` with the layers in `gpu` (the last ones) and maybe the output head on
     its device; the CPU layers use `cache`, the device layers their own device cache, and
     `cache.n` counts positions for both."""
-    hp = model.hp
-    tokens = np.asarray(tokens, np.int64)
-    n, p0 = len(tokens), cache.n
-    if p0 + n > cache.n_ctx:
-        raise UserError(f"context full: {p0 + n} tokens do not fit in --ctx-size {cache.n_ctx}")
-    if n == 0:
-        raise UserError("nothing to evaluate: no tokens")
-    if tokens.min() < 0 or tokens.max() >= hp.n_vocab:
-        raise UserError(f"token id out of range [0, {hp.n_vocab})")
-    pos = np.arange(p0, p0 + n)
-    on_gpu = set(gpu.layers) if gpu is not None else set()
-    x = get_rows(model.tok_embd.data, model.tok_embd.type, tokens)
-    for il, L in enumerate(model.layers):
-        if il in on_gpu:
-            continue
-        h = rms_norm(x, L.attn_norm, hp.rms_eps)
-        x = x + model.attention(il, L, h, pos, cache)
-        h = rms_norm(x, L.ffn_norm, hp.rms_eps)
-        x = x + L.w_down @ (silu(L.w_gate @ h) * (L.w_up @ h))
-    if on_gpu:  # in batches of at most MAX_BATCH tokens: the device scratch is sized so
-        x = np.concatenate([gpu.forward_layers(x[a:a + MAX_BATCH], p0 + a)
-                            for a in range(0, n, MAX_BATCH)])
-    cache.n = p0 + n
-    if not all_logits:
-        x = x[-1:]
-    if gpu is not None and gpu.output:
-        logits = np.concatenate([gpu.output_logits(x[a:a + MAX_BATCH])
-                                 for a in range(0, len(x), MAX_BATCH)])
-    else:
-        logits = model.output @ rms_norm(x, model.output_norm, hp.rms_eps)
-    return logits if all_logits else logits[0]
+    saved, model.gpu = model.gpu, gpu
+    try:
+        return model.forward(tokens, cache, all_logits)
+    finally:
+        model.gpu = saved
 
 
 def load_offload(model: Model, plan, n_ctx: int, device: Device | None = None
@@ -238,7 +221,11 @@ def load_offload(model: Model, plan, n_ctx: int, device: Device | None = None
     CPU): a CudaDevice on the plan's GPU unless `device` is given."""
     if not plan.on_gpu:
         return None
-    if device is None:
+    if device is None and plan.gpu_name == HOST_GPU_NAME:
+        from .device import HostDevice  # noqa: PLC0415
+
+        device = HostDevice()
+    elif device is None:
         from .device import CudaDevice  # noqa: PLC0415  (cuda-bindings only when used)
 
         device = CudaDevice(plan.main_gpu)

@@ -144,10 +144,14 @@ class LoadedModel:
         summary = (f"{os.path.basename(path)} | {hp.arch}, {hp.n_layer} layers, "
                    f"trained ctx {hp.n_ctx_train}, {size(os.path.getsize(path))}")
         if settings.n_gpu_layers:
-            plan = plan_for_cli(model.reader, settings.context_size(hp.n_ctx_train),
-                                settings.n_gpu_layers)
-            if plan.on_gpu:  # as in `gguflab chat`: planned, but the layers run on the CPU
-                summary += " | GPU forward not wired into chat yet: CPU"
+            n_ctx = settings.context_size(hp.n_ctx_train)
+            plan = plan_for_cli(model.reader, n_ctx, settings.n_gpu_layers)
+            if plan.on_gpu:  # as `gguflab chat -ngl N` does
+                from ....runner.cuda.layers import load_offload
+
+                model.gpu = load_offload(model, plan, n_ctx)
+                out = " + output" if plan.output_on_gpu else ""
+                summary += f" | {len(plan.gpu_layers)}/{hp.n_layer} layers{out} on the GPU"
         return cls(path, model, tok, pick_template(model.reader.get(Keys.CHAT_TEMPLATE)),
                    summary)
 
