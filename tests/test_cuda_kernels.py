@@ -8,13 +8,13 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
-import sys
 import threading
 import types
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from fake_cuda import install_driver
 
 from gguflab import quant
 from gguflab.errors import UserError
@@ -442,13 +442,7 @@ class FakeDriver(types.ModuleType):
 @pytest.fixture
 def fake_cuda(monkeypatch):
     driver = FakeDriver()
-    bindings = types.ModuleType("cuda.bindings")
-    bindings.driver = driver
-    cuda = types.ModuleType("cuda")
-    cuda.bindings = bindings
-    for name, mod in (("cuda", cuda), ("cuda.bindings", bindings),
-                      ("cuda.bindings.driver", driver)):
-        monkeypatch.setitem(sys.modules, name, mod)
+    install_driver(monkeypatch, driver)
     return driver
 
 

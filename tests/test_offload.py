@@ -9,6 +9,7 @@ import types
 
 import numpy as np
 import pytest
+from fake_cuda import install_driver
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from gguflab.cli import main
@@ -125,13 +126,7 @@ def test_probe_gpu_survives_a_driver_that_cannot_load(monkeypatch):
                            "system search.\nsecond line")
 
     driver.cuInit = cu_init
-    bindings = types.ModuleType("cuda.bindings")
-    bindings.driver = driver
-    cuda = types.ModuleType("cuda")
-    cuda.bindings = bindings
-    for name, mod in (("cuda", cuda), ("cuda.bindings", bindings),
-                      ("cuda.bindings.driver", driver)):
-        monkeypatch.setitem(sys.modules, name, mod)
+    install_driver(monkeypatch, driver)
     gpu, why = probe_gpu(0)
     assert gpu is None and why.startswith("the CUDA driver is not usable: ")
     assert "\n" not in why and "NVIDIA driver library" in why

@@ -162,7 +162,7 @@ def compile_kernels(module: ir.Module | str, signatures: dict[str, type]) -> Com
             if debug_level() >= 2:
                 print(str(mod), file=sys.stderr)
             obj = tm.emit_object(mod)
-            _store(path, obj)
+            store_cached(path, obj)
             how = "compiled"
         engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), tm)
         engine.add_object_file(llvm.ObjectFileRef.from_data(obj))
@@ -176,7 +176,7 @@ def compile_kernels(module: ir.Module | str, signatures: dict[str, type]) -> Com
         return compiled
 
 
-def _store(path: str, data: bytes) -> None:
+def store_cached(path: str, data: bytes) -> None:
     """Best-effort atomic write into the cache; a read-only home just means no cache."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)

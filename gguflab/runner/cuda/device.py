@@ -24,6 +24,7 @@ import numpy as np
 from ...errors import UserError
 from ...gguf import GGMLType
 from ...jit import Target, cache_dir, compile_kernels, emit_ptx, parallel_rows
+from ...jit.core import store_cached
 from . import kernels as K
 
 BLOCK_THREADS = 128  # threads per CUDA block: 4 warps
@@ -162,9 +163,6 @@ def check(cu, result, what: str = "") -> tuple:
     return tuple(values)
 
 
-_ptx_lock = threading.Lock()
-
-
 def cached_ptx(key: str, sm: str) -> str:
     """PTX of module `key` for GPU `sm`, cached on disk beside the host objects."""
     text = str(build_module(key, Target.NVPTX))
@@ -176,15 +174,7 @@ def cached_ptx(key: str, sm: str) -> str:
     except OSError:
         pass
     ptx = emit_ptx(text, sm)
-    with _ptx_lock:
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(ptx)
-            os.replace(tmp, path)
-        except OSError:
-            pass
+    store_cached(path, ptx.encode())
     return ptx
 
 
