@@ -199,6 +199,12 @@ def _load_model(args: argparse.Namespace):
     from .runner.model import Model
     from .runner.tokenizer import Tokenizer
 
+    if getattr(args, "threads", None) is not None:
+        from .jit.parallel import set_threads
+
+        if args.threads < 0:
+            raise UserError(f"--threads {args.threads}: give 1 or more (0: all cores)")
+        set_threads(args.threads or None)
     model = Model(args.model or embedded_model())
     ngl = getattr(args, "n_gpu_layers", 0)
     if ngl:  # plan before loading anything onto a GPU; no usable GPU: say why, use the CPU

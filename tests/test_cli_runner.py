@@ -127,3 +127,21 @@ def test_chat_repl_answers_with_the_model_template(smollm2):
         if len(out) == 12:
             break
     assert r.stdout == "> " + ref.detokenize(out).decode() + "\n> "
+
+
+def test_threads_flag_sets_the_kernel_threads(smol_f32, capsys):
+    from gguflab.jit import parallel
+
+    args = ["run", "-m", smol_f32, "-p", "Once upon a time", "-n", "6", "--temp", "0"]
+    try:
+        assert main([*args, "-t", "1"]) == 0
+        assert parallel.default_threads() == 1
+        one = capsys.readouterr().out
+        assert main([*args, "-t", "2"]) == 0
+        assert parallel.default_threads() == 2
+        assert capsys.readouterr().out == one  # same greedy text with a team of two
+        assert main([*args, "-t", "0"]) == 0  # 0: all cores
+        assert parallel.default_threads() == parallel._cores()
+        assert main([*args, "-t", "-1"]) == 1
+    finally:
+        parallel.set_threads(None)

@@ -44,13 +44,28 @@ _JOB = struct.Struct(f"<{JOB_WORDS}q")
 
 
 @cache
-def default_threads() -> int:
+def _cores() -> int:
     """The cores this process may run on (asked once: decoding asks hundreds of times a
     token)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return max(1, os.cpu_count() or 1)
+
+
+_threads: int | None = None  # set_threads(): `-t N` for everything this process runs
+
+
+def set_threads(n: int | None) -> None:
+    """Threads for every kernel call that does not name its own count (None: all cores)."""
+    global _threads
+    if n is not None and n < 1:
+        raise ValueError("threads must be at least 1")
+    _threads = n
+
+
+def default_threads() -> int:
+    return _threads or _cores()
 
 
 @cache

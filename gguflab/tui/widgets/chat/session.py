@@ -170,9 +170,11 @@ def stream_reply(lm: LoadedModel, settings: ChatSettings, messages: list[dict],
                  on_piece: Callable[[str, int, float], None]) -> Reply:
     """Generate the assistant's next turn for `messages`, calling `on_piece(text, n_tokens,
     tok_per_s)` as text completes; `should_stop()` is asked between tokens."""
+    from ....jit.parallel import set_threads
     from ....runner.chat import chat_prompt_ids
     from ....runner.generate import Generation, Timings
 
+    set_threads(settings.threads or None)  # the form's threads, as `-t` in the CLI
     ids = chat_prompt_ids(lm.tokenizer, lm.template, messages)
     gen = Generation.start(lm.model, lm.tokenizer,
                            settings.context_size(lm.model.hp.n_ctx_train))
