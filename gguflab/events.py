@@ -45,6 +45,7 @@ class TensorDone(Event):
     rmse: float | None = None  # relative RMSE of dequantized vs input
     converted: bool = True  # False when the bytes were copied as they were
     note: str = ""  # e.g. the fallback type reason
+    weights: dict[str, Any] | None = None  # input distribution: {"counts", "lo", "hi"}
 
 
 @dataclass

@@ -30,7 +30,7 @@ def quantize_job(src: str, dst: str | None, mix: str,
     from .quant.mixes import parse_mix
     from .quant.pipeline import QuantizeOptions, quantize_model
 
-    opts = dict(options or {})
+    opts = {"weights": True, **(options or {})}  # the Jobs tab draws each distribution
     for key in ("output_tensor_type", "token_embedding_type"):
         if opts.get(key) is not None:
             opts[key] = type_by_name(opts[key])

@@ -126,3 +126,23 @@ def test_types_without_arithmetic_get_a_clear_message(tmp_path):
     assert gguflab("inspect", src).returncode == 0
     _one_line_error(gguflab("quantize", "--allow-requantize", src, tmp_path / "o.gguf", "Q4_0"),
                     "IQ2_XXS is not supported")
+
+
+def test_weight_distribution_is_the_inputs_histogram(tiny, tmp_path):
+    """TensorDone.weights (the Jobs tab's chart): numpy's histogram of the tensor's input
+    weights over their range, on every k-th row for WEIGHT_SAMPLE weights."""
+    import numpy as np
+
+    from gguflab.gguf import GGUFReader
+    from gguflab.quant.pipeline import WEIGHT_BINS, WEIGHT_SAMPLE
+
+    done = [e for e in quantize_model(tiny, tmp_path / "q.gguf", parse_mix("Q4_K_M"),
+                                      QuantizeOptions(weights=True))
+            if isinstance(e, TensorDone) and e.converted]
+    x = np.asarray(GGUFReader(tiny).tensor("blk.1.ffn_down.weight").data, np.float32)
+    x = x[:: max(1, x.size // WEIGHT_SAMPLE)]  # rows (ne[1]) are the first numpy axis
+    (ev,) = [e for e in done if e.name == "blk.1.ffn_down.weight"]
+    want, _ = np.histogram(x, WEIGHT_BINS, (x.min(), x.max()))
+    assert ev.weights == {"counts": want.tolist(), "lo": float(x.min()), "hi": float(x.max())}
+    assert all(e.weights is None for e in quantize_model(
+        tiny, tmp_path / "n.gguf", parse_mix("Q8_0")) if isinstance(e, TensorDone))

@@ -136,6 +136,8 @@ def test_quantize_through_dialog(tmp_path):
             # the histogram is the last quantized tensor's, the RMSE chart has every tensor
             last = [t for t in tensors if t.hist][-1]
             assert app.query_one("#hist", BarChart).values == [float(v) for v in last.hist]
+            assert app.query_one("#weights", BarChart).values == [
+                float(v) for v in last.weights["counts"]]
             rmse = [t.rmse for t in tensors if t.rmse is not None]
             assert app.query_one("#rmse", BarChart).values == rmse
             top = worst([(t.name, t.rmse) for t in tensors if t.rmse is not None], 1)[0]

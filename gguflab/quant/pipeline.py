@@ -40,6 +40,8 @@ from .mixes import (
 )
 
 SLAB_ELEMENTS = 1 << 24  # rows are converted 64 MiB of float32 at a time: memory stays bounded
+WEIGHT_BINS = 32  # bins of the input weights' distribution
+WEIGHT_SAMPLE = 1 << 16  # weights per tensor that the distribution is taken from
 HIST_SAMPLE = 1 << 20  # weights per tensor that the level histogram is counted on
 
 
@@ -50,6 +52,7 @@ class QuantizeOptions(MixOptions):
     threads: int | None = None
     overwrite: bool = False
     stats: bool = True  # histogram and relative RMSE per tensor (costs one dequantize)
+    weights: bool = False  # with stats: each tensor's input distribution (the TUI's chart)
 
 
 @dataclass
@@ -244,20 +247,22 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike | None, mix: M
                     overwrite=opts.overwrite) as w:
         for i, p in enumerate(plan.tensors, 1):
             t0 = time.perf_counter()
-            hist = rmse = None
+            hist = rmse = weights = None
             if not p.converted:
                 w.write_tensor(p.name, p.tensor.raw)
             else:
-                hist, rmse = yield from _convert(w, p, opts, bytes_done, plan.src_bytes)
+                hist, rmse, weights = yield from _convert(w, p, opts, bytes_done,
+                                                          plan.src_bytes)
             bytes_done += p.tensor.nbytes
             r.release(p.tensor)
-            yield _done(i, total, p, time.perf_counter() - t0, hist, rmse)
+            yield _done(i, total, p, time.perf_counter() - t0, hist, rmse, weights)
     yield Finished(dst, _stats(plan, time.perf_counter() - t_start, os.path.getsize(dst)))
 
 
 def _convert(w: GGUFWriter, p: TensorPlan, opts: QuantizeOptions, bytes_before: int,
              total_bytes: int):
-    """Write one tensor converted slab by slab; returns (histogram, relative RMSE)."""
+    """Write one tensor converted slab by slab; returns (level histogram, relative RMSE,
+    weight distribution), all None without stats."""
     qt = get(p.dst_type)
     t = p.tensor
     row = t.ne[0]
@@ -266,6 +271,8 @@ def _convert(w: GGUFWriter, p: TensorPlan, opts: QuantizeOptions, bytes_before: 
     err2 = ref2 = 0.0
     hist = np.zeros(HIST_BINS, np.int64) if qt.n_levels else None
     hist_every = max(1, n_rows * row // HIST_SAMPLE)  # count levels on every k-th row
+    sample = []  # input weights of every j-th row, for their distribution
+    weights_every = max(1, n_rows * row // WEIGHT_SAMPLE)
     w.begin_tensor(p.name)
     for a in range(0, n_rows, slab):
         b = min(n_rows, a + slab)
@@ -281,19 +288,37 @@ def _convert(w: GGUFWriter, p: TensorPlan, opts: QuantizeOptions, bytes_before: 
             ref2 += float(np.dot(xf, xf))
             if hist is not None:
                 hist += qt.histogram(q[(-a) % hist_every :: hist_every])
+            if opts.weights:
+                sample.append(x[(-a) % weights_every :: weights_every].reshape(-1).copy())
         if b < n_rows:
             frac = b / n_rows
             yield Progress(0, 0, bytes_before + int(frac * t.nbytes), total_bytes)
     w.end_tensor()
-    rmse = (err2 / ref2) ** 0.5 if opts.stats and ref2 > 0 else (0.0 if opts.stats else None)
-    return (hist.tolist() if hist is not None and opts.stats else None), rmse
+    if not opts.stats:
+        return None, None, None
+    rmse = (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
+    weights = weight_histogram(sample) if opts.weights else None
+    return (hist.tolist() if hist is not None else None), rmse, weights
 
 
-def _done(i: int, total: int, p: TensorPlan, seconds: float, hist, rmse) -> TensorDone:
+def weight_histogram(parts: list[np.ndarray]) -> dict | None:
+    """Distribution of input weights: counts in WEIGHT_BINS equal bins over [lo, hi]."""
+    x = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    x = x[np.isfinite(x)]
+    if not x.size:
+        return None
+    lo, hi = float(x.min()), float(x.max())
+    counts, _ = np.histogram(x, WEIGHT_BINS, (lo, hi if hi > lo else lo + 1))
+    return {"counts": counts.tolist(), "lo": lo, "hi": hi}
+
+
+def _done(i: int, total: int, p: TensorPlan, seconds: float, hist, rmse,
+          weights: dict | None = None) -> TensorDone:
     return TensorDone(index=i, total=total, name=p.name, shape=list(p.ne),
                       src_type=p.src_type.name, dst_type=p.dst_type.name,
                       bytes_in=p.tensor.nbytes, bytes_out=p.dst_bytes, seconds=seconds,
-                      hist=hist, rmse=rmse, converted=p.converted, note=p.note)
+                      hist=hist, rmse=rmse, converted=p.converted, note=p.note,
+                      weights=weights)
 
 
 def _stats(plan: ModelPlan, seconds: float, file_size: int) -> dict:

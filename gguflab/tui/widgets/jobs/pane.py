@@ -1,6 +1,7 @@
 """JobsPane: polls the JobManager on a timer and shows each job (state, progress bar, ETA,
-current tensor, throughput), the selected job's live log, the current tensor's histogram of
-quantized levels and the relative RMSE of every tensor so far (which layers lose most).
+current tensor, throughput), the selected job's live log, the current tensor's weight
+distribution and histogram of quantized levels, and the relative RMSE of every tensor so far
+(which layers lose most).
 
 Events are read from `job.events` (the manager's full record), not from what `poll()`
 returns, so nothing is missed when someone else polls the same manager."""
@@ -115,7 +116,10 @@ class JobsPane(Widget):
     JobsPane #job-plots { width: 40%; min-width: 36; max-width: 70;
                           border: round $secondary; }
     JobsPane .plot-title { height: 1; color: $text-muted; }
-    JobsPane #hist { height: 1fr; min-height: 3; max-height: 12; color: $success; }
+    JobsPane #tensor-plots { height: 1fr; min-height: 4; max-height: 13; }
+    JobsPane #tensor-plots > Vertical { width: 1fr; padding-right: 1; }
+    JobsPane #hist { height: 1fr; color: $success; }
+    JobsPane #weights { height: 1fr; color: $accent; }
     JobsPane #rmse { height: 1fr; min-height: 3; max-height: 12; color: $warning; }
     JobsPane #worst { height: auto; }
     """
@@ -151,9 +155,13 @@ class JobsPane(Widget):
             yield RichLog(id="job-log", max_lines=5000, wrap=True, markup=False,
                           min_width=20)
             with Vertical(id="job-plots"):
-                yield Static("levels of the current tensor", id="hist-title",
-                             classes="plot-title")
-                yield BarChart(id="hist")
+                with Horizontal(id="tensor-plots"):
+                    with Vertical():
+                        yield Static("weights", id="weights-title", classes="plot-title")
+                        yield BarChart(id="weights")
+                    with Vertical():
+                        yield Static("levels", id="hist-title", classes="plot-title")
+                        yield BarChart(id="hist")
                 yield Static("relative RMSE per tensor", id="rmse-title", classes="plot-title")
                 yield BarChart(id="rmse")
                 yield Static("", id="worst")
@@ -232,7 +240,7 @@ class JobsPane(Widget):
                     self._rmse[job.id] = []
                 if ev.rmse is not None:
                     self._rmse.setdefault(job.id, []).append((ev.name, ev.rmse))
-                if ev.hist:
+                if ev.hist or ev.weights:
                     self._hist[job.id] = ev
             if job is self.selected:
                 line = describe_event(ev)
@@ -279,11 +287,19 @@ class JobsPane(Widget):
     def _show_plots(self, job: Job) -> None:
         t = self._hist.get(job.id)
         hist_title = self.query_one("#hist-title", Static)
-        if t is not None:
-            hist_title.update(f"levels: {_short(t.name)} {t.dst_type}")
-            self.query_one("#hist", BarChart).set_values([float(v) for v in t.hist or []])
+        weights_title = self.query_one("#weights-title", Static)
+        w = t.weights if t is not None else None
+        if w:
+            weights_title.update(f"{_short(t.name)} {w['lo']:+.2g}..{w['hi']:+.2g}")
         else:
-            hist_title.update("levels of the current tensor: none yet")
+            weights_title.update("weights: none yet")
+        self.query_one("#weights", BarChart).set_values([float(v) for v in (w or {})
+                                                          .get("counts", [])])
+        if t is not None and t.hist:
+            hist_title.update(f"levels, {t.dst_type}")
+            self.query_one("#hist", BarChart).set_values([float(v) for v in t.hist])
+        else:
+            hist_title.update("levels: none yet")
             self.query_one("#hist", BarChart).set_values([])
         pairs = self._rmse.get(job.id, [])
         rmse_title = self.query_one("#rmse-title", Static)
