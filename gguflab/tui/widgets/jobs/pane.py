@@ -290,7 +290,7 @@ class JobsPane(Widget):
         weights_title = self.query_one("#weights-title", Static)
         w = t.weights if t is not None else None
         if w:
-            weights_title.update(f"{_short(t.name)} {w['lo']:+.2g}..{w['hi']:+.2g}")
+            weights_title.update(f"weights {w['lo']:+.2g}..{w['hi']:+.2g}")
         else:
             weights_title.update("weights: none yet")
         self.query_one("#weights", BarChart).set_values([float(v) for v in (w or {})
