@@ -24,8 +24,8 @@ def count(n: float) -> str:
 
 
 def duration(seconds: float) -> str:
-    """h:mm:ss (or m:ss under an hour)."""
+    """h:mm:ss, as the TUI and progress bars show every time."""
     s = max(0, int(round(seconds)))
     h, rem = divmod(s, 3600)
     m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+    return f"{h}:{m:02d}:{s:02d}"
