@@ -29,7 +29,7 @@ import heapq
 import os
 import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..errors import UserError
@@ -603,42 +603,14 @@ class Tokenizer:
         n = len(text)
         if n == 0:
             return
-        syms = list(text)
-        nxt = list(range(1, n + 1))
-        nxt[-1] = -1
-        prv = list(range(-1, n - 1))
         ids, scores = self._ids, self._scores
-        heap: list[tuple[float, int, int, int]] = []
-        push = heapq.heappush
-        for i in range(n - 1):
-            t = syms[i] + syms[i + 1]
-            tid = ids.get(t)
-            if tid is not None:
-                heap.append((-scores[tid], i, i + 1, 2))
-        heapq.heapify(heap)
-        pop = heapq.heappop
-        while heap:
-            _, left, right, size = pop(heap)
-            a, b = syms[left], syms[right]
-            if not a or not b or len(a) + len(b) != size:
-                continue  # one side changed since this pair was queued
-            syms[left] = merged = a + b
-            syms[right] = ""
-            after = nxt[right]
-            nxt[left] = after
-            if after >= 0:
-                prv[after] = left
-            before = prv[left]
-            if before >= 0:
-                t = syms[before] + merged
-                tid = ids.get(t)
-                if tid is not None:
-                    push(heap, (-scores[tid], before, left, len(t)))
-            if after >= 0:
-                t = merged + syms[after]
-                tid = ids.get(t)
-                if tid is not None:
-                    push(heap, (-scores[tid], left, after, len(t)))
+
+        def rank(left: str, right: str) -> float | None:  # best score first
+            tid = ids.get(left + right)
+            return None if tid is None else -scores[tid]
+
+        syms = list(text)
+        nxt = merge_pairs(syms, rank)
         i = 0
         while i != -1:
             s = syms[i]
@@ -672,40 +644,9 @@ class Tokenizer:
             tid = ids.get(word)
             if tid is not None:
                 return (tid,)
-        n = len(word)
         syms = list(word)
-        if n > 1:
-            ranks = self._ranks
-            nxt = list(range(1, n + 1))
-            nxt[-1] = -1
-            prv = list(range(-1, n - 1))
-            heap = []
-            for i in range(n - 1):
-                r = ranks.get((syms[i], syms[i + 1]))
-                if r is not None:
-                    heap.append((r, i, i + 1, syms[i] + syms[i + 1]))
-            heapq.heapify(heap)
-            pop, push = heapq.heappop, heapq.heappush
-            while heap:
-                _, left, right, text = pop(heap)
-                a, b = syms[left], syms[right]
-                if not a or not b or a + b != text:
-                    continue
-                syms[left] = text
-                syms[right] = ""
-                after = nxt[right]
-                nxt[left] = after
-                if after >= 0:
-                    prv[after] = left
-                before = prv[left]
-                if before >= 0:
-                    r = ranks.get((syms[before], text))
-                    if r is not None:
-                        push(heap, (r, before, left, syms[before] + text))
-                if after >= 0:
-                    r = ranks.get((text, syms[after]))
-                    if r is not None:
-                        push(heap, (r, left, after, text + syms[after]))
+        ranks = self._ranks
+        merge_pairs(syms, lambda left, right: ranks.get((left, right)))
         res = []
         for s in syms:
             if not s:
@@ -841,3 +782,40 @@ class StreamDecoder:
         out = self._dec.decode(b"", final=True)
         self._dec.reset()
         return out
+
+
+def merge_pairs(syms: list[str], rank: Callable[[str, str], float | None]) -> list[int]:
+    """The merge loop of both SentencePiece and BPE: join the adjacent pair of symbols with
+    the lowest rank (ties: leftmost) until no pair has one. `syms` is changed in place (a
+    merged-away symbol becomes ""); returns each symbol's next one (-1: the last)."""
+    n = len(syms)
+    nxt = [*range(1, n), -1] if n else []
+    prv = list(range(-1, n - 1))
+    heap = []
+    for i in range(n - 1):
+        r = rank(syms[i], syms[i + 1])
+        if r is not None:
+            heap.append((r, i, i + 1, syms[i] + syms[i + 1]))
+    heapq.heapify(heap)
+    pop, push = heapq.heappop, heapq.heappush
+    while heap:
+        _, left, right, text = pop(heap)
+        a, b = syms[left], syms[right]
+        if not a or not b or a + b != text:
+            continue  # one side changed since this pair was queued
+        syms[left] = text
+        syms[right] = ""
+        after = nxt[right]
+        nxt[left] = after
+        if after >= 0:
+            prv[after] = left
+        before = prv[left]
+        if before >= 0:
+            r = rank(syms[before], text)
+            if r is not None:
+                push(heap, (r, before, left, syms[before] + text))
+        if after >= 0:
+            r = rank(text, syms[after])
+            if r is not None:
+                push(heap, (r, left, after, text + syms[after]))
+    return nxt
