@@ -22,7 +22,7 @@ from gguflab.gguf import GGMLType
 from gguflab.jit import Target, emit_ptx
 from gguflab.runner.cuda import kernels as K
 from gguflab.runner.cuda.device import KERNELS, MAX_GRID, HostDevice, build_module
-from gguflab.runner.cuda.layers import GpuLayers, forward_offloaded
+from gguflab.runner.cuda.layers import DeviceWeight, GpuLayers, forward_offloaded
 from gguflab.runner.model import Model
 from gguflab.runner.offload import placement, probe_gpu
 from gguflab.synth import SynthConfig, write_synthetic_llama
@@ -164,6 +164,44 @@ def test_rms_norm_softmax_and_elementwise_match_numpy(dev):
     dev.launch("add_bias", x.size, px, pb, n)
     np.testing.assert_array_equal(_f32(dev, px, x.shape), x + w)
 
+    # the residual add and the next norm in one kernel: x += u, y = RMSNorm(x) * w
+    px = dev.upload(x)
+    dev.launch("add_rms_norm", rows, px, pu, pw, py, n, 1e-5)
+    s = x + u
+    np.testing.assert_array_equal(_f32(dev, px, x.shape), s)
+    ms = np.mean(s.astype(np.float64) ** 2, -1, keepdims=True)
+    np.testing.assert_allclose(_f32(dev, py, x.shape), s / np.sqrt(ms + 1e-5) * w, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_round_q8_gives_the_q8_0_quantizers_values(dev):
+    """The activations the CPU's integer products see: x through the Q8_0 quantizer (the
+    one that is bit-identical to llama.cpp's) and back, including all-zero groups and ties."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((3, 256)) * rng.uniform(0.01, 30, (3, 1))).astype(np.float32)
+    x[1, 32:64] = 0
+    x[2, :32] = np.arange(32) - 15.5  # d = 16.5 / 127: many levels near .5
+    qt = quant.get(GGMLType.Q8_0)
+    want = qt.dequantize(qt.quantize(x, reference=True), reference=True)
+    px, py = dev.upload(x), dev.alloc(x.nbytes)
+    dev.launch("round_q8", x.size // 32, px, py)
+    np.testing.assert_array_equal(_f32(dev, py, x.shape), want)
+    dev.launch("round_q8", x.size // 32, px, px)  # in place
+    np.testing.assert_array_equal(_f32(dev, px, x.shape), want)
+
+
+def test_kv_store_writes_f16_rows_at_the_device_position(dev):
+    rng = np.random.default_rng(6)
+    row, n_ctx, p0, n = 24, 10, 6, 3
+    x = rng.standard_normal((n, row)).astype(np.float32)
+    pc = dev.upload(np.full((n_ctx, row), 7, np.float16))
+    dev.launch("kv_store", x.size, dev.upload(x), pc, dev.upload(np.array([p0], np.int64)),
+               row)
+    want = np.full((n_ctx, row), 7, np.float16)
+    want[p0:p0 + n] = x.astype(np.float16)
+    got = dev.read(pc, np.empty((n_ctx, row), np.float16))
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
 
 def test_f16_conversions_round_like_numpy(dev):
     rng = np.random.default_rng(2)
@@ -204,7 +242,7 @@ def test_rope_matches_numpy(neox, dev):
     table = np.stack([np.cos(ang), np.sin(ang)], -1).astype(np.float32)
     px = dev.upload(x)
     dev.launch("rope_neox" if neox else "rope_normal", n_tok * n_head * half, px,
-               dev.upload(table), p0, n_head, hd, half)
+               dev.upload(table), dev.upload(np.array([p0], np.int64)), n_head, hd, half)
     ref = _rope_ref(x, np.arange(p0, p0 + n_tok), rope_dim, base, neox)
     np.testing.assert_allclose(_f32(dev, px, x.shape), ref, rtol=1e-5, atol=1e-5)
 
@@ -223,7 +261,7 @@ def test_attention_over_the_f16_cache_matches_numpy(n_tok, p0, dev):
     po = dev.alloc(q.nbytes)
     scale = float(np.float32(1 / np.sqrt(hd)))
     dev.launch("attention", n_tok * n_head, dev.upload(q), dev.upload(kc), dev.upload(vc), po,
-               n_head, n_kv, hd, p0, scale)
+               n_head, n_kv, hd, dev.upload(np.array([p0], np.int64)), scale)
     k64, v64 = kc[:T].astype(np.float64), vc[:T].astype(np.float64)
     ref = np.empty((n_tok, n_head, hd))
     for t in range(n_tok):
@@ -281,6 +319,120 @@ def test_forward_offloaded_on_the_host_device_matches_model_forward(ngl, tiny_mo
         assert gpu.bytes_uploaded >= len(layers) * per_layer
 
 
+@pytest.fixture(scope="module")
+def quantized_models(tmp_path_factory) -> dict[str, Model]:
+    """A tiny llama of 256-wide rows (K-quant blocks) as Q4_0 and Q8_0 (decoded through Q8_0
+    activations on x86 AVX2), Q4_K_M (Q4_K and Q6_K: the same) and Q5_K_S (floats)."""
+    from gguflab.quant.mixes import parse_mix
+    from gguflab.quant.pipeline import QuantizeOptions, quantize_model
+
+    d = tmp_path_factory.mktemp("cuda-quant")
+    src = write_synthetic_llama(d / "f16.gguf", SynthConfig(
+        n_layer=3, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=256))
+    out = {}
+    for mix in ("Q4_0", "Q8_0", "Q4_K_M", "Q5_K_S"):
+        for _ in quantize_model(src, d / f"{mix}.gguf", parse_mix(mix), QuantizeOptions()):
+            pass
+        out[mix] = Model(d / f"{mix}.gguf")
+    return out
+
+
+@pytest.mark.parametrize("mix", ["Q4_0", "Q8_0", "Q4_K_M", "Q5_K_S"])
+def test_offloaded_decode_of_quantized_weights_matches_the_cpu(mix, quantized_models):
+    """One-token products round their input as the CPU's do (Q8_0 activations for the types
+    it reads with integer dot products), so decode logits agree as closely as the prompt's.
+    Q4_K_M's run has an activation within float noise of a rounding boundary (as any two
+    backends that round activations will, now and then): one level apart, 1% of the logits'
+    scale, where leaving the rounding out is 1.6% everywhere; its tokens still agree."""
+    m, prompt, n_ctx = quantized_models[mix], [3, 17, 42, 99, 5, 8, 120], 32
+    cpu_cache = m.new_cache(n_ctx)
+    ref = _greedy(lambda t, a: m.forward(t, cpu_cache, all_logits=a), prompt, 6)
+    gpu = GpuLayers(m, [0, 1, 2], n_ctx, HostDevice(), output=True)
+    cache = m.new_cache(n_ctx)
+    got = _greedy(lambda t, a: forward_offloaded(m, gpu, t, cache, all_logits=a), prompt, 6)
+    assert got[1] == ref[1]
+    scale = np.abs(ref[0]).max()
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-4 * scale, rtol=0)
+    tol = 1.5e-2 if mix == "Q4_K_M" else 1e-4
+    np.testing.assert_allclose(got[2], ref[2], atol=tol * scale, rtol=0)
+
+
+@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1,
+                               GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q5_K,
+                               GGMLType.F16], ids=lambda t: t.name)
+def test_one_token_products_see_the_cpus_activations(t, quantized_models):
+    """A decode product on the device (x rounded first where the CPU rounds it) against the
+    CPU's `matmul` of one token: float-sum noise apart, the same numbers."""
+    from gguflab.runner.kernels import matmul, quantizes_activations
+
+    rng = np.random.default_rng(int(t))
+    raw, _ = _weights(t, 48, 512, rng)
+    gpu = GpuLayers(quantized_models["Q8_0"], [], 4, HostDevice())
+    dev = gpu.device
+    w = DeviceWeight(dev.upload(raw), t, 48, 512, raw.shape[1])
+    for scale in (0.05, 1.0, 40.0):
+        x = (rng.standard_normal((1, 512)) * scale).astype(np.float32)
+        want = matmul(raw, t, x)
+        px, py = dev.upload(x), dev.alloc(4 * 48)
+        gpu._rounded = None
+        gpu._matmul(w, px, py, 1)
+        got = _f32(dev, py, (1, 48))
+        np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max(), rtol=0)
+    assert (gpu.launches == 6) == quantizes_activations(t)  # round_q8 + matvec, or matvec
+
+
+def test_decode_steps_replay_one_recording(tiny_model, monkeypatch):
+    """The first decode step runs directly, the second is recorded, and every later one
+    replays that recording (launch count 1): the logits are those of direct launches, at
+    every position, because the position is read from device memory."""
+    m, prompt, n_ctx = tiny_model, [3, 17, 42, 99, 5], 32
+    runs = {}
+    for graphs in ("0", "1"):
+        monkeypatch.setenv("GGUFLAB_CUDA_GRAPHS", graphs)
+        gpu = GpuLayers(m, list(range(N_LAYER)), n_ctx, HostDevice(), output=True)
+        assert gpu.graphs == (graphs == "1")
+        cache = m.new_cache(n_ctx)
+        forward_offloaded(m, gpu, prompt, cache, all_logits=True)
+        counts, steps = [], []
+        for tok in (7, 8, 9, 10, 11):
+            before = gpu.launches
+            x = gpu.run(np.full((1, m.hp.n_embd), tok / 100, np.float32), cache.n)
+            cache.n += 1
+            counts.append(gpu.launches - before)
+            steps.append(x)
+        runs[graphs] = (counts, np.array(steps))
+    direct, replayed = runs["0"][0], runs["1"][0]
+    assert len(set(direct)) == 1 and direct[0] > N_LAYER  # the same launches every step
+    assert replayed == [direct[0], 1, 1, 1, 1]  # direct, recorded then replayed, replays
+    np.testing.assert_array_equal(runs["1"][1], runs["0"][1])
+
+
+def test_a_decode_step_launches_few_kernels_per_layer(tiny_model, monkeypatch):
+    """Q, K, V in one product, gate and up in one, RoPE of q and k in one, residual adds
+    fused into the next norm: 11 kernels per layer on F16 weights (norm, QKV, RoPE, two KV
+    stores, attention, output, add + norm, gate-up, SwiGLU, down), and the last add."""
+    monkeypatch.setenv("GGUFLAB_CUDA_GRAPHS", "0")
+    m = tiny_model
+    gpu = GpuLayers(m, list(range(N_LAYER)), 16, HostDevice(), output=True)
+    gpu.run(np.ones((1, m.hp.n_embd), np.float32), 0)
+    assert gpu.launches == 11 * N_LAYER + 1
+
+
+def test_the_cpu_cache_holds_only_the_cpu_layers(tiny_model):
+    m = tiny_model
+    try:
+        m.gpu = GpuLayers(m, [2, 3], 16, HostDevice(), output=True)
+        cache = m.new_cache(16)
+        assert cache.k.shape[0] == 2 and cache.nbytes == m.new_cache(16).nbytes
+        m.forward([1, 2, 3], cache)
+        m.gpu = GpuLayers(m, [3], 16, HostDevice())
+        with pytest.raises(UserError, match="holds 2 layers but the CPU runs 3"):
+            m.forward([4], cache)
+    finally:
+        m.gpu = None
+    assert m.new_cache(16).k.shape[0] == N_LAYER
+
+
 def test_forward_offloaded_with_neox_rope_and_qkv_biases(tmp_path):
     """qwen2's differences from llama (NEOX RoPE, q/k/v biases, a partial rotary dim) on a
     llama file whose Model is given them: the device path must follow the CPU's."""
@@ -307,6 +459,9 @@ def test_forward_offloaded_handles_prompts_longer_than_a_device_batch(tiny_model
     from gguflab.runner.cuda import layers as L
 
     monkeypatch.setattr(L, "MAX_BATCH", 3)
+    with pytest.raises(UserError, match="4 tokens in one GPU pass: at most 3"):
+        GpuLayers(tiny_model, [3], 16, HostDevice()).forward_layers(
+            np.zeros((4, tiny_model.hp.n_embd), np.float32), 0)
     m, prompt = tiny_model, list(range(10, 18))
     ref = m.forward(prompt, m.new_cache(16), all_logits=True)
     gpu = GpuLayers(m, [2, 3], 16, HostDevice(), output=True)
@@ -337,6 +492,8 @@ def test_cuda_device_logits_match_the_cpu(tiny_model):
     assert got[1] == ref[1]
     scale = np.abs(ref[0]).max()
     np.testing.assert_allclose(got[0], ref[0], atol=1e-3 * scale, rtol=0)
+    np.testing.assert_allclose(got[2], ref[2], atol=1e-3 * scale, rtol=0)  # replayed steps
+    assert gpu.graph_error == ""
 
 
 # -- CudaDevice against a stand-in driver -------------------------------------------------
@@ -350,6 +507,8 @@ class FakeDriver(types.ModuleType):
 
     CUdeviceptr = int
     CUstream = int
+    CUstreamCaptureMode = types.SimpleNamespace(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL=1)
+    CAPTURE_UNSUPPORTED = 900  # CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
     CUdevice_attribute = types.SimpleNamespace(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR="maj",
                                                CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR="min")
 
@@ -360,6 +519,9 @@ class FakeDriver(types.ModuleType):
         self.launched: list[str] = []
         self.fail_alloc_over = fail_alloc_over
         self.current: dict[int, object] = {}  # thread -> its current context
+        self.capturing: list | None = None  # launches recorded on the stream, not run
+        self.graphs_launched = 0
+        self.streams = 0
 
     def cuInit(self, flags):
         return (0,)
@@ -416,12 +578,55 @@ class FakeDriver(types.ModuleType):
     def cuMemFree(self, p):
         return (0,)
 
-    def cuMemcpyHtoD(self, dst, src, n):
+    def cuStreamCreate(self, flags):
+        self.streams += 1
+        return 0, "stream"
+
+    def cuStreamDestroy(self, stream):
+        self.streams -= 1
+        return (0,)
+
+    def cuStreamSynchronize(self, stream):
+        assert stream == "stream"
+        return (self.CAPTURE_UNSUPPORTED,) if self.capturing is not None else (0,)
+
+    def cuMemcpyHtoDAsync(self, dst, src, n, stream):
+        assert stream == "stream"
+        if self.capturing is not None:  # pageable copies cannot be recorded
+            return (self.CAPTURE_UNSUPPORTED,)
         ctypes.memmove(int(dst), src, n)
         return (0,)
 
-    def cuMemcpyDtoH(self, dst, src, n):
+    def cuMemcpyDtoHAsync(self, dst, src, n, stream):
+        assert stream == "stream"
+        if self.capturing is not None:
+            return (self.CAPTURE_UNSUPPORTED,)
         ctypes.memmove(dst, int(src), n)
+        return (0,)
+
+    def cuStreamBeginCapture(self, stream, mode):
+        assert stream == "stream" and mode == 1 and self.capturing is None
+        self.capturing = []
+        return (0,)
+
+    def cuStreamEndCapture(self, stream):
+        graph, self.capturing = self.capturing, None
+        return 0, graph
+
+    def cuGraphInstantiate(self, graph, flags):
+        return 0, tuple(graph)
+
+    def cuGraphDestroy(self, graph):
+        return (0,)
+
+    def cuGraphExecDestroy(self, exe):
+        return (0,)
+
+    def cuGraphLaunch(self, exe, stream):
+        assert stream == "stream" and self.capturing is None
+        self.graphs_launched += 1
+        for f, n_items, args in exe:
+            self.host.launch(f, n_items, *args)
         return (0,)
 
     def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
@@ -434,8 +639,12 @@ class FakeDriver(types.ModuleType):
         assert bx % 32 == 0 and gx >= 1 and n_items > 0
         lanes = args[-1] if spec.grouped else spec.lanes  # the grid covers every item
         assert gx * bx >= min(n_items * lanes, MAX_GRID * bx)
+        assert stream == "stream"
         self.launched.append(f)
-        self.host.launch(f, n_items, *args)
+        if self.capturing is not None:  # the parameters are copied when recorded
+            self.capturing.append((f, n_items, args))
+        else:
+            self.host.launch(f, n_items, *args)
         return (0,)
 
 
@@ -461,7 +670,42 @@ def test_cuda_device_through_a_stand_in_driver_matches_the_cpu(fake_cuda, tiny_m
     got = forward_offloaded(m, gpu, prompt, m.new_cache(n_ctx), all_logits=True)
     dev.close()
     np.testing.assert_allclose(got, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
-    assert {"matmul_f16", "attention", "rope_normal", "f32_to_f16"} <= set(fake_cuda.launched)
+    assert {"matmul_f16", "attention", "rope_normal", "kv_store"} <= set(fake_cuda.launched)
+
+
+def test_cuda_device_records_decode_steps_and_replays_them(fake_cuda, tiny_model):
+    """Through the stand-in driver: the decode steps after the second are one cuGraphLaunch
+    each (no copy or sync is attempted while recording: the driver would refuse), and the
+    greedy run equals the CPU's."""
+    from gguflab.runner.cuda.device import CudaDevice
+
+    m, prompt, n_ctx = tiny_model, [3, 17, 42, 99, 5, 8, 120], 32
+    cpu_cache = m.new_cache(n_ctx)
+    ref = _greedy(lambda t, a: m.forward(t, cpu_cache, all_logits=a), prompt, 5)
+    dev = CudaDevice(0)
+    gpu = GpuLayers(m, list(range(N_LAYER)), n_ctx, dev, output=True)
+    cache = m.new_cache(n_ctx)
+    got = _greedy(lambda t, a: forward_offloaded(m, gpu, t, cache, all_logits=a), prompt, 5)
+    assert gpu.graph_error == "" and fake_cuda.graphs_launched == 4
+    assert got[1] == ref[1]
+    np.testing.assert_allclose(got[2], ref[2], atol=1e-4 * np.abs(ref[0]).max(), rtol=0)
+    gpu.close()
+    dev.close()
+    assert fake_cuda.streams == 0
+
+
+def test_a_device_that_cannot_record_runs_steps_directly(fake_cuda, tiny_model):
+    from gguflab.runner.cuda.device import CudaDevice
+
+    fake_cuda.cuStreamBeginCapture = lambda stream, mode: (fake_cuda.CAPTURE_UNSUPPORTED,)
+    m, n_ctx = tiny_model, 16
+    cpu_cache = m.new_cache(n_ctx)
+    ref = _greedy(lambda t, a: m.forward(t, cpu_cache, all_logits=a), [1, 2, 3], 3)[1]
+    gpu = GpuLayers(m, list(range(N_LAYER)), n_ctx, CudaDevice(0), output=True)
+    cache = m.new_cache(n_ctx)
+    got = _greedy(lambda t, a: forward_offloaded(m, gpu, t, cache, all_logits=a), [1, 2, 3], 3)
+    assert got[1] == ref and fake_cuda.graphs_launched == 0
+    assert gpu.graph_error.startswith("CUDA error 900") and not gpu.graphs
 
 
 def test_cuda_device_binds_its_context_in_every_calling_thread(fake_cuda):

@@ -107,10 +107,11 @@ class KVCache:
     """Keys and values of every layer for up to `n_ctx` positions, rounded to F16 as
     llama.cpp keeps them by default, but held as float32: numpy converts F16 one element at
     a time, which re-reading the whole context every token would pay. Laid out
-    (layer, kv head, position, dim) so that each head's keys are one matrix."""
+    (layer, kv head, position, dim) so that each head's keys are one matrix. `n_layer`, when
+    given, holds only the first layers: the others' cache is on the GPU that runs them."""
 
-    def __init__(self, hp: HParams, n_ctx: int):
-        shape = (hp.n_layer, hp.n_head_kv, n_ctx, hp.head_dim)
+    def __init__(self, hp: HParams, n_ctx: int, n_layer: int | None = None):
+        shape = (hp.n_layer if n_layer is None else n_layer, hp.n_head_kv, n_ctx, hp.head_dim)
         self.k = np.zeros(shape, np.float32)
         self.v = np.zeros(shape, np.float32)
         self.n_ctx = n_ctx
@@ -155,7 +156,12 @@ class Model:
         self.inv_freq = hp.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
 
     def new_cache(self, n_ctx: int) -> KVCache:
-        return KVCache(self.hp, n_ctx)
+        """A KV cache for the layers the CPU runs (the offloaded ones keep theirs on the
+        device)."""
+        return KVCache(self.hp, n_ctx, self.hp.n_layer - self._n_gpu_layers())
+
+    def _n_gpu_layers(self) -> int:
+        return len(self.gpu.layers) if self.gpu is not None else 0
 
     # -- the forward pass ----------------------------------------------------------------
 
@@ -176,7 +182,10 @@ class Model:
         pos = np.arange(p0, p0 + n)
         x = get_rows(self.tok_embd.data, self.tok_embd.type, tokens)
         gpu = self.gpu  # the last layers (and maybe the output) when offloaded
-        n_cpu = hp.n_layer - (len(gpu.layers) if gpu is not None else 0)
+        n_cpu = hp.n_layer - self._n_gpu_layers()
+        if cache.k.shape[0] < n_cpu:
+            raise UserError(f"this KV cache holds {cache.k.shape[0]} layers but the CPU runs "
+                            f"{n_cpu}: make it with new_cache after setting the offload")
         for il, L in enumerate(self.layers[:n_cpu]):
             h = rms_norm(x, L.attn_norm, hp.rms_eps)
             x = x + self.attention(il, L, h, pos, cache)

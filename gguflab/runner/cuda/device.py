@@ -63,6 +63,11 @@ class Device(Protocol):
     def read(self, src: int, out: np.ndarray) -> np.ndarray: ...
     def launch(self, kernel: str, n_items: int, *args: int | float) -> None: ...
     def synchronize(self) -> None: ...
+    # recording: launches between begin and end are kept (not run) as a graph to replay
+    def begin_capture(self) -> None: ...
+    def end_capture(self) -> object: ...
+    def replay(self, graph: object) -> None: ...
+    def release(self, graph: object) -> None: ...
     def mem_info(self) -> tuple[int, int]: ...
     def close(self) -> None: ...
 
@@ -80,6 +85,7 @@ class HostDevice:
         self.allocated = 0
         self.profile = False  # when set, `timings` adds up the seconds of each kernel
         self.timings: dict[str, float] = defaultdict(float)
+        self._recording: list | None = None
 
     def alloc(self, nbytes: int) -> int:
         buf = np.zeros(max(1, nbytes) + 64, np.uint8)
@@ -116,6 +122,9 @@ class HostDevice:
         fn = self.kernel(kernel)
         if n_items <= 0:
             return
+        if self._recording is not None:  # as a CUDA graph does: the arguments as they are now
+            self._recording.append((kernel, n_items, args))
+            return
         t0 = time.perf_counter() if self.profile else 0.0
         if KERNELS[kernel][0].lanes == 1 or n_items < 2 * HOST_MIN_ITEMS:
             fn(*args, 0, n_items)
@@ -126,6 +135,22 @@ class HostDevice:
 
     def synchronize(self) -> None:
         """Launches run to completion on the host: nothing to wait for."""
+
+    def begin_capture(self) -> None:
+        if self._recording is not None:
+            raise UserError("the host device is already recording")
+        self._recording = []
+
+    def end_capture(self) -> tuple:
+        graph, self._recording = tuple(self._recording or ()), None
+        return graph
+
+    def replay(self, graph: tuple) -> None:
+        for kernel, n_items, args in graph:
+            self.launch(kernel, n_items, *args)
+
+    def release(self, graph: tuple) -> None:
+        """A recording is plain data here."""
 
     def mem_info(self) -> tuple[int, int]:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -221,6 +246,9 @@ class CudaDevice:
         # PTX for the newest target we emit that the GPU can run; the driver JITs it up
         cc = (int(major), int(minor))
         self.sm = "sm_90" if cc >= (9, 0) else "sm_80" if cc >= (8, 0) else f"sm_{cc[0]}{cc[1]}"
+        # a stream of our own: copies and launches go in order on it, and it can be recorded
+        # (the legacy default stream cannot)
+        (self.stream,) = check(cu, cu.cuStreamCreate(0))
 
     def _bind(self) -> None:
         """Make the context current on this thread (a UI may call from a worker thread)."""
@@ -254,15 +282,19 @@ class CudaDevice:
         return p
 
     def write(self, dst: int, arr: np.ndarray) -> None:
+        """Copy in, in order with the launches. From pageable memory the driver has staged
+        the bytes when the call returns, so `arr` may go at once."""
         self._bind()
         arr = np.ascontiguousarray(arr)
-        check(self.cu, self.cu.cuMemcpyHtoD(self.cu.CUdeviceptr(dst), arr.ctypes.data,
-                                            arr.nbytes))
+        check(self.cu, self.cu.cuMemcpyHtoDAsync(self.cu.CUdeviceptr(dst), arr.ctypes.data,
+                                                 arr.nbytes, self.stream))
 
     def read(self, src: int, out: np.ndarray) -> np.ndarray:
+        """Copy out once every launch before it has run."""
         self._bind()
-        check(self.cu, self.cu.cuMemcpyDtoH(out.ctypes.data, self.cu.CUdeviceptr(src),
-                                            out.nbytes))
+        check(self.cu, self.cu.cuMemcpyDtoHAsync(out.ctypes.data, self.cu.CUdeviceptr(src),
+                                                 out.nbytes, self.stream))
+        check(self.cu, self.cu.cuStreamSynchronize(self.stream))
         return out
 
     def launch(self, kernel: str, n_items: int, *args: int | float) -> None:
@@ -278,7 +310,7 @@ class CudaDevice:
         fn = self._function(kernel)
         t0 = time.perf_counter() if self.profile else 0.0
         check(self.cu, self.cu.cuLaunchKernel(fn, grid, 1, 1, BLOCK_THREADS, 1, 1, 0,
-                                              self.cu.CUstream(0), ctypes.addressof(params),
+                                              self.stream, ctypes.addressof(params),
                                               0))
         if self.profile:
             self.synchronize()
@@ -286,7 +318,31 @@ class CudaDevice:
 
     def synchronize(self) -> None:
         self._bind()
-        check(self.cu, self.cu.cuCtxSynchronize())
+        check(self.cu, self.cu.cuStreamSynchronize(self.stream))
+
+    def begin_capture(self) -> None:
+        """Record this thread's launches on the stream (copies are not allowed meanwhile)."""
+        self._bind()
+        mode = self.cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+        check(self.cu, self.cu.cuStreamBeginCapture(self.stream, mode), "recording a graph")
+
+    def end_capture(self):
+        """The recorded launches, instantiated: one `cuGraphLaunch` replays them."""
+        self._bind()
+        (graph,) = check(self.cu, self.cu.cuStreamEndCapture(self.stream), "recording a graph")
+        try:
+            (exe,) = check(self.cu, self.cu.cuGraphInstantiate(graph, 0), "instantiating a graph")
+        finally:
+            self.cu.cuGraphDestroy(graph)
+        return exe
+
+    def replay(self, graph) -> None:
+        self._bind()
+        check(self.cu, self.cu.cuGraphLaunch(graph, self.stream))
+
+    def release(self, graph) -> None:
+        self._bind()
+        self.cu.cuGraphExecDestroy(graph)
 
     def mem_info(self) -> tuple[int, int]:
         self._bind()
@@ -304,5 +360,6 @@ class CudaDevice:
             self.cu.cuModuleUnload(m)
         self._modules.clear()
         self._fns.clear()
+        self.cu.cuStreamDestroy(self.stream)
         self.cu.cuDevicePrimaryCtxRelease(self.dev)
         self.ctx = None

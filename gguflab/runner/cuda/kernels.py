@@ -402,17 +402,29 @@ def virtual_block(t: GGMLType) -> int:
 
 COMMON: dict[str, KernelSpec] = {s.name: s for s in [
     KernelSpec("rms_norm", "pppif", WARP),      # x, w, y, n, eps; item = row
+    KernelSpec("add_rms_norm", "ppppif", WARP),  # x (+= a), a, w, y, n, eps; item = row
     KernelSpec("softmax", "ppi", WARP),         # x, y, n; item = row
     KernelSpec("silu_mul", "ppp", 1, in_place=True),  # g, u, y (may be g); item = element
     KernelSpec("add", "ppp", 1, in_place=True),  # a, b, y (may be a); item = element
     KernelSpec("add_bias", "ppi", 1),           # x (in place), bias, n_cols; item = element
-    KernelSpec("rope_normal", "ppiiii", 1),     # x, table, p0, n_head, head_dim, half
-    KernelSpec("rope_neox", "ppiiii", 1),
+    # x, table, pos, n_head, head_dim, half; item = (token, head, pair)
+    KernelSpec("rope_normal", "pppiii", 1),
+    KernelSpec("rope_neox", "pppiii", 1),
     KernelSpec("f32_to_f16", "pp", 1),          # src, dst; item = element
     KernelSpec("f16_to_f32", "pp", 1),
-    # q, k cache, v cache, out, n_head, n_head_kv, head_dim, p0, scale; item = (token, head)
-    KernelSpec("attention", "ppppiiiif", WARP),
+    KernelSpec("kv_store", "pppi", 1),          # src, f16 cache, pos, row; item = element
+    KernelSpec("round_q8", "pp", WARP, in_place=True),  # x, y (may be x); item = 32 floats
+    # q, k cache, v cache, out, n_head, n_head_kv, head_dim, pos, scale; item = (token, head)
+    KernelSpec("attention", "ppppiiipf", WARP),
 ]}
+
+# Kernels that take the position of the batch's first token as `pos`, a pointer to one i64
+# in device memory: a decode step's launches are then the same for every position, which
+# lets a device record them once and replay them (a CUDA graph).
+
+
+def _load_pos(b: ir.IRBuilder, pos: ir.Value) -> ir.Value:
+    return b.load(b.bitcast(pos, ptr(i64)))
 
 
 def _rms_norm(b, args, it):
@@ -423,11 +435,29 @@ def _rms_norm(b, args, it):
     with _lane_loop(b, it, n, "j") as j:
         v = b.load(b.gep(xr, [j]))
         acc.add(b.fmul(v, v))
+    _rms_scale_store(b, it, xr, w, yr, n, eps, acc)
+
+
+def _rms_scale_store(b, it, xr, w, yr, n, eps, acc):
+    """y = x / sqrt(mean(x^2) + eps) * w, given this lane's share of sum(x^2) in acc."""
     ms = b.fdiv(it.reduce(b, acc.get(), "add"), b.sitofp(n, f32))
     scale = _sqrt(b, b.fadd(ms, eps))
     with _lane_loop(b, it, n, "k") as j:
         v = b.fdiv(b.load(b.gep(xr, [j])), scale)
         b.store(b.fmul(v, b.load(_f32p(b, w, j))), b.gep(yr, [j]))
+
+
+def _add_rms_norm(b, args, it):
+    """x += a, then y = RMSNorm(x) * w: the residual add and the next norm in one pass."""
+    x, a, w, y, n, eps = args
+    xr, ar = _f32p(b, x, b.mul(it.index, n)), _f32p(b, a, b.mul(it.index, n))
+    acc = _Acc(b)
+    acc.set(const(f32, 0.0))
+    with _lane_loop(b, it, n, "j") as j:  # a lane reads back only what it wrote
+        v = b.fadd(b.load(b.gep(xr, [j])), b.load(b.gep(ar, [j])))
+        b.store(v, b.gep(xr, [j]))
+        acc.add(b.fmul(v, v))
+    _rms_scale_store(b, it, xr, w, _f32p(b, y, b.mul(it.index, n)), n, eps, acc)
 
 
 def _softmax(b, args, it):
@@ -473,7 +503,8 @@ def _rope(neox: bool) -> Body:
     of (cos, sin) per (position, i) that the host computes once, as the CPU does."""
 
     def body(b, args, it):
-        x, table, p0, n_head, hd, half = args
+        x, table, pos, n_head, hd, half = args
+        p0 = _load_pos(b, pos)
         i, th = b.urem(it.index, half), b.udiv(it.index, half)
         h, t = b.urem(th, n_head), b.udiv(th, n_head)
         cs = b.mul(b.add(b.mul(b.add(p0, t), half), i), _c(2))
@@ -488,7 +519,7 @@ def _rope(neox: bool) -> Body:
     return body
 
 
-def _half_bodies(target: Target) -> tuple[Body, Body]:
+def _half_bodies(target: Target) -> tuple[Body, Body, Body]:
     hw = hardware_half(target)
 
     def to_half(b, args, it):
@@ -501,7 +532,40 @@ def _half_bodies(target: Target) -> tuple[Body, Body]:
         h = b.load(b.gep(b.bitcast(src, ptr(i16)), [it.index]))
         b.store(emit_f16_to_f32(b, h, hw), _f32p(b, dst, it.index))
 
-    return to_half, to_float
+    def kv_store(b, args, it):
+        src, cache, pos, row = args  # element i of the batch goes to cache[pos * row + i]
+        h = emit_f32_to_f16(b, b.load(_f32p(b, src, it.index)), hw)
+        at = b.add(b.mul(_load_pos(b, pos), row), it.index)
+        b.store(h, b.gep(b.bitcast(cache, ptr(i16)), [at]))
+
+    return to_half, to_float, kv_store
+
+
+def _round_q8(target: Target) -> Body:
+    """y = x rounded to Q8_0 and back, per group of 32 (an item): d = max|x| / 127 kept as
+    fp16, levels round(x / d), as the CPU's `quantize_q8` does before its integer products.
+    The decode products over the types the CPU reads that way take y, so the device sees the
+    activations the CPU sees."""
+    hw = hardware_half(target)
+
+    def body(b, args, it):
+        x, y = args
+        xr, yr = _f32p(b, x, b.mul(it.index, _c(32))), _f32p(b, y, b.mul(it.index, _c(32)))
+        fabs = b.module.declare_intrinsic("llvm.fabs", [f32])
+        amax = _Acc(b, name="amax")
+        amax.set(const(f32, 0.0))
+        with _lane_loop(b, it, _c(32), "j") as j:
+            amax.set(_fmax(b, amax.get(), b.call(fabs, [b.load(b.gep(xr, [j]))])))
+        d = b.fdiv(it.reduce(b, amax.get(), "max"), const(f32, 127.0))
+        inv = b.select(b.fcmp_unordered("!=", d, const(f32, 0.0)),
+                       b.fdiv(const(f32, 1.0), d), const(f32, 0.0))
+        dh = emit_f16_to_f32(b, emit_f32_to_f16(b, d, hw), hw)
+        rnd = b.module.declare_intrinsic("llvm.round", [f32])
+        with _lane_loop(b, it, _c(32), "k") as j:  # a lane rewrites only what it read
+            q = b.call(rnd, [b.fmul(b.load(b.gep(xr, [j])), inv)])
+            b.store(b.fmul(dh, q), b.gep(yr, [j]))
+
+    return body
 
 
 def _attention(target: Target) -> Body:
@@ -511,7 +575,8 @@ def _attention(target: Target) -> Body:
     hw = hardware_half(target)
 
     def body(b, args, it):
-        q, kc, vc, out, n_head, n_kv, hd, p0, scale = args
+        q, kc, vc, out, n_head, n_kv, hd, pos, scale = args
+        p0 = _load_pos(b, pos)
         t, h = b.udiv(it.index, n_head), b.urem(it.index, n_head)
         kvh = b.udiv(h, b.udiv(n_head, n_kv))
         stride = b.mul(n_kv, hd)  # halves per cache position
@@ -555,10 +620,11 @@ def build_common_module(target: Target) -> ir.Module:
     """Every kernel that is not a weight product: norms, softmax, activations, RoPE, f16
     conversion and attention."""
     m = ir.Module(name="gpu_common")
-    to_half, to_float = _half_bodies(target)
-    bodies = {"rms_norm": _rms_norm, "softmax": _softmax, "silu_mul": _silu_mul, "add": _add,
+    to_half, to_float, kv_store = _half_bodies(target)
+    bodies = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "softmax": _softmax, "silu_mul": _silu_mul, "add": _add,
               "add_bias": _add_bias, "rope_normal": _rope(False), "rope_neox": _rope(True),
-              "f32_to_f16": to_half, "f16_to_f32": to_float, "attention": _attention(target)}
+              "f32_to_f16": to_half, "f16_to_f32": to_float, "kv_store": kv_store,
+              "round_q8": _round_q8(target), "attention": _attention(target)}
     for name, spec in COMMON.items():
         build_kernel(m, spec, target, bodies[name])
     return m

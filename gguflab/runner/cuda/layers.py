@@ -9,6 +9,8 @@ device once at the boundary, come back once, and everything in between runs as k
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ import numpy as np
 from ...errors import UserError
 from ...gguf import GGMLType
 from ...quant import get as quant_type
+from ..kernels import quantizes_activations
 from ..model import KVCache, Model, Weight
 from ..offload import HOST_GPU_NAME, MAX_BATCH
 from . import kernels as K
@@ -41,26 +44,45 @@ class DeviceWeight:
 
 
 @dataclass(frozen=True)
+class Run:
+    """Weights of one type that read the same input, uploaded as one matrix (their rows one
+    after another): a one-token product over them is one launch whose outputs come out one
+    after another, as the activation buffers lay them out."""
+
+    fused: DeviceWeight
+    parts: tuple[DeviceWeight, ...]
+
+
+@dataclass(frozen=True)
 class DeviceLayer:
     attn_norm: int
-    wq: DeviceWeight
-    wk: DeviceWeight
-    wv: DeviceWeight
+    qkv: tuple[Run, ...]  # Q, K, V in runs of one type
     wo: DeviceWeight
-    bq: int | None
-    bk: int | None
-    bv: int | None
+    bias: int | None  # bq, bk, bv one after another (qwen2)
     ffn_norm: int
-    w_gate: DeviceWeight
-    w_up: DeviceWeight
+    gate_up: tuple[Run, ...]
     w_down: DeviceWeight
     k_cache: int  # (n_ctx, n_head_kv, head_dim) f16
     v_cache: int
 
 
+def graphs_enabled() -> bool:
+    """Decode steps are recorded once and replayed (a CUDA graph) unless
+    GGUFLAB_CUDA_GRAPHS=0, as llama.cpp's GGML_CUDA_DISABLE_GRAPHS turns them off."""
+    return os.environ.get("GGUFLAB_CUDA_GRAPHS", "1").strip() not in ("0", "off", "no", "")
+
+
 class GpuLayers:
     """Layers `layers` of `model` (and the output head when `output`) resident on `device`
-    for a context of `n_ctx` positions."""
+    for a context of `n_ctx` positions.
+
+    A pass launches, per layer: RMSNorm (fused with the residual add before it), the Q/K/V
+    products (one launch per run of one weight type when decoding), RoPE, the f16 KV store,
+    attention, the output product, the FFN's norm, gate/up, SwiGLU and down. For one token,
+    the input of each product over a type the CPU reads through Q8_0 activations is rounded
+    the same way first, so the device computes what the CPU computes. The position lives in
+    device memory, so a decode step's launches are the same for every token: after one
+    direct step they are recorded once and replayed as one graph per token."""
 
     def __init__(self, model: Model, layers: Sequence[int], n_ctx: int, device: Device,
                  output: bool = False):
@@ -75,12 +97,14 @@ class GpuLayers:
         self.dev_layers: dict[int, DeviceLayer] = {}
         for il in self.layers:
             L = model.layers[il]
+            biases = (L.bq, L.bk, L.bv)
             self.dev_layers[il] = DeviceLayer(
-                attn_norm=self._vector(L.attn_norm), wq=self._weight(L.wq),
-                wk=self._weight(L.wk), wv=self._weight(L.wv), wo=self._weight(L.wo),
-                bq=self._vector(L.bq), bk=self._vector(L.bk), bv=self._vector(L.bv),
-                ffn_norm=self._vector(L.ffn_norm), w_gate=self._weight(L.w_gate),
-                w_up=self._weight(L.w_up), w_down=self._weight(L.w_down),
+                attn_norm=self._vector(L.attn_norm), qkv=self._runs([L.wq, L.wk, L.wv]),
+                wo=self._weight(L.wo),
+                bias=None if any(v is None for v in biases) else self._vector(
+                    np.concatenate(biases)),
+                ffn_norm=self._vector(L.ffn_norm), gate_up=self._runs([L.w_gate, L.w_up]),
+                w_down=self._weight(L.w_down),
                 k_cache=device.alloc(kv_bytes), v_cache=device.alloc(kv_bytes))
         if output:
             self.out_norm = self._vector(model.output_norm)
@@ -91,8 +115,21 @@ class GpuLayers:
         ang = (np.arange(n_ctx)[:, None] * hp.rope_scale) * inv_freq[None, :]
         table = np.stack([np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)], -1)
         self.rope_table = self._upload(table)
-        self._cap = 0
-        self._buf: dict[str, int] = {}
+        self.pos = device.alloc(8)  # the position of the pass's first token (an i64)
+        self.cap = min(n_ctx, MAX_BATCH)  # tokens per pass: the plan's scratch
+        q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
+        sizes = {"x": hp.n_embd, "h": hp.n_embd, "o": hp.n_embd, "qkv": q + 2 * kv,
+                 "att": q, "gu": 2 * hp.n_ff}
+        if output:
+            sizes["logits"] = self.out_weight.n_out
+        self.buf = {k: device.alloc(4 * self.cap * v) for k, v in sizes.items()}
+        self.buf["xq"] = device.alloc(4 * max(hp.n_embd, q, hp.n_ff))  # one token, rounded
+        self.graphs = graphs_enabled()
+        self.graph_error = ""  # why recording failed, when it did (then steps run directly)
+        self._graph = None
+        self._warm = False  # a direct decode step has run (every kernel is loaded)
+        self.launches = 0  # kernels launched (a replayed graph counts as one)
+        self._rounded: int | None = None  # the buffer that xq holds rounded
 
     # -- setup -------------------------------------------------------------------------
 
@@ -103,7 +140,8 @@ class GpuLayers:
     def _vector(self, v: np.ndarray | None) -> int | None:
         return None if v is None else self._upload(np.ascontiguousarray(v, np.float32))
 
-    def _weight(self, w: Weight) -> DeviceWeight:
+    def _raw(self, w: Weight) -> tuple[np.ndarray, int]:
+        """w's rows as bytes, checked for the kernels, and its row length in weights."""
         if w.type not in K.WEIGHT_TYPES:
             raise UserError(f"the GPU backend has no kernels for {w.type.name} weights")
         raw = np.ascontiguousarray(w.data)
@@ -113,22 +151,53 @@ class GpuLayers:
         if n_in % K.virtual_block(w.type):
             raise UserError(f"the GPU backend needs rows of a multiple of "
                             f"{K.virtual_block(w.type)} weights, got {n_in}")
+        return raw, n_in
+
+    def _weight(self, w: Weight) -> DeviceWeight:
+        raw, n_in = self._raw(w)
         return DeviceWeight(self._upload(raw), w.type, raw.shape[0], n_in, raw.shape[1])
 
-    def _buffers(self, n: int) -> dict[str, int]:
-        """Activation buffers for n tokens, grown when a longer batch comes."""
-        if n > self._cap:
-            hp = self.hp
-            q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
-            sizes = {"x": hp.n_embd, "h": hp.n_embd, "o": hp.n_embd, "q": q, "k": kv,
-                     "v": kv, "att": q, "g": hp.n_ff, "u": hp.n_ff}
-            if self.output:
-                sizes["logits"] = self.out_weight.n_out
-            self._buf = {k: self.device.alloc(4 * n * s) for k, s in sizes.items()}
-            self._cap = n
-        return self._buf
+    def _runs(self, weights: list[Weight]) -> tuple[Run, ...]:
+        """`weights` (same input) in runs of consecutive ones of one type, each uploaded as
+        one matrix."""
+        runs: list[list[tuple[np.ndarray, int, GGMLType]]] = []
+        for w in weights:
+            raw, n_in = self._raw(w)
+            if runs and runs[-1][0][2] == w.type and runs[-1][0][0].shape[1] == raw.shape[1]:
+                runs[-1].append((raw, n_in, w.type))
+            else:
+                runs.append([(raw, n_in, w.type)])
+        out = []
+        for run in runs:
+            rows = sum(raw.shape[0] for raw, _, _ in run)
+            row_bytes, n_in, t = run[0][0].shape[1], run[0][1], run[0][2]
+            base = self.device.alloc(rows * row_bytes)
+            parts, at = [], base
+            for raw, _, _ in run:
+                self.device.write(at, raw)
+                self.bytes_uploaded += raw.nbytes
+                parts.append(DeviceWeight(at, t, raw.shape[0], n_in, row_bytes))
+                at += raw.nbytes
+            out.append(Run(DeviceWeight(base, t, rows, n_in, row_bytes), tuple(parts)))
+        return tuple(out)
 
     # -- the pass ----------------------------------------------------------------------
+
+    def _launch(self, kernel: str, n_items: int, *args) -> None:
+        if not kernel.startswith(("matvec_", "matmul_", "round_q8")):
+            self._rounded = None  # it may write the buffer that was rounded
+        self.launches += 1
+        self.device.launch(kernel, n_items, *args)
+
+    def _input(self, w: DeviceWeight, x: int, n: int) -> int:
+        """Where a product over w reads x from: for one token over a type the CPU reads
+        through Q8_0 activations, x rounded that way (once per x: see `_rounded`)."""
+        if n == 1 and quantizes_activations(w.type):
+            if self._rounded != x:
+                self._launch("round_q8", w.n_in // 32, x, self.buf["xq"])
+                self._rounded = x
+            return self.buf["xq"]
+        return x
 
     def _matmul(self, w: DeviceWeight, x: int, y: int, n: int) -> None:
         """y (n, n_out) = x (n, n_in) @ W.T on the device."""
@@ -137,70 +206,146 @@ class GpuLayers:
             kernel, items = f"matvec_{name}", w.n_out
         else:
             kernel, items = f"matmul_{name}", -(-n // K.MATMUL_TOKENS) * w.n_out
-        self.device.launch(kernel, items, w.ptr, w.row_bytes, x, w.n_in, y, w.n_out, w.n_out,
-                           w.n_blocks, n, K.lanes_per_row(w.n_blocks))
+        x = self._input(w, x, n)
+        self._launch(kernel, items, w.ptr, w.row_bytes, x, w.n_in, y, w.n_out, w.n_out,
+                     w.n_blocks, n, K.lanes_per_row(w.n_blocks))
+
+    def _products(self, runs: tuple[Run, ...], x: int, y: int, n: int) -> None:
+        """Every weight of `runs` over x, outputs one after another from y (each (n, n_out)):
+        one launch per run for one token, whose rows then land where the parts' would."""
+        at = y
+        for run in runs:
+            if n == 1:
+                self._matmul(run.fused, x, at, 1)
+                at += 4 * run.fused.n_out
+                continue
+            for w in run.parts:
+                self._matmul(w, x, at, n)
+                at += 4 * n * w.n_out
+
+    def _norm(self, weight: int, n: int, add: int | None) -> None:
+        """h = RMSNorm(x) * weight, after x += add when a residual is pending."""
+        hp, b = self.hp, self.buf
+        eps = float(hp.rms_eps)
+        if add is None:
+            self._launch("rms_norm", n, b["x"], weight, b["h"], hp.n_embd, eps)
+        else:
+            self._launch("add_rms_norm", n, b["x"], add, weight, b["h"], hp.n_embd, eps)
+
+    def _launch_layers(self, n: int) -> None:
+        """Every kernel of a pass of n tokens over the offloaded layers, from buf["x"] (the
+        position is read from self.pos)."""
+        hp, b = self.hp, self.buf
+        hd, E = hp.head_dim, hp.n_embd
+        Q, KV = hp.n_head * hd, hp.n_head_kv * hd
+        scale = float(np.float32(1 / np.sqrt(hd)))
+        rope = "rope_neox" if hp.rope_neox else "rope_normal"
+        half = hp.rope_dim // 2
+        q, k = b["qkv"], b["qkv"] + 4 * n * Q
+        v = k + 4 * n * KV
+        g, u = b["gu"], b["gu"] + 4 * n * hp.n_ff
+        pending = None  # the residual not yet added into x
+        for il in self.layers:
+            L = self.dev_layers[il]
+            self._norm(L.attn_norm, n, pending)
+            self._products(L.qkv, b["h"], q, n)
+            if L.bias is not None:
+                if n == 1:  # q, k, v are one row, as the biases are
+                    self._launch("add_bias", Q + 2 * KV, q, L.bias, Q + 2 * KV)
+                else:
+                    for out, at, cols in ((q, 0, Q), (k, Q, KV), (v, Q + KV, KV)):
+                        self._launch("add_bias", n * cols, out, L.bias + 4 * at, cols)
+            if n == 1:  # q and k are one row of n_head + n_head_kv heads
+                self._launch(rope, (hp.n_head + hp.n_head_kv) * half, q, self.rope_table,
+                             self.pos, hp.n_head + hp.n_head_kv, hd, half)
+            else:
+                self._launch(rope, n * hp.n_head * half, q, self.rope_table, self.pos,
+                             hp.n_head, hd, half)
+                self._launch(rope, n * hp.n_head_kv * half, k, self.rope_table, self.pos,
+                             hp.n_head_kv, hd, half)
+            self._launch("kv_store", n * KV, k, L.k_cache, self.pos, KV)
+            self._launch("kv_store", n * KV, v, L.v_cache, self.pos, KV)
+            self._launch("attention", n * hp.n_head, q, L.k_cache, L.v_cache, b["att"],
+                         hp.n_head, hp.n_head_kv, hd, self.pos, scale)
+            self._matmul(L.wo, b["att"], b["o"], n)
+            self._norm(L.ffn_norm, n, b["o"])
+            self._products(L.gate_up, b["h"], g, n)
+            self._launch("silu_mul", n * hp.n_ff, g, u, g)
+            self._matmul(L.w_down, g, b["o"], n)
+            pending = b["o"]
+        if pending is not None:
+            self._launch("add", n * E, b["x"], pending, b["x"])
 
     def forward_layers(self, x: np.ndarray, p0: int) -> np.ndarray:
         """Hidden states (n, n_embd) at positions p0.. through every offloaded layer."""
-        hp, dev = self.hp, self.device
+        dev = self.device
         n = x.shape[0]
         if p0 + n > self.n_ctx:
             raise UserError(f"context full: {p0 + n} tokens do not fit in the GPU's "
                             f"{self.n_ctx} positions")
-        b = self._buffers(n)
-        dev.write(b["x"], np.ascontiguousarray(x, np.float32))
-        hd, E = hp.head_dim, hp.n_embd
-        eps, scale = float(hp.rms_eps), float(np.float32(1 / np.sqrt(hd)))
-        rope = "rope_neox" if hp.rope_neox else "rope_normal"
-        half = hp.rope_dim // 2
-        kv_row = hp.n_head_kv * hd
-        for il in self.layers:
-            L = self.dev_layers[il]
-            dev.launch("rms_norm", n, b["x"], L.attn_norm, b["h"], E, eps)
-            for w, bias, out in ((L.wq, L.bq, "q"), (L.wk, L.bk, "k"), (L.wv, L.bv, "v")):
-                self._matmul(w, b["h"], b[out], n)
-                if bias is not None:
-                    dev.launch("add_bias", n * w.n_out, b[out], bias, w.n_out)
-            dev.launch(rope, n * hp.n_head * half, b["q"], self.rope_table, p0, hp.n_head,
-                       hd, half)
-            dev.launch(rope, n * hp.n_head_kv * half, b["k"], self.rope_table, p0,
-                       hp.n_head_kv, hd, half)
-            at = 2 * p0 * kv_row  # byte offset of position p0 in the f16 cache
-            dev.launch("f32_to_f16", n * kv_row, b["k"], L.k_cache + at)
-            dev.launch("f32_to_f16", n * kv_row, b["v"], L.v_cache + at)
-            dev.launch("attention", n * hp.n_head, b["q"], L.k_cache, L.v_cache, b["att"],
-                       hp.n_head, hp.n_head_kv, hd, p0, scale)
-            self._matmul(L.wo, b["att"], b["o"], n)
-            dev.launch("add", n * E, b["x"], b["o"], b["x"])
-            dev.launch("rms_norm", n, b["x"], L.ffn_norm, b["h"], E, eps)
-            self._matmul(L.w_gate, b["h"], b["g"], n)
-            self._matmul(L.w_up, b["h"], b["u"], n)
-            dev.launch("silu_mul", n * hp.n_ff, b["g"], b["u"], b["g"])
-            self._matmul(L.w_down, b["g"], b["o"], n)
-            dev.launch("add", n * E, b["x"], b["o"], b["x"])
-        return dev.read(b["x"], np.empty((n, E), np.float32))
+        if n > self.cap:
+            raise UserError(f"{n} tokens in one GPU pass: at most {self.cap}")
+        dev.write(self.pos, np.array([p0], np.int64))
+        dev.write(self.buf["x"], np.ascontiguousarray(x, np.float32))
+        if n == 1 and self.graphs and not getattr(dev, "profile", False):
+            self._decode_step()
+        else:
+            self._launch_layers(n)
+        return dev.read(self.buf["x"], np.empty((n, self.hp.n_embd), np.float32))
+
+    def _decode_step(self) -> None:
+        """One token through the recorded graph; the first step runs directly (it loads
+        every kernel, which a recording may not do) and the second records the graph. If the
+        device cannot record, the steps run directly from then on (`graph_error` says why)."""
+        dev = self.device
+        if self._graph is None:
+            if not self._warm:
+                self._warm = True
+                self._launch_layers(1)
+                return
+            try:
+                dev.begin_capture()
+            except UserError as e:
+                self.graphs, self.graph_error = False, str(e)
+                self._launch_layers(1)
+                return
+            try:
+                launches = self.launches
+                self._launch_layers(1)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    dev.release(dev.end_capture())
+                raise
+            self.launches = launches  # recorded, not run
+            self._graph = dev.end_capture()
+        self.launches += 1
+        dev.replay(self._graph)
 
     def run(self, x: np.ndarray, p0: int) -> np.ndarray:
-        """`forward_layers` in batches of at most MAX_BATCH tokens (the scratch's size)."""
-        return np.concatenate([self.forward_layers(x[a:a + MAX_BATCH], p0 + a)
-                               for a in range(0, len(x), MAX_BATCH)])
+        """`forward_layers` in batches of at most `cap` tokens (the scratch's size)."""
+        return np.concatenate([self.forward_layers(x[a:a + self.cap], p0 + a)
+                               for a in range(0, len(x), self.cap)])
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        """`output_logits` in batches of at most MAX_BATCH tokens."""
-        return np.concatenate([self.output_logits(x[a:a + MAX_BATCH])
-                               for a in range(0, len(x), MAX_BATCH)])
+        """`output_logits` in batches of at most `cap` tokens."""
+        return np.concatenate([self.output_logits(x[a:a + self.cap])
+                               for a in range(0, len(x), self.cap)])
 
     def output_logits(self, x: np.ndarray) -> np.ndarray:
         """Logits (n, n_vocab) of hidden states x (n, n_embd) through the device's head."""
         if not self.output:
             raise UserError("the output layer is not on the GPU")
-        n = x.shape[0]
-        b = self._buffers(n)
+        n, b = x.shape[0], self.buf
         self.device.write(b["x"], np.ascontiguousarray(x, np.float32))
-        self.device.launch("rms_norm", n, b["x"], self.out_norm, b["h"], self.hp.n_embd,
-                           float(self.hp.rms_eps))
+        self._norm(self.out_norm, n, None)
         self._matmul(self.out_weight, b["h"], b["logits"], n)
         return self.device.read(b["logits"], np.empty((n, self.out_weight.n_out), np.float32))
+
+    def close(self) -> None:
+        """Drop the recorded graph (the device's memory goes with the device)."""
+        if self._graph is not None:
+            self.device.release(self._graph)
+            self._graph = None
 
 
 def forward_offloaded(model: Model, gpu: GpuLayers | None, tokens: list[int] | np.ndarray,
