@@ -522,6 +522,7 @@ class FakeDriver(types.ModuleType):
         self.capturing: list | None = None  # launches recorded on the stream, not run
         self.graphs_launched = 0
         self.streams = 0
+        self.copies = 0
 
     def cuInit(self, flags):
         return (0,)
@@ -594,6 +595,7 @@ class FakeDriver(types.ModuleType):
         assert stream == "stream"
         if self.capturing is not None:  # pageable copies cannot be recorded
             return (self.CAPTURE_UNSUPPORTED,)
+        self.copies += 1
         ctypes.memmove(int(dst), src, n)
         return (0,)
 
@@ -601,6 +603,7 @@ class FakeDriver(types.ModuleType):
         assert stream == "stream"
         if self.capturing is not None:
             return (self.CAPTURE_UNSUPPORTED,)
+        self.copies += 1
         ctypes.memmove(dst, int(src), n)
         return (0,)
 
@@ -689,6 +692,12 @@ def test_cuda_device_records_decode_steps_and_replays_them(fake_cuda, tiny_model
     assert gpu.graph_error == "" and fake_cuda.graphs_launched == 4
     assert got[1] == ref[1]
     np.testing.assert_allclose(got[2], ref[2], atol=1e-4 * np.abs(ref[0]).max(), rtol=0)
+    # a step with every layer and the head on the device: position and x in, logits out,
+    # one replay (layers and head are one recording)
+    copies, launched = fake_cuda.copies, len(fake_cuda.launched)
+    forward_offloaded(m, gpu, [got[1][-1]], cache)
+    assert fake_cuda.copies - copies == 3 and fake_cuda.graphs_launched == 5
+    assert len(fake_cuda.launched) == launched
     gpu.close()
     dev.close()
     assert fake_cuda.streams == 0

@@ -192,15 +192,19 @@ class Model:
             h = rms_norm(x, L.ffn_norm, hp.rms_eps)
             gate, up = matmuls([(L.w_gate.data, L.w_gate.type), (L.w_up.data, L.w_up.type)], h)
             x = x + L.w_down @ (silu(gate) * up)
-        if n_cpu < hp.n_layer:
+        logits = None
+        if n_cpu < hp.n_layer and n == 1 and gpu.output:  # layers and head in one device pass
+            logits = gpu.forward_layers(x, p0, head=True)
+        elif n_cpu < hp.n_layer:
             x = gpu.run(x, p0)
         cache.n = p0 + n
-        if not all_logits:
-            x = x[-1:]
-        if gpu is not None and gpu.output:
-            logits = gpu.logits(x)
-        else:
-            logits = self.output @ rms_norm(x, self.output_norm, hp.rms_eps)
+        if logits is None:
+            if not all_logits:
+                x = x[-1:]
+            if gpu is not None and gpu.output:
+                logits = gpu.logits(x)
+            else:
+                logits = self.output @ rms_norm(x, self.output_norm, hp.rms_eps)
         return logits if all_logits else logits[0]
 
     def attention(self, il: int, L: Layer, h: np.ndarray, pos: np.ndarray,

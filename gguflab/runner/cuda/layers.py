@@ -126,8 +126,8 @@ class GpuLayers:
         self.buf["xq"] = device.alloc(4 * max(hp.n_embd, q, hp.n_ff))  # one token, rounded
         self.graphs = graphs_enabled()
         self.graph_error = ""  # why recording failed, when it did (then steps run directly)
-        self._graph = None
-        self._warm = False  # a direct decode step has run (every kernel is loaded)
+        self._graphs: dict[bool, object] = {}  # decode step recordings: with the head or not
+        self._warm: set[bool] = set()  # which have run directly once (their kernels loaded)
         self.launches = 0  # kernels launched (a replayed graph counts as one)
         self._rounded: int | None = None  # the buffer that xq holds rounded
 
@@ -276,8 +276,10 @@ class GpuLayers:
         if pending is not None:
             self._launch("add", n * E, b["x"], pending, b["x"])
 
-    def forward_layers(self, x: np.ndarray, p0: int) -> np.ndarray:
-        """Hidden states (n, n_embd) at positions p0.. through every offloaded layer."""
+    def forward_layers(self, x: np.ndarray, p0: int, head: bool = False) -> np.ndarray:
+        """Hidden states (n, n_embd) at positions p0.. through every offloaded layer; with
+        `head`, the logits (n, n_vocab) of the output layer after them, in the same pass (a
+        decode step is then one recording: hidden states never cross to the host)."""
         dev = self.device
         n = x.shape[0]
         if p0 + n > self.n_ctx:
@@ -285,41 +287,57 @@ class GpuLayers:
                             f"{self.n_ctx} positions")
         if n > self.cap:
             raise UserError(f"{n} tokens in one GPU pass: at most {self.cap}")
+        if head and not self.output:
+            raise UserError("the output layer is not on the GPU")
         dev.write(self.pos, np.array([p0], np.int64))
         dev.write(self.buf["x"], np.ascontiguousarray(x, np.float32))
         if n == 1 and self.graphs and not getattr(dev, "profile", False):
-            self._decode_step()
+            self._decode_step(head)
         else:
-            self._launch_layers(n)
+            self._pass(n, head)
+        if head:
+            return dev.read(self.buf["logits"], np.empty((n, self.out_weight.n_out), np.float32))
         return dev.read(self.buf["x"], np.empty((n, self.hp.n_embd), np.float32))
 
-    def _decode_step(self) -> None:
-        """One token through the recorded graph; the first step runs directly (it loads
-        every kernel, which a recording may not do) and the second records the graph. If the
-        device cannot record, the steps run directly from then on (`graph_error` says why)."""
+    def _pass(self, n: int, head: bool) -> None:
+        self._launch_layers(n)
+        if head:
+            self._head(n)
+
+    def _head(self, n: int) -> None:
+        """logits = output @ RMSNorm(x) for the n hidden states in buf["x"]."""
+        self._norm(self.out_norm, n, None)
+        self._matmul(self.out_weight, self.buf["h"], self.buf["logits"], n)
+
+    def _decode_step(self, head: bool) -> None:
+        """One token through its recorded graph (one with the head, one without); the
+        first step of each runs directly (it loads every kernel, which a recording may not
+        do) and the second records it. If the device cannot record, steps run directly from
+        then on (`graph_error` says why)."""
         dev = self.device
-        if self._graph is None:
-            if not self._warm:
-                self._warm = True
-                self._launch_layers(1)
+        graph = self._graphs.get(head)
+        if graph is None:
+            if head not in self._warm:
+                self._warm.add(head)
+                self._pass(1, head)
                 return
             try:
                 dev.begin_capture()
             except UserError as e:
                 self.graphs, self.graph_error = False, str(e)
-                self._launch_layers(1)
+                self._pass(1, head)
                 return
+            launches = self.launches
             try:
-                launches = self.launches
-                self._launch_layers(1)
+                self._pass(1, head)
             except BaseException:
                 with contextlib.suppress(Exception):
                     dev.release(dev.end_capture())
                 raise
             self.launches = launches  # recorded, not run
-            self._graph = dev.end_capture()
+            graph = self._graphs[head] = dev.end_capture()
         self.launches += 1
-        dev.replay(self._graph)
+        dev.replay(graph)
 
     def run(self, x: np.ndarray, p0: int) -> np.ndarray:
         """`forward_layers` in batches of at most `cap` tokens (the scratch's size)."""
@@ -337,15 +355,14 @@ class GpuLayers:
             raise UserError("the output layer is not on the GPU")
         n, b = x.shape[0], self.buf
         self.device.write(b["x"], np.ascontiguousarray(x, np.float32))
-        self._norm(self.out_norm, n, None)
-        self._matmul(self.out_weight, b["h"], b["logits"], n)
+        self._head(n)
         return self.device.read(b["logits"], np.empty((n, self.out_weight.n_out), np.float32))
 
     def close(self) -> None:
-        """Drop the recorded graph (the device's memory goes with the device)."""
-        if self._graph is not None:
-            self.device.release(self._graph)
-            self._graph = None
+        """Drop the recorded graphs (the device's memory goes with the device)."""
+        for graph in self._graphs.values():
+            self.device.release(graph)
+        self._graphs.clear()
 
 
 def forward_offloaded(model: Model, gpu: GpuLayers | None, tokens: list[int] | np.ndarray,
