@@ -410,8 +410,7 @@ COMMON: dict[str, KernelSpec] = {s.name: s for s in [
     # x, table, pos, n_head, head_dim, half; item = (token, head, pair)
     KernelSpec("rope_normal", "pppiii", 1),
     KernelSpec("rope_neox", "pppiii", 1),
-    KernelSpec("f32_to_f16", "pp", 1),          # src, dst; item = element
-    KernelSpec("f16_to_f32", "pp", 1),
+    KernelSpec("f16_to_f32", "pp", 1),          # src, dst; item = element
     KernelSpec("kv_store", "pppi", 1),          # src, f16 cache, pos, row; item = element
     KernelSpec("round_q8", "pp", WARP, in_place=True),  # x, y (may be x); item = 32 floats
     # q, k cache, v cache, out, n_head, n_head_kv, head_dim, pos, scale; item = (token, head)
@@ -519,13 +518,9 @@ def _rope(neox: bool) -> Body:
     return body
 
 
-def _half_bodies(target: Target) -> tuple[Body, Body, Body]:
+def _half_bodies(target: Target) -> tuple[Body, Body]:
+    """f16 -> f32, and the KV store (f32 -> f16 at the device's position)."""
     hw = hardware_half(target)
-
-    def to_half(b, args, it):
-        src, dst = args
-        h = emit_f32_to_f16(b, b.load(_f32p(b, src, it.index)), hw)
-        b.store(h, b.gep(b.bitcast(dst, ptr(i16)), [it.index]))
 
     def to_float(b, args, it):
         src, dst = args
@@ -538,7 +533,7 @@ def _half_bodies(target: Target) -> tuple[Body, Body, Body]:
         at = b.add(b.mul(_load_pos(b, pos), row), it.index)
         b.store(h, b.gep(b.bitcast(cache, ptr(i16)), [at]))
 
-    return to_half, to_float, kv_store
+    return to_float, kv_store
 
 
 def _round_q8(target: Target) -> Body:
@@ -620,11 +615,12 @@ def build_common_module(target: Target) -> ir.Module:
     """Every kernel that is not a weight product: norms, softmax, activations, RoPE, f16
     conversion and attention."""
     m = ir.Module(name="gpu_common")
-    to_half, to_float, kv_store = _half_bodies(target)
-    bodies = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "softmax": _softmax, "silu_mul": _silu_mul, "add": _add,
-              "add_bias": _add_bias, "rope_normal": _rope(False), "rope_neox": _rope(True),
-              "f32_to_f16": to_half, "f16_to_f32": to_float, "kv_store": kv_store,
-              "round_q8": _round_q8(target), "attention": _attention(target)}
+    to_float, kv_store = _half_bodies(target)
+    bodies = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "softmax": _softmax,
+              "silu_mul": _silu_mul, "add": _add, "add_bias": _add_bias,
+              "rope_normal": _rope(False), "rope_neox": _rope(True), "f16_to_f32": to_float,
+              "kv_store": kv_store, "round_q8": _round_q8(target),
+              "attention": _attention(target)}
     for name, spec in COMMON.items():
         build_kernel(m, spec, target, bodies[name])
     return m

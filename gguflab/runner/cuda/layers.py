@@ -10,6 +10,7 @@ device once at the boundary, come back once, and everything in between runs as k
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -129,7 +130,6 @@ class GpuLayers:
         self._graphs: dict[bool, object] = {}  # decode step recordings: with the head or not
         self._warm: set[bool] = set()  # which have run directly once (their kernels loaded)
         self.launches = 0  # kernels launched (a replayed graph counts as one)
-        self._rounded: int | None = None  # the buffer that xq holds rounded
 
     # -- setup -------------------------------------------------------------------------
 
@@ -160,68 +160,60 @@ class GpuLayers:
     def _runs(self, weights: list[Weight]) -> tuple[Run, ...]:
         """`weights` (same input) in runs of consecutive ones of one type, each uploaded as
         one matrix."""
-        runs: list[list[tuple[np.ndarray, int, GGMLType]]] = []
-        for w in weights:
-            raw, n_in = self._raw(w)
-            if runs and runs[-1][0][2] == w.type and runs[-1][0][0].shape[1] == raw.shape[1]:
-                runs[-1].append((raw, n_in, w.type))
-            else:
-                runs.append([(raw, n_in, w.type)])
         out = []
-        for run in runs:
-            rows = sum(raw.shape[0] for raw, _, _ in run)
-            row_bytes, n_in, t = run[0][0].shape[1], run[0][1], run[0][2]
-            base = self.device.alloc(rows * row_bytes)
-            parts, at = [], base
-            for raw, _, _ in run:
+        for t, group in itertools.groupby(weights, key=lambda w: w.type):
+            raws = [self._raw(w) for w in group]
+            n_in = raws[0][1]
+            row_bytes = raws[0][0].shape[1]
+            base = at = self.device.alloc(sum(raw.nbytes for raw, _ in raws))
+            parts = []
+            for raw, _ in raws:
                 self.device.write(at, raw)
                 self.bytes_uploaded += raw.nbytes
                 parts.append(DeviceWeight(at, t, raw.shape[0], n_in, row_bytes))
                 at += raw.nbytes
+            rows = sum(w.n_out for w in parts)
             out.append(Run(DeviceWeight(base, t, rows, n_in, row_bytes), tuple(parts)))
         return tuple(out)
 
     # -- the pass ----------------------------------------------------------------------
 
     def _launch(self, kernel: str, n_items: int, *args) -> None:
-        if not kernel.startswith(("matvec_", "matmul_", "round_q8")):
-            self._rounded = None  # it may write the buffer that was rounded
         self.launches += 1
         self.device.launch(kernel, n_items, *args)
 
-    def _input(self, w: DeviceWeight, x: int, n: int) -> int:
-        """Where a product over w reads x from: for one token over a type the CPU reads
-        through Q8_0 activations, x rounded that way (once per x: see `_rounded`)."""
-        if n == 1 and quantizes_activations(w.type):
-            if self._rounded != x:
-                self._launch("round_q8", w.n_in // 32, x, self.buf["xq"])
-                self._rounded = x
-            return self.buf["xq"]
-        return x
+    def _products(self, jobs: list[tuple[DeviceWeight, int]], x: int, n: int) -> None:
+        """y (n, n_out) = x (n, n_in) @ W.T for each (W, y) of `jobs`, all reading x. For one
+        token, x is first rounded to Q8_0 (once for all of them) for the products over types
+        the CPU reads through Q8_0 activations."""
+        rounded = None
+        for w, y in jobs:
+            src = x
+            if n == 1 and quantizes_activations(w.type):
+                if rounded is None:
+                    rounded = self.buf["xq"]
+                    self._launch("round_q8", w.n_in // 32, x, rounded)
+                src = rounded
+            name = w.type.name.lower()
+            if n == 1:
+                kernel, items = f"matvec_{name}", w.n_out
+            else:
+                kernel, items = f"matmul_{name}", -(-n // K.MATMUL_TOKENS) * w.n_out
+            self._launch(kernel, items, w.ptr, w.row_bytes, src, w.n_in, y, w.n_out, w.n_out,
+                         w.n_blocks, n, K.lanes_per_row(w.n_blocks))
 
     def _matmul(self, w: DeviceWeight, x: int, y: int, n: int) -> None:
-        """y (n, n_out) = x (n, n_in) @ W.T on the device."""
-        name = w.type.name.lower()
-        if n == 1:
-            kernel, items = f"matvec_{name}", w.n_out
-        else:
-            kernel, items = f"matmul_{name}", -(-n // K.MATMUL_TOKENS) * w.n_out
-        x = self._input(w, x, n)
-        self._launch(kernel, items, w.ptr, w.row_bytes, x, w.n_in, y, w.n_out, w.n_out,
-                     w.n_blocks, n, K.lanes_per_row(w.n_blocks))
+        self._products([(w, y)], x, n)
 
-    def _products(self, runs: tuple[Run, ...], x: int, y: int, n: int) -> None:
+    def _run_products(self, runs: tuple[Run, ...], x: int, y: int, n: int) -> None:
         """Every weight of `runs` over x, outputs one after another from y (each (n, n_out)):
         one launch per run for one token, whose rows then land where the parts' would."""
-        at = y
+        jobs = []
         for run in runs:
-            if n == 1:
-                self._matmul(run.fused, x, at, 1)
-                at += 4 * run.fused.n_out
-                continue
-            for w in run.parts:
-                self._matmul(w, x, at, n)
-                at += 4 * n * w.n_out
+            for w in (run.fused,) if n == 1 else run.parts:
+                jobs.append((w, y))
+                y += 4 * n * w.n_out
+        self._products(jobs, x, n)
 
     def _norm(self, weight: int, n: int, add: int | None) -> None:
         """h = RMSNorm(x) * weight, after x += add when a residual is pending."""
@@ -248,7 +240,7 @@ class GpuLayers:
         for il in self.layers:
             L = self.dev_layers[il]
             self._norm(L.attn_norm, n, pending)
-            self._products(L.qkv, b["h"], q, n)
+            self._run_products(L.qkv, b["h"], q, n)
             if L.bias is not None:
                 if n == 1:  # q, k, v are one row, as the biases are
                     self._launch("add_bias", Q + 2 * KV, q, L.bias, Q + 2 * KV)
@@ -269,7 +261,7 @@ class GpuLayers:
                          hp.n_head, hp.n_head_kv, hd, self.pos, scale)
             self._matmul(L.wo, b["att"], b["o"], n)
             self._norm(L.ffn_norm, n, b["o"])
-            self._products(L.gate_up, b["h"], g, n)
+            self._run_products(L.gate_up, b["h"], g, n)
             self._launch("silu_mul", n * hp.n_ff, g, u, g)
             self._matmul(L.w_down, g, b["o"], n)
             pending = b["o"]
