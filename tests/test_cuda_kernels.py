@@ -190,6 +190,43 @@ def test_round_q8_gives_the_q8_0_quantizers_values(dev):
     np.testing.assert_array_equal(_f32(dev, px, x.shape), want)
 
 
+def test_kernels_that_also_write_their_output_rounded_to_q8(dev):
+    """rms_norm_q8, add_rms_norm_q8 and silu_mul_q8 write what their plain versions write,
+    and beside it that output through the Q8_0 quantizer and back (what round_q8 gives)."""
+    rng = np.random.default_rng(7)
+    rows, n = 3, 256
+    x = (rng.standard_normal((rows, n)) * 3).astype(np.float32)
+    a = rng.standard_normal((rows, n)).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    qt = quant.get(GGMLType.Q8_0)
+
+    def q8(v):
+        return qt.dequantize(qt.quantize(v, reference=True), reference=True)
+
+    pw, py, pq = dev.upload(w), dev.alloc(x.nbytes), dev.alloc(x.nbytes)
+    dev.launch("rms_norm", rows, dev.upload(x), pw, py, n, 1e-5)
+    y = _f32(dev, py, x.shape)
+    dev.launch("rms_norm_q8", rows, dev.upload(x), pw, py, pq, n, 1e-5)
+    np.testing.assert_array_equal(_f32(dev, py, x.shape), y)
+    np.testing.assert_array_equal(_f32(dev, pq, x.shape), q8(y))
+
+    px, pa = dev.upload(x), dev.upload(a)
+    dev.launch("add_rms_norm", rows, px, pa, pw, py, n, 1e-5)
+    y = _f32(dev, py, x.shape)
+    px = dev.upload(x)
+    dev.launch("add_rms_norm_q8", rows, px, pa, pw, py, pq, n, 1e-5)
+    np.testing.assert_array_equal(_f32(dev, px, x.shape), x + a)
+    np.testing.assert_array_equal(_f32(dev, py, x.shape), y)
+    np.testing.assert_array_equal(_f32(dev, pq, x.shape), q8(y))
+
+    dev.launch("silu_mul", x.size, dev.upload(x), pa, py)
+    y = _f32(dev, py, x.shape)
+    pg = dev.upload(x)
+    dev.launch("silu_mul_q8", x.size // 32, pg, pa, pg, pq)  # in place, as the FFN runs it
+    np.testing.assert_array_equal(_f32(dev, pg, x.shape), y)
+    np.testing.assert_array_equal(_f32(dev, pq, x.shape), q8(y))
+
+
 def test_kv_store_writes_f16_rows_at_the_device_position(dev):
     rng = np.random.default_rng(6)
     row, n_ctx, p0, n = 24, 10, 6, 3
@@ -415,6 +452,18 @@ def test_a_decode_step_launches_few_kernels_per_layer(tiny_model, monkeypatch):
     gpu = GpuLayers(m, list(range(N_LAYER)), 16, HostDevice(), output=True)
     gpu.run(np.ones((1, m.hp.n_embd), np.float32), 0)
     assert gpu.launches == 11 * N_LAYER + 1
+
+
+def test_rounded_product_inputs_come_from_the_kernels_that_write_them(quantized_models,
+                                                                       monkeypatch):
+    """On Q4_0 (every product reads Q8_0-rounded input) the norms and SwiGLU write the
+    rounded copy themselves: one extra launch per layer, the round before the attention's
+    output product."""
+    monkeypatch.setenv("GGUFLAB_CUDA_GRAPHS", "0")
+    m = quantized_models["Q4_0"]
+    gpu = GpuLayers(m, [0, 1, 2], 16, HostDevice())
+    gpu.run(np.ones((1, m.hp.n_embd), np.float32), 0)
+    assert gpu.launches == 12 * 3 + 1
 
 
 def test_the_cpu_cache_holds_only_the_cpu_layers(tiny_model):

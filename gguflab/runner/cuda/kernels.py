@@ -403,8 +403,13 @@ def virtual_block(t: GGMLType) -> int:
 COMMON: dict[str, KernelSpec] = {s.name: s for s in [
     KernelSpec("rms_norm", "pppif", WARP),      # x, w, y, n, eps; item = row
     KernelSpec("add_rms_norm", "ppppif", WARP),  # x (+= a), a, w, y, n, eps; item = row
+    # the same, also writing y rounded to Q8_0 into yq (x, [a,] w, y, yq, n, eps): the input
+    # of the products that follow, for the types the CPU reads through Q8_0 activations
+    KernelSpec("rms_norm_q8", "ppppif", WARP),
+    KernelSpec("add_rms_norm_q8", "pppppif", WARP),
     KernelSpec("softmax", "ppi", WARP),         # x, y, n; item = row
     KernelSpec("silu_mul", "ppp", 1, in_place=True),  # g, u, y (may be g); item = element
+    KernelSpec("silu_mul_q8", "pppp", WARP, in_place=True),  # g, u, y, yq; item = 32 floats
     KernelSpec("add", "ppp", 1, in_place=True),  # a, b, y (may be a); item = element
     KernelSpec("add_bias", "ppi", 1),           # x (in place), bias, n_cols; item = element
     # x, table, pos, n_head, head_dim, half; item = (token, head, pair)
@@ -426,15 +431,48 @@ def _load_pos(b: ir.IRBuilder, pos: ir.Value) -> ir.Value:
     return b.load(b.bitcast(pos, ptr(i64)))
 
 
-def _rms_norm(b, args, it):
-    x, w, y, n, eps = args
-    xr, yr = _f32p(b, x, b.mul(it.index, n)), _f32p(b, y, b.mul(it.index, n))
-    acc = _Acc(b)
-    acc.set(const(f32, 0.0))
-    with _lane_loop(b, it, n, "j") as j:
-        v = b.load(b.gep(xr, [j]))
-        acc.add(b.fmul(v, v))
-    _rms_scale_store(b, it, xr, w, yr, n, eps, acc)
+def _round_group(b: ir.IRBuilder, it: Item, src: ir.Value, dst: ir.Value) -> None:
+    """dst[0:32] = src[0:32] rounded to Q8_0 and back: d = max|x| / 127 kept as fp16, levels
+    round(x / d), as the CPU's `quantize_q8` rounds x before its integer products. Each lane
+    reads and writes only its own elements (j = lane + k * lanes), so dst may be src, and a
+    lane may read here what it has just written to src."""
+    hw = hardware_half(it.target)
+    fabs = b.module.declare_intrinsic("llvm.fabs", [f32])
+    amax = _Acc(b, name="amax")
+    amax.set(const(f32, 0.0))
+    with _lane_loop(b, it, _c(32), "qj") as j:
+        amax.set(_fmax(b, amax.get(), b.call(fabs, [b.load(b.gep(src, [j]))])))
+    d = b.fdiv(it.reduce(b, amax.get(), "max"), const(f32, 127.0))
+    inv = b.select(b.fcmp_unordered("!=", d, const(f32, 0.0)),
+                   b.fdiv(const(f32, 1.0), d), const(f32, 0.0))
+    dh = emit_f16_to_f32(b, emit_f32_to_f16(b, d, hw), hw)
+    rnd = b.module.declare_intrinsic("llvm.round", [f32])
+    with _lane_loop(b, it, _c(32), "qk") as j:
+        q = b.call(rnd, [b.fmul(b.load(b.gep(src, [j])), inv)])
+        b.store(b.fmul(dh, q), b.gep(dst, [j]))
+
+
+def _round_row(b, it, yr, yq, n):
+    """yq = y rounded to Q8_0 group by group, for a row of n (a multiple of 32)."""
+    with for_range(b, _c(0), b.udiv(n, _c(32)), name="group") as g:
+        at = b.mul(g, _c(32))
+        _round_group(b, it, b.gep(yr, [at]), b.gep(yq, [at]))
+
+
+def _rms_norm(q8: bool) -> Body:
+    def body(b, args, it):
+        x, w, y, *yq, n, eps = args
+        xr, yr = _f32p(b, x, b.mul(it.index, n)), _f32p(b, y, b.mul(it.index, n))
+        acc = _Acc(b)
+        acc.set(const(f32, 0.0))
+        with _lane_loop(b, it, n, "j") as j:
+            v = b.load(b.gep(xr, [j]))
+            acc.add(b.fmul(v, v))
+        _rms_scale_store(b, it, xr, w, yr, n, eps, acc)
+        if q8:
+            _round_row(b, it, yr, _f32p(b, yq[0], b.mul(it.index, n)), n)
+
+    return body
 
 
 def _rms_scale_store(b, it, xr, w, yr, n, eps, acc):
@@ -446,17 +484,24 @@ def _rms_scale_store(b, it, xr, w, yr, n, eps, acc):
         b.store(b.fmul(v, b.load(_f32p(b, w, j))), b.gep(yr, [j]))
 
 
-def _add_rms_norm(b, args, it):
+def _add_rms_norm(q8: bool) -> Body:
     """x += a, then y = RMSNorm(x) * w: the residual add and the next norm in one pass."""
-    x, a, w, y, n, eps = args
-    xr, ar = _f32p(b, x, b.mul(it.index, n)), _f32p(b, a, b.mul(it.index, n))
-    acc = _Acc(b)
-    acc.set(const(f32, 0.0))
-    with _lane_loop(b, it, n, "j") as j:  # a lane reads back only what it wrote
-        v = b.fadd(b.load(b.gep(xr, [j])), b.load(b.gep(ar, [j])))
-        b.store(v, b.gep(xr, [j]))
-        acc.add(b.fmul(v, v))
-    _rms_scale_store(b, it, xr, w, _f32p(b, y, b.mul(it.index, n)), n, eps, acc)
+
+    def body(b, args, it):
+        x, a, w, y, *yq, n, eps = args
+        xr, ar = _f32p(b, x, b.mul(it.index, n)), _f32p(b, a, b.mul(it.index, n))
+        yr = _f32p(b, y, b.mul(it.index, n))
+        acc = _Acc(b)
+        acc.set(const(f32, 0.0))
+        with _lane_loop(b, it, n, "j") as j:  # a lane reads back only what it wrote
+            v = b.fadd(b.load(b.gep(xr, [j])), b.load(b.gep(ar, [j])))
+            b.store(v, b.gep(xr, [j]))
+            acc.add(b.fmul(v, v))
+        _rms_scale_store(b, it, xr, w, yr, n, eps, acc)
+        if q8:
+            _round_row(b, it, yr, _f32p(b, yq[0], b.mul(it.index, n)), n)
+
+    return body
 
 
 def _softmax(b, args, it):
@@ -478,11 +523,24 @@ def _softmax(b, args, it):
         b.store(b.fmul(b.load(b.gep(yr, [j])), inv), b.gep(yr, [j]))
 
 
+def _silu_mul_at(b, g, u, y, i):
+    gv = b.load(_f32p(b, g, i))
+    s = b.fdiv(gv, b.fadd(const(f32, 1.0), _exp(b, b.fsub(const(f32, 0.0), gv))))
+    b.store(b.fmul(s, b.load(_f32p(b, u, i))), _f32p(b, y, i))
+
+
 def _silu_mul(b, args, it):
     g, u, y = args
-    gv = b.load(_f32p(b, g, it.index))
-    s = b.fdiv(gv, b.fadd(const(f32, 1.0), _exp(b, b.fsub(const(f32, 0.0), gv))))
-    b.store(b.fmul(s, b.load(_f32p(b, u, it.index))), _f32p(b, y, it.index))
+    _silu_mul_at(b, g, u, y, it.index)
+
+
+def _silu_mul_q8(b, args, it):
+    """y = silu(g) * u for a group of 32, and yq = y rounded to Q8_0."""
+    g, u, y, yq = args
+    at = b.mul(it.index, _c(32))
+    with _lane_loop(b, it, _c(32), "j") as j:
+        _silu_mul_at(b, g, u, y, b.add(at, j))
+    _round_group(b, it, _f32p(b, y, at), _f32p(b, yq, at))
 
 
 def _add(b, args, it):
@@ -536,31 +594,11 @@ def _half_bodies(target: Target) -> tuple[Body, Body]:
     return to_float, kv_store
 
 
-def _round_q8(target: Target) -> Body:
-    """y = x rounded to Q8_0 and back, per group of 32 (an item): d = max|x| / 127 kept as
-    fp16, levels round(x / d), as the CPU's `quantize_q8` does before its integer products.
-    The decode products over the types the CPU reads that way take y, so the device sees the
-    activations the CPU sees."""
-    hw = hardware_half(target)
-
-    def body(b, args, it):
-        x, y = args
-        xr, yr = _f32p(b, x, b.mul(it.index, _c(32))), _f32p(b, y, b.mul(it.index, _c(32)))
-        fabs = b.module.declare_intrinsic("llvm.fabs", [f32])
-        amax = _Acc(b, name="amax")
-        amax.set(const(f32, 0.0))
-        with _lane_loop(b, it, _c(32), "j") as j:
-            amax.set(_fmax(b, amax.get(), b.call(fabs, [b.load(b.gep(xr, [j]))])))
-        d = b.fdiv(it.reduce(b, amax.get(), "max"), const(f32, 127.0))
-        inv = b.select(b.fcmp_unordered("!=", d, const(f32, 0.0)),
-                       b.fdiv(const(f32, 1.0), d), const(f32, 0.0))
-        dh = emit_f16_to_f32(b, emit_f32_to_f16(b, d, hw), hw)
-        rnd = b.module.declare_intrinsic("llvm.round", [f32])
-        with _lane_loop(b, it, _c(32), "k") as j:  # a lane rewrites only what it read
-            q = b.call(rnd, [b.fmul(b.load(b.gep(xr, [j])), inv)])
-            b.store(b.fmul(dh, q), b.gep(yr, [j]))
-
-    return body
+def _round_q8(b, args, it):
+    """y = x rounded to Q8_0 and back, a group of 32 per item (see `_round_group`)."""
+    x, y = args
+    at = b.mul(it.index, _c(32))
+    _round_group(b, it, _f32p(b, x, at), _f32p(b, y, at))
 
 
 def _attention(target: Target) -> Body:
@@ -616,11 +654,12 @@ def build_common_module(target: Target) -> ir.Module:
     conversion and attention."""
     m = ir.Module(name="gpu_common")
     to_float, kv_store = _half_bodies(target)
-    bodies = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "softmax": _softmax,
-              "silu_mul": _silu_mul, "add": _add, "add_bias": _add_bias,
-              "rope_normal": _rope(False), "rope_neox": _rope(True), "f16_to_f32": to_float,
-              "kv_store": kv_store, "round_q8": _round_q8(target),
-              "attention": _attention(target)}
+    bodies = {"rms_norm": _rms_norm(False), "rms_norm_q8": _rms_norm(True),
+              "add_rms_norm": _add_rms_norm(False), "add_rms_norm_q8": _add_rms_norm(True),
+              "softmax": _softmax, "silu_mul": _silu_mul, "silu_mul_q8": _silu_mul_q8,
+              "add": _add, "add_bias": _add_bias, "rope_normal": _rope(False),
+              "rope_neox": _rope(True), "f16_to_f32": to_float, "kv_store": kv_store,
+              "round_q8": _round_q8, "attention": _attention(target)}
     for name, spec in COMMON.items():
         build_kernel(m, spec, target, bodies[name])
     return m

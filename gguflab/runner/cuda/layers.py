@@ -182,11 +182,17 @@ class GpuLayers:
         self.launches += 1
         self.device.launch(kernel, n_items, *args)
 
-    def _products(self, jobs: list[tuple[DeviceWeight, int]], x: int, n: int) -> None:
+    def _rounds(self, n: int, weights) -> bool:
+        """Whether a pass of n tokens reads the input of products over `weights` rounded to
+        Q8_0: one token, over a type the CPU reads through Q8_0 activations."""
+        return n == 1 and any(quantizes_activations(w.type) for w in weights)
+
+    def _products(self, jobs: list[tuple[DeviceWeight, int]], x: int, n: int,
+                  rounded: int | None = None) -> None:
         """y (n, n_out) = x (n, n_in) @ W.T for each (W, y) of `jobs`, all reading x. For one
-        token, x is first rounded to Q8_0 (once for all of them) for the products over types
-        the CPU reads through Q8_0 activations."""
-        rounded = None
+        token, the products over types the CPU reads through Q8_0 activations read x rounded
+        that way: `rounded`, where the kernel that wrote x also wrote it rounded, else
+        rounded here once for all of them."""
         for w, y in jobs:
             src = x
             if n == 1 and quantizes_activations(w.type):
@@ -202,10 +208,12 @@ class GpuLayers:
             self._launch(kernel, items, w.ptr, w.row_bytes, src, w.n_in, y, w.n_out, w.n_out,
                          w.n_blocks, n, K.lanes_per_row(w.n_blocks))
 
-    def _matmul(self, w: DeviceWeight, x: int, y: int, n: int) -> None:
-        self._products([(w, y)], x, n)
+    def _matmul(self, w: DeviceWeight, x: int, y: int, n: int,
+                rounded: int | None = None) -> None:
+        self._products([(w, y)], x, n, rounded)
 
-    def _run_products(self, runs: tuple[Run, ...], x: int, y: int, n: int) -> None:
+    def _run_products(self, runs: tuple[Run, ...], x: int, y: int, n: int,
+                      rounded: int | None = None) -> None:
         """Every weight of `runs` over x, outputs one after another from y (each (n, n_out)):
         one launch per run for one token, whose rows then land where the parts' would."""
         jobs = []
@@ -213,16 +221,21 @@ class GpuLayers:
             for w in (run.fused,) if n == 1 else run.parts:
                 jobs.append((w, y))
                 y += 4 * n * w.n_out
-        self._products(jobs, x, n)
+        self._products(jobs, x, n, rounded)
 
-    def _norm(self, weight: int, n: int, add: int | None) -> None:
-        """h = RMSNorm(x) * weight, after x += add when a residual is pending."""
+    def _norm(self, weight: int, n: int, add: int | None, readers) -> int | None:
+        """h = RMSNorm(x) * weight, after x += add when a residual is pending; when the
+        products over `readers` read h rounded to Q8_0, the same kernel writes that too:
+        returns where (else None)."""
         hp, b = self.hp, self.buf
         eps = float(hp.rms_eps)
-        if add is None:
-            self._launch("rms_norm", n, b["x"], weight, b["h"], hp.n_embd, eps)
-        else:
-            self._launch("add_rms_norm", n, b["x"], add, weight, b["h"], hp.n_embd, eps)
+        rounded = b["xq"] if self._rounds(n, readers) else None
+        kernel = "rms_norm" if add is None else "add_rms_norm"
+        args = [b["x"], weight, b["h"]] if add is None else [b["x"], add, weight, b["h"]]
+        if rounded is not None:
+            kernel, args = kernel + "_q8", [*args, rounded]
+        self._launch(kernel, n, *args, hp.n_embd, eps)
+        return rounded
 
     def _launch_layers(self, n: int) -> None:
         """Every kernel of a pass of n tokens over the offloaded layers, from buf["x"] (the
@@ -239,8 +252,8 @@ class GpuLayers:
         pending = None  # the residual not yet added into x
         for il in self.layers:
             L = self.dev_layers[il]
-            self._norm(L.attn_norm, n, pending)
-            self._run_products(L.qkv, b["h"], q, n)
+            hq = self._norm(L.attn_norm, n, pending, [r.fused for r in L.qkv])
+            self._run_products(L.qkv, b["h"], q, n, hq)
             if L.bias is not None:
                 if n == 1:  # q, k, v are one row, as the biases are
                     self._launch("add_bias", Q + 2 * KV, q, L.bias, Q + 2 * KV)
@@ -260,10 +273,14 @@ class GpuLayers:
             self._launch("attention", n * hp.n_head, q, L.k_cache, L.v_cache, b["att"],
                          hp.n_head, hp.n_head_kv, hd, self.pos, scale)
             self._matmul(L.wo, b["att"], b["o"], n)
-            self._norm(L.ffn_norm, n, b["o"])
-            self._run_products(L.gate_up, b["h"], g, n)
-            self._launch("silu_mul", n * hp.n_ff, g, u, g)
-            self._matmul(L.w_down, g, b["o"], n)
+            hq = self._norm(L.ffn_norm, n, b["o"], [r.fused for r in L.gate_up])
+            self._run_products(L.gate_up, b["h"], g, n, hq)
+            gq = b["xq"] if self._rounds(n, [L.w_down]) else None
+            if gq is None:
+                self._launch("silu_mul", n * hp.n_ff, g, u, g)
+            else:  # SwiGLU and the down product's rounded input in one kernel
+                self._launch("silu_mul_q8", hp.n_ff // 32, g, u, g, gq)
+            self._matmul(L.w_down, g, b["o"], n, gq)
             pending = b["o"]
         if pending is not None:
             self._launch("add", n * E, b["x"], pending, b["x"])
@@ -298,8 +315,8 @@ class GpuLayers:
 
     def _head(self, n: int) -> None:
         """logits = output @ RMSNorm(x) for the n hidden states in buf["x"]."""
-        self._norm(self.out_norm, n, None)
-        self._matmul(self.out_weight, self.buf["h"], self.buf["logits"], n)
+        hq = self._norm(self.out_norm, n, None, [self.out_weight])
+        self._matmul(self.out_weight, self.buf["h"], self.buf["logits"], n, hq)
 
     def _decode_step(self, head: bool) -> None:
         """One token through its recorded graph (one with the head, one without); the
