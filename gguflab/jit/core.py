@@ -22,7 +22,7 @@ import llvmlite
 import llvmlite.binding as llvm
 from llvmlite import ir
 
-CACHE_VERSION = "1"  # bump when the generated code changes meaning without its IR changing
+CACHE_VERSION = "2"  # bump when the generated code changes meaning without its IR changing
 _lock = threading.Lock()
 
 
@@ -56,6 +56,8 @@ def _init() -> None:
 
 @dataclass(frozen=True)
 class HostCPU:
+    """A JIT target: LLVM's CPU name and feature string (what the IR generators ask)."""
+
     triple: str
     name: str
     features: str
@@ -64,27 +66,70 @@ class HostCPU:
         return f"+{feature}" in self.features.split(",")
 
 
+# The x86-64 micro-architecture levels, with the features our IR generators look at. The
+# kernels compute the same bits on each (see DESIGN.md: float reductions in a fixed order,
+# explicit FMAs); a level only changes which instructions carry them out.
+_V2 = "+cx16,+popcnt,+sahf,+sse3,+sse4.1,+sse4.2,+ssse3"
+_V3 = _V2 + ",+avx,+avx2,+bmi,+bmi2,+f16c,+fma,+lzcnt,+movbe,+xsave"
+_V4 = _V3 + ",+avx512f,+avx512bw,+avx512cd,+avx512dq,+avx512vl"
+X86_LEVELS = {"x86-64-v2": _V2, "x86-64-v3": _V3, "x86-64-v4": _V4}
+
+
+def cpu_target(name: str | None = None) -> HostCPU:
+    """The target called `name`: "native" (or None) is this machine's CPU; an x86-64 level
+    (`x86-64-v3`, `x86-64-v4`) is that level's feature set; any other LLVM CPU name brings
+    LLVM's own features for it (the generators then see none)."""
+    _init()
+    triple = llvm.get_process_triple()
+    if not name or name == "native":
+        try:
+            features = llvm.get_host_cpu_features().flatten()
+        except RuntimeError:  # some platforms cannot report features
+            features = ""
+        return HostCPU(triple, llvm.get_host_cpu_name(), features)
+    return HostCPU(triple, name, X86_LEVELS.get(name, ""))
+
+
+def _missing_features(cpu: HostCPU) -> list[str]:
+    """Features `cpu` asks for that this machine lacks (running its code would trap)."""
+    have = set(cpu_target("native").features.split(","))
+    return [f[1:] for f in cpu.features.split(",") if f.startswith("+") and f not in have]
+
+
 @cache
 def host_cpu() -> HostCPU:
-    _init()
-    name = os.environ.get("GGUFLAB_CPU") or llvm.get_host_cpu_name()
-    try:
-        features = llvm.get_host_cpu_features().flatten()
-    except RuntimeError:  # some platforms cannot report features
-        features = ""
-    if os.environ.get("GGUFLAB_CPU"):
-        features = ""  # a forced CPU name brings its own feature set
-    return HostCPU(llvm.get_process_triple(), name, features)
+    """What kernels are compiled for: $GGUFLAB_CPU (`native`, the default, or e.g.
+    `x86-64-v3`), refused in one line if this machine cannot run it."""
+    name = os.environ.get("GGUFLAB_CPU", "native")
+    cpu = cpu_target(name)
+    missing = _missing_features(cpu) if name in X86_LEVELS else []
+    if missing:
+        from ..errors import UserError
+
+        raise UserError(f"GGUFLAB_CPU={name}: this CPU lacks {', '.join(missing[:4])}")
+    return cpu
 
 
 @cache
-def _host_tm() -> llvm.TargetMachine:
-    cpu = host_cpu()
+def _target_machine(cpu: HostCPU) -> llvm.TargetMachine:
     target = llvm.Target.from_triple(cpu.triple)
     # jitdefault code model + PIC-free object: MCJIT relocates it in-process
     return target.create_target_machine(
         cpu=cpu.name, features=cpu.features, opt=3, codemodel="jitdefault"
     )
+
+
+def _host_tm() -> llvm.TargetMachine:
+    return _target_machine(host_cpu())
+
+
+def optimise_for() -> HostCPU | None:
+    """$GGUFLAB_OPTIMISE_FOR (a check, not a setting): run LLVM's optimisation pipeline as
+    for that CPU, then emit code for `host_cpu()`. The IR the optimiser leaves for an
+    AVX-512 CPU then runs on an AVX2 one, so a test there sees whether the optimiser
+    changed the results (it must not: the kernels fix their float order)."""
+    name = os.environ.get("GGUFLAB_OPTIMISE_FOR")
+    return cpu_target(name) if name else None
 
 
 def _optimise(mod: llvm.ModuleRef, tm: llvm.TargetMachine, level: int = 3) -> None:
@@ -132,6 +177,7 @@ def compile_kernels(module: ir.Module | str, signatures: dict[str, type]) -> Com
     _init()
     cpu = host_cpu()
     tm = _host_tm()
+    mid = optimise_for()
     text = str(module) if isinstance(module, ir.Module) else module
     if isinstance(module, ir.Module) and module.triple in ("", "unknown-unknown-unknown"):
         text = text.replace(
@@ -139,7 +185,8 @@ def compile_kernels(module: ir.Module | str, signatures: dict[str, type]) -> Com
         )
     key = hashlib.sha256(
         "\0".join(
-            [CACHE_VERSION, llvmlite.__version__, cpu.triple, cpu.name, cpu.features, text]
+            [CACHE_VERSION, llvmlite.__version__, cpu.triple, cpu.name, cpu.features,
+             f"{mid.name}:{mid.features}" if mid else "", text]
         ).encode()
     ).hexdigest()[:32]
     with _lock:
@@ -158,7 +205,7 @@ def compile_kernels(module: ir.Module | str, signatures: dict[str, type]) -> Com
             mod = _parse(text)
             mod.triple = cpu.triple
             mod.data_layout = str(tm.target_data)
-            _optimise(mod, tm)
+            _optimise(mod, _target_machine(mid) if mid else tm)
             if debug_level() >= 2:
                 print(str(mod), file=sys.stderr)
             obj = tm.emit_object(mod)
