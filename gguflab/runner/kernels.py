@@ -18,9 +18,13 @@ products see exactly the weights `quant.get(t).dequantize` gives:
   vector accumulators) over it, so the dequantization is paid once per row for a whole
   chunk of tokens.
 
-The dot products carry fast-math flags (LLVM reassociates and fuses them), and in the decode
-kernels so does the dequantization; every output row is computed the same way whatever the
-thread split. Decoding products are posted as jobs to the thread team of `jit.parallel`
+Every kernel computes the same bits on every x86-64 CPU (AVX2 or AVX-512) and whatever the
+thread split: the float accumulators are vectors of a fixed `LANES` floats, summed in an order
+the IR spells out (explicit `llvm.fma` for each product, a fixed tree across lanes), and no
+float op carries a flag that lets LLVM reassociate or contract it. Only `nnan`/`ninf` are
+set (the weights and activations are finite), which drops NaN checks without changing a
+finite result. A wider CPU runs the same function, with its wider registers only where that
+leaves the result as it is (the integer dot products). Decoding products are posted as jobs to the thread team of `jit.parallel`
 (`matmuls` posts a layer's Q, K, V, or gate and up, at once), a hand-off of about a
 microsecond; prompt products split rows with `parallel_rows`. The kernels take the numpy
 arrays themselves (PyObject*) and read their data pointers, which keeps a call to a few
@@ -57,7 +61,10 @@ SUPPORTED_TYPES = (
 _FLOAT_TYPES = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.BF16: np.uint16}
 FLOAT_GROUP = 32  # float weights are handled as virtual blocks of this many elements
 
-FAST = ("fast",)
+# Float flags the products may carry: they change no finite result, so no CPU's optimiser
+# can make them differ. Never "fast", "reassoc" or "contract" (see the module docstring).
+FINITE = ("nnan", "ninf")
+LANES = 8  # floats per vector accumulator: fixed, so AVX-512 sums the same partials as AVX2
 L2_BUDGET = 256 << 10  # bytes of dequantized rows the prompt kernel keeps hot per thread
 MAX_GROUP_ROWS = 16
 TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
@@ -68,7 +75,7 @@ MIN_WORK_PER_PART = 1 << 16  # (decoding, where a hand-off to a team thread cost
 # blocks of more vectors than this go through memory between dequantization and dot
 BARRIER_MIN_CHUNKS = 8
 FUSE = True
-FAST_DEQUANT = True  # decode kernels: fast-math on the dequantization ops as well
+FINITE_DEQUANT = True  # decode kernels: the finite-math flags on the dequantization ops
 GEMV_ACCS = 4  # accumulators of the decode kernel: enough to cover the FMA latency
 GEMV_TOKENS = (1, 4)  # decode kernel variants: 1 token, and up to 4 tokens in one pass
 GEMV_ROWS = 1  # rows the decode kernel runs side by side (quantized weights)
@@ -113,23 +120,21 @@ def _blocks(t: GGMLType) -> _Blocks:
 # -- IR --------------------------------------------------------------------------------------
 
 
-def _vector_width() -> int:
-    return 16 if host_cpu().has("avx512f") else 8
-
-
 def _hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     n = v.type.count
     while n > 1:
         h = n // 2
         lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, h), list(range(h))))
         hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, h), list(range(h, n))))
-        v = b.fadd(lo, hi, flags=FAST)
+        v = b.fadd(lo, hi, flags=FINITE)
         n = h
     return b.extract_element(v, const(i32, 0))
 
 
 def _fma(b: ir.IRBuilder, acc: ir.Value, a: ir.Value, c: ir.Value) -> ir.Value:
-    return b.fadd(acc, b.fmul(a, c, flags=FAST), flags=FAST)
+    """acc + a * c with one rounding (`llvm.fma`): the same on every CPU with FMA."""
+    suffix = f"v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "f32"
+    return _intrinsic(b, f"llvm.fma.{suffix}", a.type, [a, c, acc])
 
 
 class _Accs:
@@ -200,7 +205,7 @@ class _Builder(ir.IRBuilder):
     _tracked: dict | None = None
     _on_store = None
     fix_half = True
-    fast = False  # fast-math on the dequantization's float ops too (see `_fast_ops`)
+    fast = False  # the finite-math flags on the dequantization's float ops (`_fast_ops`)
 
     @contextmanager
     def intercept(self, base: ir.Value, on_store: Callable[[ir.Value, int], None]):
@@ -245,9 +250,8 @@ class _Builder(ir.IRBuilder):
             raise _CannotFuse("load from the output")
         return super().load(ptr_, name, align, typ)
 
-    # The dequantization IR keeps ggml's exact float semantics (no fusing, NaN kept); a
-    # product reorders anyway, so in the kernels its ops may fuse into FMAs and drop the
-    # NaN checks: a third of the instructions of an affine (Q4_1) block.
+    # The dequantization IR keeps ggml's exact float semantics (NaN kept); in the products'
+    # kernels its ops may drop the NaN checks, which leaves every finite result as it is.
     def fmul(self, lhs, rhs, name="", flags=()):
         return super().fmul(lhs, rhs, name, flags=flags or self._fast_ops())
 
@@ -264,7 +268,7 @@ class _Builder(ir.IRBuilder):
         return super().fcmp_ordered(cmpop, lhs, rhs, name, flags=flags or self._fast_ops())
 
     def _fast_ops(self) -> tuple:
-        return FAST if self.fast else ()
+        return FINITE if self.fast else ()
 
     def fpext(self, value, typ, name=""):
         if not (self.fix_half and value.type == f16 and typ == f32 and _x86_f16c()):
@@ -335,7 +339,7 @@ def _build_gemv(m: ir.Module, name: str, blk: _Blocks, vw: int, T: int) -> ir.Fu
     w, ws, x, ldx, y, ldy, ntok, r0, r1, nb = fn.args
     b = _Builder(fn.append_basic_block("entry"))
     b.fix_half = not blk.elementwise
-    b.fast = FAST_DEQUANT
+    b.fast = FINITE_DEQUANT
     c64 = lambda v: const(i64, v)  # noqa: E731
     chunks = blk.size // vw
     fuse = FUSE and _can_fuse(blk, vw)
@@ -389,7 +393,7 @@ def _build_gemv(m: ir.Module, name: str, blk: _Blocks, vw: int, T: int) -> ir.Fu
                 for t in range(T):
                     total = accs.get(acc(i, t, 0))
                     for a in range(1, per):
-                        total = b.fadd(total, accs.get(acc(i, t, 0) + a), flags=FAST)
+                        total = b.fadd(total, accs.get(acc(i, t, 0) + a), flags=FINITE)
                     dst = b.gep(y, [b.add(b.mul(c64(t), ldy), b.add(r, c64(i)))])
                     if t == 0:
                         b.store(_hsum(b, total), dst)
@@ -556,7 +560,7 @@ def _build_gemvq(m: ir.Module, name: str, blk: _Blocks, groups: Callable) -> ir.
                             align=1)
                 dx = b.load(b.gep(xd, [gi]))
                 isum = b.sitofp(_group_dot(b, g, xg), vt)
-                scale = b.fmul(g.scale, dx, flags=FAST)
+                scale = b.fmul(g.scale, dx, flags=FINITE)
                 splat = b.shuffle_vector(b.insert_element(ir.Constant(vt, None), scale,
                                                           const(i32, 0)),
                                          ir.Constant(vt, None), ir.Constant(
@@ -564,8 +568,8 @@ def _build_gemvq(m: ir.Module, name: str, blk: _Blocks, groups: Callable) -> ir.
                 accs.add_product(i % 2, isum, splat)
                 if g.offset is not None:
                     b.store(_fma(b, b.load(off), g.offset, b.load(b.gep(xs, [gi]))), off)
-        total = b.fadd(accs.get(0), accs.get(1), flags=FAST)
-        b.store(b.fadd(_hsum(b, total), b.load(off), flags=FAST), b.gep(y, [r]))
+        total = b.fadd(accs.get(0), accs.get(1), flags=FINITE)
+        b.store(b.fadd(_hsum(b, total), b.load(off), flags=FINITE), b.gep(y, [r]))
     b.ret_void()
     return fn
 
@@ -677,8 +681,8 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int) -> ir.Function:
                         tail.add_product(unroll + u, _vload(b, wb, vt, ku), xv)
                 sa, sb = tail.get(0), tail.get(unroll)
                 for u in range(1, unroll):
-                    sa = b.fadd(sa, tail.get(u), flags=FAST)
-                    sb = b.fadd(sb, tail.get(unroll + u), flags=FAST)
+                    sa = b.fadd(sa, tail.get(u), flags=FINITE)
+                    sb = b.fadd(sb, tail.get(unroll + u), flags=FINITE)
                 store_y(t, b.add(g, ia), _hsum(b, sa))
                 store_y(t, b.add(g, ib), _hsum(b, sb))
     b.ret_void()
@@ -760,7 +764,7 @@ def build_module(t: GGMLType) -> ir.Module:
     """`gemv_<t>` and `gemm_<t>` for weight type `t`; their array arguments are ndarray
     objects (see `_export`); `gemv<T>_<t>_part`, the same gemv as a team job; and where the
     type has an integer view, `gemvq_<t>_part` and `quantize_q8_<t>` (see `_build_gemvq`)."""
-    blk, vw = _blocks(t), _vector_width()
+    blk, vw = _blocks(t), LANES
     m = ir.Module(name=f"matmul_{t.name.lower()}")
     name = t.name.lower()
     groups = _int_groups(t)

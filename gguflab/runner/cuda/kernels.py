@@ -40,12 +40,11 @@ from ...jit.builders import (
     void,
 )
 from ...jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..kernels import _Blocks, _blocks, _Builder, _CannotFuse
+from ..kernels import _Blocks, _blocks, _Builder, _CannotFuse, _fma
 
 WARP = 32
 MAX_HEAD_DIM = 256  # attention keeps one head's output row per lane on the stack
 MATMUL_TOKENS = 4  # tokens per item of the prompt kernel: each weight row dequantized once
-FAST = ("fast",)
 LOG2E = 1.4426950408889634
 
 # every type the quant registry can dequantize with IR (F32 is a plain load)
@@ -212,7 +211,12 @@ class _Acc:
 
     def add(self, v: ir.Value, b: ir.IRBuilder | None = None) -> None:
         b = b or self.b
-        self.set(b.fadd(self.get(b), v, flags=FAST), b)
+        self.set(b.fadd(self.get(b), v), b)
+
+    def add_product(self, x: ir.Value, y: ir.Value, b: ir.IRBuilder | None = None) -> None:
+        """acc + x * y, one rounding (an explicit FMA: the same on the GPU and any CPU)."""
+        b = b or self.b
+        self.set(_fma(b, self.get(b), x, y), b)
 
 
 def _c(v: int) -> ir.Constant:
@@ -333,12 +337,11 @@ def _dot_body(t: GGMLType, T: int) -> Body:
                     at = fb.add(base, _c(offset))
                     for tok, xp in enumerate(xt):
                         xv = fb.load(fb.bitcast(fb.gep(xp, [at]), ptr(value.type)), align=4)
-                        prod = fb.fmul(value, xv, flags=FAST)
                         if n == 1:
-                            accs[tok].add(prod, fb)
+                            accs[tok].add_product(value, xv, fb)
                             continue
                         slot = vacc(tok, n)
-                        fb.store(fb.fadd(fb.load(slot), prod, flags=FAST), slot)
+                        fb.store(_fma(fb, fb.load(slot), value, xv), slot)
 
                 with fb.intercept(scratch, on_store):
                     blk.emit(fb, src, scratch)
@@ -348,7 +351,7 @@ def _dot_body(t: GGMLType, T: int) -> Body:
                 with for_range(b, _c(0), _c(blk.size), name="j") as j:
                     wv = b.load(b.gep(scratch, [j]))
                     for acc, xp in zip(accs, xt):
-                        acc.add(b.fmul(wv, b.load(b.gep(xp, [b.add(base, j)])), flags=FAST))
+                        acc.add_product(wv, b.load(b.gep(xp, [b.add(base, j)])))
         for (tok, n), slot in vaccs.items():  # zeroed in the entry block, then per item
             v = b.load(slot)
             b.store(ir.Constant(v.type, [0.0] * n), slot)
@@ -627,7 +630,7 @@ def _attention(target: Target) -> Body:
             dot.set(const(f32, 0.0))
             with for_range(b, _c(0), hd, name="d") as d:
                 kv = emit_f16_to_f32(b, b.load(b.gep(kh, [b.add(krow, d)])), hw)
-                dot.add(b.fmul(b.load(b.gep(qr, [d])), kv, flags=FAST))
+                dot.add_product(b.load(b.gep(qr, [d])), kv)
             score = b.fmul(dot.get(), scale)
             m_new = _fmax(b, m.get(), score)
             corr, p = _exp(b, b.fsub(m.get(), m_new)), _exp(b, b.fsub(score, m_new))
