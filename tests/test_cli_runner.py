@@ -8,8 +8,11 @@ import sys
 
 import pytest
 from ggml_oracle import llama_quantize
+from llama_ref import decode_logits, reference
 
 from gguflab.cli import main
+from gguflab.runner.model import Model
+from gguflab.runner.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +32,13 @@ def test_tokenize_ids_match_llama_cpp(smollm2, capsys):
 
 
 def test_run_greedy_matches_llama_cpp(smol_f32, capsys):
-    llama_cpp = pytest.importorskip("llama_cpp")
     prompt = "The capital of France is"
     assert main(["run", "-m", smol_f32, "-p", prompt, "-n", "8", "--temp", "0"]) == 0
     out = capsys.readouterr()
-    ref = llama_cpp.Llama(smol_f32, n_ctx=64, verbose=False, n_threads=2)
-    want = ref(prompt, max_tokens=8, temperature=0)["choices"][0]["text"]
-    assert out.out.rstrip("\n") == prompt + want
+    m = Model(smol_f32)
+    ref = reference(smol_f32, Tokenizer.from_gguf(m.reader).encode(prompt), 8)
+    assert out.out.startswith(prompt)
+    ref.assert_agrees(decode_logits(m, ref.ids, ref.n_prompt), out.out.rstrip("\n")[len(prompt):])
     assert re.search(r"prompt: \d+ tokens, [\d.]+ tok/s \| generation: 8 tokens, [\d.]+ tok/s",
                      out.err)
 
@@ -102,10 +105,8 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_chat_repl_answers_with_the_model_template(smollm2):
-    llama_cpp = pytest.importorskip("llama_cpp")
     from gguflab.gguf import GGUFReader, Keys
     from gguflab.runner.chat import chat_prompt_ids, pick_template
-    from gguflab.runner.tokenizer import Tokenizer
 
     question = "What is the capital of France?"
     r = subprocess.run([sys.executable, "-m", "gguflab", "chat", "-m", smollm2, "--temp", "0",
@@ -113,20 +114,14 @@ def test_chat_repl_answers_with_the_model_template(smollm2):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "generation:" in r.stderr
+    assert r.stdout.startswith("> ") and r.stdout.endswith("\n> ")
     # llama.cpp, greedy, on the prompt the model's own template makes of the same turn
     reader = GGUFReader(smollm2)
     ids = chat_prompt_ids(Tokenizer.from_gguf(reader),
                           pick_template(reader.get(Keys.CHAT_TEMPLATE)),
                           [{"role": "user", "content": question}])
-    ref = llama_cpp.Llama(smollm2, n_ctx=256, verbose=False, n_threads=2)
-    out = []
-    for t in ref.generate(ids, temp=0, top_k=1):
-        if t == ref.token_eos():
-            break
-        out.append(t)
-        if len(out) == 12:
-            break
-    assert r.stdout == "> " + ref.detokenize(out).decode() + "\n> "
+    ref = reference(smollm2, ids, 12)
+    ref.assert_agrees(decode_logits(Model(smollm2), ref.ids, ref.n_prompt), r.stdout[2:-3])
 
 
 def test_threads_flag_sets_the_kernel_threads(smol_f32, capsys):

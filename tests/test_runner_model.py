@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from agreement import assert_same_top1_where_clear
 from ggml_oracle import llama_quantize
+from llama_ref import LLAMA_SPREADS, decode_logits, reference
 
 from gguflab.errors import UserError
 from gguflab.runner.model import Model
@@ -15,9 +17,10 @@ TOKENS = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 3458, 282, 8295, 314, 411
           3458, 282, 7365, 314, 216]
 
 
-def llama_logits(path, tokens, n_ctx=64):
+def llama_logits(path, tokens, n_ctx=64, flash_attn=False):
     llama_cpp = pytest.importorskip("llama_cpp")
-    m = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2)
+    m = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
+                        flash_attn=flash_attn)
     m.eval(tokens)
     return np.array(m.scores[: len(tokens)], dtype=np.float64)
 
@@ -30,10 +33,13 @@ def smol_f32(tmp_path_factory, smollm2):
 
 
 def test_f32_logits_match_llama_cpp(smol_f32):
+    """Every position of a prompt as one batch: F32 weights, so the two differ by the order
+    of float sums only. Bound: llama.cpp's own spread (flash attention on against off on
+    the same batch) times LLAMA_SPREADS."""
     ours = Model(smol_f32).forward(TOKENS, Model(smol_f32).new_cache(64), all_logits=True)
     ref = llama_logits(smol_f32, TOKENS)
-    assert np.abs(ours - ref).max() < 0.05  # logits span about +-30
-    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    spread = np.abs(llama_logits(smol_f32, TOKENS, flash_attn=True) - ref).max()
+    assert_same_top1_where_clear(ref, ours, LLAMA_SPREADS * spread)
 
 
 def test_quantized_weights_used_in_place_agree_with_llama_cpp(smollm2):
@@ -52,6 +58,8 @@ def test_incremental_decoding_equals_one_batch(smol_f32):
     cache = m.new_cache(64)
     part = [m.forward(TOKENS[:9], cache, all_logits=True)]
     part += [m.forward([t], cache)[None] for t in TOKENS[9:]]
+    # one token at a time and one batch run different kernels (gemv, gemm): float order
+    # only, on logits of about +-30
     assert np.abs(np.vstack(part) - whole).max() < 0.02
 
 
@@ -136,16 +144,17 @@ def test_perplexity_of_the_eval_text_matches_llama_cpp(smollm2, smol_f32, tmp_pa
 
 
 def test_greedy_32_tokens_same_text_as_llama_cpp(smol_f32):
+    """32 greedy tokens: llama.cpp's text up to its first near-tie (a top-2 margin that the
+    bound between the two could flip), after which either continuation is right."""
     from gguflab.runner.generate import Generation
     from gguflab.runner.sampling import Sampler, SamplerParams
     from gguflab.runner.tokenizer import Tokenizer
 
-    llama_cpp = pytest.importorskip("llama_cpp")
     prompt = "The three most important inventions in history are"
     m = Model(smol_f32)
     tok = Tokenizer.from_gguf(m.reader)
     gen = Generation.start(m, tok, 128)
     ours = "".join(gen.stream(tok.encode(prompt), Sampler(SamplerParams(temp=0)), 32))
-    ref = llama_cpp.Llama(str(smol_f32), n_ctx=128, verbose=False, n_threads=2)
-    want = ref(prompt, max_tokens=32, temperature=0)["choices"][0]["text"]
-    assert ours == want
+    ref = reference(smol_f32, tok.encode(prompt), 32, n_ctx=128)
+    n = ref.assert_agrees(decode_logits(m, ref.ids, ref.n_prompt, 128), ours)
+    print(f"greedy text equal for the {n} of 32 tokens decided beyond {ref.gap_noise:.3g}")

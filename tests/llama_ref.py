@@ -1,0 +1,109 @@
+"""llama.cpp (llama-cpp-python) as the runner's oracle, compared so that float noise cannot
+flip a test (see agreement.py).
+
+- `reference(path, prompt, n)`: llama.cpp's greedy continuation and the logits that chose
+  each of its tokens, decoding one token at a time as a chat does; and its own spread: the
+  same tokens decoded again with flash attention on, which changes only the float order.
+- `decode_logits(model, ids, n_prompt)`: ours on the same tokens, the same way.
+
+How far ours may be from llama.cpp is stated in units of that spread (LLAMA_SPREADS), for
+all logits and for the gaps that decide each greedy token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+from agreement import decided, gap_change, margins
+
+# Ours may sit up to this many times as far from llama.cpp as llama.cpp sits from itself
+# when only its float order changes. Measured on SmolLM2 (2026-12-01, 3 prompts x 32
+# tokens, decode path): ours / llama.cpp's spread was 0.5-0.9 on F32 weights and 0.9-1.2 on
+# Q4_1, both over all logits and over the deciding gaps. Quantized weights spread far more
+# (1.5 logits, against 0.03 for F32): both sides round activations to 8 bits, and a value
+# within float noise of a rounding boundary lands one level apart.
+LLAMA_SPREADS = 2.0
+
+
+def _llama(path, n_ctx: int, flash_attn: bool = False):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False,
+                           n_threads=2, flash_attn=flash_attn)
+
+
+@dataclass
+class Reference:
+    ids: list[int]  # the prompt, then llama.cpp's greedy continuation
+    n_prompt: int
+    logits: np.ndarray  # (n, n_vocab): the decode logits that chose each continuation token
+    spread: float  # max |logit change| with flash attention on (same tokens, decoding)
+    gap_spread: float  # the same for the gaps that decide each top-1 (agreement.gap_change)
+    pieces: list[bytes]  # each continuation token's text, as llama.cpp detokenizes it
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.ids[self.n_prompt:]
+
+    @property
+    def noise(self) -> float:
+        """The bound on |ours - llama.cpp| at any logit."""
+        return LLAMA_SPREADS * self.spread
+
+    @property
+    def gap_noise(self) -> float:
+        """The bound on how far ours moves a deciding gap: closer calls are near-ties."""
+        return LLAMA_SPREADS * self.gap_spread
+
+    def text(self, n: int | None = None) -> str:
+        """The first `n` continuation tokens as text (a cut UTF-8 character left out)."""
+        return b"".join(self.pieces[:n]).decode("utf-8", "ignore")
+
+    def assert_agrees(self, ours_logits: np.ndarray, ours_text: str | None = None) -> int:
+        """Our decode logits on the same tokens are within `noise` of llama.cpp's, pick the
+        same token wherever llama.cpp's margin is above `gap_noise`, and our greedy text
+        (if given) is llama.cpp's up to the first near-tie. Returns the tokens decided."""
+        diff = float(np.abs(ours_logits - self.logits).max())
+        assert diff <= self.noise, f"logits {diff:.3g} from llama.cpp's, bound {self.noise:.3g}"
+        clear = np.flatnonzero(margins(self.logits) > self.gap_noise)
+        picks = ours_logits.argmax(-1)
+        assert (picks[clear] == np.asarray(self.tokens)[clear]).all(), "top-1 differs"
+        n = decided(self.logits, self.gap_noise)
+        if ours_text is not None:
+            assert ours_text.startswith(self.text(n)), (ours_text, self.text(n), n)
+        return n
+
+
+def _decode(m, ids: list[int], n_prompt: int) -> np.ndarray:
+    m.eval(ids[:n_prompt])
+    for t in ids[n_prompt:-1]:
+        m.eval([t])
+    return np.array(m.scores[n_prompt - 1:len(ids) - 1], np.float64)
+
+
+def reference(path, prompt: list[int], n_predict: int, n_ctx: int = 256) -> Reference:
+    """llama.cpp's greedy continuation of `prompt` (stops at end of generation)."""
+    ref = _llama(path, n_ctx)
+    toks: list[int] = []
+    for t in ref.generate(prompt, temp=0, top_k=1):
+        if t == ref.token_eos() or len(toks) == n_predict:
+            break
+        toks.append(t)
+    n0, ids = len(prompt), list(prompt) + toks
+    # with logits_all, each evaluated position keeps its logits: the prompt's last row
+    # chose the first token, each decode step the next
+    logits = np.array(ref.scores[n0 - 1:n0 - 1 + len(toks)], np.float64)
+    fa = _decode(_llama(path, n_ctx, flash_attn=True), ids, n0) if toks else logits
+    spread = float(np.abs(fa - logits).max()) if toks else 0.0
+    return Reference(ids, n0, logits, spread, gap_change(logits, fa),
+                     [ref.detokenize([t]) for t in toks])
+
+
+def decode_logits(model, ids: list[int], n_prompt: int, n_ctx: int = 256) -> np.ndarray:
+    """Our logits that choose each token after the prompt, computed as generation computes
+    them: the prompt as one batch, then one token at a time (teacher-forced)."""
+    cache = model.new_cache(n_ctx)
+    rows = [model.forward(ids[:n_prompt], cache)]
+    rows += [model.forward([t], cache) for t in ids[n_prompt:-1]]
+    return np.array(rows, np.float64)
