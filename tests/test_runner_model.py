@@ -158,3 +158,43 @@ def test_greedy_32_tokens_same_text_as_llama_cpp(smol_f32):
     ref = reference(smol_f32, tok.encode(prompt), 32, n_ctx=128)
     n = ref.assert_agrees(decode_logits(m, ref.ids, ref.n_prompt, 128), ours)
     print(f"greedy text equal for the {n} of 32 tokens decided beyond {ref.gap_noise:.3g}")
+
+
+def test_llama3_rope_scaling_uses_rope_freqs_as_llama_cpp_does(tmp_path, fixtures):
+    """A LLaMA 3.1-style checkpoint ("llama3" rope scaling): the converter writes
+    rope_freqs.weight, and the runner divides each rotary pair's frequency by it, as
+    llama.cpp does. A short original context makes most pairs scaled within 48 positions,
+    so a runner that ignored the factors would be far outside the bound (checked)."""
+    from hf_models import llama_config, random_weights, write_folder
+
+    from gguflab.convert.pipeline import ConvertOptions, convert_model
+    from gguflab.runner.cuda.device import HostDevice
+    from gguflab.runner.cuda.layers import GpuLayers, forward_offloaded
+
+    cfg = llama_config(rope_theta=10000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})
+    w = random_weights(cfg, seed=3)
+    for k in w:  # sharp attention, so that positions (and their rotation) matter
+        if k.endswith(("q_proj.weight", "k_proj.weight")):
+            w[k] *= 4
+    folder = write_folder(tmp_path / "l3", cfg, w, fixtures / "llama2-tokenizer.model")
+    out = tmp_path / "l3.gguf"
+    list(convert_model(folder, out, ConvertOptions(outtype="f32")))
+    tokens = [1, *range(300, 347)]
+    m = Model(out)
+    ours = m.forward(tokens, m.new_cache(64), all_logits=True)
+    ref = llama_logits(out, tokens)
+    spread = np.abs(llama_logits(out, tokens, flash_attn=True) - ref).max()
+    noise = max(LLAMA_SPREADS * spread, 1e-4 * np.abs(ref).max())  # (a spread of 0 is luck)
+    assert_same_top1_where_clear(ref, ours, noise)
+    # the same model with the factors left out is not llama.cpp's
+    plain = Model(out)
+    plain.inv_freq = m.hp.rope_base ** (-np.arange(0, m.hp.rope_dim, 2) / m.hp.rope_dim)
+    assert not np.allclose(plain.inv_freq, m.inv_freq)
+    off = np.abs(plain.forward(tokens, plain.new_cache(64), all_logits=True) - ref).max()
+    assert off > 10 * noise  # measured: 5.2 against a bound of 0.023
+    # and the GPU path's rotary table comes from the same frequencies
+    gpu = GpuLayers(m, [0, 1], 64, HostDevice(), output=True)
+    got = forward_offloaded(m, gpu, tokens, m.new_cache(64), all_logits=True)
+    np.testing.assert_allclose(got, ours, atol=1e-4 * np.abs(ours).max(), rtol=0)  # float order

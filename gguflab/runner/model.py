@@ -151,9 +151,16 @@ class Model:
                 bk=vec(p + "attn_k.bias"), bv=vec(p + "attn_v.bias"),
                 ffn_norm=vec(p + "ffn_norm.weight"), w_gate=w(p + "ffn_gate.weight"),
                 w_up=w(p + "ffn_up.weight"), w_down=w(p + "ffn_down.weight")))
-        # rotary frequencies, as llama.cpp computes them (theta_i = base^(-2i/d))
+        # rotary frequencies, as llama.cpp computes them (theta_i = base^(-2i/d)), divided by
+        # the file's per-pair factors where it has them (LLaMA 3.1-style rope scaling)
         d = hp.rope_dim
         self.inv_freq = hp.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+        factors = vec("rope_freqs.weight")
+        if factors is not None:
+            if factors.size != d // 2:
+                raise UserError(f"{r.path}: rope_freqs.weight has {factors.size} factors, "
+                                f"the rotary dimension {d} needs {d // 2}")
+            self.inv_freq = self.inv_freq / factors.astype(np.float64)
 
     def new_cache(self, n_ctx: int) -> KVCache:
         """A KV cache for the layers the CPU runs (the offloaded ones keep theirs on the

@@ -110,10 +110,8 @@ class GpuLayers:
         if output:
             self.out_norm = self._vector(model.output_norm)
             self.out_weight = self._weight(model.output)
-        # (cos, sin) of every position and rotary pair, computed as the CPU path does
-        d = hp.rope_dim
-        inv_freq = hp.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
-        ang = (np.arange(n_ctx)[:, None] * hp.rope_scale) * inv_freq[None, :]
+        # (cos, sin) of every position and rotary pair, from the CPU path's frequencies
+        ang = (np.arange(n_ctx)[:, None] * hp.rope_scale) * model.inv_freq[None, :]
         table = np.stack([np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)], -1)
         self.rope_table = self._upload(table)
         self.pos = device.alloc(8)  # the position of the pass's first token (an i64)
