@@ -195,37 +195,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace):
+    """(model, tokenizer, n_ctx) for run, chat and perplexity; the offload plan is printed."""
     from .catalog import embedded_model
-    from .runner.model import Model
-    from .runner.tokenizer import Tokenizer
+    from .runner.load import load_model
 
-    if getattr(args, "threads", None) is not None:
-        from .jit.parallel import set_threads
-
-        if args.threads < 0:
-            raise UserError(f"--threads {args.threads}: give 1 or more (0: all cores)")
-        set_threads(args.threads or None)
-    model = Model(args.model or embedded_model())
-    ngl = getattr(args, "n_gpu_layers", 0)
-    if ngl:  # plan before loading anything onto a GPU; no usable GPU: say why, use the CPU
-        from .runner.offload import plan_for_cli
-
-        plan = plan_for_cli(model.reader, _ctx_size(args, model), ngl,
-                            getattr(args, "main_gpu", 0))
-        print(f"gguflab: {plan.summary()}", file=sys.stderr)
-        if plan.on_gpu:
-            from .runner.cuda.layers import load_offload
-
-            model.gpu = load_offload(model, plan, _ctx_size(args, model))
-        args.offload_plan = plan
-    return model, Tokenizer.from_gguf(model.reader)
-
-
-def _ctx_size(args: argparse.Namespace, model) -> int:
-    n = args.ctx_size or min(4096, model.hp.n_ctx_train)
-    if n < 8:
-        raise UserError(f"--ctx-size {n} is too small")
-    return n
+    lm = load_model(args.model or embedded_model(), args.ctx_size,
+                    getattr(args, "n_gpu_layers", 0), getattr(args, "threads", None),
+                    getattr(args, "main_gpu", 0))
+    if lm.plan is not None:
+        print(f"gguflab: {lm.plan.summary()}", file=sys.stderr)
+        args.offload_plan = lm.plan
+    return lm.model, lm.tokenizer, lm.n_ctx
 
 
 def _sampler(args: argparse.Namespace):
@@ -253,10 +233,10 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from .runner.generate import Generation, Timings
 
-    model, tok = _load_model(args)
+    model, tok, n_ctx = _load_model(args)
     text = _read_prompt(args)
     ids = tok.encode(text, add_special=True, parse_special=True)
-    gen = Generation.start(model, tok, _ctx_size(args, model))
+    gen = Generation.start(model, tok, n_ctx)
     t = Timings()
     sys.stdout.write(text)
     sys.stdout.flush()
@@ -274,9 +254,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from .runner.chat import chat_prompt_ids, pick_template
     from .runner.generate import Generation, Timings
 
-    model, tok = _load_model(args)
+    model, tok, n_ctx = _load_model(args)
     template = pick_template(model.reader.get(Keys.CHAT_TEMPLATE), args.chat_template)
-    n_ctx = _ctx_size(args, model)
     sampler = _sampler(args)
     messages = [{"role": "system", "content": args.system_prompt}] if args.system_prompt else []
     print("chat with the model; an empty line or Ctrl-D ends, /new starts over", file=sys.stderr)
@@ -331,12 +310,11 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from .runner.perplexity import perplexity
 
     args.ctx_size = args.ctx_size or 512  # llama-perplexity's default, also for the GPU plan
-    model, tok = _load_model(args)
+    model, tok, n_ctx = _load_model(args)
     if not args.file and not args.prompt:
         args.file = default_eval_text()
     text = _read_prompt(args)
     tokens = tok.encode(text, add_special=True, parse_special=False)
-    n_ctx = args.ctx_size
     print(f"perplexity: {len(tokens)} tokens, chunks of {n_ctx}", file=sys.stderr)
 
     def progress(i, n, ppl):

@@ -301,9 +301,7 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
     from .catalog import default_eval_text
     from .jit.parallel import default_threads
     from .quant.pipeline import QuantizeOptions, plan_model, quantize_model
-    from .runner.cuda.layers import load_offload
-    from .runner.model import Model
-    from .runner.offload import plan_for_cli
+    from .runner.load import load_model
     from .runner.perplexity import chunks_of, perplexity
     from .runner.tokenizer import Tokenizer
 
@@ -355,12 +353,10 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
                              "than from an F16/BF16/F32 original, and the base is not lossless")
     def measure(path: str, label: str, base_path: str | None, save_base: str | None):
         """One perplexity run (with KLD against the base when `base_path`) and the speed."""
-        m = Model(path)
-        if n_gpu_layers:  # as `-ngl` in run and perplexity: the last layers on the GPU
-            plan = plan_for_cli(m.reader, max(n_ctx, PP_TOKENS + TG_TOKENS), n_gpu_layers)
-            yield Log("info", f"{label}: {plan.summary()}")
-            if plan.on_gpu:
-                m.gpu = load_offload(m, plan, max(n_ctx, PP_TOKENS + TG_TOKENS))
+        lm = load_model(path, max(n_ctx, PP_TOKENS + TG_TOKENS), n_gpu_layers)
+        m = lm.model
+        if lm.plan is not None:  # as `-ngl` in run and perplexity: the last layers on the GPU
+            yield Log("info", f"{label}: {lm.plan.summary()}")
         res = yield from _with_progress(
             lambda on_chunk: perplexity(m, tokens, n_ctx, add_bos=tok.add_bos,
                                         bos_id=tok.bos_id, n_chunks=n_chunk,

@@ -203,3 +203,27 @@ def test_cli_offloads_to_the_emulated_gpu_with_the_cpu_tokens(tiny_with_vocab, c
         out = capsys.readouterr().out
         figures.append(float(out.split("Final estimate: PPL = ")[1].split()[0]))
     assert figures[1] == pytest.approx(figures[0], rel=1e-3)
+
+
+def test_load_model_is_the_one_way_to_open_a_model_with_its_offload(tiny_with_vocab, monkeypatch):
+    """CLI, chat tab and sweep all open models through runner.load_model: the context is
+    settled, the plan made first, and the Model built with its GPU layers."""
+    from gguflab.runner.load import load_model
+
+    tiny = tiny_with_vocab
+
+    lm = load_model(tiny, 0, 0)
+    assert lm.plan is None and lm.model.gpu is None and lm.n_ctx == 2048  # the trained ctx
+    monkeypatch.setenv("GGUFLAB_GPU", "host")
+    lm = load_model(tiny, 64, 2)
+    assert lm.plan.gpu_layers == [2, 3] and not lm.plan.output_on_gpu
+    assert [g for g in lm.model.gpu.layers] == [2, 3]
+    assert lm.model.new_cache(64).k.shape[0] == N_LAYER - 2  # the CPU keeps its own layers
+    lm = load_model(tiny, 64, 999)
+    assert lm.model.gpu.output
+    with pytest.raises(UserError, match="no such file"):
+        load_model(str(tiny) + ".missing")
+    with pytest.raises(UserError, match="too small"):
+        load_model(tiny, 4)
+    with pytest.raises(UserError, match="--threads -2"):
+        load_model(tiny, threads=-2)

@@ -123,10 +123,12 @@ class KVCache:
 
 
 class Model:
-    def __init__(self, path: str | os.PathLike):
-        self.reader = r = GGUFReader(path)
+    def __init__(self, source: str | os.PathLike | GGUFReader, offload=None, n_ctx: int = 0):
+        """The model in `source` (a path or an open reader). `offload`, an OffloadPlan
+        (runner.offload), puts its last layers on a GPU with a KV cache of `n_ctx`."""
+        self.reader = r = source if isinstance(source, GGUFReader) else GGUFReader(source)
         self.path = r.path
-        self.gpu = None  # GpuLayers (runner/cuda) running the last layers, set by the caller
+        self.gpu = None  # GpuLayers (runner/cuda) running the last layers
         self.hp = hp = HParams.from_gguf(r)
         names = {t.name for t in r.tensors}
 
@@ -161,6 +163,10 @@ class Model:
                 raise UserError(f"{r.path}: rope_freqs.weight has {factors.size} factors, "
                                 f"the rotary dimension {d} needs {d // 2}")
             self.inv_freq = self.inv_freq / factors.astype(np.float64)
+        if offload is not None and offload.on_gpu:
+            from .cuda.layers import load_offload  # the device code only when it is used
+
+            self.gpu = load_offload(self, offload, n_ctx)
 
     def new_cache(self, n_ctx: int) -> KVCache:
         """A KV cache for the layers the CPU runs (the offloaded ones keep theirs on the

@@ -48,10 +48,9 @@ class ChatSettings:
                                      seed=None if self.seed < 0 else self.seed))
 
     def context_size(self, n_ctx_train: int) -> int:
-        n = self.n_ctx or min(4096, n_ctx_train)
-        if n < 8:
-            raise UserError(f"context size {n} is too small")
-        return n
+        from ....runner.load import context_size
+
+        return context_size(self.n_ctx, n_ctx_train)
 
     def model_path(self) -> str:
         from ....catalog import embedded_model
@@ -129,31 +128,21 @@ class LoadedModel:
 
     @classmethod
     def load(cls, path: str, settings: ChatSettings) -> LoadedModel:
-        """Load as `gguflab chat` does; with GPU layers asked for, the offload plan must fit."""
+        """Load as `gguflab chat` does (`runner.load_model`); with GPU layers asked for, the
+        offload plan must fit."""
         from ....gguf import Keys
         from ....runner.chat import pick_template
-        from ....runner.model import Model
-        from ....runner.offload import plan_for_cli
-        from ....runner.tokenizer import Tokenizer
+        from ....runner.load import load_model
 
-        if not os.path.isfile(path):
-            raise UserError(f"{path}: no such file")
-        model = Model(path)
-        tok = Tokenizer.from_gguf(model.reader)
-        hp = model.hp
+        lm = load_model(path, settings.n_ctx, settings.n_gpu_layers)
+        hp = lm.model.hp
         summary = (f"{os.path.basename(path)} | {hp.arch}, {hp.n_layer} layers, "
                    f"trained ctx {hp.n_ctx_train}, {size(os.path.getsize(path))}")
-        if settings.n_gpu_layers:
-            n_ctx = settings.context_size(hp.n_ctx_train)
-            plan = plan_for_cli(model.reader, n_ctx, settings.n_gpu_layers)
-            if plan.on_gpu:  # as `gguflab chat -ngl N` does
-                from ....runner.cuda.layers import load_offload
-
-                model.gpu = load_offload(model, plan, n_ctx)
-                out = " + output" if plan.output_on_gpu else ""
-                summary += f" | {len(plan.gpu_layers)}/{hp.n_layer} layers{out} on the GPU"
-        return cls(path, model, tok, pick_template(model.reader.get(Keys.CHAT_TEMPLATE)),
-                   summary)
+        if lm.plan is not None and lm.plan.on_gpu:
+            out = " + output" if lm.plan.output_on_gpu else ""
+            summary += f" | {len(lm.plan.gpu_layers)}/{hp.n_layer} layers{out} on the GPU"
+        return cls(path, lm.model, lm.tokenizer,
+                   pick_template(lm.model.reader.get(Keys.CHAT_TEMPLATE)), summary)
 
 
 @dataclass
@@ -170,11 +159,11 @@ def stream_reply(lm: LoadedModel, settings: ChatSettings, messages: list[dict],
                  on_piece: Callable[[str, int, float], None]) -> Reply:
     """Generate the assistant's next turn for `messages`, calling `on_piece(text, n_tokens,
     tok_per_s)` as text completes; `should_stop()` is asked between tokens."""
-    from ....jit.parallel import set_threads
     from ....runner.chat import chat_prompt_ids
     from ....runner.generate import Generation, Timings
+    from ....runner.load import set_kernel_threads
 
-    set_threads(settings.threads or None)  # the form's threads, as `-t` in the CLI
+    set_kernel_threads(settings.threads)  # the form's threads, as `-t` in the CLI
     ids = chat_prompt_ids(lm.tokenizer, lm.template, messages)
     gen = Generation.start(lm.model, lm.tokenizer,
                            settings.context_size(lm.model.hp.n_ctx_train))
