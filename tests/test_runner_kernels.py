@@ -96,8 +96,8 @@ def test_threads_agree(case, n_tok, monkeypatch):
     x = np.random.default_rng(7).standard_normal((n_tok, N_IN)).astype(np.float32)
     y1 = matmul(w, t, x, threads=1)
     y2 = matmul(w, t, x, threads=2)
-    scale = np.abs(x) @ np.abs(dequantized(t, w)).T
-    assert (np.abs(y1 - y2) <= 1e-6 * scale).all()
+    # each row is computed the same way whatever part of the split it falls in: same bits
+    np.testing.assert_array_equal(y1.view(np.uint32), y2.view(np.uint32))
 
 
 def test_out_and_1d(case):
