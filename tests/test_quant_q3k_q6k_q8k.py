@@ -83,11 +83,10 @@ def test_dequantize_matches_ggml(t):
     assert np.array_equal(_bits(qt.dequantize(q)), _bits(want))
 
 
-@pytest.mark.parametrize("t", TYPES)
+# gguf-py has no Q8_K dequantizer: Q8_K's is pinned against llama.cpp's own above
+@pytest.mark.parametrize("t", [t for t in TYPES if t != GGMLType.Q8_K])
 def test_dequantize_matches_gguf_py(t):
     gguf = pytest.importorskip("gguf")
-    if t == GGMLType.Q8_K:
-        pytest.skip("gguf-py has no Q8_K dequantizer")
     x = _edge_rows(512, 12)
     q = ggml_quantize(t, x)
     want = gguf.quants.dequantize(q, gguf.GGMLQuantizationType[t.name])

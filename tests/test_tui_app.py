@@ -8,10 +8,12 @@ import fcntl
 import os
 import pty
 import select
+import signal
 import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 
 import gguf as ggufpy
@@ -381,8 +383,18 @@ def test_quit_while_a_job_runs_cancels_it_and_leaves_no_partial(tmp_path):
             )
             job = app.manager.jobs[0]
             await until(pilot, lambda: job.started is not None or job.done, timeout=60)
-            assert not job.done  # still working when the user quits
-            await pilot.press("q")
+            # hold the worker where it is, so that however fast the machine (or slow this
+            # UI on a loaded one) the user quits while it still works; it goes on only once
+            # the quit has asked it to stop
+            pid = job._proc.pid
+            os.kill(pid, signal.SIGSTOP)
+            resume = threading.Timer(0.5, os.kill, (pid, signal.SIGCONT))
+            resume.start()
+            try:
+                assert not job.done  # still working when the user quits
+                await pilot.press("q")
+            finally:
+                resume.join()
         return app
 
     app = asyncio.run(run())
