@@ -143,8 +143,8 @@ def convert_model(folder: str | os.PathLike, outfile: str | os.PathLike | None =
         meta.update(hp.metadata())
         meta[Keys.FILE_TYPE] = Value(ValueType.UINT32, int(OUTTYPES[outtype][1]))
         meta.update(hp.late_metadata())
-        meta.update(tok)
         meta[Keys.QUANTIZATION_VERSION] = Value(ValueType.UINT32, QUANTIZATION_VERSION)
+        meta.update(tok)
 
         total_in = sum(int(np.prod(j.shape)) * (4 if j.src_dtype == "F32" else 2) for j in jobs)
         yield Started("convert", folder, None if opts.dry_run else out, len(jobs), total_in,
