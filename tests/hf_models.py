@@ -22,8 +22,9 @@ def llama_config(arch="LlamaForCausalLM", n_vocab=32000, n_embd=64, n_layer=2, n
 def random_weights(cfg: dict, seed: int = 0, bias: bool = False) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     d, ff, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = d // cfg["num_attention_heads"]
-    kv = cfg["num_key_value_heads"] * hd
+    hd = cfg.get("head_dim") or d // cfg["num_attention_heads"]
+    kv, qd = cfg["num_key_value_heads"] * hd, cfg["num_attention_heads"] * hd
+    qk_norm = cfg["architectures"][0] == "Qwen3ForCausalLM"
 
     def w(*shape, scale=None):
         scale = scale or 1 / np.sqrt(shape[-1])
@@ -33,12 +34,16 @@ def random_weights(cfg: dict, seed: int = 0, bias: bool = False) -> dict[str, np
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
-        out[p + "self_attn.q_proj.weight"] = w(d, d)
+        out[p + "self_attn.q_proj.weight"] = w(qd, d)
         out[p + "self_attn.k_proj.weight"] = w(kv, d)
         out[p + "self_attn.v_proj.weight"] = w(kv, d)
-        out[p + "self_attn.o_proj.weight"] = w(d, d)
+        out[p + "self_attn.o_proj.weight"] = w(d, qd)
+        if qk_norm:
+            for n in ("q_norm", "k_norm"):
+                out[p + f"self_attn.{n}.weight"] = (1 + 0.2 * rng.standard_normal(hd)).astype(
+                    np.float32)
         if bias:
-            out[p + "self_attn.q_proj.bias"] = w(d, scale=0.1)
+            out[p + "self_attn.q_proj.bias"] = w(qd, scale=0.1)
             out[p + "self_attn.k_proj.bias"] = w(kv, scale=0.1)
             out[p + "self_attn.v_proj.bias"] = w(kv, scale=0.1)
         out[p + "post_attention_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(
@@ -87,7 +92,7 @@ def hf_forward(cfg: dict, w: dict[str, np.ndarray], tokens: list[int]) -> np.nda
     W = {k: v.astype(np.float64) for k, v in w.items()}
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = cfg["hidden_size"]
-    hd, eps, theta = d // nh, cfg["rms_norm_eps"], cfg["rope_theta"]
+    hd, eps, theta = cfg.get("head_dim") or d // nh, cfg["rms_norm_eps"], cfg["rope_theta"]
     T = len(tokens)
     pos = np.arange(T)
     x = W["model.embed_tokens.weight"][tokens]
@@ -100,14 +105,17 @@ def hf_forward(cfg: dict, w: dict[str, np.ndarray], tokens: list[int]) -> np.nda
             y = h @ W[p + f"self_attn.{n}_proj.weight"].T
             return y + W.get(p + f"self_attn.{n}_proj.bias", 0)
 
-        q = _rope_hf(proj("q").reshape(T, nh, hd), pos, theta)
-        k = _rope_hf(proj("k").reshape(T, nkv, hd), pos, theta)
+        q, k = proj("q").reshape(T, nh, hd), proj("k").reshape(T, nkv, hd)
+        if p + "self_attn.q_norm.weight" in W:  # Qwen3: each head RMS-normalised first
+            q = _rms(q, W[p + "self_attn.q_norm.weight"], eps)
+            k = _rms(k, W[p + "self_attn.k_norm.weight"], eps)
+        q, k = _rope_hf(q, pos, theta), _rope_hf(k, pos, theta)
         v = proj("v").reshape(T, nkv, hd)
         k, v = np.repeat(k, nh // nkv, axis=1), np.repeat(v, nh // nkv, axis=1)
         att = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
         att = np.exp(att - att.max(-1, keepdims=True))
         att /= att.sum(-1, keepdims=True)
-        o = np.einsum("hts,shd->thd", att, v).reshape(T, d)
+        o = np.einsum("hts,shd->thd", att, v).reshape(T, nh * hd)
         x = x + o @ W[p + "self_attn.o_proj.weight"].T
         h = _rms(x, W[p + "post_attention_layernorm.weight"], eps)
         g = h @ W[p + "mlp.gate_proj.weight"].T

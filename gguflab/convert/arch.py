@@ -28,6 +28,7 @@ class Arch:
 ARCHES = (
     Arch(("LlamaForCausalLM", "LLaMAForCausalLM", "MistralForCausalLM"), "llama", True, True),
     Arch(("Qwen2ForCausalLM",), "qwen2", False),
+    Arch(("Qwen3ForCausalLM",), "qwen3", False),
 )
 
 
@@ -45,6 +46,8 @@ _LAYER_MAP = {
     "self_attn.q_proj.bias": "attn_q.bias",
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
@@ -120,6 +123,9 @@ class HParams:
             out[k(Keys.ROPE_FREQ_BASE)] = Value(F32V, float(self.rope_theta))
         if self.rms_eps is not None:
             out[k(Keys.LAYERNORM_RMS_EPS)] = Value(F32V, float(self.rms_eps))
+        if self.config.get("head_dim") is not None:  # as llama.cpp: only when config says
+            out[k(Keys.KEY_LENGTH)] = Value(U32, int(self.config["head_dim"]))
+            out[k(Keys.VALUE_LENGTH)] = Value(U32, int(self.config["head_dim"]))
         return out
 
     def late_metadata(self) -> dict[str, Value]:
@@ -146,6 +152,8 @@ class HParams:
             "attn_q.bias": (self.n_head * hd,),
             "attn_k.bias": (self.n_head_kv * hd,),
             "attn_v.bias": (self.n_head_kv * hd,),
+            "attn_q_norm.weight": (hd,),
+            "attn_k_norm.weight": (hd,),
             "attn_output.weight": (self.n_embd, self.n_head * hd),
             "ffn_gate.weight": (self.n_ff, self.n_embd),
             "ffn_up.weight": (self.n_ff, self.n_embd),

@@ -1,9 +1,9 @@
-"""The llama-family forward pass, top to bottom: embeddings, then per layer RMSNorm ->
-attention (RoPE, GQA, KV cache) -> RMSNorm -> SwiGLU, then the output head.
+"""The forward pass, top to bottom: embeddings, then per layer RMSNorm -> attention (RoPE,
+GQA, KV cache) -> RMSNorm -> SwiGLU, then the output head. What a family changes (NEOX RoPE,
+q/k norms ...) is declared in `runner/families/` and read here as a few switches.
 
 Weights stay memory-mapped in their quantized GGUF form; `matmul` dequantizes them on the
-fly. Hyperparameters and conventions follow llama.cpp (normal RoPE for llama, NEOX for
-qwen2; F16 KV cache)."""
+fly. Hyperparameters and conventions follow llama.cpp (F16 KV cache)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..gguf import GGMLType, GGUFReader, Keys, ReaderTensor
+from .families import FAMILIES, Family, supported
 from .kernels import get_rows, matmul, matmuls
-
-SUPPORTED_ARCHS = {"llama": False, "qwen2": True}  # arch -> NEOX-style RoPE
 
 
 @dataclass(frozen=True)
@@ -35,13 +34,14 @@ class HParams:
     rope_neox: bool
     rms_eps: float
     n_ctx_train: int
+    family: Family
 
     @classmethod
     def from_gguf(cls, r: GGUFReader) -> HParams:
         arch = r.architecture
-        if arch not in SUPPORTED_ARCHS:
+        if arch not in FAMILIES:
             raise UserError(f"{r.path}: architecture {arch!r} is not supported by the runner "
-                            f"(supported: {', '.join(SUPPORTED_ARCHS)})")
+                            f"(supported: {supported()})")
 
         def hp(key, default=None):
             v = r.arch_get(key, default)
@@ -63,9 +63,10 @@ class HParams:
             rope_dim=int(r.arch_get(Keys.ROPE_DIMENSION_COUNT, head_dim)),
             rope_base=float(r.arch_get(Keys.ROPE_FREQ_BASE, 10000.0)),
             rope_scale=1.0 / factor if scaling == "linear" else 1.0,
-            rope_neox=SUPPORTED_ARCHS[arch],
+            rope_neox=FAMILIES[arch].rope_neox,
             rms_eps=float(hp(Keys.LAYERNORM_RMS_EPS)),
             n_ctx_train=int(r.arch_get(Keys.CONTEXT_LENGTH, 2048)),
+            family=FAMILIES[arch],
         )
 
 
@@ -97,6 +98,8 @@ class Layer:
     bq: np.ndarray | None
     bk: np.ndarray | None
     bv: np.ndarray | None
+    q_norm: np.ndarray | None  # (head_dim,): qk_norm families
+    k_norm: np.ndarray | None
     ffn_norm: np.ndarray
     w_gate: Weight
     w_up: Weight
@@ -140,6 +143,9 @@ class Model:
         def vec(name: str) -> np.ndarray | None:
             return w(name).vector() if name in names else None
 
+        def norm(name: str) -> np.ndarray | None:  # a family's required norm, else None
+            return w(name).vector() if hp.family.qk_norm else None
+
         self.tok_embd = w("token_embd.weight")
         self.output = w("output.weight") if "output.weight" in names else self.tok_embd
         self.output_norm = vec("output_norm.weight")
@@ -151,6 +157,7 @@ class Model:
                 wk=w(p + "attn_k.weight"), wv=w(p + "attn_v.weight"),
                 wo=w(p + "attn_output.weight"), bq=vec(p + "attn_q.bias"),
                 bk=vec(p + "attn_k.bias"), bv=vec(p + "attn_v.bias"),
+                q_norm=norm(p + "attn_q_norm.weight"), k_norm=norm(p + "attn_k_norm.weight"),
                 ffn_norm=vec(p + "ffn_norm.weight"), w_gate=w(p + "ffn_gate.weight"),
                 w_up=w(p + "ffn_up.weight"), w_down=w(p + "ffn_down.weight")))
         # rotary frequencies, as llama.cpp computes them (theta_i = base^(-2i/d)), divided by
@@ -229,8 +236,10 @@ class Model:
                            (L.wv.data, L.wv.type)], h)
         if L.bq is not None:
             q, k, v = q + L.bq, k + L.bk, v + L.bv
-        q = self.rope(q.reshape(n, hp.n_head, hd), pos)
-        k = self.rope(k.reshape(n, n_kv, hd), pos)
+        q, k = q.reshape(n, hp.n_head, hd), k.reshape(n, n_kv, hd)
+        if L.q_norm is not None:  # each head normalised on its own
+            q, k = rms_norm(q, L.q_norm, hp.rms_eps), rms_norm(k, L.k_norm, hp.rms_eps)
+        q, k = self.rope(q, pos), self.rope(k, pos)
         p0, t = pos[0], pos[0] + n
         keys, vals = cache.k[il], cache.v[il]  # (n_kv, n_ctx, hd)
         keys[:, p0:t] = k.astype(np.float16).transpose(1, 0, 2)

@@ -60,6 +60,7 @@ class DeviceLayer:
     qkv: tuple[Run, ...]  # Q, K, V in runs of one type
     wo: DeviceWeight
     bias: int | None  # bq, bk, bv one after another (qwen2)
+    qk_norm: tuple[int, int] | None  # q's and k's per-head norm weights (qwen3)
     ffn_norm: int
     gate_up: tuple[Run, ...]
     w_down: DeviceWeight
@@ -104,6 +105,8 @@ class GpuLayers:
                 wo=self._weight(L.wo),
                 bias=None if any(v is None for v in biases) else self._vector(
                     np.concatenate(biases)),
+                qk_norm=None if L.q_norm is None else (self._vector(L.q_norm),
+                                                       self._vector(L.k_norm)),
                 ffn_norm=self._vector(L.ffn_norm), gate_up=self._runs([L.w_gate, L.w_up]),
                 w_down=self._weight(L.w_down),
                 k_cache=device.alloc(kv_bytes), v_cache=device.alloc(kv_bytes))
@@ -258,6 +261,9 @@ class GpuLayers:
                 else:
                     for out, at, cols in ((q, 0, Q), (k, Q, KV), (v, Q + KV, KV)):
                         self._launch("add_bias", n * cols, out, L.bias + 4 * at, cols)
+            if L.qk_norm is not None:  # each head of q and of k normalised, in place
+                for x, w, heads in ((q, L.qk_norm[0], hp.n_head), (k, L.qk_norm[1], hp.n_head_kv)):
+                    self._launch("rms_norm", n * heads, x, w, x, hd, float(hp.rms_eps))
             if n == 1:  # q and k are one row of n_head + n_head_kv heads
                 self._launch(rope, (hp.n_head + hp.n_head_kv) * half, q, self.rope_table,
                              self.pos, hp.n_head + hp.n_head_kv, hd, half)
