@@ -29,6 +29,9 @@ class SynthConfig:
     seed: int = 0
     name: str = "synthetic-llama"
     tokenizer_from: str | None = None  # a GGUF whose tokenizer.* keys (and vocab) to copy
+    arch: str = "llama"  # or "qwen3", "qwen3moe" (q/k norms, NEOX RoPE)
+    n_expert: int = 0  # > 0: a mixture of experts FFN (n_ff wide each), as Mixtral/Qwen3-MoE
+    n_expert_used: int = 2
 
 
 def tensor_shapes(c: SynthConfig) -> list[tuple[str, tuple[int, ...]]]:
@@ -41,11 +44,20 @@ def tensor_shapes(c: SynthConfig) -> list[tuple[str, tuple[int, ...]]]:
                 (p + "attn_q.weight", (c.n_embd, c.n_embd)),
                 (p + "attn_k.weight", (c.n_head_kv * head_dim, c.n_embd)),
                 (p + "attn_v.weight", (c.n_head_kv * head_dim, c.n_embd)),
-                (p + "attn_output.weight", (c.n_embd, c.n_embd)),
-                (p + "ffn_norm.weight", (c.n_embd,)),
-                (p + "ffn_gate.weight", (c.n_ff, c.n_embd)),
-                (p + "ffn_up.weight", (c.n_ff, c.n_embd)),
-                (p + "ffn_down.weight", (c.n_embd, c.n_ff))]
+                (p + "attn_output.weight", (c.n_embd, c.n_embd))]
+        if c.arch.startswith("qwen3"):
+            out += [(p + "attn_q_norm.weight", (head_dim,)), (p + "attn_k_norm.weight", (head_dim,))]
+        out.append((p + "ffn_norm.weight", (c.n_embd,)))
+        if c.n_expert:
+            e = c.n_expert
+            out += [(p + "ffn_gate_inp.weight", (e, c.n_embd)),
+                    (p + "ffn_gate_exps.weight", (e, c.n_ff, c.n_embd)),
+                    (p + "ffn_up_exps.weight", (e, c.n_ff, c.n_embd)),
+                    (p + "ffn_down_exps.weight", (e, c.n_embd, c.n_ff))]
+        else:
+            out += [(p + "ffn_gate.weight", (c.n_ff, c.n_embd)),
+                    (p + "ffn_up.weight", (c.n_ff, c.n_embd)),
+                    (p + "ffn_down.weight", (c.n_embd, c.n_ff))]
     out.append(("output_norm.weight", (c.n_embd,)))
     if not c.tied:
         out.append(("output.weight", (c.n_vocab, c.n_embd)))
@@ -58,13 +70,13 @@ def _weights(c: SynthConfig, index: int, name: str, shape: tuple[int, ...]) -> n
         return (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
     x = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
     # a few outlier columns and a heavier tail, like real weights
-    cols = rng.choice(shape[1], size=max(1, shape[1] // 64), replace=False)
-    x[:, cols] *= 8
+    cols = rng.choice(shape[-1], size=max(1, shape[-1] // 64), replace=False)
+    x[..., cols] *= 8
     return x
 
 
 def metadata(c: SynthConfig) -> dict[str, Value]:
-    a = "llama"
+    a = c.arch
     ftype = {GGMLType.F32: LlamaFileType.ALL_F32, GGMLType.F16: LlamaFileType.MOSTLY_F16,
              GGMLType.BF16: LlamaFileType.MOSTLY_BF16}[c.dtype]
     return {
@@ -81,7 +93,12 @@ def metadata(c: SynthConfig) -> dict[str, Value]:
         Keys.arch(Keys.ROPE_DIMENSION_COUNT, a): Value(U32, c.n_embd // c.n_head),
         Keys.arch(Keys.VOCAB_SIZE, a): Value(U32, c.n_vocab),
         Keys.FILE_TYPE: Value(U32, int(ftype)),
-    }
+    } | ({
+        Keys.arch(Keys.EXPERT_COUNT, a): Value(U32, c.n_expert),
+        Keys.arch(Keys.EXPERT_USED_COUNT, a): Value(U32, c.n_expert_used),
+    } if c.n_expert else {}) | ({  # Qwen3-MoE states the experts' width on its own
+        Keys.arch(Keys.EXPERT_FEED_FORWARD_LENGTH, a): Value(U32, c.n_ff),
+    } if c.arch == "qwen3moe" else {})
 
 
 def write_synthetic_llama(path: str | os.PathLike, config: SynthConfig | None = None,
@@ -101,7 +118,8 @@ def write_synthetic_llama(path: str | os.PathLike, config: SynthConfig | None = 
         meta = metadata(c) | tok
     tensors = []
     for i, (name, shape) in enumerate(tensor_shapes(c)):
-        t = GGMLType.F32 if len(shape) == 1 else c.dtype
+        # norms and the expert router stay F32, as llama.cpp's converter keeps them
+        t = GGMLType.F32 if len(shape) == 1 or "gate_inp" in name else c.dtype
         qt = get(t)
         tensors.append((TensorSpec(name, shape, t),
                         lambda i=i, name=name, shape=shape, qt=qt:

@@ -35,6 +35,8 @@ class HParams:
     rms_eps: float
     n_ctx_train: int
     family: Family
+    n_expert: int = 0  # > 0: every layer's FFN is a mixture of experts
+    n_expert_used: int = 0  # experts per token
 
     @classmethod
     def from_gguf(cls, r: GGUFReader) -> HParams:
@@ -67,6 +69,8 @@ class HParams:
             rms_eps=float(hp(Keys.LAYERNORM_RMS_EPS)),
             n_ctx_train=int(r.arch_get(Keys.CONTEXT_LENGTH, 2048)),
             family=FAMILIES[arch],
+            n_expert=int(r.arch_get(Keys.EXPERT_COUNT, 0) or 0),
+            n_expert_used=int(r.arch_get(Keys.EXPERT_USED_COUNT, 0) or 0),
         )
 
 
@@ -101,9 +105,23 @@ class Layer:
     q_norm: np.ndarray | None  # (head_dim,): qk_norm families
     k_norm: np.ndarray | None
     ffn_norm: np.ndarray
-    w_gate: Weight
-    w_up: Weight
-    w_down: Weight
+    w_gate: Weight | None  # the dense FFN, or
+    w_up: Weight | None
+    w_down: Weight | None
+    experts: Experts | None = None  # a mixture of experts
+
+
+@dataclass
+class Experts:
+    """A mixture-of-experts FFN: a softmax router over `n` experts picks `used` per token
+    (their weights renormalised to sum to one), each a SwiGLU whose gate, up and down
+    weights are stacked in 3-D tensors: `gate.data[e]` is expert e's matrix."""
+
+    router: Weight  # ffn_gate_inp (n_expert, n_embd)
+    gate: Weight
+    up: Weight
+    down: Weight
+    used: int
 
 
 class KVCache:
@@ -158,8 +176,8 @@ class Model:
                 wo=w(p + "attn_output.weight"), bq=vec(p + "attn_q.bias"),
                 bk=vec(p + "attn_k.bias"), bv=vec(p + "attn_v.bias"),
                 q_norm=norm(p + "attn_q_norm.weight"), k_norm=norm(p + "attn_k_norm.weight"),
-                ffn_norm=vec(p + "ffn_norm.weight"), w_gate=w(p + "ffn_gate.weight"),
-                w_up=w(p + "ffn_up.weight"), w_down=w(p + "ffn_down.weight")))
+                ffn_norm=vec(p + "ffn_norm.weight"),
+                **self._ffn(p, w, hp)))
         # rotary frequencies, as llama.cpp computes them (theta_i = base^(-2i/d)), divided by
         # the file's per-pair factors where it has them (LLaMA 3.1-style rope scaling)
         d = hp.rope_dim
@@ -174,6 +192,22 @@ class Model:
             from .cuda.layers import load_offload  # the device code only when it is used
 
             self.gpu = load_offload(self, offload, n_ctx)
+
+    @staticmethod
+    def _ffn(p: str, w, hp: HParams) -> dict:
+        """A layer's FFN weights: dense, or the experts' (stacked, with their router)."""
+        if not hp.n_expert:
+            return dict(w_gate=w(p + "ffn_gate.weight"), w_up=w(p + "ffn_up.weight"),
+                        w_down=w(p + "ffn_down.weight"))
+        if not 0 < hp.n_expert_used <= hp.n_expert:
+            raise UserError(f"{hp.n_expert_used} experts used per token out of {hp.n_expert}")
+        ex = Experts(w(p + "ffn_gate_inp.weight"), w(p + "ffn_gate_exps.weight"),
+                     w(p + "ffn_up_exps.weight"), w(p + "ffn_down_exps.weight"),
+                     hp.n_expert_used)
+        for t in (ex.gate, ex.up, ex.down):
+            if t.data.ndim != 3 or t.data.shape[0] != hp.n_expert:
+                raise UserError(f"{p}ffn_*_exps: expected {hp.n_expert} stacked experts")
+        return dict(w_gate=None, w_up=None, w_down=None, experts=ex)
 
     def new_cache(self, n_ctx: int) -> KVCache:
         """A KV cache for the layers the CPU runs (the offloaded ones keep theirs on the
@@ -210,8 +244,7 @@ class Model:
             h = rms_norm(x, L.attn_norm, hp.rms_eps)
             x = x + self.attention(il, L, h, pos, cache)
             h = rms_norm(x, L.ffn_norm, hp.rms_eps)
-            gate, up = matmuls([(L.w_gate.data, L.w_gate.type), (L.w_up.data, L.w_up.type)], h)
-            x = x + L.w_down @ (silu(gate) * up)
+            x = x + (moe_ffn(L.experts, h) if L.experts is not None else ffn(L, h))
         logits = None
         if n_cpu < hp.n_layer and n == 1 and gpu.output:  # layers and head in one device pass
             logits = gpu.forward_layers(x, p0, head=True)
@@ -293,6 +326,32 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     # the ufunc's reduce itself: np.mean's Python wrapper costs more than the sum here
     ms = np.add.reduce(x * x, axis=-1, keepdims=True) / np.float32(x.shape[-1])
     return (x / np.sqrt(ms + np.float32(eps))) * w
+
+
+def ffn(L: Layer, h: np.ndarray) -> np.ndarray:
+    """SwiGLU: down(silu(gate(h)) * up(h))."""
+    gate, up = matmuls([(L.w_gate.data, L.w_gate.type), (L.w_up.data, L.w_up.type)], h)
+    return L.w_down @ (silu(gate) * up)
+
+
+def moe_ffn(ex: Experts, h: np.ndarray) -> np.ndarray:
+    """The experts' SwiGLUs, weighted: each token's `used` most probable experts under the
+    router's softmax, their probabilities renormalised (llama.cpp's build_moe_ffn with
+    softmax gating and norm_w). Each expert runs once over the tokens routed to it."""
+    logits = ex.router @ h  # (n_tok, n_expert)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    top = np.argsort(-p, axis=-1, kind="stable")[:, :ex.used]
+    w = np.take_along_axis(p, top, -1)
+    w /= w.sum(-1, keepdims=True)
+    out = np.zeros_like(h)
+    for e in np.unique(top):
+        rows, slot = np.nonzero(top == e)
+        x = np.ascontiguousarray(h[rows])
+        gate, up = matmuls([(ex.gate.data[e], ex.gate.type), (ex.up.data[e], ex.up.type)], x)
+        y = matmul(ex.down.data[e], ex.down.type, silu(gate) * up)
+        out[rows] += w[rows, slot, None] * y
+    return out
 
 
 def silu(x: np.ndarray) -> np.ndarray:

@@ -93,6 +93,9 @@ class GpuLayers:
         self.layers = sorted(layers)
         if self.layers and self.layers != list(range(self.layers[0], hp.n_layer)):
             raise UserError(f"offloaded layers must be the last ones, got {self.layers}")
+        if any(model.layers[il].experts is not None for il in self.layers):
+            raise UserError("mixture-of-experts layers are not offloaded yet: run them on "
+                            "the CPU (-ngl 0)")
         self.output = output
         self.bytes_uploaded = 0
         kv_bytes = n_ctx * hp.n_head_kv * hp.head_dim * 2

@@ -15,9 +15,10 @@ class Family:
     qk_norm: bool = False  # attn_q_norm/attn_k_norm: RMSNorm of each q and k head before RoPE
 
 
-from . import llama, qwen2, qwen3  # noqa: E402  (each declares its FAMILY)
+from . import llama, qwen2, qwen3, qwen3moe  # noqa: E402  (each declares its FAMILY)
 
-FAMILIES: dict[str, Family] = {f.arch: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    f.arch: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, qwen3moe.FAMILY)}
 
 
 def supported() -> str:

@@ -1,0 +1,106 @@
+"""Mixture-of-experts models (Mixtral: llama with experts; Qwen3-MoE: Qwen3's attention
+with experts), as synthetic GGUF files with SmolLM2's vocabulary: our logits against
+llama.cpp's on the same file, and every quantized byte against llama_model_quantize (the
+n_expert-dependent rules of llama-quant.cpp included)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from agreement import assert_same_top1_where_clear
+from ggml_oracle import llama_quantize
+from llama_ref import LLAMA_SPREADS
+from test_quantize_oracle import assert_same_file, run_ours
+
+from gguflab.errors import UserError
+from gguflab.quant.mixes import parse_mix
+from gguflab.runner.cuda.device import HostDevice
+from gguflab.runner.cuda.layers import GpuLayers
+from gguflab.runner.model import Model, moe_ffn
+from gguflab.synth import SynthConfig, write_synthetic_llama
+
+TOKENS = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 3458, 282, 8295, 314, 4110, 30, 378]
+CONFIGS = {
+    "mixtral": SynthConfig(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2,
+                           n_expert=8, n_expert_used=2, seed=11),
+    "qwen3moe": SynthConfig(n_layer=2, n_embd=256, n_ff=256, n_head=4, n_head_kv=2,
+                            arch="qwen3moe", n_expert=4, n_expert_used=2, seed=12),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def moe(request, tmp_path_factory, smollm2):
+    path = tmp_path_factory.mktemp("moe") / f"{request.param}.gguf"
+    from dataclasses import replace
+
+    return write_synthetic_llama(path, replace(CONFIGS[request.param], tokenizer_from=smollm2))
+
+
+def _llama_logits(path, tokens, flash_attn=False):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    m = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
+                        flash_attn=flash_attn)
+    m.eval(tokens)
+    return np.array(m.scores[: len(tokens)], np.float64)
+
+
+def test_moe_logits_match_llama_cpp(moe):
+    m = Model(moe)
+    assert m.hp.n_expert and all(L.experts is not None for L in m.layers)
+    ours = m.forward(TOKENS, m.new_cache(64), all_logits=True)
+    ref = _llama_logits(moe, TOKENS)
+    spread = np.abs(_llama_logits(moe, TOKENS, flash_attn=True) - ref).max()
+    noise = max(LLAMA_SPREADS * spread, 1e-4 * np.abs(ref).max())  # (a spread of 0 is luck)
+    assert_same_top1_where_clear(ref, ours, noise)
+
+
+def test_decoding_one_token_at_a_time_routes_as_the_batch(moe):
+    m = Model(moe)
+    whole = m.forward(TOKENS, m.new_cache(64), all_logits=True)
+    cache = m.new_cache(64)
+    part = [m.forward(TOKENS[:5], cache, all_logits=True)]
+    part += [m.forward([t], cache)[None] for t in TOKENS[5:]]
+    # gemv and gemm sum in other orders: float order only, on logits of a few units
+    np.testing.assert_allclose(np.vstack(part), whole, atol=1e-4 * np.abs(whole).max(), rtol=0)
+
+
+def test_router_picks_the_most_probable_experts_and_renormalises():
+    """moe_ffn against a per-token loop written from the definition."""
+    from gguflab.runner.model import Experts, Weight, silu
+
+    rng = np.random.default_rng(3)
+    n_exp, d, f = 5, 32, 64
+    mk = lambda *s: Weight(rng.standard_normal(s).astype(np.float32), "F32")  # noqa: E731
+    from gguflab.gguf import GGMLType
+
+    ex = Experts(mk(n_exp, d), mk(n_exp, f, d), mk(n_exp, f, d), mk(n_exp, d, f), 3)
+    for w in (ex.router, ex.gate, ex.up, ex.down):
+        w.type = GGMLType.F32
+    h = rng.standard_normal((6, d)).astype(np.float32)
+    got = moe_ffn(ex, h)
+    for t in range(6):
+        z = ex.router.data.astype(np.float64) @ h[t]
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        top = np.argsort(-p)[:3]
+        want = sum(p[e] / p[top].sum() * (ex.down.data[e] @ (
+            silu(ex.gate.data[e] @ h[t]) * (ex.up.data[e] @ h[t]))) for e in top)
+        np.testing.assert_allclose(got[t], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_moe_layers_stay_on_the_cpu_with_a_clear_reason(moe, monkeypatch):
+    from gguflab.runner.load import load_model
+
+    monkeypatch.setenv("GGUFLAB_GPU", "host")
+    lm = load_model(moe, 64, 999)
+    assert lm.model.gpu is None and "mixture-of-experts" in lm.plan.summary()
+    with pytest.raises(UserError, match="mixture-of-experts layers are not offloaded"):
+        GpuLayers(lm.model, [1], 64, HostDevice())
+
+
+@pytest.mark.parametrize("name", ["Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K"])
+def test_moe_quantizes_byte_identical_to_llama_cpp(moe, name, tmp_path):
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    llama_quantize(str(moe), str(ref), int(parse_mix(name).ftype))
+    run_ours(moe, ours, name)
+    assert_same_file(ref, ours)
