@@ -49,9 +49,19 @@ def summary(r: GGUFReader) -> dict[str, Any]:
     for t in r.tensors:
         by_type[t.type.name] += 1
         bytes_by_type[t.type.name] += t.nbytes
+    names = {t.name for t in r.tensors}
+    features = {
+        "experts": r.arch_get(Keys.EXPERT_COUNT),
+        "experts_used": r.arch_get(Keys.EXPERT_USED_COUNT),
+        "sliding_window": r.arch_get(Keys.SLIDING_WINDOW),
+        "qk_norm": "blk.0.attn_q_norm.weight" in names or None,
+        "rope_scaling": r.arch_get(Keys.ROPE_SCALING_TYPE)
+        or ("llama3 (rope_freqs)" if "rope_freqs.weight" in names else None),
+    }
     return {
         "architecture": r.architecture,
         "name": r.get(Keys.NAME),
+        "features": {k: v for k, v in features.items() if v is not None},
         "parameters": n_params,
         "file_type": file_type_name(r.get(Keys.FILE_TYPE)),
         "file_size": r.file_size,
@@ -132,6 +142,11 @@ def render_text(r: GGUFReader) -> str:
         f"({s['parameters']}), file type {s['file_type']}, "
         f"{fmt.size(s['file_size'])}, {s['bits_per_weight']:.2f} bits per weight",
     ]
+    if s["features"]:  # what the family adds: experts, q/k norm, sliding window ...
+        label = {"qk_norm": "q/k norm"}
+        out.append("    " + ", ".join(
+            label.get(k, k.replace("_", " ")) + ("" if v is True else f": {v}")
+            for k, v in s["features"].items()))
     for name, d in s["tensor_types"].items():
         out.append(f"    {name:8s} {d['count']:5d} tensors  {fmt.size(d['bytes']):>11s}")
     return "\n".join(out)

@@ -104,3 +104,20 @@ def test_moe_quantizes_byte_identical_to_llama_cpp(moe, name, tmp_path):
     llama_quantize(str(moe), str(ref), int(parse_mix(name).ftype))
     run_ours(moe, ours, name)
     assert_same_file(ref, ours)
+
+
+def test_inspect_and_the_models_tab_show_what_the_family_adds(moe, capsys):
+    from gguflab.cli import main
+    import os
+
+    from gguflab.tui.scan import model_details, scan_models
+
+    assert main(["inspect", moe]) == 0
+    n, k = (8, 2) if "mixtral" in moe else (4, 2)
+    out = capsys.readouterr().out
+    assert f"experts: {n}, experts used: {k}" in out
+    assert ("q/k norm" in out) == ("qwen3moe" in moe)
+    entry = next(e for e in scan_models([os.path.dirname(moe)]) if e.path == moe)
+    hp = dict(model_details(entry).hparams)
+    assert hp["experts"] == str(n) and hp["experts used"] == str(k)
+    assert ("q/k norm" in hp) == ("qwen3moe" in moe)

@@ -290,6 +290,7 @@ class Keys:
     KEY_LENGTH = "{arch}.attention.key_length"
     VALUE_LENGTH = "{arch}.attention.value_length"
     LAYERNORM_RMS_EPS = "{arch}.attention.layer_norm_rms_epsilon"
+    SLIDING_WINDOW = "{arch}.attention.sliding_window"
     ROPE_DIMENSION_COUNT = "{arch}.rope.dimension_count"
     ROPE_FREQ_BASE = "{arch}.rope.freq_base"
     ROPE_SCALING_TYPE = "{arch}.rope.scaling.type"

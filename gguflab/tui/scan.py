@@ -318,8 +318,16 @@ HPARAM_KEYS = [  # (label, key under {arch}.)
     ("rope base", Keys.ROPE_FREQ_BASE),
     ("rms eps", Keys.LAYERNORM_RMS_EPS),
     ("vocab size", Keys.VOCAB_SIZE),
+    ("head dim", Keys.KEY_LENGTH),
     ("experts", Keys.EXPERT_COUNT),
+    ("experts used", Keys.EXPERT_USED_COUNT),
+    ("expert FF", Keys.EXPERT_FEED_FORWARD_LENGTH),
+    ("sliding window", Keys.SLIDING_WINDOW),
+    ("rope scaling", Keys.ROPE_SCALING_TYPE),
 ]
+# what a family adds that shows only in its tensors
+HPARAM_TENSORS = [("q/k norm", "blk.0.attn_q_norm.weight"),
+                  ("rope factors", "rope_freqs.weight")]
 
 HF_HPARAMS = [
     ("context length", "max_position_embeddings"),
@@ -332,6 +340,13 @@ HF_HPARAMS = [
     ("rms eps", "rms_norm_eps"),
     ("vocab size", "vocab_size"),
     ("tied embeddings", "tie_word_embeddings"),
+    ("head dim", "head_dim"),
+    ("experts", "num_local_experts"),
+    ("experts", "num_experts"),
+    ("experts used", "num_experts_per_tok"),
+    ("expert FF", "moe_intermediate_size"),
+    ("sliding window", "sliding_window"),
+    ("rope scaling", "rope_scaling"),
 ]
 
 
@@ -368,6 +383,8 @@ def model_details(entry: ModelEntry) -> ModelDetails:
         d.tokenizer = _gguf_tokenizer(first)
         for r in readers:
             d.tensors += [TensorRow(t.name, t.type.name, list(t.ne), t.nbytes) for t in r]
+        names = {t.name for t in d.tensors}
+        d.hparams += [(label, "yes") for label, name in HPARAM_TENSORS if name in names]
         d.by_type = _by_type(d.tensors)
         return d
     finally:
