@@ -107,9 +107,9 @@ def test_moe_quantizes_byte_identical_to_llama_cpp(moe, name, tmp_path):
 
 
 def test_inspect_and_the_models_tab_show_what_the_family_adds(moe, capsys):
-    from gguflab.cli import main
     import os
 
+    from gguflab.cli import main
     from gguflab.tui.scan import model_details, scan_models
 
     assert main(["inspect", moe]) == 0
