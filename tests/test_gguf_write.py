@@ -123,6 +123,23 @@ def test_we_read_what_gguf_py_writes(tmp_path):
     assert r.tensor("h").shape == (4, 64)
 
 
+def test_no_tensors_same_bytes_as_gguf_py(tmp_path):
+    """A file of metadata only (a vocab) ends after its metadata, unpadded, as gguf-py
+    writes it (and llama.cpp's converter with --vocab-only)."""
+    theirs = tmp_path / "theirs.gguf"
+    w = ggufpy.GGUFWriter(theirs, "llama")
+    w.add_string("general.name", "vocab")
+    w.add_array("tokenizer.ggml.tokens", ["<s>", "</s>", "abc"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    ours = tmp_path / "ours.gguf"
+    write_gguf(ours, {"general.architecture": "llama", "general.name": "vocab",
+                      "tokenizer.ggml.tokens": ["<s>", "</s>", "abc"]}, [])
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert GGUFReader(ours).get("tokenizer.ggml.tokens") == ["<s>", "</s>", "abc"]
+
+
 def test_error_midway_leaves_nothing_and_keeps_existing(tmp_path):
     target = tmp_path / "model.gguf"
     target.write_bytes(b"precious")

@@ -641,6 +641,11 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self._where)
 
+    def names_by_file(self) -> list[tuple[str, list[str]]]:
+        """Each weight file (in the order they were found) with its tensors' names, in the
+        file's own order (a safetensors file's data order, a state dict's key order)."""
+        return [(src.path, list(src.entries)) for src in self._sources]
+
     def __contains__(self, name: object) -> bool:
         return name in self._where
 

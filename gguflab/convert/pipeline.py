@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import fmt
 from ..errors import UserError
 from ..events import Event, Finished, Log, Progress, Started, TensorDone
 from ..gguf import GGMLType, GGUFWriter, Keys, LlamaFileType, TensorSpec, Value, ValueType
@@ -19,6 +18,7 @@ from ..quant import get
 from ..quant.pipeline import check_output_path
 from .arch import HParams, gguf_name, llama3_rope_factors, load_hparams, permute_qk
 from .checkpoints import Checkpoint, load_f32
+from .metadata import general_keys, load_metadata
 from .tokenizer import tokenizer_metadata
 
 OUTTYPES = {"f32": (GGMLType.F32, LlamaFileType.ALL_F32),
@@ -68,6 +68,16 @@ def default_outfile(folder: str, outtype: str) -> str:
     return os.path.join(folder, f"ggml-model-{outtype}.gguf")
 
 
+def llama_cpp_order(ckpt: Checkpoint) -> list[str]:
+    """The order llama.cpp's converter writes tensors in: weight file by weight file (sorted
+    by file name), a safetensors file's tensors sorted by name, a PyTorch file's in the order
+    of its state dict."""
+    order = []
+    for path, names in ckpt.names_by_file():
+        order += sorted(names) if path.endswith(".safetensors") else names
+    return order
+
+
 def plan_tensors(hp: HParams, ckpt: Checkpoint, outtype: str) -> list[TensorJob]:
     dst_type = OUTTYPES[outtype][0]
     jobs = []
@@ -76,8 +86,7 @@ def plan_tensors(hp: HParams, ckpt: Checkpoint, outtype: str) -> list[TensorJob]
         jobs.append(TensorJob("(rope scaling)", "rope_freqs.weight", factors.shape, "F32",
                               GGMLType.F32, data=factors))
     seen = set()
-    # sorted HF names: the order llama.cpp writes a safetensors model in, whatever the format
-    for hf in sorted(ckpt.names()):
+    for hf in llama_cpp_order(ckpt):
         name = gguf_name(hf)
         if name is None:
             continue
@@ -114,11 +123,11 @@ def plan_tensors(hp: HParams, ckpt: Checkpoint, outtype: str) -> list[TensorJob]
 
 
 def general_metadata(folder: str, hp: HParams, n_params: int) -> dict[str, Value]:
-    name = os.path.basename(os.path.normpath(folder))
+    """general.architecture, general.type, then what the model card, config.json, the folder's
+    name and generation_config.json say the model is (name, size label, license ...)."""
     return {Keys.ARCHITECTURE: Value(ValueType.STRING, hp.arch.gguf_arch),
             Keys.TYPE: Value(ValueType.STRING, "model"),
-            Keys.NAME: Value(ValueType.STRING, name),
-            Keys.SIZE_LABEL: Value(ValueType.STRING, fmt.count(n_params))}
+            **general_keys(load_metadata(folder, hp.config, n_params))}
 
 
 def convert_model(folder: str | os.PathLike, outfile: str | os.PathLike | None = None,

@@ -178,7 +178,8 @@ class GGUFWriter:
             offset += self._pad(s.nbytes)
         head = out.getvalue()
         self._file.write(head)
-        self._file.write(b"\0" * (self._pad(len(head)) - len(head)))
+        if self.specs:  # no tensors, no data section to align: gguf-py's vocab-only files
+            self._file.write(b"\0" * (self._pad(len(head)) - len(head)))
         self.data_offset = self._pad(len(head))
 
     @property
