@@ -29,7 +29,8 @@ class SynthConfig:
     seed: int = 0
     name: str = "synthetic-llama"
     tokenizer_from: str | None = None  # a GGUF whose tokenizer.* keys (and vocab) to copy
-    arch: str = "llama"  # or "qwen3", "qwen3moe" (q/k norms, NEOX RoPE)
+    arch: str = "llama"  # or "qwen3", "qwen3moe" (q/k norms), "gemma2", "gemma3"
+    sliding_window: int = 0  # gemma2/gemma3: the local layers' window
     n_expert: int = 0  # > 0: a mixture of experts FFN (n_ff wide each), as Mixtral/Qwen3-MoE
     n_expert_used: int = 2
 
@@ -45,8 +46,10 @@ def tensor_shapes(c: SynthConfig) -> list[tuple[str, tuple[int, ...]]]:
                 (p + "attn_k.weight", (c.n_head_kv * head_dim, c.n_embd)),
                 (p + "attn_v.weight", (c.n_head_kv * head_dim, c.n_embd)),
                 (p + "attn_output.weight", (c.n_embd, c.n_embd))]
-        if c.arch.startswith("qwen3"):
+        if c.arch in ("qwen3", "qwen3moe", "gemma3"):
             out += [(p + "attn_q_norm.weight", (head_dim,)), (p + "attn_k_norm.weight", (head_dim,))]
+        if c.arch.startswith("gemma"):
+            out.append((p + "post_attention_norm.weight", (c.n_embd,)))
         out.append((p + "ffn_norm.weight", (c.n_embd,)))
         if c.n_expert:
             e = c.n_expert
@@ -58,8 +61,10 @@ def tensor_shapes(c: SynthConfig) -> list[tuple[str, tuple[int, ...]]]:
             out += [(p + "ffn_gate.weight", (c.n_ff, c.n_embd)),
                     (p + "ffn_up.weight", (c.n_ff, c.n_embd)),
                     (p + "ffn_down.weight", (c.n_embd, c.n_ff))]
+        if c.arch.startswith("gemma"):
+            out.append((p + "post_ffw_norm.weight", (c.n_embd,)))
     out.append(("output_norm.weight", (c.n_embd,)))
-    if not c.tied:
+    if not c.tied and not c.arch.startswith("gemma"):  # Gemma's head is the embedding
         out.append(("output.weight", (c.n_vocab, c.n_embd)))
     return out
 
@@ -98,7 +103,14 @@ def metadata(c: SynthConfig) -> dict[str, Value]:
         Keys.arch(Keys.EXPERT_USED_COUNT, a): Value(U32, c.n_expert_used),
     } if c.n_expert else {}) | ({  # Qwen3-MoE states the experts' width on its own
         Keys.arch(Keys.EXPERT_FEED_FORWARD_LENGTH, a): Value(U32, c.n_ff),
-    } if c.arch == "qwen3moe" else {})
+    } if c.arch == "qwen3moe" else {}) | ({
+        Keys.arch(Keys.KEY_LENGTH, a): Value(U32, c.n_embd // c.n_head),
+        Keys.arch(Keys.VALUE_LENGTH, a): Value(U32, c.n_embd // c.n_head),
+        Keys.arch(Keys.SLIDING_WINDOW, a): Value(U32, c.sliding_window),
+    } if c.arch.startswith("gemma") else {}) | ({
+        Keys.arch(Keys.ATTN_LOGIT_SOFTCAPPING, a): Value(F32V, 50.0),
+        Keys.arch(Keys.FINAL_LOGIT_SOFTCAPPING, a): Value(F32V, 30.0),
+    } if c.arch == "gemma2" else {})
 
 
 def write_synthetic_llama(path: str | os.PathLike, config: SynthConfig | None = None,

@@ -37,6 +37,13 @@ class HParams:
     family: Family
     n_expert: int = 0  # > 0: every layer's FFN is a mixture of experts
     n_expert_used: int = 0  # experts per token
+    q_scale: float = 0.0  # attention scores are q.k times this
+    n_swa: int = 0  # the sliding window of the local layers
+    swa_layers: tuple[bool, ...] = ()  # which layers are local (sliding window)
+    rope_base_swa: float = 0.0  # RoPE of the local layers
+    rope_scale_swa: float = 1.0
+    attn_softcap: float = 0.0  # 0: none
+    final_softcap: float = 0.0
 
     @classmethod
     def from_gguf(cls, r: GGUFReader) -> HParams:
@@ -56,21 +63,42 @@ class HParams:
         tokens = r.get(Keys.TOKENS)
         scaling = r.arch_get(Keys.ROPE_SCALING_TYPE)
         factor = float(r.arch_get(Keys.ROPE_SCALING_FACTOR, 1.0) or 1.0)
+        f, n_layer = FAMILIES[arch], int(hp(Keys.BLOCK_COUNT))
+        rope_base = float(r.arch_get(Keys.ROPE_FREQ_BASE, 10000.0))
+        rope_scale = 1.0 / factor if scaling == "linear" else 1.0
+        n_swa, swa = 0, (False,) * n_layer
+        if f.swa_pattern:  # as llama.cpp's load_swa_pattern
+            n_swa = int(r.arch_get(Keys.SLIDING_WINDOW, f.swa_default) or 0)
+            pattern = r.arch_get(Keys.SLIDING_WINDOW_PATTERN, f.swa_pattern)
+            if isinstance(pattern, list):
+                swa = tuple(bool(v) for v in pattern[:n_layer])
+            elif n_swa > 0:
+                pattern = int(pattern)
+                swa = tuple(pattern == 0 or il % pattern < pattern - 1 for il in range(n_layer))
+        q_dim = n_embd // n_head if f.big_model_layers == n_layer else head_dim
         return cls(
             arch=arch,
             n_vocab=int(r.arch_get(Keys.VOCAB_SIZE, len(tokens) if tokens is not None else 0)),
-            n_embd=n_embd, n_layer=int(hp(Keys.BLOCK_COUNT)), n_head=n_head,
+            n_embd=n_embd, n_layer=n_layer, n_head=n_head,
             n_head_kv=int(r.arch_get(Keys.HEAD_COUNT_KV, n_head)),
             n_ff=int(hp(Keys.FEED_FORWARD_LENGTH)), head_dim=head_dim,
             rope_dim=int(r.arch_get(Keys.ROPE_DIMENSION_COUNT, head_dim)),
-            rope_base=float(r.arch_get(Keys.ROPE_FREQ_BASE, 10000.0)),
-            rope_scale=1.0 / factor if scaling == "linear" else 1.0,
-            rope_neox=FAMILIES[arch].rope_neox,
+            rope_base=rope_base, rope_scale=rope_scale,
+            rope_neox=f.rope_neox,
             rms_eps=float(hp(Keys.LAYERNORM_RMS_EPS)),
             n_ctx_train=int(r.arch_get(Keys.CONTEXT_LENGTH, 2048)),
             family=FAMILIES[arch],
             n_expert=int(r.arch_get(Keys.EXPERT_COUNT, 0) or 0),
             n_expert_used=int(r.arch_get(Keys.EXPERT_USED_COUNT, 0) or 0),
+            q_scale=float(np.float32(1.0) / np.sqrt(np.float32(q_dim))),
+            n_swa=n_swa, swa_layers=swa,
+            rope_base_swa=float(r.arch_get(Keys.ROPE_FREQ_BASE_SWA, 10000.0))
+            if f.swa_own_rope else rope_base,
+            rope_scale_swa=1.0 if f.swa_own_rope else rope_scale,
+            attn_softcap=float(r.arch_get(Keys.ATTN_LOGIT_SOFTCAPPING, f.attn_softcap) or 0.0)
+            if f.attn_softcap else 0.0,
+            final_softcap=float(r.arch_get(Keys.FINAL_LOGIT_SOFTCAPPING, f.final_softcap)
+                                or 0.0) if f.post_norms else 0.0,
         )
 
 
@@ -104,6 +132,8 @@ class Layer:
     bv: np.ndarray | None
     q_norm: np.ndarray | None  # (head_dim,): qk_norm families
     k_norm: np.ndarray | None
+    attn_post_norm: np.ndarray | None  # post_norms families (Gemma)
+    ffn_post_norm: np.ndarray | None
     ffn_norm: np.ndarray
     w_gate: Weight | None  # the dense FFN, or
     w_up: Weight | None
@@ -161,8 +191,8 @@ class Model:
         def vec(name: str) -> np.ndarray | None:
             return w(name).vector() if name in names else None
 
-        def norm(name: str) -> np.ndarray | None:  # a family's required norm, else None
-            return w(name).vector() if hp.family.qk_norm else None
+        def norm(name: str, needed: bool) -> np.ndarray | None:  # a family's norm, else None
+            return w(name).vector() if needed else None
 
         self.tok_embd = w("token_embd.weight")
         self.output = w("output.weight") if "output.weight" in names else self.tok_embd
@@ -175,7 +205,10 @@ class Model:
                 wk=w(p + "attn_k.weight"), wv=w(p + "attn_v.weight"),
                 wo=w(p + "attn_output.weight"), bq=vec(p + "attn_q.bias"),
                 bk=vec(p + "attn_k.bias"), bv=vec(p + "attn_v.bias"),
-                q_norm=norm(p + "attn_q_norm.weight"), k_norm=norm(p + "attn_k_norm.weight"),
+                q_norm=norm(p + "attn_q_norm.weight", hp.family.qk_norm),
+                k_norm=norm(p + "attn_k_norm.weight", hp.family.qk_norm),
+                attn_post_norm=norm(p + "post_attention_norm.weight", hp.family.post_norms),
+                ffn_post_norm=norm(p + "post_ffw_norm.weight", hp.family.post_norms),
                 ffn_norm=vec(p + "ffn_norm.weight"),
                 **self._ffn(p, w, hp)))
         # rotary frequencies, as llama.cpp computes them (theta_i = base^(-2i/d)), divided by
@@ -188,6 +221,8 @@ class Model:
                 raise UserError(f"{r.path}: rope_freqs.weight has {factors.size} factors, "
                                 f"the rotary dimension {d} needs {d // 2}")
             self.inv_freq = self.inv_freq / factors.astype(np.float64)
+        # the local (sliding window) layers' own RoPE (Gemma 3), else the same
+        self.inv_freq_swa = hp.rope_base_swa ** (-np.arange(0, d, 2, dtype=np.float64) / d)
         if offload is not None and offload.on_gpu:
             from .cuda.layers import load_offload  # the device code only when it is used
 
@@ -235,6 +270,8 @@ class Model:
             raise UserError(f"token id out of range [0, {hp.n_vocab})")
         pos = np.arange(p0, p0 + n)
         x = get_rows(self.tok_embd.data, self.tok_embd.type, tokens)
+        if hp.family.embed_scale:
+            x = x * np.sqrt(np.float32(hp.n_embd))
         gpu = self.gpu  # the last layers (and maybe the output) when offloaded
         n_cpu = hp.n_layer - self._n_gpu_layers()
         if cache.k.shape[0] < n_cpu:
@@ -242,9 +279,15 @@ class Model:
                             f"{n_cpu}: make it with new_cache after setting the offload")
         for il, L in enumerate(self.layers[:n_cpu]):
             h = rms_norm(x, L.attn_norm, hp.rms_eps)
-            x = x + self.attention(il, L, h, pos, cache)
+            a = self.attention(il, L, h, pos, cache)
+            if L.attn_post_norm is not None:
+                a = rms_norm(a, L.attn_post_norm, hp.rms_eps)
+            x = x + a
             h = rms_norm(x, L.ffn_norm, hp.rms_eps)
-            x = x + (moe_ffn(L.experts, h) if L.experts is not None else ffn(L, h))
+            f = moe_ffn(L.experts, h) if L.experts is not None else ffn(L, h, hp.family.gelu)
+            if L.ffn_post_norm is not None:
+                f = rms_norm(f, L.ffn_post_norm, hp.rms_eps)
+            x = x + f
         logits = None
         if n_cpu < hp.n_layer and n == 1 and gpu.output:  # layers and head in one device pass
             logits = gpu.forward_layers(x, p0, head=True)
@@ -258,6 +301,8 @@ class Model:
                 logits = gpu.logits(x)
             else:
                 logits = self.output @ rms_norm(x, self.output_norm, hp.rms_eps)
+        if hp.final_softcap:
+            logits = softcap(logits, hp.final_softcap)
         return logits if all_logits else logits[0]
 
     def attention(self, il: int, L: Layer, h: np.ndarray, pos: np.ndarray,
@@ -272,41 +317,53 @@ class Model:
         q, k = q.reshape(n, hp.n_head, hd), k.reshape(n, n_kv, hd)
         if L.q_norm is not None:  # each head normalised on its own
             q, k = rms_norm(q, L.q_norm, hp.rms_eps), rms_norm(k, L.k_norm, hp.rms_eps)
-        q, k = self.rope(q, pos), self.rope(k, pos)
+        local = bool(hp.swa_layers) and hp.swa_layers[il]
+        q, k = self.rope(q, pos, local), self.rope(k, pos, local)
         p0, t = pos[0], pos[0] + n
         keys, vals = cache.k[il], cache.v[il]  # (n_kv, n_ctx, hd)
         keys[:, p0:t] = k.astype(np.float16).transpose(1, 0, 2)
         vals[:, p0:t] = v.reshape(n, n_kv, hd).astype(np.float16).transpose(1, 0, 2)
         # (n_kv, group * n, hd): the query heads that share a kv head, one matrix per kv head
         qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
-        scores = (qg @ keys[:, :t].transpose(0, 2, 1)) * np.float32(1 / np.sqrt(hd))
-        if n > 1:  # a token sees no later position of its batch
-            causal = pos[:, None] < np.arange(t)[None, :]
-            scores = np.where(causal, -np.inf, scores.reshape(n_kv, group, n, t))
+        scores = (qg @ keys[:, :t].transpose(0, 2, 1)) * np.float32(hp.q_scale)
+        if hp.attn_softcap:
+            scores = softcap(scores, hp.attn_softcap)
+        if n > 1 or local:  # no later position of the batch; nothing beyond the window
+            seen = np.arange(t)[None, :]
+            masked = pos[:, None] < seen
+            if local:
+                masked |= pos[:, None] - seen >= hp.n_swa
+            scores = np.where(masked, -np.inf, scores.reshape(n_kv, group, n, t))
             scores = scores.reshape(n_kv, group * n, t)
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         scores /= scores.sum(-1, keepdims=True)
         out = (scores @ vals[:, :t]).reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3)
         return L.wo @ np.ascontiguousarray(out, np.float32).reshape(n, hp.n_head * hd)
 
-    def rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    def rope(self, x: np.ndarray, pos: np.ndarray, local: bool = False) -> np.ndarray:
         """Rotate pairs of the first rope_dim dims by pos * theta_i: adjacent pairs for
-        llama (llama.cpp's "normal" mode), halves for qwen2 (NEOX)."""
-        cos, sin, partner = self._rope_tables(pos)
+        llama (llama.cpp's "normal" mode), halves for qwen2 (NEOX); `local`: with the
+        sliding-window layers' own frequencies."""
+        cos, sin, partner = self._rope_tables(pos, local)
         # out[i] = x[i] * cos_i -+ x[partner(i)] * sin_i, as whole-row operations
         return x * cos + np.take(x, partner, axis=-1) * sin
 
-    _rope_memo: tuple = (None, None, None, None)
+    _rope_memo: dict | None = None
 
-    def _rope_tables(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _rope_tables(self, pos: np.ndarray, local: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For every dim i of a head at `pos`: cos (n, 1, head_dim), signed sin (the sign
         of x[partner] in out[i]) and the partner dim it rotates with; dims past rope_dim pass
         through (cos 1, sin 0). Every layer rotates the same positions: the last are kept."""
-        key, memo = (int(pos[0]), len(pos)), self._rope_memo
+        if self._rope_memo is None:
+            self._rope_memo = {}
+        key, memo = (int(pos[0]), len(pos)), self._rope_memo.get(local, (None,))
         if memo[0] != key:
             hp = self.hp
             d, hd = hp.rope_dim, hp.head_dim
-            ang = (pos[:, None] * hp.rope_scale) * self.inv_freq[None, :]  # (n, d/2)
+            scale, inv_freq = ((hp.rope_scale_swa, self.inv_freq_swa) if local
+                               else (hp.rope_scale, self.inv_freq))
+            ang = (pos[:, None] * scale) * inv_freq[None, :]  # (n, d/2)
             c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
             cos = np.ones((len(pos), hd), np.float32)
             sin = np.zeros((len(pos), hd), np.float32)
@@ -318,7 +375,7 @@ class Model:
             cos[:, first], cos[:, second] = c, c
             sin[:, first], sin[:, second] = -s, s
             partner[first], partner[second] = second, first
-            memo = self._rope_memo = (key, cos[:, None, :], sin[:, None, :], partner)
+            memo = self._rope_memo[local] = (key, cos[:, None, :], sin[:, None, :], partner)
         return memo[1], memo[2], memo[3]
 
 
@@ -328,10 +385,34 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(ms + np.float32(eps))) * w
 
 
-def ffn(L: Layer, h: np.ndarray) -> np.ndarray:
-    """SwiGLU: down(silu(gate(h)) * up(h))."""
+def ffn(L: Layer, h: np.ndarray, gelu: bool = False) -> np.ndarray:
+    """SwiGLU: down(silu(gate(h)) * up(h)); or GeGLU, with GELU for SiLU."""
     gate, up = matmuls([(L.w_gate.data, L.w_gate.type), (L.w_up.data, L.w_up.type)], h)
-    return L.w_down @ (silu(gate) * up)
+    return L.w_down @ ((gelu_ggml(gate) if gelu else silu(gate)) * up)
+
+
+def softcap(x: np.ndarray, cap: float) -> np.ndarray:
+    """cap * tanh(x / cap), as llama.cpp applies it (scale, tanh, scale)."""
+    return np.tanh(x * np.float32(1.0 / cap)) * np.float32(cap)
+
+
+_GELU: np.ndarray | None = None
+
+
+def gelu_ggml(x: np.ndarray) -> np.ndarray:
+    """GELU (tanh form) as ggml's CPU computes it: looked up by x rounded to fp16 in a table
+    of fp16 results, 0 below -10 and x above 10."""
+    global _GELU
+    if _GELU is None:
+        f = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+        f = f.astype(np.float32)
+        with np.errstate(all="ignore"):
+            inner = np.float32(0.7978845608028654) * f * (
+                np.float32(1) + np.float32(0.044715) * f * f)
+            g = np.float32(0.5) * f * (np.float32(1) + np.tanh(inner))
+        _GELU = g.astype(np.float16).astype(np.float32)
+    y = _GELU[x.astype(np.float16).view(np.uint16)]
+    return np.where(x <= -10, np.float32(0), np.where(x >= 10, x, y))
 
 
 def moe_ffn(ex: Experts, h: np.ndarray) -> np.ndarray:

@@ -250,8 +250,8 @@ def plan_for_cli(reader, n_ctx: int, n_gpu_layers: int | str,
     """Probe the GPU and plan in one call (GGUFLAB_NO_GPU=1 acts as if there were none)."""
     if os.environ.get("GGUFLAB_NO_GPU"):
         gpu, why = None, "GGUFLAB_NO_GPU is set"
-    elif _has_experts(reader):
-        gpu, why = None, "mixture-of-experts layers are not offloaded yet"
+    elif (why := cpu_only(reader)):
+        gpu = None
     elif os.environ.get("GGUFLAB_GPU") == "host":
         gpu, why = GpuInfo(main_gpu, HOST_GPU_NAME, HOST_GPU_BYTES, HOST_GPU_BYTES, (0, 0)), ""
     else:
@@ -263,8 +263,15 @@ def plan_for_cli(reader, n_ctx: int, n_gpu_layers: int | str,
                         gpu_name=gpu.name, main_gpu=main_gpu)
 
 
-def _has_experts(reader) -> bool:
+def cpu_only(reader) -> str:
+    """Why this model's layers cannot go to the GPU yet ("" if they can)."""
     from ..gguf import GGUFReader, Keys
+    from .families import FAMILIES
 
     r = reader if isinstance(reader, GGUFReader) else GGUFReader(reader)
-    return bool(r.arch_get(Keys.EXPERT_COUNT, 0))
+    if r.arch_get(Keys.EXPERT_COUNT, 0):
+        return "mixture-of-experts layers are not offloaded yet"
+    f = FAMILIES.get(r.architecture)
+    if f is not None and not f.gpu:
+        return f"{f.arch} layers are not offloaded yet"
+    return ""

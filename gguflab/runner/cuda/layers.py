@@ -22,7 +22,7 @@ from ...gguf import GGMLType
 from ...quant import get as quant_type
 from ..kernels import quantizes_activations
 from ..model import KVCache, Model, Weight
-from ..offload import HOST_GPU_NAME, MAX_BATCH
+from ..offload import HOST_GPU_NAME, MAX_BATCH, cpu_only
 from . import kernels as K
 from .device import Device
 
@@ -93,9 +93,8 @@ class GpuLayers:
         self.layers = sorted(layers)
         if self.layers and self.layers != list(range(self.layers[0], hp.n_layer)):
             raise UserError(f"offloaded layers must be the last ones, got {self.layers}")
-        if any(model.layers[il].experts is not None for il in self.layers):
-            raise UserError("mixture-of-experts layers are not offloaded yet: run them on "
-                            "the CPU (-ngl 0)")
+        if self.layers and (why := cpu_only(model.reader)):
+            raise UserError(f"{why}: run them on the CPU (-ngl 0)")
         self.output = output
         self.bytes_uploaded = 0
         kv_bytes = n_ctx * hp.n_head_kv * hp.head_dim * 2

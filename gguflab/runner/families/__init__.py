@@ -13,12 +13,23 @@ class Family:
     arch: str  # general.architecture
     rope_neox: bool  # RoPE rotates the two halves of a head (NEOX), not adjacent pairs
     qk_norm: bool = False  # attn_q_norm/attn_k_norm: RMSNorm of each q and k head before RoPE
+    # Gemma's steps (llama.cpp's gemma2.cpp / gemma3.cpp)
+    embed_scale: bool = False  # token embeddings times sqrt(n_embd)
+    gelu: bool = False  # GeGLU FFN (GELU, tanh form) instead of SwiGLU
+    post_norms: bool = False  # RMSNorm of the attention's and the FFN's output before the add
+    swa_pattern: int = 0  # sliding window on layers il % n < n - 1 (the key may override)
+    swa_default: int = 0  # the window when the file does not say
+    swa_own_rope: bool = False  # local layers: RoPE base freq_base_swa (10000), no scaling
+    attn_softcap: float = 0.0  # attention logits soft-capped at this (the key may override)
+    final_softcap: float = 0.0  # output logits soft-capped at this (the key may override)
+    big_model_layers: int = 0  # the model this deep (the 27B) scales q by 1/sqrt(n_embd/n_head)
+    gpu: bool = True  # the device kernels cover it (else its layers stay on the CPU)
 
 
-from . import llama, qwen2, qwen3, qwen3moe  # noqa: E402  (each declares its FAMILY)
+from . import gemma2, gemma3, llama, qwen2, qwen3, qwen3moe  # noqa: E402  (each a FAMILY)
 
-FAMILIES: dict[str, Family] = {
-    f.arch: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, qwen3moe.FAMILY)}
+FAMILIES: dict[str, Family] = {f.arch: f for f in (
+    llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, qwen3moe.FAMILY, gemma2.FAMILY, gemma3.FAMILY)}
 
 
 def supported() -> str:
