@@ -31,6 +31,7 @@ class SynthConfig:
     tokenizer_from: str | None = None  # a GGUF whose tokenizer.* keys (and vocab) to copy
     arch: str = "llama"  # or "qwen3", "qwen3moe" (q/k norms), "gemma2", "gemma3"
     sliding_window: int = 0  # gemma2/gemma3: the local layers' window
+    longrope_ctx: int = 0  # phi3: > 0 writes LongRoPE factors for this original context
     n_expert: int = 0  # > 0: a mixture of experts FFN (n_ff wide each), as Mixtral/Qwen3-MoE
     n_expert_used: int = 2
 
@@ -39,13 +40,20 @@ def tensor_shapes(c: SynthConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(name, numpy shape) in the order llama.cpp's converter writes them."""
     head_dim = c.n_embd // c.n_head
     out = [("token_embd.weight", (c.n_vocab, c.n_embd))]
+    if c.longrope_ctx:
+        out += [("rope_factors_long.weight", (head_dim // 2,)),
+                ("rope_factors_short.weight", (head_dim // 2,))]
     for i in range(c.n_layer):
         p = f"blk.{i}."
-        out += [(p + "attn_norm.weight", (c.n_embd,)),
-                (p + "attn_q.weight", (c.n_embd, c.n_embd)),
-                (p + "attn_k.weight", (c.n_head_kv * head_dim, c.n_embd)),
-                (p + "attn_v.weight", (c.n_head_kv * head_dim, c.n_embd)),
-                (p + "attn_output.weight", (c.n_embd, c.n_embd))]
+        kv = c.n_head_kv * head_dim
+        out.append((p + "attn_norm.weight", (c.n_embd,)))
+        if c.arch == "phi3":  # Q, K, V in one tensor
+            out.append((p + "attn_qkv.weight", (c.n_embd + 2 * kv, c.n_embd)))
+        else:
+            out += [(p + "attn_q.weight", (c.n_embd, c.n_embd)),
+                    (p + "attn_k.weight", (kv, c.n_embd)),
+                    (p + "attn_v.weight", (kv, c.n_embd))]
+        out.append((p + "attn_output.weight", (c.n_embd, c.n_embd)))
         if c.arch in ("qwen3", "qwen3moe", "gemma3"):
             out += [(p + "attn_q_norm.weight", (head_dim,)), (p + "attn_k_norm.weight", (head_dim,))]
         if c.arch.startswith("gemma"):
@@ -57,6 +65,9 @@ def tensor_shapes(c: SynthConfig) -> list[tuple[str, tuple[int, ...]]]:
                     (p + "ffn_gate_exps.weight", (e, c.n_ff, c.n_embd)),
                     (p + "ffn_up_exps.weight", (e, c.n_ff, c.n_embd)),
                     (p + "ffn_down_exps.weight", (e, c.n_embd, c.n_ff))]
+        elif c.arch == "phi3":  # gate and up in one tensor, gate first
+            out += [(p + "ffn_up.weight", (2 * c.n_ff, c.n_embd)),
+                    (p + "ffn_down.weight", (c.n_embd, c.n_ff))]
         else:
             out += [(p + "ffn_gate.weight", (c.n_ff, c.n_embd)),
                     (p + "ffn_up.weight", (c.n_ff, c.n_embd)),
@@ -110,7 +121,10 @@ def metadata(c: SynthConfig) -> dict[str, Value]:
     } if c.arch.startswith("gemma") else {}) | ({
         Keys.arch(Keys.ATTN_LOGIT_SOFTCAPPING, a): Value(F32V, 50.0),
         Keys.arch(Keys.FINAL_LOGIT_SOFTCAPPING, a): Value(F32V, 30.0),
-    } if c.arch == "gemma2" else {})
+    } if c.arch == "gemma2" else {}) | ({
+        Keys.arch(Keys.ROPE_SCALING_ORIG_CTX_LEN, a): Value(U32, c.longrope_ctx),
+        Keys.arch(Keys.ROPE_SCALING_ATTN_FACTOR, a): Value(F32V, 1.19),
+    } if c.longrope_ctx else {})
 
 
 def write_synthetic_llama(path: str | os.PathLike, config: SynthConfig | None = None,

@@ -330,6 +330,7 @@ class Keys:
     ROPE_SCALING_TYPE = "{arch}.rope.scaling.type"
     ROPE_SCALING_FACTOR = "{arch}.rope.scaling.factor"
     ROPE_SCALING_ORIG_CTX_LEN = "{arch}.rope.scaling.original_context_length"
+    ROPE_SCALING_ATTN_FACTOR = "{arch}.rope.scaling.attn_factor"
     EXPERT_COUNT = "{arch}.expert_count"
     EXPERT_USED_COUNT = "{arch}.expert_used_count"
     EXPERT_FEED_FORWARD_LENGTH = "{arch}.expert_feed_forward_length"

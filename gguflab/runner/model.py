@@ -44,6 +44,8 @@ class HParams:
     rope_scale_swa: float = 1.0
     attn_softcap: float = 0.0  # 0: none
     final_softcap: float = 0.0
+    rope_attn_factor: float = 1.0  # cos and sin times this (LongRoPE's attention factor)
+    n_ctx_orig: int = 0  # the context the rope was trained for (LongRoPE picks its factors)
 
     @classmethod
     def from_gguf(cls, r: GGUFReader) -> HParams:
@@ -99,6 +101,9 @@ class HParams:
             if f.attn_softcap else 0.0,
             final_softcap=float(r.arch_get(Keys.FINAL_LOGIT_SOFTCAPPING, f.final_softcap)
                                 or 0.0) if f.post_norms else 0.0,
+            rope_attn_factor=float(r.arch_get(Keys.ROPE_SCALING_ATTN_FACTOR, 1.0) or 1.0),
+            n_ctx_orig=int(r.arch_get(Keys.ROPE_SCALING_ORIG_CTX_LEN,
+                                      r.arch_get(Keys.CONTEXT_LENGTH, 2048))),
         )
 
 
@@ -188,6 +193,16 @@ class Model:
                 raise UserError(f"{r.path}: missing tensor {name}")
             return Weight.of(r.tensor(name))
 
+        def fused(name: str, *widths: int) -> list[Weight]:  # row blocks of one tensor
+            whole, at, out = w(name), 0, []
+            if whole.data.shape[0] != sum(widths):
+                raise UserError(f"{r.path}: {name} has {whole.data.shape[0]} rows, "
+                                f"expected {' + '.join(map(str, widths))}")
+            for n in widths:
+                out.append(Weight(whole.data[at:at + n], whole.type))
+                at += n
+            return out
+
         def vec(name: str) -> np.ndarray | None:
             return w(name).vector() if name in names else None
 
@@ -198,11 +213,16 @@ class Model:
         self.output = w("output.weight") if "output.weight" in names else self.tok_embd
         self.output_norm = vec("output_norm.weight")
         self.layers = []
+        q_rows, kv_rows = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
         for i in range(hp.n_layer):
             p = f"blk.{i}."
+            # Q, K, V (and gate, up) as llama.cpp takes them: separate, or row blocks of one
+            # fused tensor (Phi-3's attn_qkv, and its ffn_up holding gate then up)
+            wq, wk, wv = (fused(p + "attn_qkv.weight", q_rows, kv_rows, kv_rows)
+                          if p + "attn_qkv.weight" in names else
+                          (w(p + "attn_q.weight"), w(p + "attn_k.weight"), w(p + "attn_v.weight")))
             self.layers.append(Layer(
-                attn_norm=vec(p + "attn_norm.weight"), wq=w(p + "attn_q.weight"),
-                wk=w(p + "attn_k.weight"), wv=w(p + "attn_v.weight"),
+                attn_norm=vec(p + "attn_norm.weight"), wq=wq, wk=wk, wv=wv,
                 wo=w(p + "attn_output.weight"), bq=vec(p + "attn_q.bias"),
                 bk=vec(p + "attn_k.bias"), bv=vec(p + "attn_v.bias"),
                 q_norm=norm(p + "attn_q_norm.weight", hp.family.qk_norm),
@@ -210,7 +230,7 @@ class Model:
                 attn_post_norm=norm(p + "post_attention_norm.weight", hp.family.post_norms),
                 ffn_post_norm=norm(p + "post_ffw_norm.weight", hp.family.post_norms),
                 ffn_norm=vec(p + "ffn_norm.weight"),
-                **self._ffn(p, w, hp)))
+                **self._ffn(p, w, fused, names, hp)))
         # rotary frequencies, as llama.cpp computes them (theta_i = base^(-2i/d)), divided by
         # the file's per-pair factors where it has them (LLaMA 3.1-style rope scaling)
         d = hp.rope_dim
@@ -223,15 +243,24 @@ class Model:
             self.inv_freq = self.inv_freq / factors.astype(np.float64)
         # the local (sliding window) layers' own RoPE (Gemma 3), else the same
         self.inv_freq_swa = hp.rope_base_swa ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+        # LongRoPE (Phi-3 128K): per-pair factors for contexts past the trained one, or not
+        self.rope_long = vec("rope_factors_long.weight")
+        self.rope_short = vec("rope_factors_short.weight")
+        for f in (self.rope_long, self.rope_short):
+            if f is not None and f.size != d // 2:
+                raise UserError(f"{r.path}: rope factors for {f.size} pairs, need {d // 2}")
         if offload is not None and offload.on_gpu:
             from .cuda.layers import load_offload  # the device code only when it is used
 
             self.gpu = load_offload(self, offload, n_ctx)
 
     @staticmethod
-    def _ffn(p: str, w, hp: HParams) -> dict:
+    def _ffn(p: str, w, fused, names: set, hp: HParams) -> dict:
         """A layer's FFN weights: dense, or the experts' (stacked, with their router)."""
         if not hp.n_expert:
+            if p + "ffn_gate.weight" not in names:  # gate and up fused in ffn_up (Phi-3)
+                gate, up = fused(p + "ffn_up.weight", hp.n_ff, hp.n_ff)
+                return dict(w_gate=gate, w_up=up, w_down=w(p + "ffn_down.weight"))
             return dict(w_gate=w(p + "ffn_gate.weight"), w_up=w(p + "ffn_up.weight"),
                         w_down=w(p + "ffn_down.weight"))
         if not 0 < hp.n_expert_used <= hp.n_expert:
@@ -248,6 +277,19 @@ class Model:
         """A KV cache for the layers the CPU runs (the offloaded ones keep theirs on the
         device)."""
         return KVCache(self.hp, n_ctx, self.hp.n_layer - self._n_gpu_layers())
+
+    def rotary(self, n_ctx: int, local: bool = False) -> tuple[np.ndarray, float, float]:
+        """(frequency per pair, position multiplier, cos/sin multiplier) of RoPE for a
+        context of n_ctx: LongRoPE takes its long factors when llama.cpp's context (padded
+        to 256) exceeds the trained one, else the short ones."""
+        hp = self.hp
+        if local:
+            return self.inv_freq_swa, hp.rope_scale_swa, hp.rope_attn_factor
+        inv = self.inv_freq
+        if self.rope_long is not None and self.rope_short is not None:
+            long = -(-n_ctx // 256) * 256 > hp.n_ctx_orig
+            inv = inv / (self.rope_long if long else self.rope_short).astype(np.float64)
+        return inv, hp.rope_scale, hp.rope_attn_factor
 
     def _n_gpu_layers(self) -> int:
         return len(self.gpu.layers) if self.gpu is not None else 0
@@ -318,7 +360,7 @@ class Model:
         if L.q_norm is not None:  # each head normalised on its own
             q, k = rms_norm(q, L.q_norm, hp.rms_eps), rms_norm(k, L.k_norm, hp.rms_eps)
         local = bool(hp.swa_layers) and hp.swa_layers[il]
-        q, k = self.rope(q, pos, local), self.rope(k, pos, local)
+        q, k = self.rope(q, pos, local, cache.n_ctx), self.rope(k, pos, local, cache.n_ctx)
         p0, t = pos[0], pos[0] + n
         keys, vals = cache.k[il], cache.v[il]  # (n_kv, n_ctx, hd)
         keys[:, p0:t] = k.astype(np.float16).transpose(1, 0, 2)
@@ -340,31 +382,33 @@ class Model:
         out = (scores @ vals[:, :t]).reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3)
         return L.wo @ np.ascontiguousarray(out, np.float32).reshape(n, hp.n_head * hd)
 
-    def rope(self, x: np.ndarray, pos: np.ndarray, local: bool = False) -> np.ndarray:
+    def rope(self, x: np.ndarray, pos: np.ndarray, local: bool = False,
+             n_ctx: int = 0) -> np.ndarray:
         """Rotate pairs of the first rope_dim dims by pos * theta_i: adjacent pairs for
         llama (llama.cpp's "normal" mode), halves for qwen2 (NEOX); `local`: with the
         sliding-window layers' own frequencies."""
-        cos, sin, partner = self._rope_tables(pos, local)
+        cos, sin, partner = self._rope_tables(pos, local, n_ctx)
         # out[i] = x[i] * cos_i -+ x[partner(i)] * sin_i, as whole-row operations
         return x * cos + np.take(x, partner, axis=-1) * sin
 
     _rope_memo: dict | None = None
 
-    def _rope_tables(self, pos: np.ndarray, local: bool = False
+    def _rope_tables(self, pos: np.ndarray, local: bool = False, n_ctx: int = 0
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For every dim i of a head at `pos`: cos (n, 1, head_dim), signed sin (the sign
         of x[partner] in out[i]) and the partner dim it rotates with; dims past rope_dim pass
         through (cos 1, sin 0). Every layer rotates the same positions: the last are kept."""
         if self._rope_memo is None:
             self._rope_memo = {}
-        key, memo = (int(pos[0]), len(pos)), self._rope_memo.get(local, (None,))
+        key, memo = (int(pos[0]), len(pos), n_ctx), self._rope_memo.get(local, (None,))
         if memo[0] != key:
             hp = self.hp
             d, hd = hp.rope_dim, hp.head_dim
-            scale, inv_freq = ((hp.rope_scale_swa, self.inv_freq_swa) if local
-                               else (hp.rope_scale, self.inv_freq))
+            inv_freq, scale, mscale = self.rotary(n_ctx, local)
             ang = (pos[:, None] * scale) * inv_freq[None, :]  # (n, d/2)
             c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+            if mscale != 1.0:
+                c, s = c * np.float32(mscale), s * np.float32(mscale)
             cos = np.ones((len(pos), hd), np.float32)
             sin = np.zeros((len(pos), hd), np.float32)
             partner = np.arange(hd)

@@ -116,8 +116,11 @@ class GpuLayers:
             self.out_norm = self._vector(model.output_norm)
             self.out_weight = self._weight(model.output)
         # (cos, sin) of every position and rotary pair, from the CPU path's frequencies
-        ang = (np.arange(n_ctx)[:, None] * hp.rope_scale) * model.inv_freq[None, :]
+        inv_freq, scale, mscale = model.rotary(n_ctx)
+        ang = (np.arange(n_ctx)[:, None] * scale) * inv_freq[None, :]
         table = np.stack([np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)], -1)
+        if mscale != 1.0:
+            table *= np.float32(mscale)
         self.rope_table = self._upload(table)
         self.pos = device.alloc(8)  # the position of the pass's first token (an i64)
         self.cap = min(n_ctx, MAX_BATCH)  # tokens per pass: the plan's scratch

@@ -26,10 +26,11 @@ class Family:
     gpu: bool = True  # the device kernels cover it (else its layers stay on the CPU)
 
 
-from . import gemma2, gemma3, llama, qwen2, qwen3, qwen3moe  # noqa: E402  (each a FAMILY)
+from . import gemma2, gemma3, llama, phi3, qwen2, qwen3, qwen3moe  # noqa: E402  (a FAMILY each)
 
 FAMILIES: dict[str, Family] = {f.arch: f for f in (
-    llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, qwen3moe.FAMILY, gemma2.FAMILY, gemma3.FAMILY)}
+    llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, qwen3moe.FAMILY, gemma2.FAMILY, gemma3.FAMILY,
+    phi3.FAMILY)}
 
 
 def supported() -> str:

@@ -1,0 +1,67 @@
+"""Phi-3 as synthetic GGUF files with SmolLM2's vocabulary: fused attn_qkv and ffn_up
+(gate rows first), and LongRoPE factors picked by the context as llama.cpp picks them (its
+context padded to 256 against the trained one) with the attention factor on cos and sin.
+Our logits against llama.cpp's, on the CPU and the emulated GPU."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from agreement import assert_same_top1_where_clear
+from llama_ref import LLAMA_SPREADS
+
+from gguflab.runner.cuda.device import HostDevice
+from gguflab.runner.cuda.layers import GpuLayers, forward_offloaded
+from gguflab.runner.model import Model
+from gguflab.synth import SynthConfig, write_synthetic_llama
+
+TOKENS = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 3458, 282, 8295, 314, 4110, 30, 378]
+BASE = SynthConfig(n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, arch="phi3",
+                   seed=31)
+# 128: llama.cpp's padded context (256) is past it, the long factors apply; 4096: short
+CONFIGS = {"plain": BASE, "longrope-long": replace(BASE, longrope_ctx=128),
+           "longrope-short": replace(BASE, longrope_ctx=4096)}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def phi3(request, tmp_path_factory, smollm2):
+    path = tmp_path_factory.mktemp("phi3") / f"{request.param}.gguf"
+    return write_synthetic_llama(path, replace(CONFIGS[request.param], tokenizer_from=smollm2))
+
+
+def _llama_logits(path, tokens, flash_attn=False):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    m = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
+                        flash_attn=flash_attn)
+    m.eval(tokens)
+    return np.array(m.scores[: len(tokens)], np.float64)
+
+
+def test_phi3_logits_match_llama_cpp(phi3):
+    m = Model(phi3)
+    L = m.layers[0]
+    assert L.wq.data.shape[0] == 256 and L.wk.data.shape[0] == L.wv.data.shape[0] == 128
+    assert L.w_gate.data.shape[0] == L.w_up.data.shape[0] == 512  # row blocks of ffn_up
+    ours = m.forward(TOKENS, m.new_cache(64), all_logits=True)
+    ref = _llama_logits(phi3, TOKENS)
+    spread = np.abs(_llama_logits(phi3, TOKENS, flash_attn=True) - ref).max()
+    noise = max(LLAMA_SPREADS * spread, 1e-4 * np.abs(ref).max())  # (a spread of 0 is luck)
+    assert_same_top1_where_clear(ref, ours, noise)
+    if m.rope_long is not None:  # the other factors are not llama.cpp's choice here
+        m.rope_long, m.rope_short = m.rope_short, m.rope_long
+        m._rope_memo = None
+        other = m.forward(TOKENS, m.new_cache(64), all_logits=True)
+        assert np.abs(other - ref).max() > 10 * noise
+
+
+def test_phi3_on_the_emulated_gpu_matches_the_cpu(phi3):
+    m = Model(phi3)
+    ref = m.forward(TOKENS, m.new_cache(64), all_logits=True)
+    gpu = GpuLayers(m, [0, 1], 64, HostDevice(), output=True)
+    cache = m.new_cache(64)
+    got = [forward_offloaded(m, gpu, TOKENS[:9], cache, all_logits=True)]
+    got += [forward_offloaded(m, gpu, [t], cache)[None] for t in TOKENS[9:]]
+    # F16 weights, nothing rounded: the same arithmetic in another float order
+    np.testing.assert_allclose(np.vstack(got), ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
