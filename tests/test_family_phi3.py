@@ -65,3 +65,23 @@ def test_phi3_on_the_emulated_gpu_matches_the_cpu(phi3):
     got += [forward_offloaded(m, gpu, [t], cache)[None] for t in TOKENS[9:]]
     # F16 weights, nothing rounded: the same arithmetic in another float order
     np.testing.assert_allclose(np.vstack(got), ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.fixture(scope="module")
+def phi3_plain(tmp_path_factory, smollm2):
+    path = tmp_path_factory.mktemp("phi3-q") / "phi3.gguf"
+    return write_synthetic_llama(path, replace(BASE, tokenizer_from=smollm2))
+
+
+@pytest.mark.parametrize("name", ["Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K"])
+def test_phi3_quantizes_byte_identical_to_llama_cpp(phi3_plain, name, tmp_path):
+    """llama-quant.cpp's rules for the fused attn_qkv and ffn_up."""
+    from ggml_oracle import llama_quantize
+    from test_quantize_oracle import assert_same_file, run_ours
+
+    from gguflab.quant.mixes import parse_mix
+
+    ref, ours = tmp_path / "ref.gguf", tmp_path / "ours.gguf"
+    llama_quantize(str(phi3_plain), str(ref), int(parse_mix(name).ftype))
+    run_ours(phi3_plain, ours, name)
+    assert_same_file(ref, ours)
