@@ -32,6 +32,7 @@ class SynthConfig:
     arch: str = "llama"  # or "qwen3", "qwen3moe" (q/k norms), "gemma2", "gemma3"
     sliding_window: int = 0  # gemma2/gemma3: the local layers' window
     longrope_ctx: int = 0  # phi3: > 0 writes LongRoPE factors for this original context
+    yarn: tuple[float, int] | None = None  # (factor, original context): YaRN rope scaling
     n_expert: int = 0  # > 0: a mixture of experts FFN (n_ff wide each), as Mixtral/Qwen3-MoE
     n_expert_used: int = 2
 
@@ -124,7 +125,11 @@ def metadata(c: SynthConfig) -> dict[str, Value]:
     } if c.arch == "gemma2" else {}) | ({
         Keys.arch(Keys.ROPE_SCALING_ORIG_CTX_LEN, a): Value(U32, c.longrope_ctx),
         Keys.arch(Keys.ROPE_SCALING_ATTN_FACTOR, a): Value(F32V, 1.19),
-    } if c.longrope_ctx else {})
+    } if c.longrope_ctx else {}) | ({
+        Keys.arch(Keys.ROPE_SCALING_TYPE, a): Value(ValueType.STRING, "yarn"),
+        Keys.arch(Keys.ROPE_SCALING_FACTOR, a): Value(F32V, c.yarn[0]),
+        Keys.arch(Keys.ROPE_SCALING_ORIG_CTX_LEN, a): Value(U32, c.yarn[1]),
+    } if c.yarn else {})
 
 
 def write_synthetic_llama(path: str | os.PathLike, config: SynthConfig | None = None,

@@ -198,3 +198,28 @@ def test_llama3_rope_scaling_uses_rope_freqs_as_llama_cpp_does(tmp_path, fixture
     gpu = GpuLayers(m, [0, 1], 64, HostDevice(), output=True)
     got = forward_offloaded(m, gpu, tokens, m.new_cache(64), all_logits=True)
     np.testing.assert_allclose(got, ours, atol=1e-4 * np.abs(ours).max(), rtol=0)  # float order
+
+
+def test_yarn_rope_scaling_matches_llama_cpp(tmp_path, smollm2):
+    """YaRN (Qwen2.5's long-context setting): each rotary pair mixes interpolated and
+    extrapolated rotation by ggml's ramp between its correction dims, cos and sin scaled by
+    1 + 0.1 ln(factor). Without it the logits are far outside the bound (checked)."""
+    from dataclasses import replace
+
+    from gguflab.synth import SynthConfig, write_synthetic_llama
+
+    path = write_synthetic_llama(tmp_path / "yarn.gguf", SynthConfig(
+        n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, yarn=(4.0, 16), seed=41,
+        tokenizer_from=smollm2))
+    m = Model(path)
+    assert m.hp.yarn_ext == 1.0 and m.hp.rope_scale == 0.25 and m.hp.n_ctx_orig == 16
+    ours = m.forward(TOKENS, m.new_cache(64), all_logits=True)
+    ref = llama_logits(path, TOKENS)
+    spread = np.abs(llama_logits(path, TOKENS, flash_attn=True) - ref).max()
+    noise = max(LLAMA_SPREADS * spread, 1e-4 * np.abs(ref).max())  # (a spread of 0 is luck)
+    assert_same_top1_where_clear(ref, ours, noise)
+    plain = Model(path)
+    plain.hp = replace(plain.hp, yarn_ext=0.0, rope_scale=1.0)
+    off = np.abs(plain.forward(TOKENS, plain.new_cache(64), all_logits=True) - ref).max()
+    print(f"bound {noise:.3g}; without YaRN {off:.3g}")
+    assert off > 10 * noise

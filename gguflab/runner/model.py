@@ -45,6 +45,9 @@ class HParams:
     attn_softcap: float = 0.0  # 0: none
     final_softcap: float = 0.0
     rope_attn_factor: float = 1.0  # cos and sin times this (LongRoPE's attention factor)
+    yarn_ext: float = 0.0  # YaRN: > 0 mixes in unscaled (extrapolated) rotation per pair
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
     n_ctx_orig: int = 0  # the context the rope was trained for (LongRoPE picks its factors)
 
     @classmethod
@@ -67,7 +70,7 @@ class HParams:
         factor = float(r.arch_get(Keys.ROPE_SCALING_FACTOR, 1.0) or 1.0)
         f, n_layer = FAMILIES[arch], int(hp(Keys.BLOCK_COUNT))
         rope_base = float(r.arch_get(Keys.ROPE_FREQ_BASE, 10000.0))
-        rope_scale = 1.0 / factor if scaling == "linear" else 1.0
+        rope_scale = 1.0 / factor if scaling in ("linear", "yarn") else 1.0
         n_swa, swa = 0, (False,) * n_layer
         if f.swa_pattern:  # as llama.cpp's load_swa_pattern
             n_swa = int(r.arch_get(Keys.SLIDING_WINDOW, f.swa_default) or 0)
@@ -102,6 +105,10 @@ class HParams:
             final_softcap=float(r.arch_get(Keys.FINAL_LOGIT_SOFTCAPPING, f.final_softcap)
                                 or 0.0) if f.post_norms else 0.0,
             rope_attn_factor=float(r.arch_get(Keys.ROPE_SCALING_ATTN_FACTOR, 1.0) or 1.0),
+            yarn_ext=float(r.arch_get(Keys.ROPE_SCALING_YARN_EXT_FACTOR, 1.0))
+            if scaling == "yarn" else 0.0,
+            yarn_beta_fast=float(r.arch_get(Keys.ROPE_SCALING_YARN_BETA_FAST, 32.0)),
+            yarn_beta_slow=float(r.arch_get(Keys.ROPE_SCALING_YARN_BETA_SLOW, 1.0)),
             n_ctx_orig=int(r.arch_get(Keys.ROPE_SCALING_ORIG_CTX_LEN,
                                       r.arch_get(Keys.CONTEXT_LENGTH, 2048))),
         )
@@ -289,6 +296,11 @@ class Model:
         if self.rope_long is not None and self.rope_short is not None:
             long = -(-n_ctx // 256) * 256 > hp.n_ctx_orig
             inv = inv / (self.rope_long if long else self.rope_short).astype(np.float64)
+        if hp.yarn_ext:  # YaRN as ggml's rope_yarn: per pair, interpolated to extrapolated
+            mix = yarn_ramp(hp) * hp.yarn_ext
+            fs = hp.rope_scale
+            return (inv * (fs * (1 - mix) + mix), 1.0,
+                    hp.rope_attn_factor * (1 + 0.1 * np.log(1 / fs)))
         return inv, hp.rope_scale, hp.rope_attn_factor
 
     def _n_gpu_layers(self) -> int:
@@ -421,6 +433,20 @@ class Model:
             partner[first], partner[second] = second, first
             memo = self._rope_memo[local] = (key, cos[:, None, :], sin[:, None, :], partner)
         return memo[1], memo[2], memo[3]
+
+
+def yarn_ramp(hp: HParams) -> np.ndarray:
+    """YaRN's per-pair ramp (1: extrapolate, 0: interpolate) between the correction dims
+    of beta_fast and beta_slow rotations over the original context (ggml's corr_dims)."""
+    d = hp.rope_dim
+
+    def corr(n_rot: float) -> float:
+        return d * np.log(hp.n_ctx_orig / (n_rot * 2 * np.pi)) / (2 * np.log(hp.rope_base))
+
+    low = max(0.0, float(np.floor(corr(hp.yarn_beta_fast))))
+    high = min(d - 1.0, float(np.ceil(corr(hp.yarn_beta_slow))))
+    y = (np.arange(d // 2) - low) / max(0.001, high - low)
+    return 1 - np.clip(y, 0, 1)
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
