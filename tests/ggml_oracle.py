@@ -108,3 +108,16 @@ def llama_quantize(src: str, dst: str, ftype: int, *, allow_requantize: bool = F
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(p))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize failed ({rc}) for {src} -> {dst}")
+
+
+def ggml_gelu_table() -> np.ndarray:
+    """ggml's CPU GELU table (fp16 bits of GELU at every fp16 input), as ggml_cpu_init
+    fills it in the libggml-cpu llama-cpp-python ships."""
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.skip("llama-cpp-python (the test oracle) is not installed")
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib",
+                                   "libggml-cpu.so"))
+    lib.ggml_cpu_init()
+    return np.ctypeslib.as_array((ctypes.c_uint16 * 65536).in_dll(lib, "ggml_table_gelu_f16"))

@@ -295,9 +295,12 @@ def test_rope_matches_numpy(neox, dev):
     np.testing.assert_allclose(_f32(dev, px, x.shape), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window, cap", [(0, 0.0), (6, 0.0), (0, 5.0), (6, 5.0)],
+                         ids=["full", "window", "softcap", "window+softcap"])
 @pytest.mark.parametrize("n_tok, p0", [(1, 0), (1, 40), (7, 0), (5, 20)])
-def test_attention_over_the_f16_cache_matches_numpy(n_tok, p0, dev):
-    """One query (decode) and a batch (prompt), causal, with grouped-query heads."""
+def test_attention_over_the_f16_cache_matches_numpy(n_tok, p0, window, cap, dev):
+    """One query (decode) and a batch (prompt), causal, with grouped-query heads; a sliding
+    window (Gemma's local layers: the last `window` positions) and a soft-cap on the scores."""
     rng = np.random.default_rng(n_tok * 100 + p0)
     n_head, n_kv, hd, n_ctx = 6, 2, 32, 64
     T = p0 + n_tok
@@ -309,16 +312,38 @@ def test_attention_over_the_f16_cache_matches_numpy(n_tok, p0, dev):
     po = dev.alloc(q.nbytes)
     scale = float(np.float32(1 / np.sqrt(hd)))
     dev.launch("attention", n_tok * n_head, dev.upload(q), dev.upload(kc), dev.upload(vc), po,
-               n_head, n_kv, hd, dev.upload(np.array([p0], np.int64)), scale)
+               n_head, n_kv, hd, dev.upload(np.array([p0], np.int64)), scale, window, cap)
     k64, v64 = kc[:T].astype(np.float64), vc[:T].astype(np.float64)
     ref = np.empty((n_tok, n_head, hd))
     for t in range(n_tok):
+        first = max(0, p0 + t - window + 1) if window else 0
         for h in range(n_head):
             g = h // (n_head // n_kv)
-            s = k64[: p0 + t + 1, g] @ q[t, h] * scale
+            s = k64[first: p0 + t + 1, g] @ q[t, h] * scale
+            if cap:
+                s = np.tanh(s / cap) * cap
             p = np.exp(s - s.max())
-            ref[t, h] = p @ v64[: p0 + t + 1, g] / p.sum()
+            ref[t, h] = p @ v64[first: p0 + t + 1, g] / p.sum()
     np.testing.assert_allclose(_f32(dev, po, q.shape), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gelu_mul_is_ggml_s_table_times_up(dev):
+    """The device's GeGLU against ggml's CPU GELU table (read out of libggml-cpu) at every
+    fp16 input: its tanh comes from exp, rounded as tanhf's float is; measured 3 of 37,376
+    entries one fp16 step off."""
+    from ggml_oracle import ggml_gelu_table
+
+    table = ggml_gelu_table()
+    f = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    g = f.astype(np.float32)
+    inside = np.isfinite(g) & (g > -10) & (g < 10)
+    g = np.concatenate([g[inside], [-12, -10, 10, 15]]).astype(np.float32)
+    u = np.full(g.size, 1.0, np.float32)
+    py = dev.alloc(g.nbytes)
+    dev.launch("gelu_mul", g.size, dev.upload(g), dev.upload(u), py)
+    got = _f32(dev, py, g.shape)
+    assert list(got[-4:]) == [0, 0, 10, 15]  # outside (-10, 10): 0 or x
+    assert (got[:-4].astype(np.float16).view(np.uint16) != table[inside]).sum() <= 4
 
 
 # -- the offloaded forward pass on the host device ------------------------------------------

@@ -69,12 +69,19 @@ def test_gemma_decoding_equals_the_batch(gemma):
 
 
 def test_gelu_is_ggml_s_fp16_table():
-    x = np.array([-11, -10, -3.3, -0.5, 0, 1e-3, 0.7, 2.5, 9.99, 10, 12], np.float32)
-    exact = 0.5 * x * (1 + np.tanh(0.7978845608 * x * (1 + 0.044715 * x.astype(np.float64) ** 2)))
-    got = gelu_ggml(x)
-    assert got[0] == 0 and got[-1] == 12 and got[-2] == 10  # outside [-10, 10): 0 or x
-    np.testing.assert_allclose(got, exact, rtol=2e-3, atol=1e-3)  # fp16 table: 3 digits
-    assert (got[2:-2] == got[2:-2].astype(np.float16)).all()  # every value an fp16
+    """Our GELU table against the one ggml's CPU backend builds (read out of libggml-cpu):
+    built the same way (tanh rounded to a float), it differs where C's float arithmetic
+    contracted an FMA: measured 1 entry in 37,376."""
+    from ggml_oracle import ggml_gelu_table
+
+    table = ggml_gelu_table()
+    f = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    f = f.astype(np.float32)
+    inside = np.isfinite(f) & (f > -10) & (f < 10)
+    ours = gelu_ggml(f[inside]).astype(np.float16).view(np.uint16)
+    assert (ours != table[inside]).sum() <= 2
+    x = np.array([-11, -10, 10, 12], np.float32)
+    assert list(gelu_ggml(x)) == [0, 0, 10, 12]  # outside (-10, 10): 0 or x
 
 
 @pytest.mark.parametrize("name", ["Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K"])
@@ -83,3 +90,20 @@ def test_gemma_quantizes_byte_identical_to_llama_cpp(gemma, name, tmp_path):
     llama_quantize(str(gemma), str(ref), int(parse_mix(name).ftype))
     run_ours(gemma, ours, name)
     assert_same_file(ref, ours)
+
+
+def test_gemma_on_the_emulated_gpu_matches_the_cpu(gemma):
+    """Every Gemma step on the device: post norms, GeGLU, the window and soft-cap in the
+    attention kernel, the local layers' rotary table; the output soft-cap after the head."""
+    from gguflab.runner.cuda.device import HostDevice
+    from gguflab.runner.cuda.layers import GpuLayers, forward_offloaded
+
+    m = Model(gemma)
+    ref = m.forward(TOKENS, m.new_cache(64), all_logits=True)
+    gpu = GpuLayers(m, list(range(m.hp.n_layer)), 64, HostDevice(), output=True)
+    cache = m.new_cache(64)
+    got = [forward_offloaded(m, gpu, TOKENS[:9], cache, all_logits=True)]
+    got += [forward_offloaded(m, gpu, [t], cache)[None] for t in TOKENS[9:]]
+    # F16 weights, nothing rounded but GELU's fp16 lookups (as in the decode test): float
+    # order can move an activation one fp16 step
+    np.testing.assert_allclose(np.vstack(got), ref, atol=1e-3 * np.abs(ref).max(), rtol=0)

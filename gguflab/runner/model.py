@@ -479,7 +479,10 @@ def gelu_ggml(x: np.ndarray) -> np.ndarray:
         with np.errstate(all="ignore"):
             inner = np.float32(0.7978845608028654) * f * (
                 np.float32(1) + np.float32(0.044715) * f * f)
-            g = np.float32(0.5) * f * (np.float32(1) + np.tanh(inner))
+            # tanhf's float, near -1 all that is left of GELU for negative x: numpy's float32
+            # tanh is off by an ulp there, so round the double one
+            t = np.tanh(inner.astype(np.float64)).astype(np.float32)
+            g = np.float32(0.5) * f * (np.float32(1) + t)
         _GELU = g.astype(np.float16).astype(np.float32)
     y = _GELU[x.astype(np.float16).view(np.uint16)]
     return np.where(x <= -10, np.float32(0), np.where(x >= 10, x, y))

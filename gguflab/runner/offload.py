@@ -266,12 +266,8 @@ def plan_for_cli(reader, n_ctx: int, n_gpu_layers: int | str,
 def cpu_only(reader) -> str:
     """Why this model's layers cannot go to the GPU yet ("" if they can)."""
     from ..gguf import GGUFReader, Keys
-    from .families import FAMILIES
 
     r = reader if isinstance(reader, GGUFReader) else GGUFReader(reader)
     if r.arch_get(Keys.EXPERT_COUNT, 0):
         return "mixture-of-experts layers are not offloaded yet"
-    f = FAMILIES.get(r.architecture)
-    if f is not None and not f.gpu:
-        return f"{f.arch} layers are not offloaded yet"
     return ""

@@ -135,6 +135,13 @@ def _exp(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     return b.call(fn, [b.fmul(x, const(f32, LOG2E))])
 
 
+def _tanh(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """tanh x = 1 - 2 / (e^(2x) + 1): no tanh instruction on NVPTX; exact to a few ulp, and
+    1 and -1 (not NaN) when e^(2x) overflows or vanishes."""
+    e = _exp(b, b.fmul(x, const(f32, 2.0)))
+    return b.fsub(const(f32, 1.0), b.fdiv(const(f32, 2.0), b.fadd(e, const(f32, 1.0))))
+
+
 def _sqrt(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     return b.call(b.module.declare_intrinsic("llvm.sqrt", [f32]), [x])
 
@@ -412,6 +419,8 @@ COMMON: dict[str, KernelSpec] = {s.name: s for s in [
     KernelSpec("add_rms_norm_q8", "pppppif", WARP),
     KernelSpec("softmax", "ppi", WARP),         # x, y, n; item = row
     KernelSpec("silu_mul", "ppp", 1, in_place=True),  # g, u, y (may be g); item = element
+    # GeGLU as ggml's CPU computes it (GELU of g rounded to fp16, the result rounded to fp16)
+    KernelSpec("gelu_mul", "ppp", 1, in_place=True),  # g, u, y (may be g); item = element
     KernelSpec("silu_mul_q8", "pppp", WARP, in_place=True),  # g, u, y, yq; item = 32 floats
     KernelSpec("add", "ppp", 1, in_place=True),  # a, b, y (may be a); item = element
     KernelSpec("add_bias", "ppi", 1),           # x (in place), bias, n_cols; item = element
@@ -421,8 +430,9 @@ COMMON: dict[str, KernelSpec] = {s.name: s for s in [
     KernelSpec("f16_to_f32", "pp", 1),          # src, dst; item = element
     KernelSpec("kv_store", "pppi", 1),          # src, f16 cache, pos, row; item = element
     KernelSpec("round_q8", "pp", WARP, in_place=True),  # x, y (may be x); item = 32 floats
-    # q, k cache, v cache, out, n_head, n_head_kv, head_dim, pos, scale; item = (token, head)
-    KernelSpec("attention", "ppppiiipf", WARP),
+    # q, k cache, v cache, out, n_head, n_head_kv, head_dim, pos, scale, window (0: none),
+    # soft-cap (0: none); item = (token, head)
+    KernelSpec("attention", "ppppiiipfif", WARP),
 ]}
 
 # Kernels that take the position of the batch's first token as `pos`, a pointer to one i64
@@ -532,6 +542,31 @@ def _silu_mul_at(b, g, u, y, i):
     b.store(b.fmul(s, b.load(_f32p(b, u, i))), _f32p(b, y, i))
 
 
+def _gelu_mul(target: Target) -> Body:
+    """y = GELU(g) * u, as ggml's CPU: g rounded to fp16, GELU (tanh form) of that, rounded
+    to fp16 (its lookup table); 0 for g <= -10 and g itself for g >= 10."""
+    hw = hardware_half(target)
+
+    def body(b, args, it):
+        g, u, y = args
+        x = b.load(_f32p(b, g, it.index))
+        xf = emit_f16_to_f32(b, emit_f32_to_f16(b, x, hw), hw)
+        inner = b.fmul(b.fmul(const(f32, 0.7978845608028654), xf),
+                       b.fadd(const(f32, 1.0), b.fmul(b.fmul(const(f32, 0.044715), xf), xf)))
+        # 1 + tanh z as ggml's table has it: tanh z rounded to a float (its spacing near -1
+        # is what is left of GELU for negative x), from the accurate 2 / (1 + e^(-2z))
+        s = b.fdiv(const(f32, 2.0), b.fadd(
+            const(f32, 1.0), _exp(b, b.fmul(inner, const(f32, -2.0)))))
+        one_plus = b.fadd(const(f32, 1.0), b.fsub(s, const(f32, 1.0)))
+        gelu = b.fmul(b.fmul(const(f32, 0.5), xf), one_plus)
+        gelu = emit_f16_to_f32(b, emit_f32_to_f16(b, gelu, hw), hw)
+        gelu = b.select(b.fcmp_ordered("<=", x, const(f32, -10.0)), const(f32, 0.0),
+                        b.select(b.fcmp_ordered(">=", x, const(f32, 10.0)), x, gelu))
+        b.store(b.fmul(gelu, b.load(_f32p(b, u, it.index))), _f32p(b, y, it.index))
+
+    return body
+
+
 def _silu_mul(b, args, it):
     g, u, y = args
     _silu_mul_at(b, g, u, y, it.index)
@@ -611,9 +646,14 @@ def _attention(target: Target) -> Body:
     hw = hardware_half(target)
 
     def body(b, args, it):
-        q, kc, vc, out, n_head, n_kv, hd, pos, scale = args
+        q, kc, vc, out, n_head, n_kv, hd, pos, scale, window, cap = args
         p0 = _load_pos(b, pos)
         t, h = b.udiv(it.index, n_head), b.urem(it.index, n_head)
+        # keys [first, p]: all up to the query's position, or the last `window` of them
+        p = b.add(p0, t)
+        lo = b.add(b.sub(p, window), _c(1))
+        first = b.select(b.and_(b.icmp_signed(">", window, _c(0)),
+                                b.icmp_signed(">", lo, _c(0))), lo, _c(0))
         kvh = b.udiv(h, b.udiv(n_head, n_kv))
         stride = b.mul(n_kv, hd)  # halves per cache position
         qr = _f32p(b, q, b.mul(it.index, hd))
@@ -624,7 +664,8 @@ def _attention(target: Target) -> Body:
         m, s = _Acc(b, name="m"), _Acc(b, name="s")
         m.set(const(f32, float("-inf")))
         s.set(const(f32, 0.0))
-        with _lane_loop(b, it, b.add(b.add(p0, t), _c(1)), "key") as j:
+        with _lane_loop(b, it, b.sub(b.add(p, _c(1)), first), "key") as jj:
+            j = b.add(first, jj)
             krow = b.add(b.mul(j, stride), b.mul(kvh, hd))
             dot = _Acc(b, name="dot")
             dot.set(const(f32, 0.0))
@@ -632,6 +673,8 @@ def _attention(target: Target) -> Body:
                 kv = emit_f16_to_f32(b, b.load(b.gep(kh, [b.add(krow, d)])), hw)
                 dot.add_product(b.load(b.gep(qr, [d])), kv)
             score = b.fmul(dot.get(), scale)
+            capped = b.fcmp_ordered(">", cap, const(f32, 0.0))
+            score = b.select(capped, b.fmul(_tanh(b, b.fdiv(score, cap)), cap), score)
             m_new = _fmax(b, m.get(), score)
             corr, p = _exp(b, b.fsub(m.get(), m_new)), _exp(b, b.fsub(score, m_new))
             s.set(b.fadd(b.fmul(s.get(), corr), p))
@@ -660,6 +703,7 @@ def build_common_module(target: Target) -> ir.Module:
     bodies = {"rms_norm": _rms_norm(False), "rms_norm_q8": _rms_norm(True),
               "add_rms_norm": _add_rms_norm(False), "add_rms_norm_q8": _add_rms_norm(True),
               "softmax": _softmax, "silu_mul": _silu_mul, "silu_mul_q8": _silu_mul_q8,
+              "gelu_mul": _gelu_mul(target),
               "add": _add, "add_bias": _add_bias, "rope_normal": _rope(False),
               "rope_neox": _rope(True), "f16_to_f32": to_float, "kv_store": kv_store,
               "round_q8": _round_q8, "attention": _attention(target)}

@@ -61,6 +61,8 @@ class DeviceLayer:
     wo: DeviceWeight
     bias: int | None  # bq, bk, bv one after another (qwen2)
     qk_norm: tuple[int, int] | None  # q's and k's per-head norm weights (qwen3)
+    post_norms: tuple[int, int] | None  # the attention's and the FFN's output norms (Gemma)
+    local: bool  # a sliding-window layer (Gemma): its own window and rotary table
     ffn_norm: int
     gate_up: tuple[Run, ...]
     w_down: DeviceWeight
@@ -109,6 +111,9 @@ class GpuLayers:
                     np.concatenate(biases)),
                 qk_norm=None if L.q_norm is None else (self._vector(L.q_norm),
                                                        self._vector(L.k_norm)),
+                post_norms=None if L.attn_post_norm is None else (
+                    self._vector(L.attn_post_norm), self._vector(L.ffn_post_norm)),
+                local=bool(hp.swa_layers) and hp.swa_layers[il],
                 ffn_norm=self._vector(L.ffn_norm), gate_up=self._runs([L.w_gate, L.w_up]),
                 w_down=self._weight(L.w_down),
                 k_cache=device.alloc(kv_bytes), v_cache=device.alloc(kv_bytes))
@@ -116,12 +121,10 @@ class GpuLayers:
             self.out_norm = self._vector(model.output_norm)
             self.out_weight = self._weight(model.output)
         # (cos, sin) of every position and rotary pair, from the CPU path's frequencies
-        inv_freq, scale, mscale = model.rotary(n_ctx)
-        ang = (np.arange(n_ctx)[:, None] * scale) * inv_freq[None, :]
-        table = np.stack([np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)], -1)
-        if mscale != 1.0:
-            table *= np.float32(mscale)
-        self.rope_table = self._upload(table)
+        self.rope_table = self._upload(self._rotary_table(model, n_ctx, False))
+        self.rope_table_local = self.rope_table
+        if any(d.local for d in self.dev_layers.values()):
+            self.rope_table_local = self._upload(self._rotary_table(model, n_ctx, True))
         self.pos = device.alloc(8)  # the position of the pass's first token (an i64)
         self.cap = min(n_ctx, MAX_BATCH)  # tokens per pass: the plan's scratch
         q, kv = hp.n_head * hp.head_dim, hp.n_head_kv * hp.head_dim
@@ -138,6 +141,13 @@ class GpuLayers:
         self.launches = 0  # kernels launched (a replayed graph counts as one)
 
     # -- setup -------------------------------------------------------------------------
+
+    @staticmethod
+    def _rotary_table(model: Model, n_ctx: int, local: bool) -> np.ndarray:
+        inv_freq, scale, mscale = model.rotary(n_ctx, local)
+        ang = (np.arange(n_ctx)[:, None] * scale) * inv_freq[None, :]
+        table = np.stack([np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)], -1)
+        return table * np.float32(mscale) if mscale != 1.0 else table
 
     def _upload(self, arr: np.ndarray) -> int:
         self.bytes_uploaded += arr.nbytes
@@ -249,7 +259,7 @@ class GpuLayers:
         hp, b = self.hp, self.buf
         hd, E = hp.head_dim, hp.n_embd
         Q, KV = hp.n_head * hd, hp.n_head_kv * hd
-        scale = float(np.float32(1 / np.sqrt(hd)))
+        scale, eps = float(np.float32(hp.q_scale)), float(hp.rms_eps)
         rope = "rope_neox" if hp.rope_neox else "rope_normal"
         half = hp.rope_dim // 2
         q, k = b["qkv"], b["qkv"] + 4 * n * Q
@@ -269,27 +279,35 @@ class GpuLayers:
             if L.qk_norm is not None:  # each head of q and of k normalised, in place
                 for x, w, heads in ((q, L.qk_norm[0], hp.n_head), (k, L.qk_norm[1], hp.n_head_kv)):
                     self._launch("rms_norm", n * heads, x, w, x, hd, float(hp.rms_eps))
+            table = self.rope_table_local if L.local else self.rope_table
             if n == 1:  # q and k are one row of n_head + n_head_kv heads
-                self._launch(rope, (hp.n_head + hp.n_head_kv) * half, q, self.rope_table,
+                self._launch(rope, (hp.n_head + hp.n_head_kv) * half, q, table,
                              self.pos, hp.n_head + hp.n_head_kv, hd, half)
             else:
-                self._launch(rope, n * hp.n_head * half, q, self.rope_table, self.pos,
+                self._launch(rope, n * hp.n_head * half, q, table, self.pos,
                              hp.n_head, hd, half)
-                self._launch(rope, n * hp.n_head_kv * half, k, self.rope_table, self.pos,
+                self._launch(rope, n * hp.n_head_kv * half, k, table, self.pos,
                              hp.n_head_kv, hd, half)
             self._launch("kv_store", n * KV, k, L.k_cache, self.pos, KV)
             self._launch("kv_store", n * KV, v, L.v_cache, self.pos, KV)
             self._launch("attention", n * hp.n_head, q, L.k_cache, L.v_cache, b["att"],
-                         hp.n_head, hp.n_head_kv, hd, self.pos, scale)
+                         hp.n_head, hp.n_head_kv, hd, self.pos, scale,
+                         hp.n_swa if L.local else 0, float(hp.attn_softcap))
             self._matmul(L.wo, b["att"], b["o"], n)
+            if L.post_norms is not None:
+                self._launch("rms_norm", n, b["o"], L.post_norms[0], b["o"], E, eps)
             hq = self._norm(L.ffn_norm, n, b["o"], [r.fused for r in L.gate_up])
             self._run_products(L.gate_up, b["h"], g, n, hq)
-            gq = b["xq"] if self._rounds(n, [L.w_down]) else None
-            if gq is None:
+            gq = b["xq"] if self._rounds(n, [L.w_down]) and not hp.family.gelu else None
+            if hp.family.gelu:  # GeGLU; a rounded input for the down product comes after
+                self._launch("gelu_mul", n * hp.n_ff, g, u, g)
+            elif gq is None:
                 self._launch("silu_mul", n * hp.n_ff, g, u, g)
             else:  # SwiGLU and the down product's rounded input in one kernel
                 self._launch("silu_mul_q8", hp.n_ff // 32, g, u, g, gq)
             self._matmul(L.w_down, g, b["o"], n, gq)
+            if L.post_norms is not None:
+                self._launch("rms_norm", n, b["o"], L.post_norms[1], b["o"], E, eps)
             pending = b["o"]
         if pending is not None:
             self._launch("add", n * E, b["x"], pending, b["x"])

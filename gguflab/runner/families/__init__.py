@@ -23,7 +23,6 @@ class Family:
     attn_softcap: float = 0.0  # attention logits soft-capped at this (the key may override)
     final_softcap: float = 0.0  # output logits soft-capped at this (the key may override)
     big_model_layers: int = 0  # the model this deep (the 27B) scales q by 1/sqrt(n_embd/n_head)
-    gpu: bool = True  # the device kernels cover it (else its layers stay on the CPU)
 
 
 from . import gemma2, gemma3, llama, phi3, qwen2, qwen3, qwen3moe  # noqa: E402  (a FAMILY each)

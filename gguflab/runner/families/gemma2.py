@@ -9,4 +9,4 @@ from . import Family
 
 FAMILY = Family("gemma2", rope_neox=True, embed_scale=True, gelu=True, post_norms=True,
                 swa_pattern=2, swa_default=4096, attn_softcap=50.0, final_softcap=30.0,
-                big_model_layers=46, gpu=False)
+                big_model_layers=46)

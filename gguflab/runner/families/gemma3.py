@@ -7,5 +7,4 @@ rope scaling; an output soft-cap only if the file sets one; the 27B (62 layers) 
 from . import Family
 
 FAMILY = Family("gemma3", rope_neox=True, qk_norm=True, embed_scale=True, gelu=True,
-                post_norms=True, swa_pattern=6, swa_own_rope=True, big_model_layers=62,
-                gpu=False)
+                post_norms=True, swa_pattern=6, swa_own_rope=True, big_model_layers=62)
