@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from agreement import decided, gap_change, margins
+from agreement import assert_same_top1_where_clear, decided, gap_change, margins
 
 # Ours may sit up to this many times as far from llama.cpp as llama.cpp sits from itself
 # when only its float order changes. Measured on SmolLM2 (2026-12-01, 3 prompts x 32
@@ -107,3 +107,23 @@ def decode_logits(model, ids: list[int], n_prompt: int, n_ctx: int = 256) -> np.
     rows = [model.forward(ids[:n_prompt], cache)]
     rows += [model.forward([t], cache) for t in ids[n_prompt:-1]]
     return np.array(rows, np.float64)
+
+
+def llama_logits(path, tokens: list[int], n_ctx: int = 64, flash_attn: bool = False
+                 ) -> np.ndarray:
+    """llama.cpp's logits at every position of `tokens`, evaluated as one batch."""
+    m = _llama(path, n_ctx, flash_attn=flash_attn)
+    m.eval(tokens)
+    return np.array(m.scores[: len(tokens)], np.float64)
+
+
+def assert_matches_llama_cpp(path, ours: np.ndarray, tokens: list[int]) -> tuple:
+    """Our batch logits `ours` for `tokens` are llama.cpp's on the same file to within
+    LLAMA_SPREADS of llama.cpp's own spread (flash attention on against off; at least 1e-4
+    of the logits' scale, as a spread of 0 is luck), top-1 included where it is decided.
+    Returns (llama.cpp's logits, the bound) for the checks that the difference matters."""
+    ref = llama_logits(path, tokens)
+    spread = float(np.abs(llama_logits(path, tokens, flash_attn=True) - ref).max())
+    noise = max(LLAMA_SPREADS * spread, 1e-4 * float(np.abs(ref).max()))
+    assert_same_top1_where_clear(ref, ours, noise)
+    return ref, noise

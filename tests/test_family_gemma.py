@@ -10,9 +10,8 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from agreement import assert_same_top1_where_clear
 from ggml_oracle import llama_quantize
-from llama_ref import LLAMA_SPREADS
+from llama_ref import assert_matches_llama_cpp
 from test_quantize_oracle import assert_same_file, run_ours
 
 from gguflab.quant.mixes import parse_mix
@@ -34,23 +33,13 @@ def gemma(request, tmp_path_factory, smollm2):
     return write_synthetic_llama(path, replace(CONFIGS[request.param], tokenizer_from=smollm2))
 
 
-def _llama_logits(path, tokens, flash_attn=False):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    m = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
-                        flash_attn=flash_attn)
-    m.eval(tokens)
-    return np.array(m.scores[: len(tokens)], np.float64)
-
 
 def test_gemma_logits_match_llama_cpp(gemma):
     m = Model(gemma)
     want_local = [True, False, True, False] if "gemma2" in gemma else [True] * 5 + [False, True]
     assert list(m.hp.swa_layers) == want_local and m.hp.n_swa == 4
     ours = m.forward(TOKENS, m.new_cache(64), all_logits=True)
-    ref = _llama_logits(gemma, TOKENS)
-    spread = np.abs(_llama_logits(gemma, TOKENS, flash_attn=True) - ref).max()
-    noise = max(LLAMA_SPREADS * spread, 1e-4 * np.abs(ref).max())  # (a spread of 0 is luck)
-    assert_same_top1_where_clear(ref, ours, noise)
+    ref, noise = assert_matches_llama_cpp(gemma, ours, TOKENS)
     # the window matters here: without it the logits are far outside that bound
     m.hp = replace(m.hp, swa_layers=(False,) * m.hp.n_layer)
     full = m.forward(TOKENS, m.new_cache(64), all_logits=True)

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from agreement import assert_same_top1_where_clear
 from ggml_oracle import llama_quantize
-from llama_ref import LLAMA_SPREADS
+from llama_ref import assert_matches_llama_cpp
 from test_quantize_oracle import assert_same_file, run_ours
 
 from gguflab.errors import UserError
@@ -36,22 +35,12 @@ def moe(request, tmp_path_factory, smollm2):
     return write_synthetic_llama(path, replace(CONFIGS[request.param], tokenizer_from=smollm2))
 
 
-def _llama_logits(path, tokens, flash_attn=False):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    m = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
-                        flash_attn=flash_attn)
-    m.eval(tokens)
-    return np.array(m.scores[: len(tokens)], np.float64)
-
 
 def test_moe_logits_match_llama_cpp(moe):
     m = Model(moe)
     assert m.hp.n_expert and all(L.experts is not None for L in m.layers)
     ours = m.forward(TOKENS, m.new_cache(64), all_logits=True)
-    ref = _llama_logits(moe, TOKENS)
-    spread = np.abs(_llama_logits(moe, TOKENS, flash_attn=True) - ref).max()
-    noise = max(LLAMA_SPREADS * spread, 1e-4 * np.abs(ref).max())  # (a spread of 0 is luck)
-    assert_same_top1_where_clear(ref, ours, noise)
+    ref, noise = assert_matches_llama_cpp(moe, ours, TOKENS)
 
 
 def test_decoding_one_token_at_a_time_routes_as_the_batch(moe):

@@ -9,8 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from agreement import assert_same_top1_where_clear
-from llama_ref import LLAMA_SPREADS
+from llama_ref import assert_matches_llama_cpp
 
 from gguflab.runner.cuda.device import HostDevice
 from gguflab.runner.cuda.layers import GpuLayers, forward_offloaded
@@ -31,13 +30,6 @@ def phi3(request, tmp_path_factory, smollm2):
     return write_synthetic_llama(path, replace(CONFIGS[request.param], tokenizer_from=smollm2))
 
 
-def _llama_logits(path, tokens, flash_attn=False):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    m = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
-                        flash_attn=flash_attn)
-    m.eval(tokens)
-    return np.array(m.scores[: len(tokens)], np.float64)
-
 
 def test_phi3_logits_match_llama_cpp(phi3):
     m = Model(phi3)
@@ -45,10 +37,7 @@ def test_phi3_logits_match_llama_cpp(phi3):
     assert L.wq.data.shape[0] == 256 and L.wk.data.shape[0] == L.wv.data.shape[0] == 128
     assert L.w_gate.data.shape[0] == L.w_up.data.shape[0] == 512  # row blocks of ffn_up
     ours = m.forward(TOKENS, m.new_cache(64), all_logits=True)
-    ref = _llama_logits(phi3, TOKENS)
-    spread = np.abs(_llama_logits(phi3, TOKENS, flash_attn=True) - ref).max()
-    noise = max(LLAMA_SPREADS * spread, 1e-4 * np.abs(ref).max())  # (a spread of 0 is luck)
-    assert_same_top1_where_clear(ref, ours, noise)
+    ref, noise = assert_matches_llama_cpp(phi3, ours, TOKENS)
     if m.rope_long is not None:  # the other factors are not llama.cpp's choice here
         m.rope_long, m.rope_short = m.rope_short, m.rope_long
         m._rope_memo = None

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from agreement import assert_same_top1_where_clear
 from hf_models import hf_forward, llama_config, random_weights, write_folder
-from llama_ref import LLAMA_SPREADS
+from llama_ref import assert_matches_llama_cpp
 
 from gguflab.convert.pipeline import ConvertOptions, convert_model
 from gguflab.gguf import GGUFReader
@@ -34,13 +34,6 @@ def qwen3(tmp_path_factory, fixtures):
     list(convert_model(folder, out, ConvertOptions(outtype="f32")))
     return cfg, w, out
 
-
-def _llama_logits(path, tokens, flash_attn=False):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    m = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2,
-                        flash_attn=flash_attn)
-    m.eval(tokens)
-    return np.array(m.scores[: len(tokens)], np.float64)
 
 
 def test_converted_file_has_qwen3_s_keys_and_tensors(qwen3):
@@ -73,10 +66,7 @@ def test_qwen3_logits_match_llama_cpp(qwen3):
     _, _, out = qwen3
     m = Model(out)
     ours = m.forward(TOKENS, m.new_cache(64), all_logits=True)
-    ref = _llama_logits(out, TOKENS)
-    spread = np.abs(_llama_logits(out, TOKENS, flash_attn=True) - ref).max()
-    noise = max(LLAMA_SPREADS * spread, 1e-4 * np.abs(ref).max())  # (a spread of 0 is luck)
-    assert_same_top1_where_clear(ref, ours, noise)
+    ref, noise = assert_matches_llama_cpp(out, ours, TOKENS)
 
 
 def test_qwen3_on_the_emulated_gpu_matches_the_cpu(qwen3):

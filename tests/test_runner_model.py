@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 from agreement import assert_same_top1_where_clear
 from ggml_oracle import llama_quantize
-from llama_ref import LLAMA_SPREADS, decode_logits, reference
+from llama_ref import (
+    LLAMA_SPREADS,
+    assert_matches_llama_cpp,
+    decode_logits,
+    llama_logits,
+    reference,
+)
 
 from gguflab.errors import UserError
 from gguflab.runner.model import Model
@@ -15,14 +21,6 @@ from gguflab.runner.perplexity import log_softmax, perplexity
 
 TOKENS = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 3458, 282, 8295, 314, 4110, 30, 378,
           3458, 282, 7365, 314, 216]
-
-
-def llama_logits(path, tokens, n_ctx=64, flash_attn=False):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    m = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
-                        flash_attn=flash_attn)
-    m.eval(tokens)
-    return np.array(m.scores[: len(tokens)], dtype=np.float64)
 
 
 @pytest.fixture(scope="module")
@@ -184,10 +182,7 @@ def test_llama3_rope_scaling_uses_rope_freqs_as_llama_cpp_does(tmp_path, fixture
     tokens = [1, *range(300, 347)]
     m = Model(out)
     ours = m.forward(tokens, m.new_cache(64), all_logits=True)
-    ref = llama_logits(out, tokens)
-    spread = np.abs(llama_logits(out, tokens, flash_attn=True) - ref).max()
-    noise = max(LLAMA_SPREADS * spread, 1e-4 * np.abs(ref).max())  # (a spread of 0 is luck)
-    assert_same_top1_where_clear(ref, ours, noise)
+    ref, noise = assert_matches_llama_cpp(out, ours, tokens)
     # the same model with the factors left out is not llama.cpp's
     plain = Model(out)
     plain.inv_freq = m.hp.rope_base ** (-np.arange(0, m.hp.rope_dim, 2) / m.hp.rope_dim)
@@ -214,10 +209,7 @@ def test_yarn_rope_scaling_matches_llama_cpp(tmp_path, smollm2):
     m = Model(path)
     assert m.hp.yarn_ext == 1.0 and m.hp.rope_scale == 0.25 and m.hp.n_ctx_orig == 16
     ours = m.forward(TOKENS, m.new_cache(64), all_logits=True)
-    ref = llama_logits(path, TOKENS)
-    spread = np.abs(llama_logits(path, TOKENS, flash_attn=True) - ref).max()
-    noise = max(LLAMA_SPREADS * spread, 1e-4 * np.abs(ref).max())  # (a spread of 0 is luck)
-    assert_same_top1_where_clear(ref, ours, noise)
+    ref, noise = assert_matches_llama_cpp(path, ours, TOKENS)
     plain = Model(path)
     plain.hp = replace(plain.hp, yarn_ext=0.0, rope_scale=1.0)
     off = np.abs(plain.forward(TOKENS, plain.new_cache(64), all_logits=True) - ref).max()
