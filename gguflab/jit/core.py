@@ -73,6 +73,12 @@ _V2 = "+cx16,+popcnt,+sahf,+sse3,+sse4.1,+sse4.2,+ssse3"
 _V3 = _V2 + ",+avx,+avx2,+bmi,+bmi2,+f16c,+fma,+lzcnt,+movbe,+xsave"
 _V4 = _V3 + ",+avx512f,+avx512bw,+avx512cd,+avx512dq,+avx512vl"
 X86_LEVELS = {"x86-64-v2": _V2, "x86-64-v3": _V3, "x86-64-v4": _V4}
+# LLVM CPU names people try, with the level whose features they have (scheduling stays the
+# named CPU's)
+_NAMED = {**dict.fromkeys(("haswell", "broadwell", "skylake", "alderlake", "znver1", "znver2",
+                           "znver3"), _V3),
+          **dict.fromkeys(("skylake-avx512", "cascadelake", "icelake-server", "tigerlake",
+                           "sapphirerapids", "znver4", "znver5"), _V4)}
 
 
 def cpu_target(name: str | None = None) -> HostCPU:
@@ -87,7 +93,7 @@ def cpu_target(name: str | None = None) -> HostCPU:
         except RuntimeError:  # some platforms cannot report features
             features = ""
         return HostCPU(triple, llvm.get_host_cpu_name(), features)
-    return HostCPU(triple, name, X86_LEVELS.get(name, ""))
+    return HostCPU(triple, name, X86_LEVELS.get(name) or _NAMED.get(name, ""))
 
 
 def _missing_features(cpu: HostCPU) -> list[str]:
@@ -102,7 +108,7 @@ def host_cpu() -> HostCPU:
     `x86-64-v3`), refused in one line if this machine cannot run it."""
     name = os.environ.get("GGUFLAB_CPU", "native")
     cpu = cpu_target(name)
-    missing = _missing_features(cpu) if name in X86_LEVELS else []
+    missing = _missing_features(cpu) if name in X86_LEVELS or name in _NAMED else []
     if missing:
         from ..errors import UserError
 
