@@ -77,14 +77,27 @@ def test_router_picks_the_most_probable_experts_and_renormalises():
         np.testing.assert_allclose(got[t], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def test_moe_layers_stay_on_the_cpu_with_a_clear_reason(moe, monkeypatch):
+def test_moe_on_the_emulated_gpu_matches_the_cpu(moe, monkeypatch):
+    """The router and its picks on the device (moe_route), each picked expert's products
+    read from the stacked weights at the picked offset (matvec_sel), weighted sums
+    (moe_add); a decode step is one recording whatever the router picks."""
+    from gguflab.runner.cuda.layers import forward_offloaded
     from gguflab.runner.load import load_model
 
     monkeypatch.setenv("GGUFLAB_GPU", "host")
     lm = load_model(moe, 64, 999)
-    assert lm.model.gpu is None and "mixture-of-experts" in lm.plan.summary()
-    with pytest.raises(UserError, match="mixture-of-experts layers are not offloaded"):
-        GpuLayers(lm.model, [1], 64, HostDevice())
+    m = lm.model
+    assert m.gpu is not None and len(m.gpu.layers) == m.hp.n_layer and m.gpu.output
+    cpu = Model(moe)
+    ref = cpu.forward(TOKENS, cpu.new_cache(64), all_logits=True)
+    cache = m.new_cache(64)
+    got = [forward_offloaded(m, m.gpu, TOKENS[:6], cache, all_logits=True)]
+    got += [forward_offloaded(m, m.gpu, [t], cache)[None] for t in TOKENS[6:]]
+    # F16 experts, nothing rounded: the same arithmetic, floats summed in another order
+    np.testing.assert_allclose(np.vstack(got), ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    assert m.gpu.graph_error == ""
+    with pytest.raises(UserError, match="offloaded layers must be the last ones"):
+        GpuLayers(m, [0], 64, HostDevice())
 
 
 @pytest.mark.parametrize("name", ["Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K"])

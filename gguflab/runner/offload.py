@@ -250,8 +250,7 @@ def plan_for_cli(reader, n_ctx: int, n_gpu_layers: int | str,
     """Probe the GPU and plan in one call (GGUFLAB_NO_GPU=1 acts as if there were none)."""
     if os.environ.get("GGUFLAB_NO_GPU"):
         gpu, why = None, "GGUFLAB_NO_GPU is set"
-    elif (why := cpu_only(reader)):
-        gpu = None
+
     elif os.environ.get("GGUFLAB_GPU") == "host":
         gpu, why = GpuInfo(main_gpu, HOST_GPU_NAME, HOST_GPU_BYTES, HOST_GPU_BYTES, (0, 0)), ""
     else:
@@ -262,12 +261,3 @@ def plan_for_cli(reader, n_ctx: int, n_gpu_layers: int | str,
     return plan_offload(reader, n_ctx, n_gpu_layers, gpu.free_bytes, gpu.total_bytes,
                         gpu_name=gpu.name, main_gpu=main_gpu)
 
-
-def cpu_only(reader) -> str:
-    """Why this model's layers cannot go to the GPU yet ("" if they can)."""
-    from ..gguf import GGUFReader, Keys
-
-    r = reader if isinstance(reader, GGUFReader) else GGUFReader(reader)
-    if r.arch_get(Keys.EXPERT_COUNT, 0):
-        return "mixture-of-experts layers are not offloaded yet"
-    return ""

@@ -238,6 +238,24 @@ def matvec_spec(t: GGMLType) -> KernelSpec:
     return KernelSpec(f"matvec_{t.name.lower()}", "pipipiiiii", WARP, grouped=True)
 
 
+def matvec_sel_spec(t: GGMLType) -> KernelSpec:
+    """Decode product over one expert of a stacked 3-D weight, the expert read from device
+    memory (so a recorded step replays with whatever the router picks): matvec's arguments,
+    then the expert ids, which of them, and the bytes per expert, then the lane group."""
+    return KernelSpec(f"matvec_sel_{t.name.lower()}", "pipipiiiipiii", WARP, grouped=True)
+
+
+def _selected(body: Body) -> Body:
+    """`body` over the weight at w + ids[which] * expert_bytes."""
+
+    def wrapped(b, args, it):
+        w, *rest, ids, which, expert_bytes, group = args
+        e = b.load(b.gep(b.bitcast(ids, ptr(i64)), [which]))
+        body(b, [b.gep(w, [b.mul(e, expert_bytes)]), *rest, group], it)
+
+    return wrapped
+
+
 def matmul_spec(t: GGMLType) -> KernelSpec:
     """Prompt product: one item per (group of MATMUL_TOKENS tokens, row)."""
     return KernelSpec(f"matmul_{t.name.lower()}", "pipipiiiii", WARP, grouped=True)
@@ -394,13 +412,14 @@ def build_weight_module(t: GGMLType, target: Target) -> ir.Module:
     """matvec_<t>, matmul_<t> and get_rows_<t>."""
     m = ir.Module(name=f"gpu_{t.name.lower()}")
     build_kernel(m, matvec_spec(t), target, _dot_body(t, 1))
+    build_kernel(m, matvec_sel_spec(t), target, _selected(_dot_body(t, 1)))
     build_kernel(m, matmul_spec(t), target, _dot_body(t, MATMUL_TOKENS))
     build_kernel(m, get_rows_spec(t), target, _get_rows_body(t))
     return m
 
 
 def weight_specs(t: GGMLType) -> list[KernelSpec]:
-    return [matvec_spec(t), matmul_spec(t), get_rows_spec(t)]
+    return [matvec_spec(t), matvec_sel_spec(t), matmul_spec(t), get_rows_spec(t)]
 
 
 def virtual_block(t: GGMLType) -> int:
@@ -433,6 +452,11 @@ COMMON: dict[str, KernelSpec] = {s.name: s for s in [
     # q, k cache, v cache, out, n_head, n_head_kv, head_dim, pos, scale, window (0: none),
     # soft-cap (0: none); item = (token, head)
     KernelSpec("attention", "ppppiiipfif", WARP),
+    # mixture of experts: router logits, ids out (i64), weights out, n_expert, used; item =
+    # token: softmax, the `used` most probable (the lower id first on a tie), renormalised
+    KernelSpec("moe_route", "pppii", 1),
+    # y (=, or +=) weights[which] * x, y and x of n floats; item = element
+    KernelSpec("moe_add", "pppii", 1, in_place=True),  # y, x, weights, which, first
 ]}
 
 # Kernels that take the position of the batch's first token as `pos`, a pointer to one i64
@@ -565,6 +589,49 @@ def _gelu_mul(target: Target) -> Body:
         b.store(b.fmul(gelu, b.load(_f32p(b, u, it.index))), _f32p(b, y, it.index))
 
     return body
+
+
+def _moe_route(b, args, it):
+    logits, ids, weights, n_exp, used = args
+    row = _f32p(b, logits, b.mul(it.index, n_exp))
+    out_id = b.gep(b.bitcast(ids, ptr(i64)), [b.mul(it.index, used)])
+    out_w = _f32p(b, weights, b.mul(it.index, used))
+    top = _Acc(b, float("-inf"), name="top")
+    with for_range(b, _c(0), n_exp, name="e") as e:
+        top.set(_fmax(b, top.get(), b.load(b.gep(row, [e]))))
+    total = _Acc(b, name="total")
+    with for_range(b, _c(0), n_exp, name="s") as e:
+        total.add(_exp(b, b.fsub(b.load(b.gep(row, [e])), top.get())))
+    picked = _Acc(b, name="picked")
+    with for_range(b, _c(0), used, name="k") as k:  # the k-th most probable not yet taken
+        best, best_p = alloca_entry(b, i64, name="best"), _Acc(b, -1.0, name="best_p")
+        b.store(_c(0), best)
+        with for_range(b, _c(0), n_exp, name="c") as e:
+            taken = alloca_entry(b, ir.IntType(1), name="taken")
+            b.store(ir.Constant(ir.IntType(1), 0), taken)
+            with for_range(b, _c(0), k, name="prev") as j:
+                same = b.icmp_signed("==", b.load(b.gep(out_id, [j])), e)
+                b.store(b.or_(b.load(taken), same), taken)
+            p = b.fdiv(_exp(b, b.fsub(b.load(b.gep(row, [e])), top.get())), total.get())
+            better = b.and_(b.not_(b.load(taken)), b.fcmp_ordered(">", p, best_p.get()))
+            with b.if_then(better):
+                b.store(e, best)
+                best_p.set(p)
+        b.store(b.load(best), b.gep(out_id, [k]))
+        b.store(best_p.get(), b.gep(out_w, [k]))
+        picked.add(best_p.get())
+    with for_range(b, _c(0), used, name="n") as k:
+        w = b.gep(out_w, [k])
+        b.store(b.fdiv(b.load(w), picked.get()), w)
+
+
+def _moe_add(b, args, it):
+    y, x, weights, which, first = args
+    w = b.load(_f32p(b, weights, which))
+    v = b.fmul(w, b.load(_f32p(b, x, it.index)))
+    at = _f32p(b, y, it.index)
+    old = b.select(b.icmp_signed("!=", first, _c(0)), const(f32, 0.0), b.load(at))
+    b.store(b.fadd(old, v), at)
 
 
 def _silu_mul(b, args, it):
@@ -703,7 +770,7 @@ def build_common_module(target: Target) -> ir.Module:
     bodies = {"rms_norm": _rms_norm(False), "rms_norm_q8": _rms_norm(True),
               "add_rms_norm": _add_rms_norm(False), "add_rms_norm_q8": _add_rms_norm(True),
               "softmax": _softmax, "silu_mul": _silu_mul, "silu_mul_q8": _silu_mul_q8,
-              "gelu_mul": _gelu_mul(target),
+              "gelu_mul": _gelu_mul(target), "moe_route": _moe_route, "moe_add": _moe_add,
               "add": _add, "add_bias": _add_bias, "rope_normal": _rope(False),
               "rope_neox": _rope(True), "f16_to_f32": to_float, "kv_store": kv_store,
               "round_q8": _round_q8, "attention": _attention(target)}

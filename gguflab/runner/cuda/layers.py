@@ -22,7 +22,7 @@ from ...gguf import GGMLType
 from ...quant import get as quant_type
 from ..kernels import quantizes_activations
 from ..model import KVCache, Model, Weight
-from ..offload import HOST_GPU_NAME, MAX_BATCH, cpu_only
+from ..offload import HOST_GPU_NAME, MAX_BATCH
 from . import kernels as K
 from .device import Device
 
@@ -45,6 +45,25 @@ class DeviceWeight:
 
 
 @dataclass(frozen=True)
+class DeviceExperts:
+    """A stacked 3-D expert weight on the device: `weight` walks one expert (its n_out rows),
+    the kernels step `expert_bytes` to the one the router picked."""
+
+    weight: DeviceWeight
+    expert_bytes: int
+
+
+@dataclass(frozen=True)
+class DeviceMoE:
+    router: DeviceWeight  # ffn_gate_inp (n_expert, n_embd)
+    gate: DeviceExperts
+    up: DeviceExperts
+    down: DeviceExperts
+    n_expert: int
+    used: int
+
+
+@dataclass(frozen=True)
 class Run:
     """Weights of one type that read the same input, uploaded as one matrix (their rows one
     after another): a one-token product over them is one launch whose outputs come out one
@@ -63,9 +82,10 @@ class DeviceLayer:
     qk_norm: tuple[int, int] | None  # q's and k's per-head norm weights (qwen3)
     post_norms: tuple[int, int] | None  # the attention's and the FFN's output norms (Gemma)
     local: bool  # a sliding-window layer (Gemma): its own window and rotary table
+    moe: DeviceMoE | None  # a mixture-of-experts FFN
     ffn_norm: int
-    gate_up: tuple[Run, ...]
-    w_down: DeviceWeight
+    gate_up: tuple[Run, ...]  # the dense FFN, or () with `moe`
+    w_down: DeviceWeight | None
     k_cache: int  # (n_ctx, n_head_kv, head_dim) f16
     v_cache: int
 
@@ -95,8 +115,6 @@ class GpuLayers:
         self.layers = sorted(layers)
         if self.layers and self.layers != list(range(self.layers[0], hp.n_layer)):
             raise UserError(f"offloaded layers must be the last ones, got {self.layers}")
-        if self.layers and (why := cpu_only(model.reader)):
-            raise UserError(f"{why}: run them on the CPU (-ngl 0)")
         self.output = output
         self.bytes_uploaded = 0
         kv_bytes = n_ctx * hp.n_head_kv * hp.head_dim * 2
@@ -114,8 +132,13 @@ class GpuLayers:
                 post_norms=None if L.attn_post_norm is None else (
                     self._vector(L.attn_post_norm), self._vector(L.ffn_post_norm)),
                 local=bool(hp.swa_layers) and hp.swa_layers[il],
-                ffn_norm=self._vector(L.ffn_norm), gate_up=self._runs([L.w_gate, L.w_up]),
-                w_down=self._weight(L.w_down),
+                moe=None if L.experts is None else DeviceMoE(
+                    self._weight(L.experts.router), self._experts(L.experts.gate),
+                    self._experts(L.experts.up), self._experts(L.experts.down),
+                    hp.n_expert, L.experts.used),
+                ffn_norm=self._vector(L.ffn_norm),
+                gate_up=() if L.experts is not None else self._runs([L.w_gate, L.w_up]),
+                w_down=None if L.experts is not None else self._weight(L.w_down),
                 k_cache=device.alloc(kv_bytes), v_cache=device.alloc(kv_bytes))
         if output:
             self.out_norm = self._vector(model.output_norm)
@@ -132,6 +155,11 @@ class GpuLayers:
                  "att": q, "gu": 2 * hp.n_ff}
         if output:
             sizes["logits"] = self.out_weight.n_out
+        moes = [d.moe for d in self.dev_layers.values() if d.moe is not None]
+        if moes:  # router logits, picked ids (i64) and weights, an expert's gate/up and output
+            ff = max(m.gate.weight.n_out for m in moes)
+            sizes |= {"moe_logits": hp.n_expert, "moe_ids": 2 * moes[0].used,
+                      "moe_w": moes[0].used, "moe_gu": 2 * ff, "moe_y": hp.n_embd}
         self.buf = {k: device.alloc(4 * self.cap * v) for k, v in sizes.items()}
         self.buf["xq"] = device.alloc(4 * max(hp.n_embd, q, hp.n_ff))  # one token, rounded
         self.graphs = graphs_enabled()
@@ -172,6 +200,13 @@ class GpuLayers:
     def _weight(self, w: Weight) -> DeviceWeight:
         raw, n_in = self._raw(w)
         return DeviceWeight(self._upload(raw), w.type, raw.shape[0], n_in, raw.shape[1])
+
+    def _experts(self, w: Weight) -> DeviceExperts:
+        """All experts of a 3-D weight, one after another, as one upload."""
+        raw, n_in = self._raw(Weight(w.data[0], w.type))  # each expert's rows, checked
+        ptr = self._upload(np.ascontiguousarray(w.data).view(np.uint8))
+        return DeviceExperts(DeviceWeight(ptr, w.type, raw.shape[0], n_in, raw.shape[1]),
+                             raw.nbytes)
 
     def _runs(self, weights: list[Weight]) -> tuple[Run, ...]:
         """`weights` (same input) in runs of consecutive ones of one type, each uploaded as
@@ -296,6 +331,11 @@ class GpuLayers:
             self._matmul(L.wo, b["att"], b["o"], n)
             if L.post_norms is not None:
                 self._launch("rms_norm", n, b["o"], L.post_norms[0], b["o"], E, eps)
+            if L.moe is not None:  # the experts write this layer's FFN output into o
+                self._norm(L.ffn_norm, n, b["o"], [])
+                self._moe(L.moe, n)
+                pending = b["o"]
+                continue
             hq = self._norm(L.ffn_norm, n, b["o"], [r.fused for r in L.gate_up])
             self._run_products(L.gate_up, b["h"], g, n, hq)
             gq = b["xq"] if self._rounds(n, [L.w_down]) and not hp.family.gelu else None
@@ -311,6 +351,44 @@ class GpuLayers:
             pending = b["o"]
         if pending is not None:
             self._launch("add", n * E, b["x"], pending, b["x"])
+
+    def _moe(self, moe: DeviceMoE, n: int) -> None:
+        """o = the experts' SwiGLUs of h, weighted (the CPU's moe_ffn): the router's logits
+        and its picks are computed on the device and read from there by the products, so a
+        decode step replays whatever the router picks; each token's experts one by one."""
+        b, E = self.buf, self.hp.n_embd
+        self._matmul(moe.router, b["h"], b["moe_logits"], n)
+        self._launch("moe_route", n, b["moe_logits"], b["moe_ids"], b["moe_w"], moe.n_expert,
+                     moe.used)
+        ff = moe.gate.weight.n_out
+        g, u = b["moe_gu"], b["moe_gu"] + 4 * ff
+        for t in range(n):
+            x = b["h"] + 4 * t * E
+            for s in range(moe.used):
+                which = t * moe.used + s
+                xq = self._rounded(x, [moe.gate.weight, moe.up.weight])
+                self._expert(moe.gate, xq or x, g, which)
+                self._expert(moe.up, xq or x, u, which)
+                self._launch("silu_mul", ff, g, u, g)
+                self._expert(moe.down, self._rounded(g, [moe.down.weight]) or g, b["moe_y"],
+                             which)
+                self._launch("moe_add", E, b["o"] + 4 * t * E, b["moe_y"], b["moe_w"], which,
+                             int(s == 0))
+
+    def _rounded(self, x: int, weights: list[DeviceWeight]) -> int | None:
+        """One token's x rounded to Q8_0 (into xq) where the CPU's products over `weights`
+        read it so; else None."""
+        if not any(quantizes_activations(w.type) for w in weights):
+            return None
+        n_in = weights[0].n_in
+        self._launch("round_q8", n_in // 32, x, self.buf["xq"])
+        return self.buf["xq"]
+
+    def _expert(self, ex: DeviceExperts, x: int, y: int, which: int) -> None:
+        w = ex.weight
+        self._launch(f"matvec_sel_{w.type.name.lower()}", w.n_out, w.ptr, w.row_bytes, x,
+                     w.n_in, y, w.n_out, w.n_out, w.n_blocks, 1, self.buf["moe_ids"], which,
+                     ex.expert_bytes, K.lanes_per_row(w.n_blocks))
 
     def forward_layers(self, x: np.ndarray, p0: int, head: bool = False) -> np.ndarray:
         """Hidden states (n, n_embd) at positions p0.. through every offloaded layer; with
