@@ -19,39 +19,74 @@ def llama_config(arch="LlamaForCausalLM", n_vocab=32000, n_embd=64, n_layer=2, n
             "tie_word_embeddings": tie, "torch_dtype": "float32", **extra}
 
 
+_QK_NORM = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM")
+_GEMMA = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+
+
 def random_weights(cfg: dict, seed: int = 0, bias: bool = False) -> dict[str, np.ndarray]:
+    """HF tensors for `cfg`'s architecture: LLaMA/Qwen's layout, Mixtral's and Qwen3-MoE's
+    experts (one tensor per expert and projection, and the router), Gemma's four norms per
+    layer (weights around 0: HF's Gemma norm multiplies by 1 + w), Phi-3's fused qkv_proj
+    and gate_up_proj."""
     rng = np.random.default_rng(seed)
+    arch = cfg["architectures"][0]
     d, ff, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = cfg.get("head_dim") or d // cfg["num_attention_heads"]
     kv, qd = cfg["num_key_value_heads"] * hd, cfg["num_attention_heads"] * hd
-    qk_norm = cfg["architectures"][0] == "Qwen3ForCausalLM"
+    n_expert = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    gemma = arch in _GEMMA
 
     def w(*shape, scale=None):
         scale = scale or 1 / np.sqrt(shape[-1])
         return (rng.standard_normal(shape) * scale).astype(np.float32)
 
+    def norm(n):
+        return ((0.0 if gemma else 1.0) + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
     out = {"model.embed_tokens.weight": w(v, d, scale=1.0)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
-        out[p + "self_attn.q_proj.weight"] = w(qd, d)
-        out[p + "self_attn.k_proj.weight"] = w(kv, d)
-        out[p + "self_attn.v_proj.weight"] = w(kv, d)
+        out[p + "input_layernorm.weight"] = norm(d)
+        if arch == "Phi3ForCausalLM":
+            out[p + "self_attn.qkv_proj.weight"] = w(qd + 2 * kv, d)
+        else:
+            out[p + "self_attn.q_proj.weight"] = w(qd, d)
+            out[p + "self_attn.k_proj.weight"] = w(kv, d)
+            out[p + "self_attn.v_proj.weight"] = w(kv, d)
         out[p + "self_attn.o_proj.weight"] = w(d, qd)
-        if qk_norm:
+        if arch in _QK_NORM:
             for n in ("q_norm", "k_norm"):
-                out[p + f"self_attn.{n}.weight"] = (1 + 0.2 * rng.standard_normal(hd)).astype(
-                    np.float32)
+                out[p + f"self_attn.{n}.weight"] = ((0.0 if gemma else 1.0) + 0.2 * (
+                    rng.standard_normal(hd))).astype(np.float32)
         if bias:
             out[p + "self_attn.q_proj.bias"] = w(qd, scale=0.1)
             out[p + "self_attn.k_proj.bias"] = w(kv, scale=0.1)
             out[p + "self_attn.v_proj.bias"] = w(kv, scale=0.1)
-        out[p + "post_attention_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(
-            np.float32)
-        out[p + "mlp.gate_proj.weight"] = w(ff, d)
-        out[p + "mlp.up_proj.weight"] = w(ff, d)
-        out[p + "mlp.down_proj.weight"] = w(d, ff)
-    out["model.norm.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        out[p + "post_attention_layernorm.weight"] = norm(d)
+        if gemma:
+            out[p + "pre_feedforward_layernorm.weight"] = norm(d)
+            out[p + "post_feedforward_layernorm.weight"] = norm(d)
+        if n_expert and arch == "MixtralForCausalLM":
+            out[p + "block_sparse_moe.gate.weight"] = w(n_expert, d)
+            for x in range(n_expert):
+                e = p + f"block_sparse_moe.experts.{x}."
+                out[e + "w1.weight"], out[e + "w2.weight"] = w(ff, d), w(d, ff)
+                out[e + "w3.weight"] = w(ff, d)
+        elif n_expert:  # Qwen3-MoE
+            mff = cfg.get("moe_intermediate_size") or ff
+            out[p + "mlp.gate.weight"] = w(n_expert, d)
+            for x in range(n_expert):
+                e = p + f"mlp.experts.{x}."
+                out[e + "gate_proj.weight"], out[e + "up_proj.weight"] = w(mff, d), w(mff, d)
+                out[e + "down_proj.weight"] = w(d, mff)
+        elif arch == "Phi3ForCausalLM":
+            out[p + "mlp.gate_up_proj.weight"] = w(2 * ff, d)
+            out[p + "mlp.down_proj.weight"] = w(d, ff)
+        else:
+            out[p + "mlp.gate_proj.weight"] = w(ff, d)
+            out[p + "mlp.up_proj.weight"] = w(ff, d)
+            out[p + "mlp.down_proj.weight"] = w(d, ff)
+    out["model.norm.weight"] = norm(d)
     if not cfg.get("tie_word_embeddings"):
         out["lm_head.weight"] = w(v, d)
     return out

@@ -314,10 +314,11 @@ _SAMPLING = (
 )
 
 
-def load_metadata(folder: str | os.PathLike, config: dict[str, Any],
-                  n_params: int) -> ModelMetadata:
+def load_metadata(folder: str | os.PathLike, config: dict[str, Any], n_params: int,
+                  n_expert: int = 0, one_expert_params: int = 0) -> ModelMetadata:
     """The model's metadata from its folder (model card, generation_config.json, name) and
-    config.json, for a model of `n_params` parameters (0: vocab only)."""
+    config.json, for a model of `n_params` parameters (0: vocab only); a mixture of
+    `n_expert` experts is labelled by the size of its one-expert model ("8x7.2B")."""
     meta = ModelMetadata()
     card = read_model_card(folder)
     for name, key in _CARD_FIELDS:
@@ -342,7 +343,8 @@ def load_metadata(folder: str | os.PathLike, config: dict[str, Any],
     if meta.name is None:
         meta.name = folder_name
     if meta.size_label is None and n_params > 0:
-        meta.size_label = size_label(n_params)
+        meta.size_label = (f"{n_expert}x{size_label(one_expert_params)}" if n_expert > 0
+                           else size_label(n_params))
 
     gen = _read_json(os.path.join(folder, "generation_config.json"))
     for keys, gguf_key, _ in _SAMPLING:

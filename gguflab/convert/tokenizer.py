@@ -36,7 +36,8 @@ from ..gguf import Keys, Value, ValueType
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TokenizerError", "TokenType", "detect_bpe_pre", "tokenizer_metadata"]
+__all__ = ["SCHEMES", "TokenizerError", "TokenType", "detect_bpe_pre", "embedding_vocab_rows",
+           "tokenizer_metadata"]
 
 
 class TokenizerError(UserError):
@@ -322,7 +323,9 @@ def _added_tokens(tokenizer_json: dict) -> list[dict]:
     return [a for a in added if isinstance(a, dict)] if isinstance(added, list) else []
 
 
-def _sentencepiece_vocab(f: _Folder, vocab_size: int | None) -> _Vocab:
+def _sentencepiece_vocab(f: _Folder, vocab_size: int | None, phi3: bool = False) -> _Vocab:
+    """`phi3`: Phi-3's rules for added tokens: tokenizer_config's and tokenizer.json's,
+    USER_DEFINED unless flagged special, texts as written (llama.cpp's Phi3MiniModel)."""
     path = f.path / "tokenizer.model"
     try:
         from sentencepiece import SentencePieceProcessor
@@ -375,6 +378,22 @@ def _sentencepiece_vocab(f: _Folder, vocab_size: int | None) -> _Vocab:
     cfg_path = f.path / "tokenizer_config.json"
     if not isinstance(decoder, dict):
         raise TokenizerError(f"{cfg_path}: added_tokens_decoder is not an object")
+    if phi3:
+        entries = [(str(k), e) for k, e in decoder.items()]
+        if f.tokenizer_json is not None:
+            entries += [(str(a.get("id")), a) for a in _added_tokens(f.tokenizer_json)]
+        for key, entry in entries:
+            try:
+                tid, text = int(key), entry["content"]
+            except (ValueError, TypeError, KeyError):
+                raise TokenizerError(f"{f.path}: bad added token entry {key!r}") from None
+            if not 0 <= tid < n:
+                raise TokenizerError(f"{f.path}: added token {text!r} has id {tid}, "
+                                     f"not below vocab_size {n}")
+            special = entry.get("special")
+            types[tid] = int(TokenType.CONTROL if special else TokenType.USER_DEFINED)
+            tokens[tid], scores[tid] = text, -1000.0
+        return _Vocab("llama", "default", tokens, types, scores, load_merges=False, n_vocab=n)
     for key, entry in decoder.items():
         try:
             tid = int(key)
@@ -829,18 +848,46 @@ def _hf_arch(f: _Folder) -> str | None:
     return archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
 
 
-def tokenizer_metadata(folder: str | os.PathLike, vocab_size: int | None) -> dict[str, Value]:
+# how llama.cpp's converter of a family picks the vocab source (Arch.vocab)
+SCHEMES = ("llama", "sentencepiece_or_bpe", "bpe", "sentencepiece", "phi3")
+
+
+def tokenizer_metadata(
+    folder: str | os.PathLike,
+    vocab_size: int | None,
+    scheme: str | None = None,
+    spm_space_prefix: bool | None = None,
+) -> dict[str, Value]:
     """Every tokenizer.* key llama.cpp's converter writes for this Hugging Face folder, in its
     order and with its types. `vocab_size` is config.json's vocab_size (None: the tokenizer's
     own size); the vocab is padded to it with `[PAD{i}]` unused tokens as llama.cpp does.
+
+    `scheme` is the family's way to the vocab (SCHEMES; None: "llama" for config.json's
+    llama-family architectures, else "sentencepiece_or_bpe"); `spm_space_prefix`, when set,
+    is written as add_space_prefix after a SentencePiece vocab (Gemma: false).
 
     Raises TokenizerError (one line naming the folder or file) when there is no tokenizer
     or it cannot be read."""
     f = _load_folder(folder)
     has_spm = (f.path / "tokenizer.model").is_file()
+    if scheme is None:
+        scheme = "llama" if _hf_arch(f) in _LLAMA_FAMILY else "sentencepiece_or_bpe"
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown vocab scheme {scheme!r}")
+    if scheme == "phi3" and str((f.tokenizer_config or {}).get("tokenizer_class")) == \
+            "GPT2Tokenizer":
+        scheme = "bpe"  # Phi-4
+    if scheme in ("sentencepiece", "phi3") and not has_spm:
+        raise TokenizerError(f"no tokenizer.model in {f.path} (this architecture's vocab is "
+                             f"SentencePiece)")
+    if scheme == "bpe":
+        has_spm = False
+        if f.tokenizer_json is None:
+            raise TokenizerError(f"no tokenizer.json in {f.path} (this architecture's vocab "
+                                 f"is byte-level BPE)")
     if not has_spm and f.tokenizer_json is None:
         raise TokenizerError(f"no tokenizer.model or tokenizer.json in {f.path}")
-    llama_family = _hf_arch(f) in _LLAMA_FAMILY
+    llama_family = scheme == "llama"
 
     out: dict[str, Value] = {}
     if llama_family and f.tokenizer_config:
@@ -849,7 +896,7 @@ def tokenizer_metadata(folder: str | os.PathLike, vocab_size: int | None) -> dic
             out[Keys.ADD_SPACE_PREFIX] = Value(ValueType.BOOL, bool(prefix))
 
     if has_spm:
-        vocab = _sentencepiece_vocab(f, vocab_size)
+        vocab = _sentencepiece_vocab(f, vocab_size, phi3=scheme == "phi3")
     elif llama_family and _is_llama_hf(f.tokenizer_json):
         vocab = _llama_hf_vocab(f)
     else:
@@ -879,4 +926,18 @@ def tokenizer_metadata(folder: str | os.PathLike, vocab_size: int | None) -> dic
             _put_specials(out, sv)
         if config_vocab == _GRANITE_SMALL_VOCAB:
             out[Keys.ADD_BOS] = Value(ValueType.BOOL, False)
+    if has_spm and spm_space_prefix is not None:
+        out[Keys.ADD_SPACE_PREFIX] = Value(ValueType.BOOL, spm_space_prefix)
     return out
+
+
+def embedding_vocab_rows(folder: str | os.PathLike, vocab_size: int | None) -> int:
+    """The token rows llama.cpp's Gemma 3 converter keeps in the embedding: the
+    SentencePiece vocab's size (config.json's vocab_size when set), else tokenizer.json's
+    vocab and added tokens together."""
+    f = _load_folder(folder)
+    if (f.path / "tokenizer.model").is_file():
+        return len(_sentencepiece_vocab(f, vocab_size).tokens)
+    if f.tokenizer_json is None:
+        raise TokenizerError(f"no tokenizer.model or tokenizer.json in {f.path}")
+    return len(_bpe_model(f)["vocab"]) + len(_added_tokens(f.tokenizer_json))
