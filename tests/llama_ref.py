@@ -127,3 +127,46 @@ def assert_matches_llama_cpp(path, ours: np.ndarray, tokens: list[int]) -> tuple
     noise = max(LLAMA_SPREADS * spread, 1e-4 * float(np.abs(ref).max()))
     assert_same_top1_where_clear(ref, ours, noise)
     return ref, noise
+
+
+def llama_perplexity(path, ids: list[int], n_ctx: int, bos_id: int) -> float:
+    """llama-perplexity's protocol (chunks of n_ctx, BOS first, the second half scored) on
+    llama.cpp's own logits."""
+    from agreement import log_softmax
+
+    ll = _llama(path, n_ctx)
+    nll = []
+    for i in range(len(ids) // n_ctx):
+        chunk = ids[i * n_ctx:(i + 1) * n_ctx]
+        chunk[0] = bos_id
+        ll.reset()
+        ll.eval(chunk)
+        lp = log_softmax(np.array(ll.scores[:n_ctx]))
+        nll += [-lp[j, ids[i * n_ctx + j + 1]] for j in range(n_ctx // 2, n_ctx - 1)]
+    return float(np.exp(np.mean(nll)))
+
+
+def assert_generation_matches_llama_cpp(path, prompt: str = "The capital of France is",
+                                        n_predict: int = 12, n_ctx: int = 64) -> None:
+    """The whole loop on one file, against llama.cpp: our greedy text is its text up to the
+    first near-tie (with the decode logits within the bound), and our perplexity of a short
+    text (llama-perplexity's protocol, two chunks of 32) within 0.5% of its."""
+    from gguflab.catalog import default_eval_text
+    from gguflab.runner.generate import Generation
+    from gguflab.runner.model import Model
+    from gguflab.runner.perplexity import perplexity
+    from gguflab.runner.sampling import Sampler, SamplerParams
+    from gguflab.runner.tokenizer import Tokenizer
+
+    m = Model(path)
+    tok = Tokenizer.from_gguf(m.reader)
+    ids = tok.encode(prompt)
+    ref = reference(path, ids, n_predict, n_ctx)
+    ours = "".join(Generation.start(m, tok, n_ctx).stream(ids, Sampler(SamplerParams(temp=0)),
+                                                            n_predict))
+    ref.assert_agrees(decode_logits(m, ref.ids, ref.n_prompt, n_ctx), ours)
+    text = tok.encode(open(default_eval_text(), encoding="utf-8").read(), add_special=True)
+    text = list(text[:64])
+    got = perplexity(m, text, 32, add_bos=True, bos_id=tok.bos_id).ppl
+    want = llama_perplexity(path, text, 32, tok.bos_id)
+    assert abs(got - want) / want < 5e-3, (got, want)

@@ -11,7 +11,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from ggml_oracle import llama_quantize
-from llama_ref import assert_matches_llama_cpp
+from llama_ref import assert_generation_matches_llama_cpp, assert_matches_llama_cpp
 from test_quantize_oracle import assert_same_file, run_ours
 
 from gguflab.quant.mixes import parse_mix
@@ -96,3 +96,7 @@ def test_gemma_on_the_emulated_gpu_matches_the_cpu(gemma):
     # F16 weights, nothing rounded but GELU's fp16 lookups (as in the decode test): float
     # order can move an activation one fp16 step
     np.testing.assert_allclose(np.vstack(got), ref, atol=1e-3 * np.abs(ref).max(), rtol=0)
+
+
+def test_gemma_generation_and_perplexity_match_llama_cpp(gemma):
+    assert_generation_matches_llama_cpp(gemma)

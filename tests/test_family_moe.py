@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from ggml_oracle import llama_quantize
-from llama_ref import assert_matches_llama_cpp
+from llama_ref import assert_generation_matches_llama_cpp, assert_matches_llama_cpp
 from test_quantize_oracle import assert_same_file, run_ours
 
 from gguflab.errors import UserError
@@ -123,3 +123,7 @@ def test_inspect_and_the_models_tab_show_what_the_family_adds(moe, capsys):
     hp = dict(model_details(entry).hparams)
     assert hp["experts"] == str(n) and hp["experts used"] == str(k)
     assert ("q/k norm" in hp) == ("qwen3moe" in moe)
+
+
+def test_moe_generation_and_perplexity_match_llama_cpp(moe):
+    assert_generation_matches_llama_cpp(moe)

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from llama_ref import assert_matches_llama_cpp
+from llama_ref import assert_generation_matches_llama_cpp, assert_matches_llama_cpp
 
 from gguflab.runner.cuda.device import HostDevice
 from gguflab.runner.cuda.layers import GpuLayers, forward_offloaded
@@ -74,3 +74,7 @@ def test_phi3_quantizes_byte_identical_to_llama_cpp(phi3_plain, name, tmp_path):
     llama_quantize(str(phi3_plain), str(ref), int(parse_mix(name).ftype))
     run_ours(phi3_plain, ours, name)
     assert_same_file(ref, ours)
+
+
+def test_phi3_generation_and_perplexity_match_llama_cpp(phi3):
+    assert_generation_matches_llama_cpp(phi3)

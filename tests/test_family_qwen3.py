@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from agreement import assert_same_top1_where_clear
 from hf_models import hf_forward, llama_config, random_weights, write_folder
-from llama_ref import assert_matches_llama_cpp
+from llama_ref import assert_generation_matches_llama_cpp, assert_matches_llama_cpp
 
 from gguflab.convert.pipeline import ConvertOptions, convert_model
 from gguflab.gguf import GGUFReader
@@ -108,3 +108,7 @@ def test_qwen3_quantizes_byte_identical_to_llama_cpp(request, which, name, tmp_p
     llama_quantize(str(src), str(ref), int(parse_mix(name).ftype))
     run_ours(src, ours, name)
     assert_same_file(ref, ours)
+
+
+def test_qwen3_generation_and_perplexity_match_llama_cpp(qwen3):
+    assert_generation_matches_llama_cpp(qwen3[2])

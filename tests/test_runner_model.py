@@ -12,6 +12,7 @@ from llama_ref import (
     assert_matches_llama_cpp,
     decode_logits,
     llama_logits,
+    llama_perplexity,
     reference,
 )
 
@@ -106,21 +107,6 @@ def test_perplexity_needs_enough_tokens(smol_f32):
         perplexity(Model(smol_f32), list(range(10)), 32, add_bos=True, bos_id=1)
 
 
-def _ppl_llama_cpp_way(path, ids, n_ctx, bos_id):
-    """llama-perplexity's protocol on llama.cpp's own logits."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    ll = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2)
-    nll = []
-    for i in range(len(ids) // n_ctx):
-        chunk = ids[i * n_ctx:(i + 1) * n_ctx]
-        chunk[0] = bos_id
-        ll.reset()
-        ll.eval(chunk)
-        lp = log_softmax(np.array(ll.scores[:n_ctx]))
-        nll += [-lp[j, ids[i * n_ctx + j + 1]] for j in range(n_ctx // 2, n_ctx - 1)]
-    return float(np.exp(np.mean(nll)))
-
-
 @pytest.mark.parametrize("which, bound", [("q8_0", 0.01), ("embedded", 0.01)])
 def test_perplexity_of_the_eval_text_matches_llama_cpp(smollm2, smol_f32, tmp_path, which,
                                                        bound):
@@ -136,7 +122,7 @@ def test_perplexity_of_the_eval_text_matches_llama_cpp(smollm2, smol_f32, tmp_pa
     ids = tok.encode(open(default_eval_text(), encoding="utf-8").read(), add_special=True)
     ids = ids[: 6 * 128]  # six chunks: the comparison, not the whole text
     ours = perplexity(m, ids, 128, add_bos=True, bos_id=tok.bos_id).ppl
-    ref = _ppl_llama_cpp_way(path, list(ids), 128, tok.bos_id)
+    ref = llama_perplexity(path, list(ids), 128, tok.bos_id)
     print(f"ppl ours {ours:.4f} llama.cpp {ref:.4f}: {100 * (ours - ref) / ref:+.2f}%")
     assert abs(ours - ref) / ref < bound, (ours, ref)
 
