@@ -94,9 +94,22 @@ def qwen3_256(tmp_path_factory, fixtures):
     return out
 
 
+@pytest.fixture(scope="module")
+def qwen2_256(tmp_path_factory, fixtures):
+    """Qwen2.5's layout (q/k/v biases, tied) at K-quant widths, for the quantizer's rules."""
+    d = tmp_path_factory.mktemp("qwen2-256")
+    cfg = llama_config("Qwen2ForCausalLM", n_embd=256, n_ff=512, n_layer=3, n_head=4,
+                       n_head_kv=2, tie=True, rope_theta=1000000.0)
+    folder = write_folder(d / "qwen2-256", cfg, random_weights(cfg, seed=9, bias=True),
+                          fixtures / "llama2-tokenizer.model")
+    out = d / "qwen2-256-f16.gguf"
+    list(convert_model(folder, out, ConvertOptions(outtype="f16")))
+    return out
+
+
 @pytest.mark.parametrize("name", ["Q4_K_M", "Q3_K_M", "Q2_K", "Q6_K"])
-@pytest.mark.parametrize("which", ["qwen3", "qwen3_256"])
-def test_qwen3_quantizes_byte_identical_to_llama_cpp(request, which, name, tmp_path):
+@pytest.mark.parametrize("which", ["qwen3", "qwen3_256", "qwen2_256"])
+def test_qwen_quantizes_byte_identical_to_llama_cpp(request, which, name, tmp_path):
     from ggml_oracle import llama_quantize
     from test_quantize_oracle import assert_same_file, run_ours
 
