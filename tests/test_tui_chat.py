@@ -232,3 +232,19 @@ def test_bad_model_and_long_prompt_are_messages_then_reload(tmp_path, tiny):
                                       {"role": "user", "content": "Again"}], 4, params=params)
         assert pane.last_reply.text == want
     run(scenario)
+
+
+def test_an_unsupported_architecture_is_one_line_naming_the_supported_ones(tmp_path):
+    from gguflab.gguf import Value, ValueType, write_gguf
+    from gguflab.runner.families import FAMILIES
+
+    path = tmp_path / "neox.gguf"
+    write_gguf(path, {"general.architecture": Value(ValueType.STRING, "gptneox")}, [])
+
+    async def scenario(pane, pilot):
+        pane.open_model(str(path))
+        await until(pilot, lambda: not pane.loading)
+        line = text_of(pane, "#chat-model")
+        assert line.startswith("error: ") and "'gptneox' is not supported" in line
+        assert "\n" not in line and all(arch in line for arch in FAMILIES)
+    run(scenario)
