@@ -125,3 +125,7 @@ def test_qwen_quantizes_byte_identical_to_llama_cpp(request, which, name, tmp_pa
 
 def test_qwen3_generation_and_perplexity_match_llama_cpp(qwen3):
     assert_generation_matches_llama_cpp(qwen3[2])
+
+
+def test_qwen2_generation_and_perplexity_match_llama_cpp(qwen2_256):
+    assert_generation_matches_llama_cpp(qwen2_256)
