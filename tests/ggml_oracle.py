@@ -121,3 +121,23 @@ def ggml_gelu_table() -> np.ndarray:
                                    "libggml-cpu.so"))
     lib.ggml_cpu_init()
     return np.ctypeslib.as_array((ctypes.c_uint16 * 65536).in_dll(lib, "ggml_table_gelu_f16"))
+
+
+def ggml_quantize_chunk(t: GGMLType, x: np.ndarray, imatrix: np.ndarray | None = None
+                        ) -> np.ndarray:
+    """llama.cpp's `ggml_quantize_chunk` (what llama-quantize calls for every tensor) on
+    float32 rows, with one importance weight per column or none."""
+    lib = libggml()
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init(int(t))
+    x = np.ascontiguousarray(x, np.float32)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = np.zeros((x2.shape[0], type_info(t).row_bytes(x2.shape[1])), np.uint8)
+    fn = lib.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    w = None if imatrix is None else np.ascontiguousarray(imatrix, np.float32)
+    fn(int(t), x2.ctypes.data, out.ctypes.data, 0, x2.shape[0], x2.shape[1],
+       None if w is None else w.ctypes.data)
+    return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -33,7 +33,13 @@ def _weight(t: GGMLType, wf: np.ndarray) -> np.ndarray:
         return wf
     if t == GGMLType.F16:
         return wf.astype(np.float16)
-    return quant.get(t).quantize(wf)
+    qt = quant.get(t)
+    return qt.quantize(wf, imatrix=_IMATRIX if qt.requires_imatrix else None)
+
+
+# importance weights for the types that llama.cpp quantizes only with one; used on every
+# type that takes them in the quantizer probe
+_IMATRIX = np.random.default_rng(99).uniform(0.1, 2.0, N_IN).astype(np.float32)
 
 
 def kernels(out: dict) -> None:
@@ -46,9 +52,11 @@ def kernels(out: dict) -> None:
         for n in TOKENS:
             out[f"matmul/{t.name}/{n}"] = matmul(w, t, x[:n])
     for t, qt in quant.REGISTRY.items():
-        q = qt.quantize(x)
+        q = qt.quantize(x, imatrix=_IMATRIX if qt.requires_imatrix else None)
         out[f"quantize/{t.name}"] = q.view(np.uint8)
         out[f"dequantize/{t.name}"] = qt.dequantize(q)
+        if qt.uses_imatrix and not qt.requires_imatrix:
+            out[f"quantize_imatrix/{t.name}"] = qt.quantize(x, imatrix=_IMATRIX).view(np.uint8)
     h = f32_to_f16(x * 1000)
     out["f32_to_f16"], out["f16_to_f32"] = h, f16_to_f32(h)
 

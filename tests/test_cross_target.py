@@ -41,6 +41,8 @@ def _modules() -> dict[str, str]:
     mods = {f"matmul/{t.name}": rk.build_module(t) for t in rk.SUPPORTED_TYPES}
     mods |= {f"quant/{t.name}": q.build_module(Target.CPU) for t, q in quant.REGISTRY.items()
              if q.has_quantize_kernel or q.has_dequantize_kernel}
+    mods |= {f"quant/{t.name}/{k}": m for t, q in quant.REGISTRY.items()
+             for k, m in q.row_modules().items()}
     mods["gpu/common"] = ck.build_common_module(Target.CPU)
     mods |= {f"gpu/{t.name}": ck.build_weight_module(t, Target.CPU) for t in ck.WEIGHT_TYPES}
     mods["half"] = build_half_module(Target.CPU)

@@ -42,7 +42,7 @@ Q8_LEVEL = 2e-2
 
 
 def test_every_registry_type_with_a_dequantizer_has_gpu_kernels():
-    want = {t for t, q in quant.REGISTRY.items() if q.has_dequantize_kernel}
+    want = {t for t, q in quant.REGISTRY.items() if q.has_dequantize_kernel and q.weight_type}
     assert want | {GGMLType.F32} == set(K.WEIGHT_TYPES)
     for t in (GGMLType.F32, GGMLType.F16, GGMLType.Q8_0, GGMLType.Q4_0, GGMLType.Q4_1,
               GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K):
@@ -114,7 +114,8 @@ def _weights(t: GGMLType, n_out: int, n_in: int, rng) -> tuple[np.ndarray, np.nd
         raw[..., :4] = np.frombuffer(np.float32(0.01).tobytes(), np.uint8)
         raw = np.ascontiguousarray(raw.reshape(n_out, -1))
     else:
-        raw = qt.quantize(w, reference=True)
+        raw = qt.quantize(w, reference=True, imatrix=rng.uniform(0.1, 2.0, n_in).astype(
+            np.float32) if qt.requires_imatrix else None)  # IQ2_XXS/XS/IQ1_S need one
     return raw, qt.dequantize(raw, reference=True)
 
 

@@ -103,3 +103,72 @@ def alloca_entry(b: ir.IRBuilder, t: ir.Type, n: int = 1, name: str = "") -> ir.
         if entry.instructions:
             b.position_before(entry.instructions[0])
         return b.alloca(t, size=const(i32, n) if n != 1 else None, name=name)
+
+
+# -- vectors, bytes and intrinsics: the pieces every type's IR is written with ----------------
+
+
+def vec(t: ir.Type, n: int) -> ir.VectorType:
+    return ir.VectorType(t, n)
+
+
+def vconst(t: ir.Type, v, n: int) -> ir.Constant:
+    """<n x t> with every lane `v`."""
+    return ir.Constant(vec(t, n), [v] * n)
+
+
+def splat(b: ir.IRBuilder, v: ir.Value, n: int) -> ir.Value:
+    """<n x t> with every lane the scalar `v`."""
+    one = b.insert_element(ir.Constant(vec(v.type, 1), ir.Undefined), v, const(i32, 0))
+    return b.shuffle_vector(one, one, ir.Constant(vec(i32, n), [0] * n))
+
+
+def shuffle(b: ir.IRBuilder, a: ir.Value, c: ir.Value, idx) -> ir.Value:
+    idx = list(idx)
+    return b.shuffle_vector(a, c, ir.Constant(vec(i32, len(idx)), idx))
+
+
+def intrinsic(b: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
+    """A call to the LLVM intrinsic (or any external function) `name`, declared once per
+    module."""
+    m = b.module
+    fn = m.globals.get(name)
+    if fn is None:
+        fn = ir.Function(m, ir.FunctionType(ret, [a.type for a in args]), name)
+    return b.call(fn, args)
+
+
+def fabs(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    suffix = f"v{v.type.count}f32" if isinstance(v.type, ir.VectorType) else "f32"
+    return intrinsic(b, f"llvm.fabs.{suffix}", v.type, [v])
+
+
+def lane_tree(b: ir.IRBuilder, v: ir.Value, combine) -> ir.Value:
+    """Fold the lanes of `v` pairwise (halves) down to one scalar: a fixed order."""
+    n = v.type.count
+    while n > 1:
+        h = n // 2
+        v = combine(shuffle(b, v, v, range(h)), shuffle(b, v, v, range(h, n)))
+        n = h
+    return b.extract_element(v, const(i32, 0))
+
+
+def lane_max(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """Largest lane; the lanes must not be NaN."""
+    return lane_tree(b, v, lambda p, q: b.select(b.fcmp_ordered(">", p, q), p, q))
+
+
+def lane_min(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    return lane_tree(b, v, lambda p, q: b.select(b.fcmp_ordered("<", p, q), p, q))
+
+
+def at(b: ir.IRBuilder, base: ir.Value, offset: int | ir.Value, t: ir.Type) -> ir.Value:
+    """A `t*` at byte `offset` of the i8* `base`."""
+    if isinstance(offset, int):
+        offset = const(i32, offset)
+    return b.bitcast(b.gep(base, [offset]), ptr(t))
+
+
+def load_bytes(b: ir.IRBuilder, base: ir.Value, offset: int | ir.Value, n: int) -> ir.Value:
+    """The <n x i8> at byte `offset` of `base` (unaligned)."""
+    return b.load(at(b, base, offset, vec(i8, n)), align=1)

@@ -95,3 +95,16 @@ def half_kernels(hw: bool | None = None):
         build_half_module(Target.CPU, hw), {"f32_to_f16": _SIG, "f16_to_f32": _SIG}
     )
     return mod["f32_to_f16"], mod["f16_to_f32"]
+
+
+def load_f16(b: ir.IRBuilder, base: ir.Value, offset: int, target: Target = Target.CPU) -> ir.Value:
+    """The fp16 at byte `offset` of the i8* `base`, as a float."""
+    p = b.bitcast(b.gep(base, [const(i32, offset)]), ptr(i16))
+    return emit_f16_to_f32(b, b.load(p, align=2), hardware_half(target))
+
+
+def store_f16(b: ir.IRBuilder, v: ir.Value, base: ir.Value, offset: int,
+              target: Target = Target.CPU) -> None:
+    """`v` rounded to fp16 (ggml's rounding), stored at byte `offset` of `base`."""
+    p = b.bitcast(b.gep(base, [const(i32, offset)]), ptr(i16))
+    b.store(emit_f32_to_f16(b, v, hardware_half(target)), p, align=2)

@@ -2,6 +2,6 @@
 per-tensor mixes, and the streaming quantize pipeline."""
 
 from . import floats, kquants, legacy  # noqa: F401  (each family registers its types)
-from .base import HIST_BINS, REGISTRY, QuantType, get, register
+from .base import HIST_BINS, REGISTRY, IntGroup, QuantType, get, register, weight_types
 
-__all__ = ["HIST_BINS", "REGISTRY", "QuantType", "get", "register"]
+__all__ = ["HIST_BINS", "REGISTRY", "IntGroup", "QuantType", "get", "register", "weight_types"]

@@ -6,7 +6,17 @@ A `QuantType` gives
 - the llvmlite kernels (`emit_quantize_block` / `emit_dequantize_block`): IR for one block,
   which this base class wraps into loops over blocks for the CPU (and NVPTX), compiles,
   and runs on all cores with the GIL released;
-- `levels_ref`: the quantized level of every weight, for the `hist:` histograms.
+- `levels_ref`: the quantized level of every weight, for the `hist:` histograms;
+- `emit_int_groups` (where the type has one): its blocks as groups of 32 small integers with
+  a float scale and offset, which the runner's decode kernel dots with Q8 activations in
+  integer arithmetic;
+- facts the rest of gguflab derives from the registry: `weight_type` (a type model weights
+  are stored in, as opposed to Q8_1/Q8_K, which only hold activations), `file_type` (the
+  `general.file_type` llama.cpp guesses for a file mostly of this type), `uses_imatrix`.
+
+Adding a type is one module that defines its class with `@register`, and one import line in
+its family's package: the quantizer, the runner (CPU and GPU), the pipeline and the test
+battery (`tests/test_quant_types.py`) pick it up from the registry.
 
 `quantize` / `dequantize` are what callers use: compiled when the family has a kernel,
 the reference otherwise.
@@ -15,20 +25,35 @@ the reference otherwise.
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 from llvmlite import ir
 
 from ..errors import UserError
-from ..gguf import GGMLType, TypeInfo, type_info
+from ..gguf import GGMLType, LlamaFileType, TypeInfo, type_info
 from ..jit import compile_kernels, parallel_rows
-from ..jit.builders import Target, elementwise_kernel, f32, i8, ptr
+from ..jit.builders import Target, alloca_entry, elementwise_kernel, f32, for_range, i8, i64, ptr
 
 HIST_BINS = 16  # old llama.cpp printed 16 bins of quantized levels per tensor
 
 _KERNEL_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_IMATRIX_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_int64, ctypes.c_int64)
 MIN_ELEMENTS_PER_THREAD = 1 << 16  # smaller slices cost more in hand-off than they save
+
+
+@dataclass(frozen=True)
+class IntGroup:
+    """32 weights of a block as integers: w = scale * q + offset (per weight, with `halves`
+    as integer factors of q on each half of the group where the type has them)."""
+
+    q: ir.Value  # <32 x i8> levels
+    signed: bool  # levels are i8 (else u8 below 128)
+    scale: ir.Value  # f32
+    offset: ir.Value | None  # f32, or None for symmetric types
+    halves: ir.Value | None = None  # <16 x i16>: integer scales of each half (Q6_K), or 1
 
 
 class QuantType:
@@ -36,6 +61,21 @@ class QuantType:
 
     type: GGMLType
     n_levels: int | None = None  # distinct quantized values per weight (None: float types)
+    # llama.cpp's quantizer for this type takes importance weights (an imatrix row), and
+    # whether it refuses to run without them (`ggml_quantize_requires_imatrix`)
+    uses_imatrix: bool = False
+    requires_imatrix: bool = False
+    weight_type: bool = True  # False for the activation-only types (Q8_1, Q8_K)
+
+    @property
+    def file_type(self) -> LlamaFileType | None:
+        """The file type llama.cpp's loader guesses for a file mostly of this type (its
+        `MOSTLY_<type>`, the `_M` mix for the K types that have S/M/L, `ALL_F32`)."""
+        for key in (f"MOSTLY_{self.name}", f"MOSTLY_{self.name}_M", f"MOSTLY_{self.name}_MOE",
+                    f"ALL_{self.name}"):
+            if key in LlamaFileType.__members__:
+                return LlamaFileType[key]
+        return None
 
     @cached_property
     def info(self) -> TypeInfo:
@@ -55,12 +95,31 @@ class QuantType:
         """uint8 (n_blocks, type_size) -> float32 (n_blocks, block_size)."""
         raise NotImplementedError(f"no dequantizer for {self.name}")
 
+    def quantize_rows_ref(self, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        """float32 rows (n_rows, n_per_row) -> uint8 (n_rows, row_bytes), as llama.cpp's
+        `quantize_<t>(src, dst, nrows, n_per_row, imatrix)` computes them. `imatrix` is one
+        importance weight per column (n_per_row,) or None. Types whose quantizer needs the
+        whole row (or the weights) override this; the default is block by block."""
+        if imatrix is not None and self.uses_imatrix:
+            raise NotImplementedError(f"no importance-weighted quantizer for {self.name}")
+        n_rows, n = x.shape
+        bs = self.info.block_size
+        out = self.quantize_blocks_ref(x.reshape(-1, bs))
+        return out.reshape(n_rows, self.info.row_bytes(n))
+
     def levels_ref(self, q: np.ndarray) -> np.ndarray | None:
         """Integer level in [0, n_levels) of each weight, (n_blocks, block_size); None for
         float types."""
         return None
 
     # -- kernels (IR for one block) -------------------------------------------------------
+
+    int_dot = False  # the type has `emit_int_groups`
+
+    def emit_int_groups(self, b: ir.IRBuilder, src: ir.Value) -> list[IntGroup]:
+        """The block at `src` (i8*) as its groups of 32 integer levels, in order (x86 AVX2:
+        the runner dots them with `vpmaddubsw`)."""
+        raise NotImplementedError
 
     has_quantize_kernel = False
     has_dequantize_kernel = False
@@ -114,10 +173,26 @@ class QuantType:
             raise UserError(str(e)) from None
 
     def quantize(self, x: np.ndarray, threads: int | None = None,
-                 reference: bool = False) -> np.ndarray:
-        """float32 rows (..., n_per_row) -> uint8 rows (..., row_bytes)."""
+                 reference: bool = False, imatrix: np.ndarray | None = None) -> np.ndarray:
+        """float32 rows (..., n_per_row) -> uint8 rows (..., row_bytes). `imatrix`: one
+        importance weight per column, used by the types whose quantizer takes it (ignored
+        by the others, as in llama.cpp)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         n_per_row = x.shape[-1]
+        if imatrix is not None and not self.uses_imatrix:
+            imatrix = None
+        if imatrix is not None or self.row_quantizer:
+            if imatrix is not None:
+                imatrix = np.ascontiguousarray(imatrix, np.float32).reshape(-1)
+                if imatrix.size != n_per_row:
+                    raise UserError(f"{self.name}: importance matrix has {imatrix.size} "
+                                    f"columns, the rows have {n_per_row}")
+            elif self.requires_imatrix:
+                raise UserError(f"{self.name} needs an importance matrix (--imatrix)")
+            self._blocks(n_per_row)
+            rows = x.reshape(-1, n_per_row)
+            return self.quantize_rows(rows, imatrix, threads, reference).reshape(
+                *x.shape[:-1], self.info.row_bytes(n_per_row))
         nb = self._blocks(n_per_row) * (x.size // n_per_row if n_per_row else 0)
         out = np.empty((*x.shape[:-1], self.info.row_bytes(n_per_row)), np.uint8)
         blocks_in = x.reshape(nb, self.info.block_size)
@@ -127,6 +202,105 @@ class QuantType:
             return out
         self._run(f"quantize_{self.name.lower()}", blocks_in, blocks_out, threads)
         return out
+
+    # True where the unweighted quantizer also needs whole rows (it goes through
+    # `quantize_rows` rather than block by block)
+    row_quantizer = False
+
+    def quantize_rows(self, x: np.ndarray, imatrix: np.ndarray | None, threads: int | None,
+                      reference: bool) -> np.ndarray:
+        """The row path of `quantize` (weighted, or a row quantizer): the compiled
+        importance-weighted kernel where the type has one, else the reference; a type with
+        another compiled row path overrides it."""
+        if reference or imatrix is None or not self.has_imatrix_kernel:
+            return self.quantize_rows_ref(x, imatrix)
+        x = np.ascontiguousarray(x, np.float32)
+        imatrix = np.ascontiguousarray(imatrix, np.float32)
+        n_rows, n = x.shape
+        out = np.empty((n_rows, self.info.row_bytes(n)), np.uint8)
+        if n_rows == 0 or n == 0:
+            return out
+        kernel = self._imatrix_kernel
+        x0, y0, xs, ys = x.ctypes.data, out.ctypes.data, x.strides[0], out.strides[0]
+        qw = imatrix.ctypes.data
+        parallel_rows(lambda a, b: kernel(x0 + a * xs, y0 + a * ys, qw, b - a, n), n_rows,
+                      threads, min_rows=max(1, MIN_ELEMENTS_PER_THREAD // 4 // n))
+        return out
+
+    # -- the importance-weighted kernel (IR for one block, given its weights) -------------
+
+    has_imatrix_kernel = False
+    # consecutive blocks one `emit_quantize_block_imatrix` quantizes (a type that runs
+    # blocks in SIMD lanes sets more; a row's last, partial group goes through a
+    # zero-padded copy)
+    imatrix_group = 1
+
+    def emit_imatrix_row_setup(self, b: ir.IRBuilder, x: ir.Value, n: ir.Value) -> object:
+        """Whatever the blocks of the row of `n` (i64) floats at `x` share (the legacy
+        types' sigma2); handed to `emit_quantize_block_imatrix`."""
+        return None
+
+    def emit_quantize_block_imatrix(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value,
+                                    qw: ir.Value, row: object) -> None:
+        """Quantize the block (the `imatrix_group` blocks) at `x` with the importance
+        weights at `qw` (its columns of the imatrix) into `y`, as llama.cpp's
+        `quantize_row_<t>_impl` does."""
+        raise NotImplementedError
+
+    def row_modules(self) -> dict[str, ir.Module]:
+        """The IR of every row kernel the type compiles besides `build_module`'s (the
+        weighted quantizer, a row quantizer), by name: what the cross-target check compares
+        across CPUs. Types with their own row kernels add theirs."""
+        return {"imatrix": self.build_imatrix_module()} if self.has_imatrix_kernel else {}
+
+    @cached_property
+    def _imatrix_kernel(self):
+        name = f"quantize_imatrix_{self.name.lower()}"
+        return compile_kernels(self.build_imatrix_module(), {name: _IMATRIX_SIG})[name]
+
+    def build_imatrix_module(self) -> ir.Module:
+        """`quantize_imatrix_<t>(float *x, u8 *y, float *qw, i64 n_rows, i64 n_per_row)`."""
+        name = f"quantize_imatrix_{self.name.lower()}"
+        m = ir.Module(name=name)
+        fn = ir.Function(m, ir.FunctionType(ir.VoidType(), [ptr(f32), ptr(i8), ptr(f32), i64,
+                                                            i64]), name)
+        for a in fn.args[:3]:
+            a.add_attribute("noalias")
+        x, y, qw, n_rows, n = fn.args
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        bs, ts, g = self.info.block_size, self.info.type_size, self.imatrix_group
+        nb = b.sdiv(n, i64(bs))
+        full = b.mul(b.sdiv(nb, i64(g)), i64(g))
+        if g > 1:  # the zero-padded group at the end of a row
+            xpad = alloca_entry(b, f32, g * bs, name="xpad")
+            qpad = alloca_entry(b, f32, g * bs, name="qpad")
+            ypad = alloca_entry(b, i8, g * ts, name="ypad")
+        with for_range(b, i64(0), n_rows, name="row") as r:
+            xr = b.gep(x, [b.mul(r, n)])
+            yr = b.gep(y, [b.mul(r, b.mul(nb, i64(ts)))])
+            setup = self.emit_imatrix_row_setup(b, xr, n)
+            with for_range(b, i64(0), full, g, name="blk") as i:
+                self.emit_quantize_block_imatrix(b, b.gep(xr, [b.mul(i, i64(bs))]),
+                                                 b.gep(yr, [b.mul(i, i64(ts))]),
+                                                 b.gep(qw, [b.mul(i, i64(bs))]), setup)
+            if g > 1:
+                tail = b.mul(b.sub(nb, full), i64(bs))
+                with b.if_then(b.icmp_signed(">", tail, i64(0))):
+                    at = b.mul(full, i64(bs))
+                    with for_range(b, i64(0), i64(g * bs), name="pad") as j:
+                        inside = b.icmp_signed("<", j, tail)
+                        k = b.select(inside, b.add(at, j), i64(0))
+                        zero = ir.Constant(f32, 0.0)
+                        b.store(b.select(inside, b.load(b.gep(xr, [k])), zero),
+                                b.gep(xpad, [j]))
+                        b.store(b.select(inside, b.load(b.gep(qw, [k])), zero),
+                                b.gep(qpad, [j]))
+                    self.emit_quantize_block_imatrix(b, xpad, ypad, qpad, setup)
+                    out = b.gep(yr, [b.mul(full, i64(ts))])
+                    with for_range(b, i64(0), b.mul(b.sub(nb, full), i64(ts)), name="cp") as j:
+                        b.store(b.load(b.gep(ypad, [j])), b.gep(out, [j]))
+        b.ret_void()
+        return m
 
     def dequantize(self, q: np.ndarray, threads: int | None = None,
                    reference: bool = False) -> np.ndarray:
@@ -167,6 +341,15 @@ class QuantType:
 
 
 REGISTRY: dict[GGMLType, QuantType] = {}
+
+
+def weight_types() -> tuple[GGMLType, ...]:
+    """The types a model's weights can be stored in and run from (a dequantize kernel, or
+    F32), in ggml's numbering."""
+    return tuple(sorted(
+        (t for t, q in REGISTRY.items()
+         if q.weight_type and (q.has_dequantize_kernel or t == GGMLType.F32)),
+        key=int))
 
 
 def register(cls: type[QuantType]) -> type[QuantType]:

@@ -19,10 +19,36 @@ import numpy as np
 from llvmlite import ir
 
 from ..gguf import GGMLType
-from ..jit.builders import Target, const, f32, i1, i8, i16, i32, ptr
-from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from .base import QuantType, register
+from ..jit.builders import (
+    at,
+    const,
+    f32,
+    fabs,
+    i1,
+    i8,
+    i32,
+    intrinsic,
+    lane_max,
+    lane_min,
+    lane_tree,
+    load_bytes,
+    ptr,
+    shuffle,
+    splat,
+    vconst,
+    vec,
+)
+from ..jit.floats import load_f16, store_f16
+from .base import IntGroup, QuantType, register
 from .floats import f16_from_f32_ref
+from .kquants._imatrix import (
+    LEGACY_GROUP,
+    emit_legacy_affine_imatrix,
+    emit_legacy_symmetric_imatrix,
+    emit_sigma2,
+    legacy_affine_ref,
+    legacy_symmetric_ref,
+)
 
 QK = 32
 F = np.float32
@@ -131,52 +157,19 @@ V32F = ir.VectorType(f32, QK)
 
 
 def _vt(t: ir.Type, n: int = QK) -> ir.VectorType:
-    return ir.VectorType(t, n)
+    return vec(t, n)
 
 
 def _splat(b: ir.IRBuilder, v: ir.Value, n: int = QK) -> ir.Value:
-    one = b.insert_element(ir.Constant(_vt(v.type, 1), ir.Undefined), v, const(i32, 0))
-    return b.shuffle_vector(one, one, ir.Constant(_vt(i32, n), [0] * n))
+    return splat(b, v, n)
 
 
 def _vconst(t: ir.Type, v, n: int = QK) -> ir.Constant:
-    return ir.Constant(_vt(t, n), [v] * n)
+    return vconst(t, v, n)
 
 
-def _shuffle(b: ir.IRBuilder, a: ir.Value, c: ir.Value, idx) -> ir.Value:
-    idx = list(idx)
-    return b.shuffle_vector(a, c, ir.Constant(_vt(i32, len(idx)), idx))
-
-
-def _intrinsic(b: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
-    m = b.module
-    fn = m.globals.get(name)
-    if fn is None:
-        fn = ir.Function(m, ir.FunctionType(ret, [a.type for a in args]), name)
-    return b.call(fn, args)
-
-
-def _fabs(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    return _intrinsic(b, f"llvm.fabs.v{v.type.count}f32", v.type, [v])
-
-
-def _tree(b: ir.IRBuilder, v: ir.Value, combine) -> ir.Value:
-    """Fold the lanes of `v` pairwise (halves) down to one scalar."""
-    n = v.type.count
-    while n > 1:
-        h = n // 2
-        v = combine(_shuffle(b, v, v, range(h)), _shuffle(b, v, v, range(h, n)))
-        n = h
-    return b.extract_element(v, const(i32, 0))
-
-
-def _vmax(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    """Largest lane; the lanes must not be NaN."""
-    return _tree(b, v, lambda p, q: b.select(b.fcmp_ordered(">", p, q), p, q))
-
-
-def _vmin(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    return _tree(b, v, lambda p, q: b.select(b.fcmp_ordered("<", p, q), p, q))
+_shuffle, _intrinsic, _fabs, _tree = shuffle, intrinsic, fabs, lane_tree
+_vmax, _vmin = lane_max, lane_min
 
 
 def _mask(b: ir.IRBuilder, bits: ir.Value) -> ir.Value:
@@ -207,18 +200,7 @@ def _load_block(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     return b.load(b.bitcast(x, ptr(V32F)), align=4)
 
 
-def _at(b: ir.IRBuilder, y: ir.Value, offset: int, t: ir.Type) -> ir.Value:
-    return b.bitcast(b.gep(y, [const(i32, offset)]), ptr(t))
-
-
-def _store_f16(b: ir.IRBuilder, v: ir.Value, y: ir.Value, offset: int) -> None:
-    h = emit_f32_to_f16(b, v, hardware_half(Target.CPU))
-    b.store(h, _at(b, y, offset, i16), align=2)
-
-
-def _load_f16(b: ir.IRBuilder, y: ir.Value, offset: int) -> ir.Value:
-    h = b.load(_at(b, y, offset, i16), align=2)
-    return emit_f16_to_f32(b, h, hardware_half(Target.CPU))
+_at, _load_f16, _store_f16 = at, load_f16, store_f16
 
 
 def _emit_inverse(b: ir.IRBuilder, d: ir.Value) -> ir.Value:
@@ -317,6 +299,21 @@ class _Legacy(QuantType):
     has_quantize_kernel = has_dequantize_kernel = True
     qs_at = 2  # bytes of scale header before the packed levels
     qh_at: int | None = None  # Q5: where the fifth bits live
+    int_dot = True
+
+    def emit_int_groups(self, b: ir.IRBuilder, src: ir.Value) -> list[IntGroup]:
+        """One group: the 32 levels, w = d * q + offset (Q8_0: signed levels, no offset)."""
+        d = load_f16(b, src, 0)
+        if self.n_levels == 256:
+            return [IntGroup(load_bytes(b, src, self.qs_at, QK), True, d, None)]
+        if self.qh_at is None:
+            q = _emit_load_nibbles(b, src, self.qs_at)
+        else:
+            q = _emit_load_q5(b, src, self.qh_at)
+        if 4 in (self.qs_at, self.qh_at):  # affine: d, m
+            return [IntGroup(q, False, d, load_f16(b, src, 2))]
+        return [IntGroup(q, False, d, b.fmul(d, const(f32, -(self.n_levels // 2))))]
+
 
     def _store_levels(self, out: np.ndarray, xi: np.ndarray) -> None:
         """4-bit levels as nibbles after the header (Q5: fifth bits first, then nibbles)."""
@@ -326,6 +323,14 @@ class _Legacy(QuantType):
             out[:, self.qh_at:self.qh_at + 4] = _pack_qh(xi)
             low = xi & 0x0F
             out[:, self.qh_at + 4:] = _pack_nibbles(low[:, :16], low[:, 16:])
+
+    def _emit_store_levels(self, b: ir.IRBuilder, xi: ir.Value, y: ir.Value) -> None:
+        """Levels (<32 x i8>) after the block's header at y (Q5: fifth bits, then nibbles)."""
+        if self.qh_at is None:
+            _emit_store_nibbles(b, _shuffle(b, xi, xi, range(16)),
+                                _shuffle(b, xi, xi, range(16, 32)), y, self.qs_at)
+        else:
+            _emit_store_q5(b, xi, y, self.qh_at)
 
     def levels_ref(self, q: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(q, np.uint8)
@@ -350,6 +355,32 @@ class _Symmetric(_Legacy):
         out[:, 0:2] = _f16_bytes(d)
         self._store_levels(out, xi)
         return out
+
+    uses_imatrix = True
+
+    def quantize_rows_ref(self, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        """With an imatrix: quantize_row_q4_0_impl / q5_0_impl (make_qx_quants, weighted)."""
+        if imatrix is None:
+            return super().quantize_rows_ref(x)
+        d16, L = legacy_symmetric_ref(x, imatrix, self.n_levels // 2)
+        out = np.empty((L.shape[0], self.info.type_size), np.uint8)
+        out[:, 0:2] = d16.view(np.uint8).reshape(-1, 2)
+        self._store_levels(out, L)
+        return out.reshape(x.shape[0], -1)
+
+    has_imatrix_kernel = True
+    imatrix_group = LEGACY_GROUP  # blocks side by side in the SIMD lanes
+
+    def emit_imatrix_row_setup(self, b: ir.IRBuilder, x: ir.Value, n: ir.Value) -> ir.Value:
+        return emit_sigma2(b, x, n, False)
+
+    def emit_quantize_block_imatrix(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value,
+                                    qw: ir.Value, row: ir.Value) -> None:
+        ts = self.info.type_size
+        for s, (d, xi) in enumerate(emit_legacy_symmetric_imatrix(b, x, qw, row,
+                                                                  self.n_levels // 2)):
+            _store_f16(b, d, y, s * ts)
+            self._emit_store_levels(b, xi, b.gep(y, [const(i32, s * ts)]))
 
     def dequantize_blocks_ref(self, q: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(q, np.uint8)
@@ -404,6 +435,34 @@ class _Affine(_Legacy):
         out[:, 2:4] = _f16_bytes(mn)
         self._store_levels(out, xi)
         return out
+
+    uses_imatrix = True
+
+    def quantize_rows_ref(self, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        """With an imatrix: quantize_row_q4_1_impl / q5_1_impl (make_qkx3_quants, weighted)."""
+        if imatrix is None:
+            return super().quantize_rows_ref(x)
+        d16, m16, L = legacy_affine_ref(x, imatrix, self.n_levels - 1)
+        out = np.empty((L.shape[0], self.info.type_size), np.uint8)
+        out[:, 0:2] = d16.view(np.uint8).reshape(-1, 2)
+        out[:, 2:4] = m16.view(np.uint8).reshape(-1, 2)
+        self._store_levels(out, L)
+        return out.reshape(x.shape[0], -1)
+
+    has_imatrix_kernel = True
+    imatrix_group = LEGACY_GROUP  # blocks side by side in the SIMD lanes
+
+    def emit_imatrix_row_setup(self, b: ir.IRBuilder, x: ir.Value, n: ir.Value) -> ir.Value:
+        return emit_sigma2(b, x, n, False)
+
+    def emit_quantize_block_imatrix(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value,
+                                    qw: ir.Value, row: ir.Value) -> None:
+        ts = self.info.type_size
+        for s, (d, m, xi) in enumerate(emit_legacy_affine_imatrix(b, x, qw, row,
+                                                                  self.n_levels - 1)):
+            _store_f16(b, d, y, s * ts)
+            _store_f16(b, m, y, s * ts + 2)
+            self._emit_store_levels(b, xi, b.gep(y, [const(i32, s * ts)]))
 
     def dequantize_blocks_ref(self, q: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(q, np.uint8)
@@ -526,6 +585,7 @@ class Q8_1(_Eight):
 
     type = GGMLType.Q8_1
     qs_at = 4
+    weight_type = False  # llama.cpp's activation type for the Q4_1/Q5_1 products
 
     def emit_quantize_block(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> None:
         d, qs = self._emit_quantize(b, x, y)

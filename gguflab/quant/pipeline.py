@@ -27,7 +27,7 @@ from ..gguf import (
     tensor_bytes,
 )
 from ..gguf.constants import QUANTIZATION_VERSION
-from .base import HIST_BINS, get
+from .base import HIST_BINS, REGISTRY, get
 from .mixes import (
     Mix,
     MixOptions,
@@ -126,22 +126,14 @@ def model_facts(r: GGUFReader) -> ModelFacts:
 
 
 # the file type llama.cpp's loader guesses from the most common tensor type
-_GUESS = {GGMLType.F32: LlamaFileType.ALL_F32, GGMLType.F16: LlamaFileType.MOSTLY_F16,
-          GGMLType.BF16: LlamaFileType.MOSTLY_BF16, GGMLType.Q4_0: LlamaFileType.MOSTLY_Q4_0,
-          GGMLType.Q4_1: LlamaFileType.MOSTLY_Q4_1, GGMLType.Q5_0: LlamaFileType.MOSTLY_Q5_0,
-          GGMLType.Q5_1: LlamaFileType.MOSTLY_Q5_1, GGMLType.Q8_0: LlamaFileType.MOSTLY_Q8_0,
-          GGMLType.Q2_K: LlamaFileType.MOSTLY_Q2_K, GGMLType.Q3_K: LlamaFileType.MOSTLY_Q3_K_M,
-          GGMLType.Q4_K: LlamaFileType.MOSTLY_Q4_K_M, GGMLType.Q5_K: LlamaFileType.MOSTLY_Q5_K_M,
-          GGMLType.Q6_K: LlamaFileType.MOSTLY_Q6_K}
-
-
 def _source_ftype(r: GGUFReader) -> int:
     ft = r.get(Keys.FILE_TYPE)
     if ft is not None:
         return int(ft)
     counts = Counter(t.type for t in r.tensors)
     top = max(counts, key=counts.get) if counts else GGMLType.F32
-    return int(_GUESS.get(top, LlamaFileType.ALL_F32)) | LlamaFileType.GUESSED
+    guess = REGISTRY[top].file_type if top in REGISTRY else None
+    return int(guess if guess is not None else LlamaFileType.ALL_F32) | LlamaFileType.GUESSED
 
 
 def plan_model(r: GGUFReader, mix: Mix, opts: QuantizeOptions) -> ModelPlan:

@@ -48,16 +48,26 @@ from .. import quant
 from ..errors import UserError
 from ..gguf import GGMLType
 from ..jit import compile_kernels, host_cpu, parallel_rows
-from ..jit.builders import alloca_entry, const, f16, f32, for_range, i8, i16, i32, i64, ptr, void
+from ..jit.builders import (
+    alloca_entry,
+    const,
+    f16,
+    f32,
+    for_range,
+    i8,
+    i16,
+    i32,
+    i64,
+    intrinsic,
+    ptr,
+    void,
+)
 from ..jit.parallel import MAX_JOBS, JobTable, default_threads, job_table
 
 __all__ = ["SUPPORTED_TYPES", "matmul", "matmuls", "get_rows", "quantizes_activations"]
 
-SUPPORTED_TYPES = (
-    GGMLType.F32, GGMLType.F16, GGMLType.BF16,
-    GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
-    GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
-)
+# every type the registry has a dequantizer for (and F32): a type module is all it takes
+SUPPORTED_TYPES = quant.weight_types()
 _FLOAT_TYPES = {GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.BF16: np.uint16}
 FLOAT_GROUP = 32  # float weights are handled as virtual blocks of this many elements
 
@@ -134,7 +144,7 @@ def _hsum(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
 def _fma(b: ir.IRBuilder, acc: ir.Value, a: ir.Value, c: ir.Value) -> ir.Value:
     """acc + a * c with one rounding (`llvm.fma`): the same on every CPU with FMA."""
     suffix = f"v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "f32"
-    return _intrinsic(b, f"llvm.fma.{suffix}", a.type, [a, c, acc])
+    return intrinsic(b, f"llvm.fma.{suffix}", a.type, [a, c, acc])
 
 
 class _Accs:
@@ -424,113 +434,27 @@ INT_DOT = True  # decode with integer dot products where the type and the host a
 _V32I8 = ir.VectorType(i8, 32)
 
 
-@dataclass(frozen=True)
-class _IntGroup:
-    q: ir.Value  # <32 x i8> levels
-    signed: bool  # levels are i8 (else u8 below 128)
-    scale: ir.Value  # f32: w = scale * q + offset
-    offset: ir.Value | None
-    halves: ir.Value | None = None  # <16 x i16>: integer scales of each half (Q6_K), or 1
-
-
-def _legacy_groups(qt) -> Callable:
-    from ..quant import legacy as lg
-
-    def emit(b, src):
-        d = lg._load_f16(b, src, 0)
-        if qt.n_levels == 256:  # Q8_0: signed bytes after d
-            q = b.load(b.bitcast(b.gep(src, [const(i64, qt.qs_at)]), ptr(_V32I8)), align=1)
-            return [_IntGroup(q, True, d, None)]
-        if qt.qh_at is None:
-            q = lg._emit_load_nibbles(b, src, qt.qs_at)
-        else:
-            q = lg._emit_load_q5(b, src, qt.qh_at)
-        if qt.qs_at == 4 or (qt.qh_at is not None and qt.qh_at == 4):  # affine: d, m
-            return [_IntGroup(q, False, d, lg._load_f16(b, src, 2))]
-        return [_IntGroup(q, False, d, b.fmul(d, const(f32, -(qt.n_levels // 2))))]
-
-    return emit
-
-
-def _q4_k_groups(b, src):
-    from ..quant.kquants._qkx2 import emit_get_scale_min_k4
-    from ..quant.legacy import _load_f16
-
-    d, dmin = _load_f16(b, src, 0), _load_f16(b, src, 2)
-    scales = b.gep(src, [const(i64, 4)])
-    out = []
-    for j in range(4):
-        qs = b.load(b.bitcast(b.gep(src, [const(i64, 16 + 32 * j)]), ptr(_V32I8)), align=1)
-        for h in range(2):
-            q = b.lshr(qs, _splat_i8(4)) if h else b.and_(qs, _splat_i8(0xF))
-            sc, m = emit_get_scale_min_k4(b, scales, 2 * j + h)
-            out.append(_IntGroup(q, False, b.fmul(d, b.uitofp(sc, f32)),
-                                 b.fmul(b.fmul(dmin, b.uitofp(m, f32)), const(f32, -1.0))))
-    return out
-
-
-def _q6_k_groups(b, src):
-    from ..quant.kquants import q6_k
-    from ..quant.legacy import _load_f16
-
-    d = _load_f16(b, src, q6_k.D)
-    out = []
-    for g in range(8):
-        o = 32 * g
-        ql = b.load(b.bitcast(b.gep(src, [const(i64, int(q6_k.QL_IDX[o]))]), ptr(_V32I8)),
-                    align=1)
-        qh = b.load(b.bitcast(b.gep(src, [const(i64, int(q6_k.QH_IDX[o]))]), ptr(_V32I8)),
-                    align=1)
-        low = b.and_(b.lshr(ql, _splat_i8(int(q6_k.QL_SHIFT[o]))), _splat_i8(0xF))
-        high = b.and_(b.lshr(qh, _splat_i8(int(q6_k.QH_SHIFT[o]))), _splat_i8(3))
-        q = b.sub(b.or_(low, b.shl(high, _splat_i8(4))), _splat_i8(32))
-        sc = [b.sext(b.load(b.gep(src, [const(i64, q6_k.SC + 2 * g + h)])), i16)
-              for h in range(2)]
-        v16 = ir.VectorType(i16, 16)
-        halves = ir.Constant(v16, None)
-        for k in range(16):
-            halves = b.insert_element(halves, sc[k // 8], const(i32, k))
-        out.append(_IntGroup(q, True, d, None, halves))
-    return out
-
-
-def _splat_i8(v: int) -> ir.Constant:
-    return ir.Constant(_V32I8, [v] * 32)
-
-
 def _int_groups(t: GGMLType) -> Callable | None:
-    """The integer view of a block of type t (a function (builder, i8* block) -> its
-    `_IntGroup`s in order), or None where the decode kernel dequantizes to floats."""
+    """The integer view of a block of type t (its module's `emit_int_groups`: builder, i8*
+    block -> `IntGroup`s in order), or None where the decode kernel dequantizes to floats."""
     x86 = host_cpu().triple.startswith("x86_64")
-    if not (INT_DOT and x86 and host_cpu().has("avx2")):
+    qt = quant.get(t)
+    if not (INT_DOT and x86 and host_cpu().has("avx2") and qt.int_dot):
         return None
-    if t in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0):
-        return _legacy_groups(quant.get(t))
-    if t == GGMLType.Q4_K:
-        return _q4_k_groups
-    if t == GGMLType.Q6_K:
-        return _q6_k_groups
-    return None
+    return qt.emit_int_groups
 
 
-def _intrinsic(b: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
-    m = b.module
-    fn = m.globals.get(name) or ir.Function(m, ir.FunctionType(ret, [a.type for a in args]),
-                                            name)
-    return b.call(fn, args)
-
-
-def _group_dot(b: ir.IRBuilder, g: _IntGroup, xq: ir.Value) -> ir.Value:
+def _group_dot(b: ir.IRBuilder, g: quant.IntGroup, xq: ir.Value) -> ir.Value:
     """sum(q * xq) of one group, as 8 i32 lanes."""
     v16 = ir.VectorType(i16, 16)
     if g.signed:  # vpmaddubsw takes unsigned x signed: move w's sign onto x
-        u = _intrinsic(b, "llvm.abs.v32i8", _V32I8, [g.q, ir.Constant(ir.IntType(1), 0)])
-        s = _intrinsic(b, "llvm.x86.avx2.psign.b", _V32I8, [xq, g.q])
+        u = intrinsic(b, "llvm.abs.v32i8", _V32I8, [g.q, ir.Constant(ir.IntType(1), 0)])
+        s = intrinsic(b, "llvm.x86.avx2.psign.b", _V32I8, [xq, g.q])
     else:
         u, s = g.q, xq
-    pairs = _intrinsic(b, "llvm.x86.avx2.pmadd.ub.sw", v16, [u, s])
+    pairs = intrinsic(b, "llvm.x86.avx2.pmadd.ub.sw", v16, [u, s])
     halves = g.halves if g.halves is not None else ir.Constant(v16, [1] * 16)
-    return _intrinsic(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(i32, 8), [pairs, halves])
+    return intrinsic(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(i32, 8), [pairs, halves])
 
 
 def _build_gemvq(m: ir.Module, name: str, blk: _Blocks, groups: Callable) -> ir.Function:
@@ -589,8 +513,8 @@ def _build_quantize_q8(m: ir.Module) -> ir.Function:
     xs = b.gep(xd, [ng])
     with for_range(b, const(i64, 0), ng, name="g") as g:
         v = b.load(b.bitcast(b.gep(x, [b.mul(g, const(i64, Q8_GROUP))]), ptr(v32)), align=4)
-        amax = _intrinsic(b, "llvm.vector.reduce.fmax.v32f32", f32,
-                          [_intrinsic(b, "llvm.fabs.v32f32", v32, [v])])
+        amax = intrinsic(b, "llvm.vector.reduce.fmax.v32f32", f32,
+                          [intrinsic(b, "llvm.fabs.v32f32", v32, [v])])
         d = b.fdiv(amax, const(f32, 127.0))
         inv = b.select(b.fcmp_unordered("!=", d, const(f32, 0.0)),
                        b.fdiv(const(f32, 1.0), d), const(f32, 0.0))
@@ -598,11 +522,11 @@ def _build_quantize_q8(m: ir.Module) -> ir.Function:
         sv = b.shuffle_vector(b.insert_element(ir.Constant(v32, None), inv, const(i32, 0)),
                               ir.Constant(v32, None), ir.Constant(ir.VectorType(i32, 32),
                                                                   [0] * 32))
-        qi = b.fptosi(_intrinsic(b, "llvm.round.v32f32", v32, [b.fmul(v, sv)]),
+        qi = b.fptosi(intrinsic(b, "llvm.round.v32f32", v32, [b.fmul(v, sv)]),
                       ir.VectorType(i32, 32))
         b.store(b.trunc(qi, _V32I8),
                 b.bitcast(b.gep(out, [b.mul(g, const(i64, Q8_GROUP))]), ptr(_V32I8)), align=1)
-        total = _intrinsic(b, "llvm.vector.reduce.add.v32i32", i32, [qi])
+        total = intrinsic(b, "llvm.vector.reduce.add.v32i32", i32, [qi])
         b.store(dh, b.gep(xd, [g]))
         b.store(b.fmul(dh, b.sitofp(total, f32)), b.gep(xs, [g]))
     b.ret_void()

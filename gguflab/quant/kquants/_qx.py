@@ -248,28 +248,28 @@ def emit_scalar_first_absmax(b: ir.IRBuilder, v: ir.Value) -> tuple[ir.Value, ir
     return amax, mx
 
 
-def _emit_qx_pass(b, xt, n, iscale, nmax):
-    """Sequential (sumlx, suml2) for weights x*x, lane-wise."""
+def _emit_qx_pass(b, xt, n, iscale, nmax, wt=None):
+    """Sequential (sumlx, suml2) for weights x*x (or the vectors at `wt`), lane-wise."""
     sumlx = suml2 = splat(VF, 0.0)
     for i in range(n):
         x = b.load(b.gep(xt, [const(i32, i)]))
         l = emit_clamp(b, emit_nearest_int(b, b.fmul(iscale, x)), -nmax, nmax - 1)
         lf = b.sitofp(l, VF)
-        w = b.fmul(x, x)
+        w = b.fmul(x, x) if wt is None else b.load(b.gep(wt, [const(i32, i)]))
         sumlx = b.fadd(sumlx, b.fmul(b.fmul(w, x), lf))
         suml2 = b.fadd(suml2, b.fmul(b.fmul(w, lf), lf))
     return sumlx, suml2
 
 
 def emit_make_qx_quants(b: ir.IRBuilder, xt: ir.Value, n: int, nmax: int,
-                        lt: ir.Value) -> ir.Value:
-    """`make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)` on every lane: `xt` holds n
-    `<16 x float>`; the levels (in [0, 2*nmax)) go to the n `<16 x i8>` at `lt`. Returns
-    the scales."""
+                        lt: ir.Value, wt: ir.Value | None = None) -> ir.Value:
+    """`make_qx_quants(n, nmax, x, L, rmse_type=1, qw)` on every lane: `xt` holds n
+    `<16 x float>`, `wt` (None: qw = NULL, weights x*x) n more with the weights; the levels
+    (in [0, 2*nmax)) go to the n `<16 x i8>` at `lt`. Returns the scales."""
     amax, mx = emit_first_absmax(b, xt, n)
     zero = b.fcmp_ordered("<", amax, splat(VF, float(GROUP_MAX_EPS)))
     iscale0 = b.fdiv(splat(VF, -float(nmax)), mx)
-    sumlx, suml2 = _emit_qx_pass(b, xt, n, iscale0, nmax)
+    sumlx, suml2 = _emit_qx_pass(b, xt, n, iscale0, nmax, wt)
     nz = b.fcmp_unordered("!=", suml2, splat(VF, 0.0))
     scale0 = b.select(nz, b.fdiv(sumlx, suml2), splat(VF, 0.0))
 
@@ -284,7 +284,7 @@ def emit_make_qx_quants(b: ir.IRBuilder, xt: ir.Value, n: int, nmax: int,
         step = b.add(b.sub(k, const(i32, 9)), b.zext(b.icmp_signed(">=", k, const(i32, 9)), i32))
         c = b.fadd(const(f32, float(nmax)), b.fmul(const(f32, 0.1), b.sitofp(step, f32)))
         iscale = b.fdiv(emit_splat(b, b.fneg(c)), mx)
-        sumlx, suml2 = _emit_qx_pass(b, xt, n, iscale, nmax)
+        sumlx, suml2 = _emit_qx_pass(b, xt, n, iscale, nmax, wt)
         best = b.load(s_best)
         take = b.and_(b.fcmp_ordered(">", suml2, splat(VF, 0.0)),
                       b.fcmp_ordered(">", b.fmul(sumlx, sumlx), b.fmul(best, suml2)))

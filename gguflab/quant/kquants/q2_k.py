@@ -14,6 +14,14 @@ from ...jit.builders import Target, const, f32, i16, i32
 from ...jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
 from ..base import QuantType, register
 from ..floats import f16_from_f32_ref
+from ._imatrix import (
+    emit_lanes_of,
+    emit_make_qp_quants,
+    emit_sigma2,
+    emit_vector_of,
+    emit_weights,
+    q2_k_ref,
+)
 from ._qkx2 import (
     F32,
     Lanes,
@@ -63,6 +71,13 @@ class Q2_K(QuantType):
         qs = L[:, :, 0] | (L[:, :, 1] << 2) | (L[:, :, 2] << 4) | (L[:, :, 3] << 6)
         return np.concatenate([scales, qs.reshape(nb, 64), half_bytes(dh), half_bytes(dmh)], 1)
 
+    uses_imatrix = True
+
+    def quantize_rows_ref(self, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        if imatrix is None:
+            return super().quantize_rows_ref(x)
+        return q2_k_ref(x, imatrix).reshape(x.shape[0], -1)
+
     def levels_ref(self, q: np.ndarray) -> np.ndarray:
         qs = q[:, 16:80].reshape(-1, 2, 1, 32)
         shifts = np.array([0, 2, 4, 6], np.uint8)[None, None, :, None]
@@ -96,6 +111,35 @@ class Q2_K(QuantType):
         h0 = const(i16, 0)
         dh = b.select(has_s, emit_f32_to_f16(b, b.fdiv(max_scale, q4), hw), h0)
         dmh = b.select(has_m, emit_f32_to_f16(b, b.fdiv(max_min, q4), hw), h0)
+        self._emit_finish(ln, xT, L, scales, dh, dmh, y)
+
+    has_imatrix_kernel = True
+
+    def emit_quantize_block_imatrix(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value,
+                                    qw: ir.Value, row: object) -> None:
+        hw = hardware_half(Target.CPU)
+        ln = Lanes(b, 16)
+        xT = emit_load_transposed(b, ln, x, 16)
+        qT = emit_load_transposed(b, ln, qw, 16)
+        wT = emit_weights(ln, xT, qT, emit_sigma2(b, x, 256, False))
+        sw = ln.fc(0.0)
+        for w in wT:
+            sw = b.fadd(sw, w)
+        L, sc, mi = emit_make_qkx2(ln, xT, wT, 3, -0.9, 0.05, 36, False)
+        sws = emit_lanes_of(b, sw)
+        dm, ls = emit_make_qp_quants(b, emit_lanes_of(b, sc), sws, 15)
+        mm, lm = emit_make_qp_quants(b, emit_lanes_of(b, mi), sws, 15)
+        scales = b.and_(b.or_(emit_vector_of(b, ls), b.shl(emit_vector_of(b, lm), ln.ic(4))),
+                        ln.ic(0xFF))
+        self._emit_finish(ln, xT, L, scales, emit_f32_to_f16(b, dm, hw),
+                          emit_f32_to_f16(b, mm, hw), y)
+
+    @staticmethod
+    def _emit_finish(ln: Lanes, xT, L, scales, dh, dmh, y) -> None:
+        """Store the scale bytes (i32 lanes) and d, dmin (fp16 bits); requantize the levels
+        L with them and pack."""
+        b = ln.b
+        hw = hardware_half(Target.CPU)
         store_bytes(b, scales, y, 0)
         hp = b.bitcast(b.gep(y, [const(i32, 80)]), i16.as_pointer())
         b.store(dh, hp, align=1)

@@ -15,6 +15,8 @@ from ...jit.builders import Target, alloca_entry, const, f32, for_range, i8, i16
 from ...jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
 from ..base import QuantType, register
 from ..floats import f16_from_f32_ref
+from ._imatrix import emit_sigma2, emit_vector_of, q3_k_search_ref
+from ._qkx2 import Lanes
 from ._qx import (
     QK_K,
     V8,
@@ -23,6 +25,7 @@ from ._qx import (
     emit_clamp,
     emit_lanes,
     emit_make_q3_quants,
+    emit_make_qx_quants,
     emit_nearest_int,
     emit_scalar_first_absmax,
     emit_splat,
@@ -89,6 +92,21 @@ class Q3_K(QuantType):
             l = nearest_int(iscale[:, None] * scales).astype(np.int8).astype(np.int32)
             l = np.where(nonzero[:, None], np.clip(l, -32, 31) + 32, 0)
             d16 = np.where(nonzero, f16_from_f32_ref(np.float32(1) / iscale), 0).astype(np.uint16)
+        return self._finish(x, d16, l, L)
+
+    uses_imatrix = True
+
+    def quantize_rows_ref(self, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        if imatrix is None:
+            return super().quantize_rows_ref(x)
+        return self._finish(*q3_k_search_ref(x, imatrix)).reshape(x.shape[0], -1)
+
+    @staticmethod
+    def _finish(x: np.ndarray, d16: np.ndarray, l: np.ndarray, L: np.ndarray) -> np.ndarray:
+        """Blocks from d (fp16 bits), the six-bit scales l in [0, 64) (nb, 16) and the levels
+        L (nb, 256) of the search: requantize where d*(l - 32) != 0, then pack."""
+        nb = x.shape[0]
+        with np.errstate(all="ignore"):
             d = fp16_bits_to_f32(d16)[:, None] * (l - 32).astype(np.float32)
             d = np.repeat(d, 16, axis=1)
             fresh = np.clip(nearest_int(x / d), -4, 3) + 4
@@ -120,7 +138,6 @@ class Q3_K(QuantType):
 
     def emit_quantize_block(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> None:
         hw = hardware_half(Target.CPU)
-        c = lambda v: const(i32, v)  # noqa: E731
         xt = emit_transpose_in(b, x)
         lt = alloca_entry(b, V8, 16, name="lt")
         scales = emit_make_q3_quants(b, xt, 16, 4, lt)
@@ -132,6 +149,45 @@ class Q3_K(QuantType):
         l = b.select(nonzero, b.add(l, splat(VI, 32)), splat(VI, 0))
         d16 = b.select(nonzero, emit_f32_to_f16(b, b.fdiv(const(f32, 1.0), iscale), hw),
                        const(i16, 0))
+        self._emit_finish(b, xt, lt, l, d16, y)
+
+    has_imatrix_kernel = True
+
+    def emit_quantize_block_imatrix(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value,
+                                    qw: ir.Value, row: object) -> None:
+        hw = hardware_half(Target.CPU)
+        c = lambda v: const(i32, v)  # noqa: E731
+        xt = emit_transpose_in(b, x)
+        qt = emit_transpose_in(b, qw)
+        ln = Lanes(b, 16)
+        s2 = ln.splat(emit_sigma2(b, x, QK_K, True))
+        wt = alloca_entry(b, VF, 16, name="wt")
+        sw = splat(VF, 0.0)
+        for i in range(16):
+            xv = b.load(b.gep(xt, [c(i)]))
+            w = b.fmul(b.load(b.gep(qt, [c(i)])), ln.sqrt(b.fadd(s2, b.fmul(xv, xv))))
+            b.store(w, b.gep(wt, [c(i)]))
+            sw = b.fadd(sw, w)
+        lt = alloca_entry(b, V8, 16, name="lt")
+        scales = emit_make_qx_quants(b, xt, 16, 4, lt, wt)
+        # make_qx_quants(16, 32, scales, Ls, 1, sw): one group, run in every lane alike
+        st = alloca_entry(b, VF, 16, name="st")
+        swt = alloca_entry(b, VF, 16, name="swt")
+        for i, (sv, wv) in enumerate(zip(emit_lanes(b, scales), emit_lanes(b, sw))):
+            b.store(emit_splat(b, sv), b.gep(st, [c(i)]))
+            b.store(emit_splat(b, wv), b.gep(swt, [c(i)]))
+        lst = alloca_entry(b, V8, 16, name="lst")
+        d_block = b.extract_element(emit_make_qx_quants(b, st, 16, 32, lst, swt), c(0))
+        ls = [b.extract_element(b.load(b.gep(lst, [c(i)])), c(0)) for i in range(16)]
+        l = b.zext(emit_vector_of(b, ls), VI)
+        self._emit_finish(b, xt, lt, l, emit_f32_to_f16(b, d_block, hw), y)
+
+    def _emit_finish(self, b: ir.IRBuilder, xt: ir.Value, lt: ir.Value, l: ir.Value,
+                     d16: ir.Value, y: ir.Value) -> None:
+        """Store d (fp16 bits) and the six-bit scales l (i32 lanes in [0, 64)), requantize
+        the levels at lt where d*(l - 32) != 0 and pack them."""
+        hw = hardware_half(Target.CPU)
+        c = lambda v: const(i32, v)  # noqa: E731
         b.store(d16, b.bitcast(b.gep(y, [c(D)]), i16.as_pointer()), align=1)
         ls = [b.trunc(v, i8) for v in emit_lanes(b, l)]
         c8 = lambda v: const(i8, v)  # noqa: E731

@@ -11,10 +11,11 @@ import numpy as np
 from llvmlite import ir
 
 from ...gguf import GGMLType
-from ...jit.builders import Target, const, f32, i8, i16, i32
+from ...jit.builders import Target, const, f32, i8, i16, i32, i64
 from ...jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..base import QuantType, register
+from ..base import IntGroup, QuantType, register
 from ..floats import f16_from_f32_ref
+from ._imatrix import emit_search_q45_imatrix, q45_k_search_ref
 from ._qkx2 import (
     F32,
     Lanes,
@@ -165,9 +166,20 @@ class Q4_K(QuantType):
     n_levels = 16
     has_quantize_kernel = has_dequantize_kernel = True
 
+    uses_imatrix = True
+
     def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
-        nb = x.shape[0]
-        dh, dmh, scales, L = search_q45_ref(x, 15, -1.0, 20)
+        return self._assemble(*search_q45_ref(x, 15, -1.0, 20))
+
+    def quantize_rows_ref(self, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        if imatrix is None:
+            return super().quantize_rows_ref(x)
+        out = self._assemble(*q45_k_search_ref(x, imatrix, 15, cap=False))
+        return out.reshape(x.shape[0], -1)
+
+    @staticmethod
+    def _assemble(dh, dmh, scales, L) -> np.ndarray:
+        nb = L.shape[0]
         L = L.reshape(nb, 4, 2, 32)
         qs = (L[:, :, 0] | (L[:, :, 1] << 4)).reshape(nb, 128)
         return np.concatenate([half_bytes(dh), half_bytes(dmh), scales, qs], axis=1)
@@ -181,7 +193,16 @@ class Q4_K(QuantType):
         return dequantize_q45_ref(q, self.levels_ref(q))
 
     def emit_quantize_block(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> None:
-        L = emit_search_q45(b, x, y, 15, -1.0, 20)
+        self._emit_store_levels(b, emit_search_q45(b, x, y, 15, -1.0, 20), y)
+
+    has_imatrix_kernel = True
+
+    def emit_quantize_block_imatrix(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value,
+                                    qw: ir.Value, row: object) -> None:
+        self._emit_store_levels(b, emit_search_q45_imatrix(b, x, y, qw, 15, False), y)
+
+    @staticmethod
+    def _emit_store_levels(b: ir.IRBuilder, L: list[ir.Value], y: ir.Value) -> None:
         for j in range(4):
             lo, hi = gather_lanes(b, L, 2 * j), gather_lanes(b, L, 2 * j + 1)
             store_bytes(b, b.or_(lo, b.shl(hi, splat_i32(32, 4))), y, 16 + 32 * j)
@@ -194,6 +215,26 @@ class Q4_K(QuantType):
             return b.lshr(q, c(4)) if h else b.and_(q, c(0xF))
 
         emit_dequantize_q45(b, y, x, level)
+
+    int_dot = True
+
+    def emit_int_groups(self, b: ir.IRBuilder, src: ir.Value) -> list[IntGroup]:
+        """8 groups of 32 nibbles: w = d*sc * q - dmin*m (6-bit sc, m of each group)."""
+        from ...jit.builders import load_bytes as load_v
+        from ...jit.builders import vconst
+        from ...jit.floats import load_f16
+
+        d, dmin = load_f16(b, src, 0), load_f16(b, src, 2)
+        scales = b.gep(src, [const(i64, 4)])
+        out = []
+        for j in range(4):
+            qs = load_v(b, src, 16 + 32 * j, 32)
+            for h in range(2):
+                q = b.lshr(qs, vconst(i8, 4, 32)) if h else b.and_(qs, vconst(i8, 0xF, 32))
+                sc, m = emit_get_scale_min_k4(b, scales, 2 * j + h)
+                out.append(IntGroup(q, False, b.fmul(d, b.uitofp(sc, f32)),
+                                    b.fmul(b.fmul(dmin, b.uitofp(m, f32)), const(f32, -1.0))))
+        return out
 
 
 def splat_i32(n: int, v: int) -> ir.Constant:

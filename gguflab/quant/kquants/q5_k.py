@@ -11,6 +11,7 @@ from llvmlite import ir
 
 from ...gguf import GGMLType
 from ..base import QuantType, register
+from ._imatrix import emit_search_q45_imatrix, q45_k_search_ref
 from ._qkx2 import half_bytes
 from .q4_k import (
     dequantize_q45_ref,
@@ -30,9 +31,20 @@ class Q5_K(QuantType):
     n_levels = 32
     has_quantize_kernel = has_dequantize_kernel = True
 
+    uses_imatrix = True
+
     def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
-        nb = x.shape[0]
-        dh, dmh, scales, L = search_q45_ref(x, 31, -0.5, 15)
+        return self._assemble(*search_q45_ref(x, 31, -0.5, 15))
+
+    def quantize_rows_ref(self, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        if imatrix is None:
+            return super().quantize_rows_ref(x)
+        out = self._assemble(*q45_k_search_ref(x, imatrix, 31, cap=True))
+        return out.reshape(x.shape[0], -1)
+
+    @staticmethod
+    def _assemble(dh, dmh, scales, L) -> np.ndarray:
+        nb = L.shape[0]
         Ls = L.reshape(nb, 8, 32)
         qh = np.zeros((nb, 32), np.uint8)
         for s in range(8):
@@ -53,8 +65,17 @@ class Q5_K(QuantType):
         return dequantize_q45_ref(q, self.levels_ref(q))
 
     def emit_quantize_block(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> None:
+        self._emit_store_levels(b, emit_search_q45(b, x, y, 31, -0.5, 15), y)
+
+    has_imatrix_kernel = True
+
+    def emit_quantize_block_imatrix(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value,
+                                    qw: ir.Value, row: object) -> None:
+        self._emit_store_levels(b, emit_search_q45_imatrix(b, x, y, qw, 31, True), y)
+
+    @staticmethod
+    def _emit_store_levels(b: ir.IRBuilder, L: list[ir.Value], y: ir.Value) -> None:
         c = lambda v: splat_i32(32, v)  # noqa: E731
-        L = emit_search_q45(b, x, y, 31, -0.5, 15)
         qh = c(0)
         for s in range(8):
             lane = gather_lanes(b, L, s)

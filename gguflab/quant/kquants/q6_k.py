@@ -12,8 +12,9 @@ from llvmlite import ir
 from ...gguf import GGMLType
 from ...jit.builders import Target, alloca_entry, const, f32, for_range, i8, i16, i32
 from ...jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..base import QuantType, register
+from ..base import IntGroup, QuantType, register
 from ..floats import f16_from_f32_ref
+from ._imatrix import q6_k_weights
 from ._qx import (
     GROUP_MAX_EPS,
     QK_K,
@@ -68,10 +69,14 @@ class Q6_K(QuantType):
 
     # -- numpy ----------------------------------------------------------------------------
 
-    def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
+    uses_imatrix = True
+
+    def quantize_blocks_ref(self, x: np.ndarray, qw: np.ndarray | None = None) -> np.ndarray:
+        """`qw`: importance weights (nb * 16, 16), as quantize_row_q6_K_impl passes them to
+        make_qx_quants; None for quantize_row_q6_K_ref."""
         x = np.ascontiguousarray(x, np.float32)
         nb = x.shape[0]
-        scales, L = make_qx_quants(x.reshape(nb * 16, 16), 32, 1)
+        scales, L = make_qx_quants(x.reshape(nb * 16, 16), 32, 1, qw)
         scales = scales.reshape(nb, 16)
         L = L.reshape(nb, QK_K).astype(np.int32)
         max_abs, max_scale = first_absmax(scales)
@@ -91,6 +96,12 @@ class Q6_K(QuantType):
         out[zero] = 0
         return out
 
+    def quantize_rows_ref(self, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+        if imatrix is None:
+            return super().quantize_rows_ref(x)
+        out = self.quantize_blocks_ref(x.reshape(-1, QK_K), q6_k_weights(x, imatrix))
+        return out.reshape(x.shape[0], -1)
+
     def levels_ref(self, q: np.ndarray) -> np.ndarray:
         q = np.ascontiguousarray(q, np.uint8)
         low = (q[:, QL_IDX] >> QL_SHIFT) & 0xF
@@ -107,10 +118,22 @@ class Q6_K(QuantType):
     # -- IR -------------------------------------------------------------------------------
 
     def emit_quantize_block(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> None:
+        self._emit_quantize(b, x, y, None)
+
+    has_imatrix_kernel = True
+
+    def emit_quantize_block_imatrix(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value,
+                                    qw: ir.Value, row: object) -> None:
+        self._emit_quantize(b, x, y, qw)
+
+    def _emit_quantize(self, b: ir.IRBuilder, x: ir.Value, y: ir.Value,
+                       qw: ir.Value | None) -> None:
+        """quantize_row_q6_K_ref (qw None) or quantize_row_q6_K_impl with weights at qw."""
         hw = hardware_half(Target.CPU)
         xt = emit_transpose_in(b, x)
+        wt = None if qw is None else emit_transpose_in(b, qw)
         lt = alloca_entry(b, V8, 16, name="lt")
-        scales = emit_make_qx_quants(b, xt, 16, 32, lt)
+        scales = emit_make_qx_quants(b, xt, 16, 32, lt, wt)
         amax, max_scale = emit_scalar_first_absmax(b, scales)
         is_zero = b.fcmp_ordered("<", amax, const(f32, float(GROUP_MAX_EPS)))
         with b.if_else(is_zero) as (zero, normal):
@@ -170,3 +193,31 @@ class Q6_K(QuantType):
             level = b.or_(low, b.shl(high, splat(VI, 4)))
             val = b.fmul(emit_splat(b, ds), b.sitofp(b.sub(level, splat(VI, 32)), VF))
             b.store(val, b.gep(xv, [c(j)]), align=4)
+
+    int_dot = True
+
+    def emit_int_groups(self, b: ir.IRBuilder, src: ir.Value) -> list[IntGroup]:
+        """8 groups of 32 signed levels (6 bits, less 32): w = d * sc * q, with the 8-bit
+        scale of each half of the group as its integer factor."""
+        from ...jit.builders import load_bytes as load_v
+        from ...jit.builders import vconst
+        from ...jit.floats import load_f16
+
+        c8 = lambda v: vconst(i8, v, 32)  # noqa: E731
+        d = load_f16(b, src, D)
+        v16 = ir.VectorType(i16, 16)
+        out = []
+        for g in range(8):
+            o = 32 * g
+            ql = load_v(b, src, int(QL_IDX[o]), 32)
+            qh = load_v(b, src, int(QH_IDX[o]), 32)
+            low = b.and_(b.lshr(ql, c8(int(QL_SHIFT[o]))), c8(0xF))
+            high = b.and_(b.lshr(qh, c8(int(QH_SHIFT[o]))), c8(3))
+            q = b.sub(b.or_(low, b.shl(high, c8(4))), c8(32))
+            sc = [b.sext(b.load(b.gep(src, [const(i32, SC + 2 * g + h)])), i16)
+                  for h in range(2)]
+            halves = ir.Constant(v16, None)
+            for k in range(16):
+                halves = b.insert_element(halves, sc[k // 8], const(i32, k))
+            out.append(IntGroup(q, True, d, None, halves))
+        return out

@@ -35,6 +35,7 @@ D, QS, BS = 0, 4, 260
 @register
 class Q8_K(QuantType):
     type = GGMLType.Q8_K
+    weight_type = False  # llama.cpp's activation type for the K-quant products
     n_levels = 256
     has_quantize_kernel = has_dequantize_kernel = True
 

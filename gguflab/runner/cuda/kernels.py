@@ -47,10 +47,8 @@ MAX_HEAD_DIM = 256  # attention keeps one head's output row per lane on the stac
 MATMUL_TOKENS = 4  # tokens per item of the prompt kernel: each weight row dequantized once
 LOG2E = 1.4426950408889634
 
-# every type the quant registry can dequantize with IR (F32 is a plain load)
-WEIGHT_TYPES: tuple[GGMLType, ...] = tuple(
-    t for t, q in quant.REGISTRY.items() if q.has_dequantize_kernel or t == GGMLType.F32
-)
+# every weight type the quant registry can dequantize with IR (F32 is a plain load)
+WEIGHT_TYPES: tuple[GGMLType, ...] = quant.weight_types()
 
 _ARG_IR = {"p": ptr(i8), "i": i64, "f": f32}
 _ARG_C = {"p": ctypes.c_void_p, "i": ctypes.c_int64, "f": ctypes.c_float}
