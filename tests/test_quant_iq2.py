@@ -1,0 +1,182 @@
+"""IQ2_XXS, IQ2_XS, IQ2_S against llama.cpp: quantized bytes equal to `ggml_quantize_chunk`
+(with a random positive importance matrix, and without one for IQ2_S), dequantized floats
+equal to `dequantize_row_iq2_*`, and the runner's products over these weights equal to
+x @ dequantize(w).T within float tolerance."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+from ggml_oracle import ggml_dequantize, libggml, sample_weights
+
+from gguflab import quant
+from gguflab.errors import UserError
+from gguflab.gguf import GGMLType, type_info
+from gguflab.quant.iquants.grids_iq2 import address, grid_levels, search_tables
+from gguflab.runner import kernels
+
+TYPES = [GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S]
+SHAPES = [(6, 256), (3, 512), (2, 4096)]
+
+
+def ggml_quantize_chunk(t: GGMLType, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    """llama.cpp's `ggml_quantize_chunk` on float32 rows x, with the imatrix (or NULL)."""
+    lib = libggml()
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init(int(t))
+    fn = lib.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    x = np.ascontiguousarray(x, np.float32)
+    rows, n = x.shape
+    out = np.zeros((rows, type_info(t).row_bytes(n)), np.uint8)
+    qw = None if imatrix is None else np.ascontiguousarray(imatrix, np.float32)
+    fn(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n, None if qw is None else qw.ctypes.data)
+    return out
+
+
+def weights(rows: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weight-like rows (per-row scale, a few outliers) and a positive imatrix."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, n)).astype(np.float32) * rng.uniform(0.005, 0.05, (rows, 1))
+    x[rng.random((rows, n)) < 0.002] *= 20
+    imatrix = (rng.gamma(1.0, 1.0, n) + 1e-3).astype(np.float32)
+    return x.astype(np.float32), imatrix
+
+
+def check_bytes(ours: np.ndarray, ref: np.ndarray, t: GGMLType) -> None:
+    bad = np.nonzero((ours != ref).any(axis=-1))[0]
+    assert bad.size == 0, f"{t.name}: rows {bad[:10]} differ from ggml"
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_reference_quantizer_matches_ggml(t, shape):
+    x, imatrix = weights(*shape, seed=shape[1] + int(t))
+    ours = quant.get(t).quantize(x, imatrix=imatrix, reference=True)
+    check_bytes(ours, ggml_quantize_chunk(t, x, imatrix), t)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_edge_cases_match_ggml(t):
+    """All-zero, constant, tiny, huge, one-signed and integer rows; imatrix with zeros."""
+    x = sample_weights(12, 512, seed=3)
+    x[8, :200] = 0.0
+    x[9, 7] = 1e-20
+    x[10] = -1.0
+    x[11, ::3] = -2.5
+    imatrix = np.random.default_rng(5).uniform(0.0, 4.0, 512).astype(np.float32)
+    imatrix[::13] = 0.0
+    ref = ggml_quantize_chunk(t, x, imatrix)
+    for reference in (True, False):
+        check_bytes(quant.get(t).quantize(x, imatrix=imatrix, reference=reference), ref, t)
+    if t == GGMLType.IQ2_S:
+        ref = ggml_quantize_chunk(t, x, None)
+        for reference in (True, False):
+            check_bytes(quant.get(t).quantize(x, reference=reference), ref, t)
+
+
+@pytest.mark.parametrize("shape", [(6, 256), (2, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_iq2_s_without_imatrix_matches_ggml(shape):
+    t = GGMLType.IQ2_S
+    x, _ = weights(*shape, seed=11)
+    ours = quant.get(t).quantize(x, reference=True)
+    check_bytes(ours, ggml_quantize_chunk(t, x, None), t)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_compiled_quantizer_matches_ggml(t):
+    qt = quant.get(t)
+    x, imatrix = weights(16, 1024, seed=21 + int(t))
+    x[3, :256] = 0.0
+    ref = ggml_quantize_chunk(t, x, imatrix)
+    check_bytes(qt.quantize(x, imatrix=imatrix, threads=2), ref, t)
+    if not qt.requires_imatrix:
+        check_bytes(qt.quantize(x, threads=2), ggml_quantize_chunk(t, x, None), t)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_dequantize_matches_ggml(t):
+    """On quantized weights and on random blocks (every grid index, every sign pattern)."""
+    qt = quant.get(t)
+    x, imatrix = weights(4, 512, seed=7)
+    rng = np.random.default_rng(int(t))
+    ts = type_info(t).type_size
+    rnd = rng.integers(0, 256, (64, ts), dtype=np.uint8)
+    rnd[:, 0:2] = np.frombuffer(np.float16(0.0123).tobytes(), np.uint8)  # a finite d
+    for q in (qt.quantize(x, imatrix=imatrix), rnd.reshape(8, -1)):
+        n = q.shape[1] // ts * 256
+        want = ggml_dequantize(t, q, n)
+        for reference in (True, False):
+            got = qt.dequantize(q, reference=reference)
+            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("n_tok", [1, 5])
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_runner_products(t, n_tok):
+    qt = quant.get(t)
+    x, imatrix = weights(40, 512, seed=9)
+    w = qt.quantize(x, imatrix=imatrix)
+    wd = qt.dequantize(w).astype(np.float64)
+    a = np.random.default_rng(n_tok).standard_normal((n_tok, 512)).astype(np.float32)
+    if n_tok == 1 and kernels.quantizes_activations(t):
+        q8 = quant.get(GGMLType.Q8_0)
+        a_used = q8.dequantize(q8.quantize(a)).reshape(a.shape)
+    else:
+        a_used = a
+    y = kernels.matmul(w, t, a)
+    ref = a_used.astype(np.float64) @ wd.T
+    scale = np.maximum(np.abs(a_used.astype(np.float64)) @ np.abs(wd).T, 1e-30)
+    assert float((np.abs(y - ref) / scale).max()) < 1e-5
+
+
+@pytest.mark.parametrize("t", [GGMLType.IQ2_XXS, GGMLType.IQ2_XS], ids=lambda t: t.name)
+def test_missing_imatrix_is_a_user_error(t):
+    lib = libggml()
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    assert lib.ggml_quantize_requires_imatrix(int(t))
+    x, _ = weights(2, 256, seed=1)
+    with pytest.raises(UserError, match="importance matrix"):
+        quant.get(t).quantize(x)
+    with pytest.raises(UserError, match="importance matrix"):
+        quant.get(t).quantize_rows_ref(x, None)
+
+
+def test_flags_follow_ggml():
+    lib = libggml()
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    for t in TYPES:
+        qt = quant.get(t)
+        assert qt.uses_imatrix
+        assert qt.requires_imatrix == lib.ggml_quantize_requires_imatrix(int(t))
+
+
+def test_bad_shapes_are_user_errors():
+    qt = quant.get(GGMLType.IQ2_S)
+    x, imatrix = weights(2, 512, seed=2)
+    with pytest.raises(UserError, match="columns"):
+        qt.quantize(x, imatrix=imatrix[:256])
+    with pytest.raises(UserError):
+        qt.quantize(x[:, :100], imatrix=imatrix[:100])
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_search_tables(t):
+    """Every point of the level cube is on the grid or has neighbours that are, all at the
+    smallest distances; the grid round-trips through its addresses."""
+    lv = grid_levels(t)
+    st = search_tables(t)
+    assert (st.index[address(lv)] == np.arange(len(lv))).all()
+    cube = (np.arange(3**8)[:, None] // 3 ** np.arange(8)) % 3
+    addr = address(cube)
+    off = st.index[addr] < 0
+    for a, p in zip(addr[off][::97], cube[off][::97], strict=True):
+        s = st.start[a]
+        cand = st.flat[s + 1: s + 1 + st.flat[s]]
+        d2 = ((lv.astype(int) - p) ** 2).sum(axis=1)
+        assert d2[cand].min() == d2.min()
+        assert (np.diff(d2[cand]) >= 0).all()

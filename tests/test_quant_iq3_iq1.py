@@ -1,0 +1,156 @@
+"""IQ3_XXS, IQ3_S, IQ1_S, IQ1_M against llama.cpp: quantized bytes equal to
+`ggml_quantize_chunk` (with and without an importance matrix), dequantized floats equal to
+`dequantize_row_*`, and the runner's products equal to a product with the dequantized rows."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+from ggml_oracle import ggml_dequantize, libggml, sample_weights
+
+from gguflab import quant
+from gguflab.errors import UserError
+from gguflab.gguf import GGMLType, type_info
+
+IQ3 = [GGMLType.IQ3_S, GGMLType.IQ3_XXS]
+IQ1 = [GGMLType.IQ1_S, GGMLType.IQ1_M]
+TYPES = [t for t in IQ3 + IQ1 if t in quant.REGISTRY]
+
+
+def ggml_quantize_chunk(t: GGMLType, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    """llama.cpp's `ggml_quantize_chunk` on float32 rows x, imatrix one weight per column."""
+    lib = libggml()
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init.restype = None
+    lib.ggml_quantize_init(int(t))
+    fn = lib.ggml_quantize_chunk
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    x = np.ascontiguousarray(x, np.float32)
+    rows, n = x.shape
+    out = np.zeros((rows, type_info(t).row_bytes(n)), np.uint8)
+    im = None if imatrix is None else np.ascontiguousarray(imatrix, np.float32)
+    fn(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n,
+       None if im is None else im.ctypes.data)
+    return out
+
+
+def ggml_requires_imatrix(t: GGMLType) -> bool:
+    fn = libggml().ggml_quantize_requires_imatrix
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_bool
+    return bool(fn(int(t)))
+
+
+def weight_like(rows: int, n: int, seed: int) -> np.ndarray:
+    """Heavy-tailed rows with per-column scale, like a trained weight matrix."""
+    rng = np.random.default_rng(seed)
+    col = np.exp(rng.normal(0, 0.5, n)).astype(np.float32)
+    x = rng.standard_t(5, (rows, n)).astype(np.float32) * 0.02 * col
+    return x.astype(np.float32)
+
+
+def random_imatrix(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.gamma(1.0, 1.0, n) + 1e-3).astype(np.float32)
+
+
+def edge_rows(n: int) -> np.ndarray:
+    """sample_weights' edge cases plus zero sub-blocks inside a non-zero super-block."""
+    x = sample_weights(8, n, seed=3)
+    x[0, 32:64] = 0.0
+    x[0, 160:192] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("reference", [True, False], ids=["numpy", "compiled"])
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("n", [256, 512])
+def test_quantize_matches_ggml(t, n, reference):
+    qt = quant.get(t)
+    x = weight_like(4, n, seed=n)
+    imx = random_imatrix(n, seed=n + 1)
+    got = qt.quantize(x, imatrix=imx, reference=reference)
+    assert np.array_equal(got, ggml_quantize_chunk(t, x, imx))
+    if not qt.requires_imatrix:
+        got = qt.quantize(x, reference=reference)
+        assert np.array_equal(got, ggml_quantize_chunk(t, x, None))
+
+
+@pytest.mark.parametrize("reference", [True, False], ids=["numpy", "compiled"])
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_quantize_edge_cases_match_ggml(t, reference):
+    qt = quant.get(t)
+    x = edge_rows(512)
+    imx = random_imatrix(512, seed=7)
+    got = qt.quantize(x, imatrix=imx, reference=reference)
+    assert np.array_equal(got, ggml_quantize_chunk(t, x, imx))
+    if not qt.requires_imatrix:
+        got = qt.quantize(x, reference=reference)
+        assert np.array_equal(got, ggml_quantize_chunk(t, x, None))
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_compiled_quantizer_on_many_rows_and_threads(t):
+    """Thread slices and odd row counts: the compiled path equals ggml on every row."""
+    qt = quant.get(t)
+    x = np.concatenate([weight_like(13, 1024, seed=41), edge_rows(1024)])
+    imx = random_imatrix(1024, seed=42)
+    assert np.array_equal(qt.quantize(x, imatrix=imx, threads=3),
+                          ggml_quantize_chunk(t, x, imx))
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_quantize_wide_row_matches_ggml(t):
+    qt = quant.get(t)
+    x = weight_like(2, 4096, seed=11)
+    imx = random_imatrix(4096, seed=12)
+    assert np.array_equal(qt.quantize(x, imatrix=imx), ggml_quantize_chunk(t, x, imx))
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_dequantize_matches_ggml(t):
+    qt = quant.get(t)
+    x = weight_like(3, 512, seed=5)
+    q = ggml_quantize_chunk(t, x, random_imatrix(512, seed=6))
+    want = ggml_dequantize(t, q, 512)
+    assert np.array_equal(qt.dequantize(q, reference=True), want)
+    assert np.array_equal(qt.dequantize(q), want)
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_requires_imatrix_as_ggml(t):
+    qt = quant.get(t)
+    assert qt.requires_imatrix == ggml_requires_imatrix(t)
+    assert qt.uses_imatrix
+    if qt.requires_imatrix:
+        with pytest.raises(UserError, match="importance matrix"):
+            qt.quantize(weight_like(1, 256, seed=0))
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_imatrix_of_wrong_width_is_a_user_error(t):
+    with pytest.raises(UserError, match="columns"):
+        quant.get(t).quantize(weight_like(1, 512, seed=0), imatrix=np.ones(256, np.float32))
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_runner_matmul_matches_dequantized_product(t):
+    from gguflab.runner import kernels
+
+    qt = quant.get(t)
+    w = ggml_quantize_chunk(t, weight_like(8, 512, seed=21), random_imatrix(512, seed=22))
+    x = np.random.default_rng(23).standard_normal((3, 512)).astype(np.float32)
+    want = x @ qt.dequantize(w, reference=True).T
+    got = kernels.matmul(w, t, x)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_histogram_counts_every_weight(t):
+    qt = quant.get(t)
+    q = ggml_quantize_chunk(t, weight_like(2, 512, seed=31), random_imatrix(512, seed=32))
+    assert qt.histogram(q).sum() == 1024
