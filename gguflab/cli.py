@@ -334,6 +334,47 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_imatrix(args: argparse.Namespace) -> int:
+    from .events import Finished, Log, Measured, Progress, Started
+    from .imatrix import combine, load
+    from .imatrix.collect import collect_imatrix, format_statistics
+
+    if args.show_statistics and not args.file:  # llama-imatrix: statistics of the inputs only
+        if not args.in_file:
+            raise UserError("--show-statistics needs an imatrix (--in-file) or a text (-f)")
+        im = combine([load(f) for f in args.in_file], args.ctx_size)
+        print(format_statistics(im, ", ".join(args.in_file)))
+        return 0
+    done = 0
+    try:
+        for ev in collect_imatrix(
+                args.model, args.file, args.output, args.ctx_size, args.chunks,
+                args.process_output, args.output_frequency, args.in_file or (),
+                args.output_format, args.threads, args.n_gpu_layers, not args.no_ppl):
+            if isinstance(ev, Started):
+                print(f"imatrix: {ev.source} -> {ev.target}, {ev.total} chunk(s)",
+                      file=sys.stderr)
+            elif isinstance(ev, Log):
+                print(f"{ev.level}: {ev.text}", file=sys.stderr)
+            elif isinstance(ev, Progress):
+                done = ev.done
+            elif isinstance(ev, Measured) and ev.values.get("ppl") is not None:
+                i, n = ev.values["chunk"], ev.values["chunks"]
+                print(f"[{i}]{ev.values['ppl']:.4f},", end="" if i < n else "\n", flush=True)
+            elif isinstance(ev, Finished):
+                s = ev.stats
+                print(f"wrote {ev.path}: {s['entries']} entries, {s['chunks']} chunks",
+                      file=sys.stderr)
+    except KeyboardInterrupt:
+        if done:
+            print(f"\ngguflab: interrupted; kept {done} chunk(s) in {args.output}",
+                  file=sys.stderr)
+        raise
+    if args.show_statistics:
+        print(format_statistics(load(args.output), args.output))
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from . import fmt
     from .catalog import embedded_model
@@ -505,6 +546,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kl-divergence", action="store_true",
                    help="compare with the base saved in --kl-divergence-base")
     s.set_defaults(func=cmd_perplexity)
+
+    s = sub.add_parser("imatrix", help="collect an importance matrix (like llama-imatrix)")
+    s.add_argument("-m", "--model", help="GGUF model (default: the embedded SmolLM2)")
+    s.add_argument("-f", "--file", help="text to run the model over")
+    s.add_argument("-o", "--output", default="imatrix.gguf",
+                   help="output file (default %(default)s; rewritten as chunks are done)")
+    s.add_argument("-c", "--ctx-size", type=int, default=512,
+                   help="tokens per chunk (default %(default)s)")
+    s.add_argument("--chunks", type=int, default=-1, help="at most this many chunks")
+    s.add_argument("--process-output", action="store_true",
+                   help="collect output.weight's inputs too")
+    s.add_argument("--output-frequency", type=int, default=10, metavar="N",
+                   help="save every N chunks (default %(default)s)")
+    s.add_argument("--in-file", action="append", metavar="FILE",
+                   help="an imatrix to add to (repeatable; alone: combine them)")
+    s.add_argument("--output-format", choices=["gguf", "dat"], default="gguf",
+                   help="gguf (default) or the legacy dat")
+    s.add_argument("--show-statistics", action="store_true",
+                   help="print per-tensor statistics (of --in-file, or of the result)")
+    s.add_argument("--no-ppl", action="store_true", help="skip the perplexity estimate")
+    s.add_argument("-t", "--threads", type=int, default=None)
+    from .runner.offload import parse_n_gpu_layers
+
+    s.add_argument("-ngl", "--n-gpu-layers", type=parse_n_gpu_layers, default=0,
+                   metavar="N|auto", help="accepted for llama.cpp's sake: collecting runs on "
+                                          "the CPU")
+    s.set_defaults(func=cmd_imatrix)
 
     s = sub.add_parser("sweep", help="quantize a model to several types and measure each: "
                                      "size, ppl, KLD, speed",

@@ -85,6 +85,12 @@ def perplexity_job(model: str, text_file: str | None = None, n_ctx: int = 512,
     yield Finished(save_base, {**values, "seconds": time.perf_counter() - t0})
 
 
+def imatrix_job(**kwargs: Any) -> Iterator[Event]:
+    from .imatrix.collect import collect_imatrix
+
+    yield from collect_imatrix(**kwargs)
+
+
 def sweep_job(**kwargs: Any) -> Iterator[Event]:
     from .sweep import sweep_model
 
@@ -96,6 +102,7 @@ JOB_KINDS: dict[str, Callable[..., Iterator[Event]]] = {
     "convert": convert_job,
     "perplexity": perplexity_job,
     "sweep": sweep_job,
+    "imatrix": imatrix_job,
 }
 
 

@@ -8,6 +8,8 @@ fly. Hyperparameters and conventions follow llama.cpp (F16 KV cache)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,10 +122,11 @@ class Weight:
 
     data: np.ndarray
     type: GGMLType
+    name: str = ""  # the GGUF tensor it is (or is a row block of)
 
     @classmethod
     def of(cls, t: ReaderTensor) -> Weight:
-        return cls(t.data if t.data.ndim > 1 else t.data.reshape(1, -1), t.type)
+        return cls(t.data if t.data.ndim > 1 else t.data.reshape(1, -1), t.type, t.name)
 
     def __matmul__(self, x: np.ndarray) -> np.ndarray:  # W @ x  ==  x @ W.T
         return matmul(self.data, self.type, x)
@@ -206,7 +209,7 @@ class Model:
                 raise UserError(f"{r.path}: {name} has {whole.data.shape[0]} rows, "
                                 f"expected {' + '.join(map(str, widths))}")
             for n in widths:
-                out.append(Weight(whole.data[at:at + n], whole.type))
+                out.append(Weight(whole.data[at:at + n], whole.type, whole.name))
                 at += n
             return out
 
@@ -354,7 +357,10 @@ class Model:
             if gpu is not None and gpu.output:
                 logits = gpu.logits(x)
             else:
-                logits = self.output @ rms_norm(x, self.output_norm, hp.rms_eps)
+                h = rms_norm(x, self.output_norm, hp.rms_eps)
+                if _observer is not None:
+                    _observe((self.output,), h)
+                logits = self.output @ h
         if hp.final_softcap:
             logits = softcap(logits, hp.final_softcap)
         return logits if all_logits else logits[0]
@@ -364,6 +370,8 @@ class Model:
         hp = self.hp
         n, hd, n_kv = len(pos), hp.head_dim, hp.n_head_kv
         group = hp.n_head // n_kv
+        if _observer is not None:
+            _observe((L.wq, L.wk, L.wv), h)
         q, k, v = matmuls([(L.wq.data, L.wq.type), (L.wk.data, L.wk.type),
                            (L.wv.data, L.wv.type)], h)
         if L.bq is not None:
@@ -392,7 +400,10 @@ class Model:
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         scores /= scores.sum(-1, keepdims=True)
         out = (scores @ vals[:, :t]).reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3)
-        return L.wo @ np.ascontiguousarray(out, np.float32).reshape(n, hp.n_head * hd)
+        out = np.ascontiguousarray(out, np.float32).reshape(n, hp.n_head * hd)
+        if _observer is not None:
+            _observe((L.wo,), out)
+        return L.wo @ out
 
     def rope(self, x: np.ndarray, pos: np.ndarray, local: bool = False,
              n_ctx: int = 0) -> np.ndarray:
@@ -435,6 +446,34 @@ class Model:
         return memo[1], memo[2], memo[3]
 
 
+# -- watching the products' inputs (llama-imatrix's callback) ---------------------------------
+
+# fn(weight name, input rows (n_tok, n_in) float32, expert index or None): None costs nothing
+_observer: Callable[[str, np.ndarray, int | None], None] | None = None
+
+
+@contextmanager
+def observe_inputs(fn: Callable[[str, np.ndarray, int | None], None]) -> Iterator[None]:
+    """While active, `fn(name, x, expert)` sees the input rows of every product the CPU
+    forward pass makes with a named weight, once per weight per pass (Q, K and V fused in
+    one tensor: once); for stacked experts `expert` is the index and `x` the rows routed to
+    it, ordered by routing slot then token as llama.cpp's MUL_MAT_ID walks them."""
+    global _observer
+    prev, _observer = _observer, fn
+    try:
+        yield
+    finally:
+        _observer = prev
+
+
+def _observe(weights: tuple[Weight, ...], x: np.ndarray, expert: int | None = None) -> None:
+    seen = set()
+    for w in weights:
+        if w.name and w.name not in seen:
+            seen.add(w.name)
+            _observer(w.name, x, expert)
+
+
 def yarn_ramp(hp: HParams) -> np.ndarray:
     """YaRN's per-pair ramp (1: extrapolate, 0: interpolate) between the correction dims
     of beta_fast and beta_slow rotations over the original context (ggml's corr_dims)."""
@@ -457,8 +496,13 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 
 def ffn(L: Layer, h: np.ndarray, gelu: bool = False) -> np.ndarray:
     """SwiGLU: down(silu(gate(h)) * up(h)); or GeGLU, with GELU for SiLU."""
+    if _observer is not None:
+        _observe((L.w_gate, L.w_up), h)
     gate, up = matmuls([(L.w_gate.data, L.w_gate.type), (L.w_up.data, L.w_up.type)], h)
-    return L.w_down @ ((gelu_ggml(gate) if gelu else silu(gate)) * up)
+    act = (gelu_ggml(gate) if gelu else silu(gate)) * up
+    if _observer is not None:
+        _observe((L.w_down,), act)
+    return L.w_down @ act
 
 
 def softcap(x: np.ndarray, cap: float) -> np.ndarray:
@@ -492,6 +536,8 @@ def moe_ffn(ex: Experts, h: np.ndarray) -> np.ndarray:
     """The experts' SwiGLUs, weighted: each token's `used` most probable experts under the
     router's softmax, their probabilities renormalised (llama.cpp's build_moe_ffn with
     softmax gating and norm_w). Each expert runs once over the tokens routed to it."""
+    if _observer is not None:
+        _observe((ex.router,), h)
     logits = ex.router @ h  # (n_tok, n_expert)
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -503,7 +549,12 @@ def moe_ffn(ex: Experts, h: np.ndarray) -> np.ndarray:
         rows, slot = np.nonzero(top == e)
         x = np.ascontiguousarray(h[rows])
         gate, up = matmuls([(ex.gate.data[e], ex.gate.type), (ex.up.data[e], ex.up.type)], x)
-        y = matmul(ex.down.data[e], ex.down.type, silu(gate) * up)
+        act = silu(gate) * up
+        if _observer is not None:  # in llama.cpp's order: by expert slot, then token
+            order = np.lexsort((rows, slot))
+            _observe((ex.gate, ex.up), x[order], int(e))
+            _observe((ex.down,), act[order], int(e))
+        y = matmul(ex.down.data[e], ex.down.type, act)
         out[rows] += w[rows, slot, None] * y
     return out
 
