@@ -88,8 +88,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .events import Finished, Log, Progress, Started, TensorDone
     from .gguf import type_by_name
     from .progress import ProgressBar
-    from .quant.mixes import parse_mix
-    from .quant.pipeline import QuantizeOptions, quantize_model
+    from .quant.mixes import (
+        parse_mix,
+        parse_prune_layers,
+        parse_tensor_type,
+        parse_tensor_type_file,
+    )
+    from .quant.pipeline import QuantizeOptions, parse_kv_override, quantize_model
 
     _parse_quantize_positionals(args)
     mix = parse_mix(args.type)
@@ -103,12 +108,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = args.output
     if out is None and not args.dry_run:
         out = os.path.join(os.path.dirname(args.input), f"ggml-model-{mix.name}.gguf")
+    tensor_types = []  # in command-line order: the first matching pattern wins
+    for kind, text in args.tensor_types:
+        if kind == "file":
+            tensor_types += parse_tensor_type_file(text)
+        else:
+            tensor_types.append(parse_tensor_type(text))
+    if args.include_weights and args.exclude_weights:
+        raise UserError("--include-weights and --exclude-weights cannot be used together")
     opts = QuantizeOptions(
         output_tensor_type=tensor_type(args.output_tensor_type),
         token_embedding_type=tensor_type(args.token_embedding_type),
         quantize_output_tensor=not args.leave_output_tensor, pure=args.pure,
         allow_requantize=args.allow_requantize, dry_run=args.dry_run, threads=args.threads,
-        overwrite=args.force, stats=not args.no_stats)
+        overwrite=args.force, stats=not args.no_stats, tensor_types=tensor_types,
+        imatrix=args.imatrix, include_weights=args.include_weights,
+        exclude_weights=args.exclude_weights,
+        kv_overrides=[parse_kv_override(kv) for kv in args.override_kv],
+        prune_layers=parse_prune_layers(args.prune_layers) if args.prune_layers else [])
     bar = None
     done = 0
     for ev in quantize_model(args.input, out, mix, opts):
@@ -133,7 +150,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 if ev.rmse is not None:
                     line += f" | rmse {ev.rmse:.4f}"
                 if ev.note:
-                    line += " (fallback)"
+                    line += " (fallback)" if "falling back" in ev.note else f" ({ev.note})"
                 if args.hist and ev.hist:
                     n = sum(ev.hist) or 1
                     line += " | hist: " + " ".join(f"{h / n:.3f}" for h in ev.hist)
@@ -443,10 +460,10 @@ def _add_model_flags(s: argparse.ArgumentParser, sampling: bool = True) -> None:
 
 
 def _quantize_help() -> str:
-    from .quant.mixes import MIXES
+    from .quant.mixes import ALL_MIXES
 
     lines = ["Allowed quantization types (sizes and ppl as llama.cpp measured them):"]
-    for m in MIXES:
+    for m in ALL_MIXES:
         lines.append(f"  {int(m.ftype):3d}  or  {m.name:8s}: {m.hint}")
     return "\n".join(lines)
 
@@ -497,6 +514,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-stats", action="store_true",
                    help="skip the per-tensor RMSE and histogram (a little faster)")
     s.add_argument("--hist", action="store_true", help="print each tensor's level histogram")
+    s.add_argument("--imatrix", metavar="FILE",
+                   help="importance matrix (from llama-imatrix or gguflab imatrix) for the "
+                        "quantizers that use one; the lowest-bit i-quants need it")
+    s.add_argument("--include-weights", action="append", default=[], metavar="NAME",
+                   help="use the importance matrix only for tensors whose name contains NAME "
+                        "(repeatable)")
+    s.add_argument("--exclude-weights", action="append", default=[], metavar="NAME",
+                   help="do not use the importance matrix for tensors whose name contains "
+                        "NAME (repeatable; not with --include-weights)")
+    s.add_argument("--tensor-type", action="append", dest="tensor_types", default=[],
+                   type=lambda text: ("pattern", text), metavar="REGEX=TYPE",
+                   help="quantize the tensors whose name matches REGEX to TYPE, e.g. "
+                        "attn_q=q8_0 (repeatable; the first match wins)")
+    s.add_argument("--tensor-type-file", action="append", dest="tensor_types",
+                   type=lambda path: ("file", path), metavar="FILE",
+                   help="REGEX=TYPE items separated by spaces or newlines")
+    s.add_argument("--override-kv", action="append", default=[], metavar="KEY=TYPE:VALUE",
+                   help="set metadata KEY in the output (TYPE: int, float, bool or str; "
+                        "repeatable)")
+    s.add_argument("--prune-layers", metavar="L0,L1,...",
+                   help="drop these layers (the rest are renumbered, block_count updated)")
     s.set_defaults(func=cmd_quantize)
 
     s = sub.add_parser("convert", help="convert a Hugging Face model folder to GGUF "

@@ -112,7 +112,8 @@ def test_dry_run_writes_nothing(tiny, tmp_path, capsys):
 
 
 def test_types_without_arithmetic_get_a_clear_message(tmp_path):
-    """A model with IQ2_XXS tensors can be inspected; requantizing it says why not."""
+    """A model with NVFP4 tensors (a type gguflab has no arithmetic for) can be inspected;
+    requantizing it says why not."""
     import numpy as np
 
     from gguflab.gguf import GGMLType, TensorSpec, tensor_bytes, write_gguf
@@ -120,12 +121,12 @@ def test_types_without_arithmetic_get_a_clear_message(tmp_path):
 
     src = tmp_path / "iq.gguf"
     shape = (256, 256)
-    raw = np.zeros(tensor_bytes(GGMLType.IQ2_XXS, shape), np.uint8)
+    raw = np.zeros(tensor_bytes(GGMLType.NVFP4, shape), np.uint8)
     write_gguf(src, metadata(TINY), [(TensorSpec("blk.0.attn_q.weight", shape,
-                                                 GGMLType.IQ2_XXS), raw)])
+                                                 GGMLType.NVFP4), raw)])
     assert gguflab("inspect", src).returncode == 0
     _one_line_error(gguflab("quantize", "--allow-requantize", src, tmp_path / "o.gguf", "Q4_0"),
-                    "IQ2_XXS is not supported")
+                    "NVFP4 is not supported")
 
 
 def test_weight_distribution_is_the_inputs_histogram(tiny, tmp_path):

@@ -5,6 +5,9 @@ arithmetic lives in the family modules): a tensor is quantized only if it is a 2
 `*weight` that is not a norm or one of the small special tensors; the output (and tied
 token embedding) goes to Q6_K or Q8_0; attn_v / ffn_down / attn_output get more bits by
 layer position and GQA; and a type whose block does not divide the row falls back.
+The i-quant, ternary and MXFP4 mixes have their own rules (some depend on whether an
+importance matrix is given), and `--tensor-type` patterns replace the rules for the tensors
+they name (the first that matches wins; those tensors do not advance the counters).
 Counters advance in llama.cpp's tensor order (non-layer tensors first, then by layer, then
 by name), so the plan must be made in that order: `llama_order`.
 """
@@ -33,8 +36,9 @@ class Mix:
     alias_of: str | None = None
 
 
-# As `llama-quantize --help` lists them (sizes and ppl deltas measured by llama.cpp on
-# Llama-3-8B; F16/BF16 on Mistral-7B).
+# The mixes gguflab lists in its menus (the TUI, sweeps): llama.cpp's legacy, K-quant and
+# float files. Sizes and ppl deltas as llama.cpp measured them on Llama-3-8B (F16/BF16 on
+# Mistral-7B).
 MIXES: list[Mix] = [
     Mix("Q4_0", F.MOSTLY_Q4_0, G.Q4_0, " 4.34G, +0.4685 ppl @ Llama-3-8B"),
     Mix("Q4_1", F.MOSTLY_Q4_1, G.Q4_1, " 4.78G, +0.4511 ppl @ Llama-3-8B"),
@@ -59,7 +63,33 @@ MIXES: list[Mix] = [
     Mix("F32", F.ALL_F32, G.F32, "26.00G              @ 7B"),
     Mix("COPY", F.ALL_F32, None, "only copy tensors, no quantizing"),
 ]
-_BY_NAME = {m.name.upper(): m for m in MIXES}
+
+# The i-quant, ternary and MXFP4 mixes (their types are block types of their own; the
+# default type is llama.cpp's `llama_ftype_get_default_type`).
+IQ_MIXES: list[Mix] = [
+    Mix("MXFP4_MOE", F.MOSTLY_MXFP4_MOE, G.MXFP4, " MXFP4 MoE"),
+    Mix("IQ2_XXS", F.MOSTLY_IQ2_XXS, G.IQ2_XXS, " 2.06 bpw quantization"),
+    Mix("IQ2_XS", F.MOSTLY_IQ2_XS, G.IQ2_XS, " 2.31 bpw quantization"),
+    Mix("IQ2_S", F.MOSTLY_IQ2_S, G.IQ2_XS, " 2.5  bpw quantization"),
+    Mix("IQ2_M", F.MOSTLY_IQ2_M, G.IQ2_S, " 2.7  bpw quantization"),
+    Mix("IQ1_S", F.MOSTLY_IQ1_S, G.IQ1_S, " 1.56 bpw quantization"),
+    Mix("IQ1_M", F.MOSTLY_IQ1_M, G.IQ1_M, " 1.75 bpw quantization"),
+    Mix("TQ1_0", F.MOSTLY_TQ1_0, G.TQ1_0, " 1.69 bpw ternarization"),
+    Mix("TQ2_0", F.MOSTLY_TQ2_0, G.TQ2_0, " 2.06 bpw ternarization"),
+    Mix("IQ3_XXS", F.MOSTLY_IQ3_XXS, G.IQ3_XXS, " 3.06 bpw quantization"),
+    Mix("IQ3_S", F.MOSTLY_IQ3_S, G.IQ3_S, " 3.44 bpw quantization"),
+    Mix("IQ3_M", F.MOSTLY_IQ3_M, G.IQ3_S, " 3.66 bpw quantization mix"),
+    Mix("IQ3_XS", F.MOSTLY_IQ3_XS, G.IQ3_S, " 3.3 bpw quantization"),
+    Mix("IQ4_NL", F.MOSTLY_IQ4_NL, G.IQ4_NL, " 4.50 bpw non-linear quantization"),
+    Mix("IQ4_XS", F.MOSTLY_IQ4_XS, G.IQ4_XS, " 4.25 bpw non-linear quantization"),
+]
+
+# Every target `llama-quantize` takes (but Q1_0, Q2_0 and NVFP4), in its --help order.
+_ORDER = ("Q4_0 Q4_1 MXFP4_MOE Q5_0 Q5_1 IQ2_XXS IQ2_XS IQ2_S IQ2_M IQ1_S IQ1_M TQ1_0 TQ2_0 "
+          "Q2_K Q2_K_S IQ3_XXS IQ3_S IQ3_M Q3_K IQ3_XS Q3_K_S Q3_K_M Q3_K_L IQ4_NL IQ4_XS Q4_K "
+          "Q4_K_S Q4_K_M Q5_K Q5_K_S Q5_K_M Q6_K Q8_0 F16 BF16 F32 COPY").split()
+_BY_NAME = {m.name.upper(): m for m in MIXES + IQ_MIXES}
+ALL_MIXES: list[Mix] = [_BY_NAME[n] for n in _ORDER]
 
 
 def parse_mix(text: str) -> Mix:
@@ -68,10 +98,10 @@ def parse_mix(text: str) -> Mix:
     if m is not None:
         return m
     if text.strip().isdigit():
-        for m in MIXES:
+        for m in ALL_MIXES:
             if m.ftype == int(text) and m.alias_of is None and m.name != "COPY":
                 return m
-    names = ", ".join(m.name for m in MIXES)
+    names = ", ".join(m.name for m in ALL_MIXES)
     raise UserError(f"unknown quantization type {text!r}; choose one of: {names}")
 
 
@@ -81,6 +111,12 @@ def is_mix_name(text: str) -> bool:
         return True
     except UserError:
         return False
+
+
+def ggml_type_name(t: GGMLType) -> str:
+    """ggml's own spelling of a type: q4_K, iq2_xxs, f16."""
+    n = t.name.lower()
+    return n[:-2] + "_K" if n.endswith("_k") else n
 
 
 # ggml_is_quantized: block types (the float and integer types are not)
@@ -196,6 +232,9 @@ class MixOptions:
     token_embedding_type: GGMLType | None = None
     quantize_output_tensor: bool = True  # False = --leave-output-tensor
     pure: bool = False
+    # --tensor-type REGEX=TYPE, in the order given: the first pattern found in a tensor's
+    # name (re.search) decides its type
+    tensor_types: list[tuple[str, GGMLType]] = field(default_factory=list)
 
 
 def allows_quantization(name: str, ne: tuple[int, ...], mix: Mix, opts: MixOptions) -> bool:
@@ -210,23 +249,60 @@ def allows_quantization(name: str, ne: tuple[int, ...], mix: Mix, opts: MixOptio
     return ok
 
 
+# the types whose llama.cpp quantizer refuses to run without importance weights
+IMATRIX_TYPES = (G.IQ3_XXS, G.IQ2_XXS, G.IQ2_XS, G.IQ2_S, G.IQ1_M, G.IQ1_S)
+
+
 def requires_imatrix(name: str, dst: GGMLType, mix: Mix) -> bool:
-    """llama.cpp refuses these without an importance matrix (which gguflab does not make
-    yet): Q2_K tensors of a Q2_K_S file, other than the embeddings and output."""
-    if category(name) in (Category.TOKEN_EMBD, Category.OUTPUT):
+    """llama.cpp's rule: tensors going to the lowest-bit i-quants (and the Q2_K tensors of a
+    Q2_K_S file) need an importance matrix; the embeddings and the output never do."""
+    if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
         return False
+    if dst in IMATRIX_TYPES:
+        return True
     return dst == G.Q2_K and mix.ftype == F.MOSTLY_Q2_K_S
 
 
-class Planner:
-    """Chooses each tensor's type. Call `choose` once per tensor in `llama_order`."""
+def compile_tensor_types(pairs: list[tuple[str, GGMLType]]) -> list[tuple[re.Pattern, GGMLType]]:
+    out = []
+    for pattern, t in pairs:
+        try:
+            out.append((re.compile(pattern), GGMLType(t)))
+        except re.error as e:
+            raise UserError(f"--tensor-type: bad regular expression {pattern!r}: {e}") from None
+    return out
 
-    def __init__(self, facts: ModelFacts, mix: Mix, opts: MixOptions):
+
+# groups of ftypes the rules name together
+_IQ2_LIKE = (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M,
+             F.MOSTLY_IQ1_M)
+_IQ2_S_M = (F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M)
+_OUTPUT_Q5_K = (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ3_XXS, F.MOSTLY_IQ1_S,
+                F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M, F.MOSTLY_IQ1_M)
+_MOE8_ATTN_OUT_Q5_K = (F.MOSTLY_Q2_K, F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_XXS, F.MOSTLY_Q3_K_S,
+                       F.MOSTLY_Q3_K_M, F.MOSTLY_IQ4_NL, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M,
+                       F.MOSTLY_IQ3_S, F.MOSTLY_IQ3_M, F.MOSTLY_IQ4_XS)
+
+
+class Planner:
+    """Chooses each tensor's type. Call `choose` once per tensor in `llama_order`.
+    `has_imatrix`: an importance matrix will be used (some rules depend on it)."""
+
+    def __init__(self, facts: ModelFacts, mix: Mix, opts: MixOptions, has_imatrix: bool = False):
         self.facts, self.mix, self.opts = facts, mix, opts
+        self.has_imatrix = has_imatrix
+        self.patterns = compile_tensor_types(opts.tensor_types)
         self.n_attention_wv = sum(category(n) in ATTN_V_LIKE for n in facts.tensor_names)
         self.i_attention_wv = self.i_ffn_down = self.i_ffn_gate = self.i_ffn_up = 0
         self.n_fallback = 0
         self.fallback_notes: dict[str, str] = {}
+        self.manual: dict[str, tuple[GGMLType, GGMLType]] = {}  # name -> (mix type, override)
+
+    def _pattern_type(self, name: str) -> GGMLType | None:
+        for pattern, t in self.patterns:
+            if pattern.search(name):
+                return t
+        return None
 
     def choose(self, name: str, ne: tuple[int, ...], cur: GGMLType) -> GGMLType:
         opts, mix = self.opts, self.mix
@@ -234,25 +310,36 @@ class Planner:
             return cur
         cat = category(name)
         if opts.token_embedding_type is not None and cat == Category.TOKEN_EMBD:
-            return opts.token_embedding_type
+            # the per-layer table follows it too, unless a --tensor-type names it
+            if name != "per_layer_token_embd.weight" or self._pattern_type(name) is None:
+                return opts.token_embedding_type
         if opts.output_tensor_type is not None and cat == Category.OUTPUT:
             return opts.output_tensor_type
         new = mix.default_type
         if is_quantized(new):
-            if not opts.pure:
+            manual = self._pattern_type(name) if self.patterns else None
+            if manual is not None:
+                if manual != new:
+                    self.manual[name] = (new, manual)
+                new = manual
+            elif not opts.pure:
                 new = self._by_mix(name, ne, new, cat)
             new = self._fallback(name, ne, new)
         return new
 
     def _by_mix(self, name: str, ne: tuple[int, ...], new: GGMLType, cat: Category) -> GGMLType:
-        f, ft = self.facts, self.mix.ftype
+        f, ft, imat = self.facts, self.mix.ftype, self.has_imatrix
+        n_expert = f.n_expert
 
         def more_bits(i: int, n: int) -> bool:
             return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
         def layer(i: int, n: int) -> tuple[int, int]:
-            if f.n_expert > 1:  # expert tensors are not in layer order: read the layer off the name
-                i = layer_of(name)
+            if n_expert > 1:  # expert tensors are not in layer order: read the layer off the name
+                m = _LAYER.match(name)  # sscanf("blk.%d."): the dot after needs not match
+                if not m:
+                    raise UserError(f"failed to determine the layer of tensor {name}")
+                i = int(m.group(1))
                 if not 0 <= i < n:
                     raise UserError(f"bad layer {i} for tensor {name}; must be in [0, {n})")
             return i, n
@@ -260,19 +347,63 @@ class Planner:
         if cat == Category.OUTPUT or (f.tied_embeddings and cat == Category.TOKEN_EMBD):
             if self.opts.output_tensor_type is not None:
                 return self.opts.output_tensor_type
+            if ft == F.MOSTLY_MXFP4_MOE:
+                return G.Q8_0
             if f.arch == "falcon" or ne[0] % type_info(new).block_size:
                 return G.Q8_0
+            if ft in _OUTPUT_Q5_K:
+                return G.Q5_K
             return new if new == G.Q8_0 else G.Q6_K
+        if ft == F.MOSTLY_MXFP4_MOE:  # expert tensors (3-D) in MXFP4, the rest in Q8_0
+            is_expert = cat in (Category.FFN_UP, Category.FFN_GATE, Category.FFN_DOWN)
+            three_d = len(ne) > 2 and ne[2] > 1
+            return G.MXFP4 if three_d and (f.arch != "bailingmoe3" or is_expert) else G.Q8_0
         if cat == Category.TOKEN_EMBD:
-            return new  # an explicit --token-embedding-type was applied before the mix
+            if ft in (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M):
+                return G.Q2_K
+            if ft in (*_IQ2_S_M, F.MOSTLY_IQ3_XXS):
+                return G.IQ3_S
+            if ft in (F.MOSTLY_TQ1_0, F.MOSTLY_TQ2_0, F.MOSTLY_Q2_0):
+                return G.Q4_K
+            return new
+        if ft in _IQ2_LIKE:
+            if cat in ATTN_V_LIKE:
+                if f.n_gqa >= 4 or n_expert >= 4:
+                    new = G.Q4_K
+                else:
+                    new = G.IQ3_S if ft in _IQ2_S_M else G.Q2_K
+                self.i_attention_wv += 1
+            elif n_expert == 8 and cat == Category.ATTENTION_K:
+                new = G.Q4_K
+            elif cat == Category.FFN_DOWN:
+                if self.i_ffn_down < f.n_layer // 8:
+                    new = G.IQ3_S if ft in _IQ2_S_M else G.Q2_K
+                self.i_ffn_down += 1
+            elif cat == Category.ATTENTION_OUTPUT:
+                if n_expert == 8:
+                    new = G.Q5_K
+                elif ft in (F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M):
+                    new = G.IQ2_XXS
+                elif ft in _IQ2_S_M:
+                    new = G.IQ3_S
+            return new
         if cat in ATTN_V_LIKE:
+            gqa4 = f.n_gqa >= 4
             if ft == F.MOSTLY_Q2_K:
-                new = G.Q4_K if f.n_gqa >= 4 else G.Q3_K
-            elif ft == F.MOSTLY_Q2_K_S and f.n_gqa >= 4:
+                new = G.Q4_K if gqa4 else G.Q3_K
+            elif ft == F.MOSTLY_Q2_K_S and gqa4:
+                new = G.Q4_K
+            elif ft == F.MOSTLY_IQ3_XXS:
+                new = G.Q4_K if gqa4 else G.IQ3_S if not imat else G.IQ3_XXS
+            elif ft in (F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_S) and gqa4:
+                new = G.Q4_K
+            elif ft == F.MOSTLY_IQ3_M:
                 new = G.Q4_K
             elif ft == F.MOSTLY_Q3_K_M:
                 new = G.Q5_K if self.i_attention_wv < 2 else G.Q4_K
             elif ft == F.MOSTLY_Q3_K_L:
+                new = G.Q5_K
+            elif ft in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and gqa4:
                 new = G.Q5_K
             elif ft in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and more_bits(self.i_attention_wv,
                                                                        self.n_attention_wv):
@@ -281,12 +412,21 @@ class Planner:
                 new = G.Q5_K
             if f.is_70b and new in (G.Q3_K, G.Q4_K):
                 new = G.Q5_K  # 8 heads share attn_v in the 70B models: more bits cost little
-            if f.n_expert == 8:
+            if n_expert == 8:
                 new = G.Q8_0
             self.i_attention_wv += 1
         elif cat == Category.ATTENTION_K:
-            if f.n_expert == 8:
+            if n_expert == 8:
                 new = G.Q8_0
+            elif ft == F.MOSTLY_IQ3_XS:
+                new = G.IQ3_XXS
+            elif ft == F.MOSTLY_IQ3_XXS:
+                new = G.IQ2_S
+        elif cat == Category.ATTENTION_Q:
+            if ft == F.MOSTLY_IQ3_XS:
+                new = G.IQ3_XXS
+            elif ft == F.MOSTLY_IQ3_XXS:
+                new = G.IQ2_S
         elif cat == Category.FFN_DOWN:
             i, n = layer(self.i_ffn_down, f.n_layer)
             if ft == F.MOSTLY_Q2_K:
@@ -294,9 +434,13 @@ class Planner:
             elif ft == F.MOSTLY_Q2_K_S:
                 if i < n // 8:
                     new = G.Q4_K
+            elif ft == F.MOSTLY_IQ3_XXS and not imat:
+                new = G.Q4_K if i < n // 8 else G.Q3_K
             elif ft == F.MOSTLY_Q3_K_M:
                 new = (G.Q5_K if i < n // 16 else
                        G.Q4_K if f.arch != "falcon" or more_bits(i, n) else G.Q3_K)
+            elif ft == F.MOSTLY_IQ3_M and (i < n // 8 or (n_expert == 8 and more_bits(i, n))):
+                new = G.Q4_K
             elif ft == F.MOSTLY_Q3_K_L:
                 new = G.Q4_K if f.arch == "falcon" else G.Q5_K
             elif ft == F.MOSTLY_Q4_K_M:
@@ -304,38 +448,46 @@ class Planner:
                     new = G.Q6_K if i < n // 16 else G.Q5_K if more_bits(i, n) else G.Q4_K
                 elif more_bits(i, n):
                     new = G.Q6_K
+            elif i < n // 8 and ft in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and not imat:
+                new = G.Q5_K
             elif ft == F.MOSTLY_Q5_K_M and more_bits(i, n):
                 new = G.Q6_K
             elif ft == F.MOSTLY_Q4_K_S and f.arch != "falcon" and i < n // 8:
                 new = G.Q5_K
+            elif ft in (F.MOSTLY_Q4_0, F.MOSTLY_Q5_0) and imat and i < n // 8:
+                # the first ffn_down layers go wrong in Q4_0/Q5_0 even with an imatrix
+                new = G.Q4_1 if ft == F.MOSTLY_Q4_0 else G.Q5_1
             self.i_ffn_down += 1
         elif cat == Category.ATTENTION_OUTPUT:
             if f.arch != "falcon":
-                if f.n_expert == 8:
-                    if ft in (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_Q4_K_S,
-                              F.MOSTLY_Q4_K_M):
+                if n_expert == 8:
+                    if ft in _MOE8_ATTN_OUT_Q5_K:
                         new = G.Q5_K
                 elif ft == F.MOSTLY_Q2_K:
                     new = G.Q3_K
+                elif ft == F.MOSTLY_IQ3_XXS:
+                    new = G.IQ3_S
                 elif ft == F.MOSTLY_Q3_K_M:
                     new = G.Q4_K
                 elif ft == F.MOSTLY_Q3_K_L:
                     new = G.Q5_K
+                elif ft == F.MOSTLY_IQ3_M:
+                    new = G.Q4_K
             elif ft == F.MOSTLY_Q3_K_L:
                 new = G.Q4_K
         elif cat == Category.ATTENTION_QKV:
-            if ft in (F.MOSTLY_Q3_K_M, F.MOSTLY_Q3_K_L):
+            if ft in (F.MOSTLY_Q3_K_M, F.MOSTLY_Q3_K_L, F.MOSTLY_IQ3_M):
                 new = G.Q4_K
             elif ft == F.MOSTLY_Q4_K_M:
                 new = G.Q5_K
             elif ft == F.MOSTLY_Q5_K_M:
                 new = G.Q6_K
-        elif cat == Category.FFN_GATE:
-            layer(self.i_ffn_gate, f.n_layer)
-            self.i_ffn_gate += 1
-        elif cat == Category.FFN_UP:
-            layer(self.i_ffn_up, f.n_layer)
-            self.i_ffn_up += 1
+        elif cat in (Category.FFN_GATE, Category.FFN_UP):
+            counter = "i_ffn_gate" if cat == Category.FFN_GATE else "i_ffn_up"
+            i, n = layer(getattr(self, counter), f.n_layer)
+            if ft == F.MOSTLY_IQ3_XS and n // 8 <= i < 7 * n // 8:
+                new = G.IQ3_XXS
+            setattr(self, counter, getattr(self, counter) + 1)
         return new
 
     # the type to use when the row length is not a multiple of the target's block
@@ -360,3 +512,46 @@ class Planner:
         self.fallback_notes[name] = (f"ncols {ne[0]} not divisible by {block} (required for "
                                      f"{new.name}): falling back to {out.name}")
         return out
+
+
+def parse_tensor_type(text: str) -> tuple[str, GGMLType]:
+    """--tensor-type NAME=TYPE as llama-quantize reads it: NAME (lowercased) is a regular
+    expression searched for in each tensor name, TYPE a ggml type name (any case)."""
+    name, sep, tname = text.partition("=")
+    if not sep:
+        raise UserError(f"--tensor-type: malformed tensor type {text!r}: expected NAME=TYPE")
+    if not name:
+        raise UserError(f"--tensor-type {text!r}: missing tensor name")
+    if not tname:
+        raise UserError(f"--tensor-type {text!r}: missing quantization type")
+    try:
+        t = GGMLType[tname.upper()]
+    except KeyError:
+        raise UserError(f"--tensor-type {text!r}: invalid quantization type {tname!r}") from None
+    name = name.lower()
+    compile_tensor_types([(name, t)])  # a bad pattern fails here, before any work
+    return name, t
+
+
+def parse_tensor_type_file(path: str) -> list[tuple[str, GGMLType]]:
+    """--tensor-type-file: NAME=TYPE items separated by spaces or newlines."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            words = f.read().split()
+    except OSError as e:
+        raise UserError(f"--tensor-type-file: failed to open {path}: {e.strerror}") from None
+    return [parse_tensor_type(w) for w in words]
+
+
+def parse_prune_layers(text: str) -> list[int]:
+    """--prune-layers 1,2,3: sorted, without duplicates."""
+    out = set()
+    for item in text.split(","):
+        try:
+            i = int(item.strip())
+        except ValueError:
+            i = -1
+        if i < 0:
+            raise UserError(f"--prune-layers: invalid layer id {item!r}")
+        out.add(i)
+    return sorted(out)

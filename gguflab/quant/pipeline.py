@@ -4,6 +4,7 @@ events. The output is what llama.cpp's `llama_model_quantize` writes, byte for b
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -29,10 +30,14 @@ from ..gguf import (
 from ..gguf.constants import QUANTIZATION_VERSION
 from .base import HIST_BINS, REGISTRY, get
 from .mixes import (
+    Category,
     Mix,
     MixOptions,
     ModelFacts,
     Planner,
+    allows_quantization,
+    category,
+    ggml_type_name,
     is_quantized,
     llama_order,
     n_dims,
@@ -46,6 +51,18 @@ HIST_SAMPLE = 1 << 20  # weights per tensor that the level histogram is counted 
 
 
 @dataclass
+class Importance:
+    """An importance matrix as llama-quantize hands it to the quantizer: per tensor name
+    (the source model's names), float32 (n_mat, n_per_row): one row of weights per expert
+    (one for 2-D tensors)."""
+
+    weights: dict[str, np.ndarray]
+    file: str = ""
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+
+
+@dataclass
 class QuantizeOptions(MixOptions):
     allow_requantize: bool = False
     dry_run: bool = False
@@ -53,6 +70,118 @@ class QuantizeOptions(MixOptions):
     overwrite: bool = False
     stats: bool = True  # histogram and relative RMSE per tensor (costs one dequantize)
     weights: bool = False  # with stats: each tensor's input distribution (the TUI's chart)
+    # --imatrix FILE (or the matrix itself, already loaded), filtered by name substrings as
+    # --include-weights / --exclude-weights (not both)
+    imatrix: str | os.PathLike | Importance | None = None
+    include_weights: list[str] = field(default_factory=list)
+    exclude_weights: list[str] = field(default_factory=list)
+    # --override-kv: (key, value) set in the output after everything copied, in order
+    kv_overrides: list[tuple[str, Value]] = field(default_factory=list)
+    prune_layers: list[int] = field(default_factory=list)  # --prune-layers: blk.N to drop
+
+
+# the types whose llama.cpp quantizer takes importance weights (the others ignore them)
+LLAMA_WEIGHTED = {GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K,
+                  GGMLType.Q1_0, GGMLType.Q2_0, GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0,
+                  GGMLType.Q5_1, GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S,
+                  GGMLType.IQ3_XXS, GGMLType.IQ3_S, GGMLType.IQ1_S, GGMLType.IQ1_M,
+                  GGMLType.IQ4_NL, GGMLType.IQ4_XS}
+
+
+def load_importance(path: str | os.PathLike, include: list[str] | None = None,
+                    exclude: list[str] | None = None) -> Importance:
+    """Read an imatrix file (GGUF or legacy .dat) and keep the entries llama-quantize keeps:
+    with `exclude`, those whose name contains none of the strings; with `include`, those
+    that contain one."""
+    include, exclude = include or [], exclude or []
+    if include and exclude:
+        raise UserError("--include-weights and --exclude-weights cannot be used together")
+    try:
+        from .. import imatrix as imatrix_mod
+    except ImportError:
+        raise UserError("this gguflab cannot read importance matrices yet") from None
+    im = imatrix_mod.load(os.fspath(path))
+    if not im.legacy and not im.has_metadata:
+        raise UserError(f"{os.fspath(path)}: missing imatrix metadata (imatrix.datasets, "
+                        "imatrix.chunk_count, imatrix.chunk_size)")
+    names = [n for n in im.entries if not any(x in n for x in exclude)]
+    if include:
+        names = [n for n in names if any(x in n for x in include)]
+    weights = {}
+    for n in names:
+        w = im.importance(n)
+        if w is not None:
+            weights[n] = np.asarray(w, np.float32)
+    return Importance(weights, os.fspath(path), list(im.datasets), int(im.chunk_count or 0))
+
+
+def filter_importance(imp: Importance, include: list[str], exclude: list[str]) -> Importance:
+    if include and exclude:
+        raise UserError("--include-weights and --exclude-weights cannot be used together")
+    names = [n for n in imp.weights if not any(x in n for x in exclude)]
+    if include:
+        names = [n for n in names if any(x in n for x in include)]
+    return Importance({n: imp.weights[n] for n in names}, imp.file, imp.datasets,
+                      imp.chunk_count)
+
+
+def parse_kv_override(text: str) -> tuple[str, Value]:
+    """KEY=TYPE:VALUE (TYPE one of int, float, bool, str) as llama.cpp's --override-kv; the
+    value as llama-quantize writes it (an int becomes a uint32 of its absolute value)."""
+    key, sep, rest = text.partition("=")
+    if not sep or len(key) >= 128:
+        raise UserError(f"--override-kv: malformed KV override {text!r}: expected KEY=TYPE:VALUE")
+    kind, colon, val = rest.partition(":")
+    if not colon or kind not in ("int", "float", "bool", "str"):
+        raise UserError(f"--override-kv: invalid type for KV override {text!r}: use "
+                        "int:, float:, bool: or str:")
+    try:
+        if kind == "int":
+            return key, Value(ValueType.UINT32, abs(int(val.strip())) & 0xFFFFFFFF)
+        if kind == "float":
+            return key, Value(ValueType.FLOAT32, float(val.strip()))
+    except ValueError:
+        raise UserError(f"--override-kv: {val!r} is not a number ({text!r})") from None
+    if kind == "bool":
+        if val not in ("true", "false"):
+            raise UserError(f"--override-kv: invalid boolean value for KV override {text!r}: "
+                            "true or false")
+        return key, Value(ValueType.BOOL, val == "true")
+    if len(val.encode()) > 127:
+        raise UserError(f"--override-kv: malformed KV override {text!r}: value cannot exceed "
+                        "127 chars")
+    return key, Value(ValueType.STRING, val)
+
+
+_BLK = re.compile(r"blk\.(\d+)\.")
+
+
+def prune_names(names: list[str], prune: list[int]) -> tuple[dict[str, str | None], int]:
+    """llama-quantize's --prune-layers: each name (in llama.cpp's order) -> its new name, or
+    None when its layer is dropped; the layers left are renumbered densely. Also returns
+    the new block count."""
+    prune = sorted(set(prune))
+    mapped: dict[int, str | None] = {}
+    next_id = 0
+    out: dict[str, str | None] = {}
+    for name in names:
+        m = _BLK.search(name) if prune else None
+        if not m:
+            out[name] = name
+            continue
+        blk = int(m.group(1))
+        if blk not in mapped:
+            if blk in prune:
+                mapped[blk] = None
+            elif blk < prune[0]:
+                mapped[blk] = str(blk)
+                next_id = blk + 1
+            else:
+                mapped[blk] = str(next_id)
+                next_id += 1
+        new = mapped[blk]
+        out[name] = None if new is None else name[: m.start(1)] + new + name[m.end(1):]
+    return out, next_id
 
 
 @dataclass
@@ -61,10 +190,12 @@ class TensorPlan:
     ne: tuple[int, ...]  # ggml order, trailing 1s dropped as llama.cpp writes them
     dst_type: GGMLType
     note: str = ""
+    out_name: str | None = None  # the name written (--prune-layers renumbers layers)
+    importance: np.ndarray | None = None  # (n_mat, n_per_row) importance weights, or None
 
     @property
     def name(self) -> str:
-        return self.tensor.name
+        return self.out_name or self.tensor.name
 
     @property
     def src_type(self) -> GGMLType:
@@ -90,6 +221,7 @@ class ModelPlan:
     metadata: dict[str, Value]
     n_fallback: int = 0
     warnings: list[str] = field(default_factory=list)
+    info: list[str] = field(default_factory=list)
 
     @property
     def src_bytes(self) -> int:
@@ -104,13 +236,17 @@ class ModelPlan:
         return sum(t.tensor.n_elements for t in self.tensors)
 
 
-def model_facts(r: GGUFReader) -> ModelFacts:
+def model_facts(r: GGUFReader, overrides: list[tuple[str, Value]] | None = None) -> ModelFacts:
+    """The hyperparameters the rules read, as llama.cpp's loader sees them (with the
+    --override-kv values, which it applies when reading)."""
     arch = r.architecture
     if not arch:
         raise UserError(f"{r.path}: no general.architecture: not a model file")
+    over = {k: v.value for k, v in overrides or []}
 
     def hp(key: str, default=None):
-        v = r.arch_get(key, default)
+        full = Keys.arch(key, arch)
+        v = over[full] if full in over else r.arch_get(key, default)
         if isinstance(v, (np.ndarray, list)):  # per-layer values: llama.cpp's rules use layer 0
             v = v[0] if len(v) else default
         return v
@@ -136,41 +272,121 @@ def _source_ftype(r: GGUFReader) -> int:
     return int(guess if guess is not None else LlamaFileType.ALL_F32) | LlamaFileType.GUESSED
 
 
-def plan_model(r: GGUFReader, mix: Mix, opts: QuantizeOptions) -> ModelPlan:
+def _importance(opts: QuantizeOptions) -> Importance | None:
+    """The importance data llama-quantize would pass on: None without a file, or when the
+    name filters leave nothing."""
+    if opts.imatrix is None:  # (llama-quantize ignores the name filters then)
+        return None
+    if isinstance(opts.imatrix, Importance):
+        imp = filter_importance(opts.imatrix, opts.include_weights, opts.exclude_weights)
+    else:
+        imp = load_importance(opts.imatrix, opts.include_weights, opts.exclude_weights)
+    if not imp.weights:
+        return None
+    for name, w in imp.weights.items():
+        bad = w[~np.isfinite(w)]
+        if bad.size:
+            raise UserError(f"imatrix contains non-finite value {float(bad[0]):f} ({name})")
+    return imp
+
+
+def _imatrix_keys(imp: Importance) -> list[tuple[str, Value]]:
+    """The quantize.imatrix.* keys llama-quantize records, as overrides after the user's."""
+    out = [("quantize.imatrix.file", Value(ValueType.STRING, imp.file.encode()[:127].decode(
+        "utf-8", "ignore")))]
+    if imp.datasets:
+        out.append(("quantize.imatrix.dataset", Value(
+            ValueType.STRING, imp.datasets[0].encode()[:127].decode("utf-8", "ignore"))))
+    out.append(("quantize.imatrix.entries_count", Value(ValueType.UINT32, len(imp.weights))))
+    if imp.chunk_count > 0:
+        out.append(("quantize.imatrix.chunks_count", Value(ValueType.UINT32, imp.chunk_count)))
+    return out
+
+
+def plan_model(r: GGUFReader, mix: Mix, opts: QuantizeOptions,
+               importance: Importance | None = None) -> ModelPlan:
     """Every tensor's output type, in llama.cpp's order, and the output metadata; raises
-    UserError for what cannot be done (before anything is written)."""
-    facts = model_facts(r)
-    planner = Planner(facts, mix, opts)
+    UserError for what cannot be done (before anything is written). `importance`: the
+    loaded imatrix (default: loaded from `opts.imatrix`)."""
+    imp = importance if importance is not None else _importance(opts)
+    facts = model_facts(r, opts.kv_overrides)
+    ordered = sorted(r.tensors, key=lambda t: llama_order(t.name))
+    renamed, n_blocks = prune_names([t.name for t in ordered], opts.prune_layers)
+    ordered = [t for t in ordered if renamed[t.name] is not None]
+    facts.tensor_names = [renamed[t.name] for t in ordered]
+    planner = Planner(facts, mix, opts, has_imatrix=imp is not None)
     plans = []
     requant: Counter[str] = Counter()
-    for t in sorted(r.tensors, key=lambda t: llama_order(t.name)):
+    needs_imatrix: list[TensorPlan] = []
+    unweighted: Counter[str] = Counter()  # types we quantize without the weights llama.cpp uses
+    no_data: list[str] = []
+    imatrix_problems: list[str] = []  # what will fail when not a dry run
+    for t in ordered:
+        name = renamed[t.name]
         ne = t.ne[: n_dims(t.ne)]
-        dst = planner.choose(t.name, ne, t.type)
-        plan = TensorPlan(t, ne, dst, planner.fallback_notes.get(t.name, ""))
+        dst = planner.choose(name, ne, t.type)
+        note = planner.fallback_notes.get(name, "")
+        if name in planner.manual:
+            a, b = planner.manual[name]
+            note = note or f"manual override: {a.name} -> {b.name}"
+        plan = TensorPlan(t, ne, dst, note, out_name=name if name != t.name else None)
+        needs = requires_imatrix(name, dst, mix)
+        if imp is None:
+            if needs and allows_quantization(name, ne, mix, opts):
+                needs_imatrix.append(plan)
+        elif plan.converted:
+            try:
+                plan.importance = _tensor_importance(imp, plan, t.name)
+                if plan.importance is None and needs:
+                    raise UserError(f"Missing importance matrix for tensor {name} in a very "
+                                    "low-bit quantization")
+            except UserError as e:
+                if not opts.dry_run:  # llama.cpp's dry run does not look at the imatrix's rows
+                    raise UserError(f"{r.path}: {e}") from None
+                imatrix_problems.append(str(e))
+            if plan.importance is None and dst in LLAMA_WEIGHTED:
+                no_data.append(name)
         if plan.converted:
             if is_quantized(t.type):
                 requant[t.type.name] += 1
-            try:
-                get(t.type), get(dst)  # both ways must exist before anything is written
-            except UserError as e:
-                raise UserError(f"{r.path}: tensor {t.name}: {e}") from None
+            if not opts.dry_run:
+                try:
+                    get(t.type), get(dst)  # both ways must exist before anything is written
+                except UserError as e:
+                    raise UserError(f"{r.path}: tensor {name}: {e}") from None
+                if plan.importance is not None and dst in LLAMA_WEIGHTED \
+                        and not get(dst).uses_imatrix:
+                    unweighted[dst.name] += 1
         plans.append(plan)
-    warnings = []
-    needs_imatrix = [p.name for p in plans if requires_imatrix(p.name, p.dst_type, mix)]
+    warnings, info = [], []
+    if imp is not None:
+        info.append(f"using {len(imp.weights)} importance matrix entries from {imp.file} "
+                    f"computed on {imp.chunk_count} chunks")
     if needs_imatrix:
-        msg = (f"{mix.name} needs an importance matrix for {len(needs_imatrix)} tensors (first: "
-               f"{needs_imatrix[0]}), as in llama.cpp; gguflab has no imatrix yet: use Q2_K")
+        p = needs_imatrix[0]
+        msg = (f"this quantization requires an imatrix! - offending tensor: {p.name} - target "
+               f"type: {ggml_type_name(p.dst_type)} ({len(needs_imatrix)} tensors of {mix.name} "
+               "need an importance matrix: pass --imatrix FILE)")
         if not opts.dry_run:
             raise UserError(f"{r.path}: {msg}")
-        warnings.append(msg)
+        warnings.append("dry run completed successfully, but actually completing this "
+                        f"quantization will require an imatrix! ({msg})")
     if requant:
         kinds = ", ".join(f"{n} {k}" for k, n in requant.items())
-        if not opts.allow_requantize:
+        if not opts.allow_requantize and not opts.dry_run:  # (a dry run only reports)
             raise UserError(f"{r.path}: requantizing from already quantized tensors ({kinds}) is "
                             "disabled; use --allow-requantize (quality will be worse than from "
                             "F16/BF16/F32)")
         warnings.append(f"requantizing {kinds} tensors: the result will be worse than "
                         "quantizing from the F16/BF16/F32 original")
+    if imatrix_problems:
+        warnings.append(f"the quantization will fail: {imatrix_problems[0]}")
+    if no_data:
+        warnings.append(f"the importance matrix has no weights for {len(no_data)} tensor(s) "
+                        f"(e.g. {no_data[0]}): quantized without")
+    for k, n in unweighted.items():
+        warnings.append(f"{n} {k} tensor(s) quantized without their importance weights: "
+                        f"gguflab has no weighted {k} quantizer yet (llama.cpp uses them)")
     by_reason = Counter(planner.fallback_notes.values())  # one line per kind of fallback
     for note, n in by_reason.items():
         first = next(k for k, v in planner.fallback_notes.items() if v == note)
@@ -178,10 +394,33 @@ def plan_model(r: GGUFReader, mix: Mix, opts: QuantizeOptions) -> ModelPlan:
 
     meta = dict(r.metadata)
     ftype = _source_ftype(r) if mix.default_type is None else int(mix.ftype)
-    for key, value in ((Keys.QUANTIZATION_VERSION, QUANTIZATION_VERSION), (Keys.FILE_TYPE, ftype)):
+    sets = [(Keys.QUANTIZATION_VERSION, Value(ValueType.UINT32, QUANTIZATION_VERSION)),
+            (Keys.FILE_TYPE, Value(ValueType.UINT32, ftype))]
+    for key in ("split.no", "split.count", "split.tensors.count"):
+        meta.pop(key, None)
+    sets += list(opts.kv_overrides) + (_imatrix_keys(imp) if imp is not None else [])
+    if opts.prune_layers:
+        sets.append((Keys.arch(Keys.BLOCK_COUNT, facts.arch), Value(ValueType.UINT32, n_blocks)))
+    for key, value in sets:
         meta.pop(key, None)  # llama.cpp's gguf_set_val removes the key and appends it
-        meta[key] = Value(ValueType.UINT32, value)
-    return ModelPlan(facts, plans, meta, planner.n_fallback, warnings)
+        meta[key] = value
+    return ModelPlan(facts, plans, meta, planner.n_fallback, warnings, info)
+
+
+def _tensor_importance(imp: Importance, p: TensorPlan, src_name: str) -> np.ndarray | None:
+    """The tensor's rows of importance (looked up under its name in the source model), or
+    None; a size that does not fit is an error (but for the token embeddings, which go
+    without), as in llama-quantize."""
+    w = imp.weights.get(src_name)
+    if w is None:
+        return None
+    n_mat = p.ne[2] if len(p.ne) > 2 else 1
+    if w.size != p.ne[0] * n_mat:
+        if category(p.name) == Category.TOKEN_EMBD:
+            return None
+        raise UserError(f"imatrix size {w.size} is different from tensor size "
+                        f"{p.ne[0] * n_mat} for {p.name}")
+    return w.reshape(n_mat, p.ne[0])
 
 
 def check_output_path(path: str, overwrite: bool) -> None:
@@ -224,6 +463,8 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike | None, mix: M
     yield Started("quantize", r.path, dst, total, plan.src_bytes,
                   {"mix": mix.name, "ftype": int(mix.ftype), "dry_run": opts.dry_run,
                    "n_elements": plan.n_elements, "planned_bytes": plan.dst_bytes})
+    for text in plan.info:
+        yield Log("info", text)
     for w in plan.warnings:
         yield Log("warning", w)
 
@@ -265,11 +506,17 @@ def _convert(w: GGUFWriter, p: TensorPlan, opts: QuantizeOptions, bytes_before: 
     hist_every = max(1, n_rows * row // HIST_SAMPLE)  # count levels on every k-th row
     sample = []  # input weights of every j-th row, for their distribution
     weights_every = max(1, n_rows * row // WEIGHT_SAMPLE)
+    imp = p.importance
+    # with importance weights a slab stays within one expert (each has its own row of them)
+    per_mat = n_rows // imp.shape[0] if imp is not None else n_rows
     w.begin_tensor(p.name)
-    for a in range(0, n_rows, slab):
-        b = min(n_rows, a + slab)
+    for a in _slabs(n_rows, per_mat, slab):
+        b = min(n_rows, a + slab, (a // per_mat + 1) * per_mat)
         x = to_f32(t, slice(a, b), opts.threads)
-        q = qt.quantize(x, opts.threads)
+        if imp is not None:
+            q = qt.quantize(x, opts.threads, imatrix=imp[a // per_mat])
+        else:
+            q = qt.quantize(x, opts.threads)
         w.write_part(q)
         if opts.stats:
             d = qt.dequantize(q, opts.threads)
@@ -291,6 +538,12 @@ def _convert(w: GGUFWriter, p: TensorPlan, opts: QuantizeOptions, bytes_before: 
     rmse = (err2 / ref2) ** 0.5 if ref2 > 0 else 0.0
     weights = weight_histogram(sample) if opts.weights else None
     return (hist.tolist() if hist is not None else None), rmse, weights
+
+
+def _slabs(n_rows: int, per_mat: int, slab: int) -> Iterator[int]:
+    """First rows of the slabs: `slab` rows each, never crossing a multiple of `per_mat`."""
+    for m in range(0, n_rows, per_mat):
+        yield from range(m, min(n_rows, m + per_mat), slab)
 
 
 def weight_histogram(parts: list[np.ndarray]) -> dict | None:
