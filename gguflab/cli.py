@@ -413,11 +413,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     model = args.model or embedded_model()
     for ev in sweep_model(model, args.types, args.file, n_ctx=args.ctx_size, chunks=args.chunks,
                           threads=args.threads, out_dir=args.out_dir, force=args.force,
-                          n_gpu_layers=args.n_gpu_layers, vram_bytes=vram):
+                          n_gpu_layers=args.n_gpu_layers, vram_bytes=vram,
+                          imatrix=args.imatrix):
         if isinstance(ev, Started):
             i = ev.info
+            imat = f"; imatrix {i['imatrix']}" if i.get("imatrix") else ""
             print(f"sweep of {ev.source} ({i['base_type']}): {', '.join(i['types'])}; "
-                  f"{i['chunks']} chunks of {i['n_ctx']} tokens", file=sys.stderr)
+                  f"{i['chunks']} chunks of {i['n_ctx']} tokens{imat}", file=sys.stderr)
         elif isinstance(ev, Log):
             print(f"{ev.level}: {ev.text}", file=sys.stderr, flush=True)
         elif isinstance(ev, Measured):
@@ -625,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out-dir", help="folder for the quantized files, the table and the cache "
                                      "(default: the model's)")
     s.add_argument("--force", action="store_true", help="requantize and re-measure everything")
+    s.add_argument("--imatrix", metavar="FILE",
+                   help="also measure each type quantized with this importance matrix "
+                        "(rows TYPE+imat beside TYPE)")
     s.add_argument("--plot", choices=["kld", "ppl"], default="kld",
                    help="y axis of the plot: mean KLD or delta ppl (default kld)")
     s.set_defaults(func=cmd_sweep)

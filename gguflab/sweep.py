@@ -1,6 +1,8 @@
 """`gguflab sweep`: quantize one model to several types and measure each against it (size,
 bits per weight, perplexity, KL-divergence, speed), so the size/quality trade-off for *this*
-model is a table, not llama.cpp's Llama-3-8B hints.
+model is a table, not llama.cpp's Llama-3-8B hints. With an importance matrix each type is
+measured twice, side by side: `Q4_K_M` and `Q4_K_M+imat` (types that cannot be made without
+one get only their `+imat` row).
 
 The figures come from the same `quantize_model` and `perplexity` that `gguflab quantize` and
 `gguflab perplexity` run: one computation, not two paths. Results are cached next to the
@@ -18,8 +20,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,9 +30,13 @@ from .errors import UserError
 from .events import Event, Finished, Log, Measured, Progress, Started, TensorDone
 from .gguf import GGUFReader, Keys, LlamaFileType
 from .plot import Point, scatter
-from .quant.mixes import MIXES, Mix, is_quantized, parse_mix
+from .quant.mixes import MIXES, Mix, is_quantized, parse_mix, requires_imatrix
+
+if TYPE_CHECKING:
+    from .quant.pipeline import ModelPlan
 
 DEFAULT_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+IMAT_SUFFIX = "+imat"  # the label of a type's row quantized with the importance matrix
 PP_TOKENS, TG_TOKENS = 64, 32  # the fixed speed run: prompt tokens, then greedy tokens
 CACHE_VERSION = 1
 HASH_BLOCK = 8 << 20
@@ -154,9 +160,9 @@ class _Cache:
             return entry.get("made")
         return None
 
-    def record_made(self, path: str, base_hash: str, mix: str) -> None:
+    def record_made(self, path: str, made: dict[str, Any]) -> None:
         self.hash(path)
-        self.files[os.path.abspath(path)]["made"] = {"from": base_hash, "mix": mix}
+        self.files[os.path.abspath(path)]["made"] = made
 
     def save(self) -> None:
         _write_atomic(self.path, json.dumps({"version": CACHE_VERSION, "files": self.files,
@@ -283,24 +289,32 @@ def output_paths(model: str, out_dir: str | None) -> tuple[str, str, str, str]:
             stem + ".sweep-base.kld")
 
 
-def quant_path(model: str, mix: Mix, out_dir: str | None) -> str:
+def quant_path(model: str, mix: Mix, out_dir: str | None, imatrix: bool = False) -> str:
+    """`<stem>-<TYPE>.gguf`, or `<stem>-<TYPE>-imat.gguf` quantized with the imatrix."""
     folder = out_dir or os.path.dirname(os.path.abspath(model))
     stem = os.path.splitext(os.path.basename(model))[0]
-    return os.path.join(folder, f"{stem}-{mix.name}.gguf")
+    return os.path.join(folder, f"{stem}-{mix.name}{'-imat' if imatrix else ''}.gguf")
+
+
+def plan_needs_imatrix(plan: ModelPlan, mix: Mix) -> bool:
+    """Whether quantizing as `plan` says needs an importance matrix: llama.cpp's per-tensor
+    rule on every tensor the plan converts."""
+    return any(p.converted and requires_imatrix(p.name, p.dst_type, mix) for p in plan.tensors)
 
 
 def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx: int = 512,
                 chunks: int = -1, threads: int | None = None, out_dir: str | None = None,
                 force: bool = False, n_gpu_layers: int | str = 0,
-                vram_bytes: int | None = None) -> Iterator[Event]:
+                vram_bytes: int | None = None, imatrix: str | None = None) -> Iterator[Event]:
     """Measure `model` and its quantizations to `types`, yielding Started, Log, Progress,
     one Measured(type, row) per row as soon as it is known, then Finished(json_path,
     {"rows", "markdown"}). `force` re-quantizes and re-measures everything. `n_ctx` 0: 512,
     halved (down to 128) while the text is shorter than two chunks, so the shipped text
-    works with no arguments."""
+    works with no arguments. `imatrix`: also measure every type quantized with it (rows
+    `TYPE+imat`, files `<stem>-TYPE-imat.gguf`)."""
     from .catalog import default_eval_text
     from .jit.parallel import default_threads
-    from .quant.pipeline import QuantizeOptions, plan_model, quantize_model
+    from .quant.pipeline import QuantizeOptions, load_importance, plan_model, quantize_model
     from .runner.load import load_model
     from .runner.perplexity import chunks_of, perplexity
     from .runner.tokenizer import Tokenizer
@@ -332,19 +346,38 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
     n_chunk = chunks_of(tokens, n_ctx, chunks)  # too short a text fails here, before any work
     requant = _is_quantized_model(base_reader)
     opts = QuantizeOptions(allow_requantize=requant, threads=threads, overwrite=force)
-    for m in mixes:  # every type must be possible before the first is written
-        plan_model(base_reader, m, opts)
+    imat_opts = imat_hash = None
+    if imatrix is not None:
+        if not os.path.isfile(imatrix):
+            raise UserError(f"{imatrix}: no such imatrix file")
+        imat_opts = QuantizeOptions(allow_requantize=requant, threads=threads,
+                                    overwrite=force, imatrix=load_importance(imatrix))
+    # (mix, with the imatrix): every type must be possible before the first is written
+    variants: list[tuple[Mix, bool]] = []
+    for m in mixes:
+        if imat_opts is None:
+            plan_model(base_reader, m, opts)
+            variants.append((m, False))
+            continue
+        if not plan_needs_imatrix(plan_model(base_reader, m, replace(opts, dry_run=True)), m):
+            plan_model(base_reader, m, opts)
+            variants.append((m, False))
+        plan_model(base_reader, m, imat_opts)
+        variants.append((m, True))
 
     json_path, md_path, cache_path, kld_path = output_paths(model, out_dir)
     settings = _Settings(hashlib.blake2b(text_bytes, digest_size=16).hexdigest(), n_ctx,
                          n_chunk, threads or default_threads(), n_gpu_layers)
     cache = _Cache(cache_path, fresh=force)
+    if imatrix is not None:
+        imat_hash = cache.hash(imatrix)
     base_name = file_type_name(base_reader)
     steps = n_chunk + 2  # per row: quantize, the chunks, the speed run
-    total = steps * (1 + len(mixes))
+    total = steps * (1 + len(variants))
     done = 0
+    labels = [m.name + (IMAT_SUFFIX if with_imat else "") for m, with_imat in variants]
     yield Started("sweep", os.path.abspath(model), json_path, total,
-                  info={"types": [m.name for m in mixes], "base_type": base_name,
+                  info={"types": labels, "base_type": base_name, "imatrix": imatrix,
                         "n_ctx": n_ctx, "chunks": n_chunk, "n_tokens": len(tokens),
                         "text": os.path.abspath(text_file)})
     if requant:
@@ -409,36 +442,45 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
     yield Progress(done, total)
     yield Measured(base_name, base_row)
 
-    for mix in mixes:
-        path = quant_path(model, mix, out_dir)
+    for (mix, with_imat), label in zip(variants, labels):
+        path = quant_path(model, mix, out_dir, with_imat)
         made = cache.made(path)
-        if force or not os.path.exists(path):
-            yield Log("info", f"{mix.name}: quantizing to {os.path.basename(path)}")
-            with closing(quantize_model(model, path, mix, opts)) as job:  # cancel: no partial
+        expected = {"from": base_hash, "mix": mix.name}
+        if with_imat:  # the imatrix's hash is part of what the file is
+            expected = {**expected, "mix": label, "imatrix": imat_hash}
+        # a file this sweep made with another imatrix (or base) is its own to replace
+        stale = with_imat and made is not None and made.get("mix") == label and made != expected
+        if force or stale or not os.path.exists(path):
+            yield Log("info", f"{label}: quantizing to {os.path.basename(path)}")
+            q_opts = imat_opts if with_imat else opts
+            if stale:
+                q_opts = replace(q_opts, overwrite=True)
+            with closing(quantize_model(model, path, mix, q_opts)) as job:  # cancel: no partial
                 for ev in job:
                     if (isinstance(ev, Log) and ev.level != "info"
                             and not ev.text.startswith("requantizing")):  # said once above
-                        yield Log(ev.level, f"{mix.name}: {ev.text}")
+                        yield Log(ev.level, f"{label}: {ev.text}")
                     elif isinstance(ev, TensorDone):
                         yield Progress(done, total)  # a point where a cancel can land
-            cache.record_made(path, base_hash, mix.name)
+            cache.record_made(path, expected)
             cache.save()
-        elif made is None or made != {"from": base_hash, "mix": mix.name}:
-            _check_reusable(path, mix, base_reader)
-            yield Log("warning", f"{mix.name}: reusing {os.path.basename(path)}, which this "
+        elif made is None or made != expected:
+            _check_reusable(path, mix, base_reader, with_imat)
+            yield Log("warning", f"{label}: reusing {os.path.basename(path)}, which this "
                                  "sweep did not write (same file type and tensors); --force "
                                  "requantizes it")
         done += 1
         q_hash = cache.hash(path)
-        key = _key("quant", q_hash, base_hash, vars(settings))
+        key = (_key("quant", q_hash, base_hash, vars(settings), imat_hash) if with_imat
+               else _key("quant", q_hash, base_hash, vars(settings)))
         cached_row = cache.rows.get(key)
         if cached_row is None:
             if not (os.path.exists(kld_path) and cache.kld_base.get("key") == base_key):
                 raise UserError(f"{kld_path}: the base's log-probs went missing during the "
                                 "sweep")
-            yield Log("info", f"{mix.name}: perplexity and KL-divergence")
-            res, pp, tg, r = yield from measure(path, mix.name, kld_path, None)
-            cached_row = row_of(mix.name, path, r, res, pp, tg, False)
+            yield Log("info", f"{label}: perplexity and KL-divergence")
+            res, pp, tg, r = yield from measure(path, label, kld_path, None)
+            cached_row = row_of(label, path, r, res, pp, tg, False)
             cache.rows[key] = cached_row
             cache.save()
             row = finish_row(cached_row, False)
@@ -447,21 +489,23 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
         rows.append(row)
         done = steps * len(rows)
         yield Progress(done, total)
-        yield Measured(mix.name, row)
+        yield Measured(label, row)
 
     info = {"model": os.path.abspath(model), "base_type": base_name,
             "text": os.path.abspath(text_file), "text_hash": settings.text_hash,
             "n_ctx": n_ctx, "chunks": n_chunk, "n_tokens": len(tokens),
             "threads": settings.threads, "n_gpu_layers": n_gpu_layers,
+            "imatrix": os.path.abspath(imatrix) if imatrix else None,
             "vram_bytes": vram_bytes, "speed_run": {"prompt": PP_TOKENS, "generate": TG_TOKENS}}
     _write_atomic(json_path, json.dumps({**info, "rows": rows}, indent=1) + "\n")
     _write_atomic(md_path, render_markdown(rows, info))
     yield Finished(json_path, {"rows": rows, "markdown": md_path, "cache": cache_path})
 
 
-def _check_reusable(path: str, mix: Mix, base: GGUFReader) -> None:
+def _check_reusable(path: str, mix: Mix, base: GGUFReader, with_imatrix: bool = False) -> None:
     """A quantized file the sweep did not write is used only when it looks like `mix` of
-    this model; anything else is the user's and is not overwritten."""
+    this model (made with an imatrix when `with_imatrix`); anything else is the user's and
+    is not overwritten."""
     try:
         r = GGUFReader(path)
     except UserError as e:
@@ -470,6 +514,9 @@ def _check_reusable(path: str, mix: Mix, base: GGUFReader) -> None:
     ft = r.get(Keys.FILE_TYPE)
     if ft is None or int(ft) != int(mix.ftype) or not _same_tensors(r, base):
         raise UserError(f"{path}: exists but is not {mix.name} of this model; move it or use "
+                        "--force to replace it")
+    if with_imatrix and r.get("quantize.imatrix.file") is None:
+        raise UserError(f"{path}: exists but was not quantized with an imatrix; move it or use "
                         "--force to replace it")
 
 
@@ -526,7 +573,9 @@ def render_markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
              f"Base: {info['base_type']}. Text: {os.path.basename(info['text'])} "
              f"({info['n_tokens']} tokens), {info['chunks']} chunks of {info['n_ctx']}. "
              f"Speed: {PP_TOKENS}-token prompt, {TG_TOKENS} greedy tokens, "
-             f"{info['threads']} threads.", "",
+             f"{info['threads']} threads."
+             + (f" Imatrix: {os.path.basename(info['imatrix'])} (rows +imat)."
+                if info.get("imatrix") else ""), "",
              "| " + " | ".join(head) + " |",
              "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
     for r in rows:

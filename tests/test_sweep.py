@@ -258,3 +258,86 @@ def test_gpu_layers_give_the_cpu_figures(first, tmp_path, monkeypatch):
         assert not r["cached"]
         assert r["ppl"] == pytest.approx(cpu[r["type"]]["ppl"], rel=1e-3)
         assert r["mean_kld"] == pytest.approx(cpu[r["type"]]["mean_kld"], abs=1e-3)
+
+
+@pytest.fixture(scope="module")
+def imatrices(first, tmp_path_factory):
+    """Two importance matrices of the sweep's model, collected over 2 and 1 chunks."""
+    from gguflab.imatrix.collect import collect_imatrix
+
+    model = first[0]
+    folder = tmp_path_factory.mktemp("imatrix")
+    out = []
+    for chunks in (2, 1):
+        path = folder / f"tiny-{chunks}.imatrix.gguf"
+        list(collect_imatrix(str(model), default_eval_text(), str(path), N_CTX, chunks))
+        out.append(str(path))
+    return out
+
+
+def test_imatrix_measures_each_type_with_and_without_side_by_side(first, imatrices, capsys):
+    import gguf as ggufpy
+
+    from gguflab.quant.pipeline import QuantizeOptions, quantize_model
+
+    model, _, fin, _ = first
+    imat, other = imatrices
+    assert cli.main(["sweep", "-m", str(model), "--types", ",".join(TYPES), "-c", str(N_CTX),
+                     "--chunks", str(CHUNKS), "--imatrix", imat]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^Q4_K_M\+imat: +[\d.]+M, [+-][\d.]+ ppl, KLD [\d.]+$", out, re.M)
+    with open(model.with_suffix(".sweep.json")) as f:
+        doc = json.load(f)
+    rows = doc["rows"]
+    assert [r["type"] for r in rows] == ["F16", "Q8_0", "Q8_0+imat", "Q4_K_M", "Q4_K_M+imat"]
+    assert doc["imatrix"] == os.path.abspath(imat)
+    # the rows without the imatrix are the first run's, from the cache: the keys do not collide
+    plain = {r["type"]: r for r in fin.stats["rows"]}
+    for r in rows:
+        if r["type"] in plain:
+            assert r["cached"] and r["ppl"] == plain[r["type"]]["ppl"], r["type"]
+            assert r["file"] == plain[r["type"]]["file"]
+        else:
+            assert not r["cached"] and r["file"].endswith("-imat.gguf"), r["type"]
+    # the +imat file is what `quantize --imatrix` writes (the imatrix recorded in it), and
+    # the imatrix changed its Q4_K tensors
+    ours = quant_path(str(model), parse_mix("Q4_K_M"), None, imatrix=True)
+    ref = str(model.parent / "ref-Q4_K_M.gguf")
+    list(quantize_model(str(model), ref, parse_mix("Q4_K_M"), QuantizeOptions(imatrix=imat)))
+    assert open(ours, "rb").read() == open(ref, "rb").read()
+    os.remove(ref)
+    r = ggufpy.GGUFReader(ours)
+    assert r.fields["quantize.imatrix.file"].contents() == imat
+    plain_r = ggufpy.GGUFReader(plain["Q4_K_M"]["file"])
+    q4k = [(a, b) for a, b in zip(r.tensors, plain_r.tensors)
+           if a.tensor_type == ggufpy.GGMLQuantizationType.Q4_K]
+    assert q4k and any(bytes(a.data) != bytes(b.data) for a, b in q4k)
+
+    # again: nothing new; another imatrix: only the +imat row is made and measured again
+    _, fin2 = run(model, TYPES, imatrix=imat)
+    assert all(r["cached"] for r in fin2.stats["rows"])
+    events, fin3 = run(model, ["Q8_0"], imatrix=other)
+    assert [(r["type"], r["cached"]) for r in fin3.stats["rows"]] == [
+        ("F16", True), ("Q8_0", True), ("Q8_0+imat", False)]
+    quantized = [e.text for e in events if isinstance(e, Log) and "quantizing" in e.text]
+    assert [q.split(":")[0] for q in quantized] == ["Q8_0+imat"]
+    assert ggufpy.GGUFReader(fin3.stats["rows"][2]["file"]).fields[
+        "quantize.imatrix.file"].contents() == other
+
+
+def test_a_type_that_needs_an_imatrix_gets_only_its_imat_row_or_an_error(first, imatrices):
+    from gguflab.quant.mixes import requires_imatrix
+
+    model, _, _, _ = first
+    mix = parse_mix("IQ2_XXS")
+    assert requires_imatrix("blk.0.ffn_down.weight", mix.default_type, mix)
+    with pytest.raises(UserError, match="requires an imatrix"):
+        run(model, ["IQ2_XXS"])
+    with pytest.raises(UserError, match="no such imatrix file"):
+        run(model, ["Q8_0"], imatrix=str(model.parent / "missing.imatrix.gguf"))
+    # planned, not measured: the Started event lists the rows the sweep will make
+    gen = sweep_model(str(model), ["Q8_0", "IQ2_XXS"], None, n_ctx=N_CTX, chunks=CHUNKS,
+                      imatrix=imatrices[0])
+    started = next(gen)
+    gen.close()
+    assert started.info["types"] == ["Q8_0", "Q8_0+imat", "IQ2_XXS+imat"]

@@ -248,6 +248,7 @@ def test_model_actions_open_their_dialog_for_the_selected_model(folder):
     gguf, hf_path = str(folder / "tiny.gguf"), str(hf)
     opens = {
         ("k", gguf): dialogs.QuantizeDialog,
+        ("i", gguf): dialogs.ImatrixDialog,
         ("p", gguf): dialogs.PerplexityDialog,
         ("s", gguf): dialogs.SweepDialog,
         ("c", hf_path): dialogs.ConvertDialog,
@@ -261,7 +262,7 @@ def test_model_actions_open_their_dialog_for_the_selected_model(folder):
             for path in (gguf, hf_path):
                 assert browser.select_path(path)
                 await until(pilot, lambda p=path: app.selected.path == p)
-                for key in "kpsc":
+                for key in "kipsc":
                     cls = opens.get((key, path))
                     await pilot.press(key)
                     if cls is None:  # does not apply: dimmed in the footer, nothing opens

@@ -31,6 +31,7 @@ TAB_KEYS = Binding.Group("Tabs", compact=True)
 # actions on the selected model: (action, the model kinds it applies to)
 MODEL_ACTIONS = {
     "quantize": ("gguf",),
+    "imatrix": ("gguf",),
     "convert": ("hf",),
     "perplexity": ("gguf",),
     "sweep": ("gguf",),
@@ -58,7 +59,8 @@ class GgufLabApp(App):
         ),
         Binding("r", "rescan", "Rescan"),
         Binding("k", "quantize", "Quant"),
-        Binding("c", "convert", "Convert"),
+        Binding("i", "imatrix", "IMat"),
+        Binding("c", "convert", "Conv"),
         Binding("p", "perplexity", "PPL"),
         Binding("s", "sweep", "Sweep"),
         Binding("o", "chat", "Chat"),
@@ -133,6 +135,13 @@ class GgufLabApp(App):
         ev = message.event
         if isinstance(ev, Started) and ev.target and ev.target.endswith(".gguf"):
             self.browser.add_folder(os.path.dirname(os.path.abspath(ev.target)))
+        if message.job.spec.kind == "imatrix":  # not a model: the cursor stays on the model
+            if isinstance(ev, Finished) and ev.path:
+                self.notify(f"importance matrix written: {os.path.basename(ev.path)}; the "
+                            "quantize dialog (k) of its model offers it")
+            if isinstance(ev, (Started, Failed, Finished)):
+                self.browser.rescan()
+            return
         if isinstance(ev, Finished) and ev.path and ev.path.endswith(".gguf"):
             self.browser.add_folder(os.path.dirname(os.path.abspath(ev.path)))
             self._select_after_scan = os.path.abspath(ev.path)
@@ -207,6 +216,9 @@ class GgufLabApp(App):
 
     def action_quantize(self) -> None:
         self._dialog("quantize", "QuantizeDialog")
+
+    def action_imatrix(self) -> None:
+        self._dialog("imatrix", "ImatrixDialog")
 
     def action_convert(self) -> None:
         self._dialog("convert", "ConvertDialog")

@@ -14,6 +14,12 @@ COMMANDS = [
     ("Sweep tab", "Size / perplexity / KLD table of quant types", "tab('sweep')", "4"),
     ("Rescan models", "Look for models in the folders again", "rescan", "r"),
     ("Quantize selected model", "Choose a type (Q4_K_M, Q8_0, ...) and quantize", "quantize", "k"),
+    (
+        "Importance matrix of selected model",
+        "Collect an imatrix over a text, for the i-quants and better low-bit types",
+        "imatrix",
+        "i",
+    ),
     ("Convert selected HF folder", "Hugging Face checkpoint to GGUF", "convert", "c"),
     (
         "Perplexity / KLD of selected model",

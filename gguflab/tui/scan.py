@@ -31,7 +31,7 @@ class ModelEntry:
 
     path: str  # the GGUF file (first split) or the HF folder
     name: str  # what the list shows: the path relative to the scanned folder
-    kind: str  # "gguf" | "hf" | "error"
+    kind: str  # "gguf" | "hf" | "imatrix" (an importance matrix, not a model) | "error"
     arch: str | None = None
     n_params: int | None = None
     type_name: str | None = None  # GGUF file type (Q4_K_M, F16) or the HF torch_dtype
@@ -232,6 +232,11 @@ def _read_gguf_entry(path: str, name: str, files: list[str]) -> ModelEntry:
     except Exception as e:  # any file on disk: a bad one is a row, never a broken list
         return ModelEntry(path, name, "error", size_bytes=size, error=_error_text(e), files=files)
     first = readers[0]
+    if first.get("general.type") == "imatrix":  # llama-imatrix's GGUF: listed, not a model
+        for r in readers:
+            r.close()
+        return ModelEntry(path, name, "imatrix", type_name="imatrix", size_bytes=size,
+                          files=files)
     n_params = sum(t.n_elements for r in readers for t in r.tensors)
     ftype = first.get(Keys.FILE_TYPE)
     type_name = file_type_name(ftype) if ftype is not None else _dominant_type(readers)

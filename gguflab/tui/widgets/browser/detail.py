@@ -109,6 +109,10 @@ def _headline(entry: ModelEntry | None, loading: bool = False) -> Text:
     if entry.writing:
         text.append(f"\nbeing written by a job ({size(entry.size_bytes)} so far)", style="yellow")
         return text
+    if entry.kind == "imatrix":
+        text.append(f"\nimportance matrix, {size(entry.size_bytes)}: the quantize dialog (k) of "
+                    "a model in this folder offers it")
+        return text
     facts = [
         entry.arch or "?",
         f"{count(entry.n_params)} parameters" if entry.n_params else "",
