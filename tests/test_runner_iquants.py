@@ -1,0 +1,62 @@
+"""The modern loop on a real model, against llama.cpp on the same files: SmolLM2 (F32),
+an importance matrix collected by gguflab, quantized to IQ4_XS, IQ3_S and IQ2_XXS, and each
+file's perplexity (llama-perplexity's protocol) from our runner and from llama.cpp's."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from ggml_oracle import llama_quantize
+from llama_ref import llama_perplexity
+
+from gguflab.catalog import default_eval_text
+from gguflab.gguf import GGMLType, GGUFReader
+from gguflab.imatrix.collect import collect_imatrix
+from gguflab.quant.mixes import parse_mix
+from gguflab.quant.pipeline import QuantizeOptions, quantize_model
+from gguflab.runner.model import Model
+from gguflab.runner.perplexity import perplexity
+from gguflab.runner.tokenizer import Tokenizer
+
+N_CTX, CHUNKS = 128, 6
+# llama.cpp rounds the activations of every product with a quantized weight to 8 bits
+# (its vec_dot_type) and gguflab's batched products do not yet (issue #16): on these files
+# that alone moves the perplexity by up to about 2% (measured: IQ4_XS -1.78%, IQ2_XXS -0.84%,
+# IQ3_S +0.04%; without an imatrix IQ4_NL -0.57%, Q4_K_M +0.39%). The bound is 1% but for
+# IQ4_XS, where nearly every tensor is IQ4_NL's 16 uneven levels.
+BOUND = {"IQ4_XS": 0.025, "IQ3_S": 0.01, "IQ2_XXS": 0.01}
+
+
+@pytest.fixture(scope="module")
+def smol_f32(tmp_path_factory, smollm2):
+    out = tmp_path_factory.mktemp("iquants") / "smol-f32.gguf"
+    llama_quantize(smollm2, str(out), 0, allow_requantize=True)  # 0 = ALL_F32
+    return out
+
+
+@pytest.fixture(scope="module")
+def imatrix(smol_f32, tmp_path_factory):
+    out = tmp_path_factory.mktemp("iquants-imatrix") / "smol.imatrix.gguf"
+    for _ in collect_imatrix(str(smol_f32), default_eval_text(), str(out), n_ctx=N_CTX,
+                             chunks=3, compute_ppl=False):
+        pass
+    return str(out)
+
+
+@pytest.mark.parametrize("mix", ["IQ4_XS", "IQ3_S", "IQ2_XXS"])
+def test_perplexity_matches_llama_cpp(smol_f32, imatrix, tmp_path, mix):
+    out = tmp_path / f"smol-{mix}.gguf"
+    for _ in quantize_model(str(smol_f32), str(out), parse_mix(mix),
+                            QuantizeOptions(imatrix=imatrix, stats=False)):
+        pass
+    types = Counter(t.type for t in GGUFReader(out).tensors)
+    assert types[GGMLType[mix]] > 0, types  # the type itself, not only its fallbacks
+    m = Model(out)
+    tok = Tokenizer.from_gguf(m.reader)
+    ids = tok.encode(open(default_eval_text(), encoding="utf-8").read(), add_special=True)
+    ids = list(ids[: CHUNKS * N_CTX])
+    ours = perplexity(m, ids, N_CTX, add_bos=True, bos_id=tok.bos_id).ppl
+    ref = llama_perplexity(out, ids, N_CTX, tok.bos_id)
+    print(f"{mix}: ppl ours {ours:.4f} llama.cpp {ref:.4f}: {100 * (ours - ref) / ref:+.2f}%")
+    assert abs(ours - ref) / ref < BOUND[mix], (ours, ref)
