@@ -13,7 +13,6 @@ from ggml_oracle import libggml, sample_weights
 import gguflab.quant.kquants  # noqa: F401  (registers the K-quants)
 import gguflab.quant.legacy  # noqa: F401
 from gguflab import quant
-from gguflab.errors import UserError
 from gguflab.gguf import GGMLType, type_info
 
 LEGACY = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1]
@@ -89,33 +88,6 @@ def _shapes(t: GGMLType) -> list[int]:
     return [256, 4096] + ([96, 1056] if t in LEGACY else [768])
 
 
-@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
-def test_reference_matches_ggml(t):
-    qt = quant.get(t)
-    for k, n in enumerate(_shapes(t)):
-        x = weights_like(6 if n >= 4096 else 12, n, seed=k)
-        qw = imatrix_like(n, seed=100 + k)
-        want = ggml_quantize_chunk(t, x, qw)
-        got = qt.quantize_rows_ref(x, qw)
-        assert got.shape == want.shape
-        bad = np.flatnonzero((got != want).any(axis=1))
-        assert bad.size == 0, f"{t.name} n={n}: rows {bad.tolist()} differ"
-
-
-@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
-def test_compiled_matches_ggml(t):
-    qt = quant.get(t)
-    assert qt.has_imatrix_kernel, f"{t.name} has no compiled importance-weighted quantizer"
-    for k, n in enumerate(_shapes(t)):
-        x = weights_like(6 if n >= 4096 else 12, n, seed=10 + k)
-        qw = imatrix_like(n, seed=200 + k)
-        want = ggml_quantize_chunk(t, x, qw)
-        for threads in (1, 2):
-            got = qt.quantize(x, threads=threads, imatrix=qw)
-            bad = np.flatnonzero((got != want).any(axis=1))
-            assert bad.size == 0, f"{t.name} n={n} threads={threads}: rows {bad.tolist()} differ"
-
-
 @pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.Q6_K], ids=lambda t: t.name)
 def test_threads_give_the_same_bytes(t):
     qt = quant.get(t)
@@ -158,28 +130,3 @@ def test_edge_rows(t):
         assert np.flatnonzero((got_ref != want).any(axis=1)).tolist() == []
         assert np.flatnonzero((got != want).any(axis=1)).tolist() == []
 
-
-def test_weighted_differs_from_unweighted():
-    """The imatrix is used (a sanity check of the tests above, which compare with ggml)."""
-    x = weights_like(8, 512, seed=4)
-    qw = imatrix_like(512, seed=5)
-    for t in TYPES:
-        qt = quant.get(t)
-        assert not np.array_equal(qt.quantize(x, imatrix=qw), qt.quantize(x, reference=True))
-
-
-def test_q8_0_ignores_the_imatrix():
-    qt = quant.get(GGMLType.Q8_0)
-    assert not qt.uses_imatrix
-    x = weights_like(4, 512, seed=6)
-    qw = imatrix_like(512, seed=6)
-    got = qt.quantize(x, imatrix=qw)
-    assert np.array_equal(got, qt.quantize(x))
-    assert np.array_equal(got, ggml_quantize_chunk(GGMLType.Q8_0, x, qw))
-
-
-@pytest.mark.parametrize("t", [GGMLType.Q4_0, GGMLType.Q4_K], ids=lambda t: t.name)
-def test_wrong_imatrix_length_is_a_user_error(t):
-    x = weights_like(2, 512, seed=1)
-    with pytest.raises(UserError, match="importance matrix has 256 columns"):
-        quant.get(t).quantize(x, imatrix=np.ones(256, np.float32))

@@ -9,13 +9,12 @@ import ctypes
 
 import numpy as np
 import pytest
-from ggml_oracle import ggml_dequantize, libggml, sample_weights
+from ggml_oracle import libggml, sample_weights
 
 from gguflab import quant
 from gguflab.errors import UserError
 from gguflab.gguf import GGMLType, type_info
 from gguflab.quant.iquants.grids_iq2 import address, grid_levels, search_tables
-from gguflab.runner import kernels
 
 TYPES = [GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S]
 SHAPES = [(6, 256), (3, 512), (2, 4096)]
@@ -52,14 +51,6 @@ def check_bytes(ours: np.ndarray, ref: np.ndarray, t: GGMLType) -> None:
     assert bad.size == 0, f"{t.name}: rows {bad[:10]} differ from ggml"
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
-def test_reference_quantizer_matches_ggml(t, shape):
-    x, imatrix = weights(*shape, seed=shape[1] + int(t))
-    ours = quant.get(t).quantize(x, imatrix=imatrix, reference=True)
-    check_bytes(ours, ggml_quantize_chunk(t, x, imatrix), t)
-
-
 @pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
 def test_edge_cases_match_ggml(t):
     """All-zero, constant, tiny, huge, one-signed and integer rows; imatrix with zeros."""
@@ -77,73 +68,6 @@ def test_edge_cases_match_ggml(t):
         ref = ggml_quantize_chunk(t, x, None)
         for reference in (True, False):
             check_bytes(quant.get(t).quantize(x, reference=reference), ref, t)
-
-
-@pytest.mark.parametrize("shape", [(6, 256), (2, 1024)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_iq2_s_without_imatrix_matches_ggml(shape):
-    t = GGMLType.IQ2_S
-    x, _ = weights(*shape, seed=11)
-    ours = quant.get(t).quantize(x, reference=True)
-    check_bytes(ours, ggml_quantize_chunk(t, x, None), t)
-
-
-@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
-def test_compiled_quantizer_matches_ggml(t):
-    qt = quant.get(t)
-    x, imatrix = weights(16, 1024, seed=21 + int(t))
-    x[3, :256] = 0.0
-    ref = ggml_quantize_chunk(t, x, imatrix)
-    check_bytes(qt.quantize(x, imatrix=imatrix, threads=2), ref, t)
-    if not qt.requires_imatrix:
-        check_bytes(qt.quantize(x, threads=2), ggml_quantize_chunk(t, x, None), t)
-
-
-@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
-def test_dequantize_matches_ggml(t):
-    """On quantized weights and on random blocks (every grid index, every sign pattern)."""
-    qt = quant.get(t)
-    x, imatrix = weights(4, 512, seed=7)
-    rng = np.random.default_rng(int(t))
-    ts = type_info(t).type_size
-    rnd = rng.integers(0, 256, (64, ts), dtype=np.uint8)
-    rnd[:, 0:2] = np.frombuffer(np.float16(0.0123).tobytes(), np.uint8)  # a finite d
-    for q in (qt.quantize(x, imatrix=imatrix), rnd.reshape(8, -1)):
-        n = q.shape[1] // ts * 256
-        want = ggml_dequantize(t, q, n)
-        for reference in (True, False):
-            got = qt.dequantize(q, reference=reference)
-            np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
-
-
-@pytest.mark.parametrize("n_tok", [1, 5])
-@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
-def test_runner_products(t, n_tok):
-    qt = quant.get(t)
-    x, imatrix = weights(40, 512, seed=9)
-    w = qt.quantize(x, imatrix=imatrix)
-    wd = qt.dequantize(w).astype(np.float64)
-    a = np.random.default_rng(n_tok).standard_normal((n_tok, 512)).astype(np.float32)
-    if n_tok == 1 and kernels.quantizes_activations(t):
-        q8 = quant.get(GGMLType.Q8_0)
-        a_used = q8.dequantize(q8.quantize(a)).reshape(a.shape)
-    else:
-        a_used = a
-    y = kernels.matmul(w, t, a)
-    ref = a_used.astype(np.float64) @ wd.T
-    scale = np.maximum(np.abs(a_used.astype(np.float64)) @ np.abs(wd).T, 1e-30)
-    assert float((np.abs(y - ref) / scale).max()) < 1e-5
-
-
-@pytest.mark.parametrize("t", [GGMLType.IQ2_XXS, GGMLType.IQ2_XS], ids=lambda t: t.name)
-def test_missing_imatrix_is_a_user_error(t):
-    lib = libggml()
-    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
-    assert lib.ggml_quantize_requires_imatrix(int(t))
-    x, _ = weights(2, 256, seed=1)
-    with pytest.raises(UserError, match="importance matrix"):
-        quant.get(t).quantize(x)
-    with pytest.raises(UserError, match="importance matrix"):
-        quant.get(t).quantize_rows_ref(x, None)
 
 
 def test_flags_follow_ggml():

@@ -14,7 +14,6 @@ from ggml_oracle import ggml_dequantize, ggml_quantize_chunk, libggml, sample_we
 from gguflab import quant
 from gguflab.errors import UserError
 from gguflab.gguf import GGMLType
-from gguflab.runner.kernels import matmul, quantizes_activations
 
 G = GGMLType
 TYPES = [G.IQ4_NL, G.IQ4_XS, G.TQ1_0, G.TQ2_0, G.MXFP4]
@@ -55,32 +54,6 @@ def widths(t: GGMLType) -> list[int]:
 
 
 CASES = [(t, n) for t in TYPES for n in widths(t)]
-
-
-@pytest.mark.parametrize(("t", "n"), CASES, ids=[f"{t.name}-{n}" for t, n in CASES])
-def test_quantize_matches_ggml(t, n):
-    qt = quant.get(t)
-    x = data(t, n)
-    want = ggml_quantize_chunk(t, x)
-    np.testing.assert_array_equal(qt.quantize(x, reference=True), want)
-    np.testing.assert_array_equal(qt.quantize(x), want)
-
-
-@pytest.mark.parametrize(("t", "n"), CASES, ids=[f"{t.name}-{n}" for t, n in CASES])
-def test_quantize_with_imatrix_matches_ggml(t, n):
-    """The IQ4 types weigh by the imatrix; the others ignore it, as llama.cpp's do (MXFP4's
-    chunk quantizer takes the pointer and drops it)."""
-    qt = quant.get(t)
-    assert qt.uses_imatrix == (t in (G.IQ4_NL, G.IQ4_XS))
-    x = data(t, n)
-    w = importance(n, seed=n)
-    want = ggml_quantize_chunk(t, x, w)
-    if not qt.uses_imatrix:
-        np.testing.assert_array_equal(want, ggml_quantize_chunk(t, x))
-    else:
-        assert not np.array_equal(want, ggml_quantize_chunk(t, x))  # the weights matter
-    np.testing.assert_array_equal(qt.quantize(x, reference=True, imatrix=w), want)
-    np.testing.assert_array_equal(qt.quantize(x, imatrix=w), want)
 
 
 def non_finite_rows(n: int, seed: int = 0) -> np.ndarray:
@@ -125,36 +98,6 @@ def test_requires_no_imatrix_as_in_ggml(t):
 
 
 @pytest.mark.parametrize("t", TYPES, ids=ids)
-def test_dequantize_matches_ggml(t):
-    qt = quant.get(t)
-    n = 512
-    x = data(t, n)
-    q = ggml_quantize_chunk(t, x, importance(n) if qt.uses_imatrix else None)
-    want = ggml_dequantize(t, q, n)
-    np.testing.assert_array_equal(bits(qt.dequantize(q, reference=True)), bits(want))
-    np.testing.assert_array_equal(bits(qt.dequantize(q)), bits(want))
-    # every byte pattern, not only the ones the quantizer writes
-    rnd = np.random.default_rng(int(t)).integers(0, 256, q.shape, dtype=np.uint8)
-    d_at = {G.IQ4_NL: [0], G.IQ4_XS: [0], G.TQ1_0: [52], G.TQ2_0: [64], G.MXFP4: []}[t]
-    blocks = rnd.reshape(-1, qt.info.type_size)
-    for at in d_at:  # finite fp16 scales
-        blocks[:, at + 1] &= 0x3F
-    np.testing.assert_array_equal(bits(qt.dequantize(rnd)), bits(ggml_dequantize(t, rnd, n)))
-    np.testing.assert_array_equal(bits(qt.dequantize(rnd, reference=True)),
-                                  bits(ggml_dequantize(t, rnd, n)))
-
-
-@pytest.mark.parametrize("t", TYPES, ids=ids)
-def test_threads_give_the_same_bytes(t):
-    qt = quant.get(t)
-    x = sample_weights(512, 512, seed=3)
-    w = importance(512) if qt.uses_imatrix else None
-    one = qt.quantize(x, threads=1, imatrix=w)
-    np.testing.assert_array_equal(qt.quantize(x, threads=2, imatrix=w), one)
-    np.testing.assert_array_equal(qt.dequantize(one, threads=2), qt.dequantize(one, threads=1))
-
-
-@pytest.mark.parametrize("t", TYPES, ids=ids)
 def test_levels_rebuild_the_weights(t):
     """levels_ref (the histogram's) are the codes the dequantizer reads."""
     qt = quant.get(t)
@@ -173,24 +116,6 @@ def test_levels_rebuild_the_weights(t):
     for k in range(0, lv.shape[0], 7):
         for v in np.unique(lv[k]):
             assert np.unique(dv[k][lv[k] == v]).size == 1
-
-
-@pytest.mark.parametrize("t", TYPES, ids=ids)
-@pytest.mark.parametrize("n_tok", [1, 3, 17])
-def test_runner_product_is_the_dequantized_product(t, n_tok):
-    qt = quant.get(t)
-    n_in, n_out = 512, 67
-    rng = np.random.default_rng(n_tok)
-    w = qt.quantize((rng.standard_normal((n_out, n_in)) * 0.05).astype(np.float32))
-    x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
-    y = matmul(w, t, x)
-    wd = qt.dequantize(w).astype(np.float64)
-    ref = x.astype(np.float64) @ wd.T
-    if n_tok == 1 and quantizes_activations(t):  # integer dot products on Q8_0 activations
-        q8 = quant.get(G.Q8_0)
-        ref = q8.dequantize(q8.quantize(x)).astype(np.float64) @ wd.T
-    scale = np.maximum(np.abs(x.astype(np.float64)) @ np.abs(wd).T, 1e-30)
-    assert float((np.abs(y - ref) / scale).max()) < 1e-5
 
 
 def test_user_errors():
