@@ -369,7 +369,9 @@ def test_job_output_outside_the_scanned_folders_is_listed(folder, tmp_path_facto
 def test_quit_while_a_job_runs_cancels_it_and_leaves_no_partial(tmp_path):
     from gguflab.jobs import JobSpec
 
-    big = SynthConfig(n_layer=4, n_embd=512, n_ff=1536, n_head=8, n_head_kv=2, n_vocab=1024)
+    # big enough (160 MB of F16) that the quantize still works when a loaded machine's UI
+    # first sees it start
+    big = SynthConfig(n_layer=4, n_embd=1024, n_ff=4096, n_head=8, n_head_kv=2, n_vocab=8192)
     write_synthetic_llama(tmp_path / "big.gguf", big)
     out = tmp_path / "big-Q4_K_M.gguf"
 

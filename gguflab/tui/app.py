@@ -132,6 +132,8 @@ class GgufLabApp(App):
     @on(JobsPane.JobEvent)
     def _job_event(self, message: JobsPane.JobEvent) -> None:
         """A job started or ended: the list shows its output as being written, then done."""
+        if not self.query(ModelBrowser):  # the app is closing: its widgets are gone
+            return
         ev = message.event
         if isinstance(ev, Started) and ev.target and ev.target.endswith(".gguf"):
             self.browser.add_folder(os.path.dirname(os.path.abspath(ev.target)))
