@@ -26,10 +26,11 @@ JOBS        ?= $(shell nproc 2>/dev/null || echo 2)
 run: $(VENV)/.run-installed
 	$(VENV)/bin/gguflab
 
-# Lint, then the whole test suite (what CI runs).
+# Lint, then the whole test suite (what CI runs), one worker per core, each test file on one
+# worker (module fixtures are built once).
 test: $(VENV)/.test-installed
 	$(PY) -m ruff check gguflab tests bench
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 lint: $(VENV)/.test-installed
 	$(PY) -m ruff check gguflab tests bench
