@@ -340,6 +340,25 @@ class QuantType:
         return np.bincount(bins, minlength=HIST_BINS)[:HIST_BINS]
 
 
+def rows_by_blocks(x: np.ndarray, imatrix: np.ndarray | None, block_size: int,
+                   type_size: int, quantize, chunk: int) -> np.ndarray:
+    """A row reference built from a block quantizer that takes each block's importance
+    weights: `quantize(blocks, weights or None)` on `chunk` blocks at a time (bounding the
+    memory of a vectorised search); the imatrix row gives every row's blocks their columns."""
+    x = np.ascontiguousarray(x, np.float32)
+    n_rows, n = x.shape
+    nb = n // block_size
+    blocks = x.reshape(n_rows * nb, block_size)
+    out = np.empty((n_rows * nb, type_size), np.uint8)
+    imx = None if imatrix is None else np.ascontiguousarray(imatrix, np.float32).reshape(
+        nb, block_size)
+    for s in range(0, n_rows * nb, chunk):
+        e = min(s + chunk, n_rows * nb)
+        im = None if imx is None else imx[np.arange(s, e) % nb].reshape(-1)
+        out[s:e] = quantize(blocks[s:e], im)
+    return out.reshape(n_rows, -1)
+
+
 REGISTRY: dict[GGMLType, QuantType] = {}
 
 

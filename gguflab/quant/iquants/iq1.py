@@ -30,7 +30,7 @@ from ...gguf import GGMLType
 from ...jit import compile_kernels
 from ...jit.builders import Target, const, f32, for_range, i8, i16, i32, i64, ptr
 from ...jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half, store_f16
-from ..base import QuantType, register
+from ..base import QuantType, register, rows_by_blocks
 from ..floats import f16_from_f32_ref
 from ..kquants._qkx2 import nearest_int_ref
 from .grids_iq1 import Iq1Grid, iq1s_grid
@@ -310,17 +310,8 @@ class _Iq1(QuantType):
     def quantize_rows_ref(self, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
         if imatrix is None and self.requires_imatrix:
             raise UserError(f"{self.name} needs an importance matrix (--imatrix)")
-        x = np.ascontiguousarray(x, F32)
-        n_rows, n = x.shape
-        nb = n // QK
-        blocks = x.reshape(n_rows * nb, QK)
-        out = np.empty((n_rows * nb, self.info.type_size), np.uint8)
-        imx = None if imatrix is None else np.ascontiguousarray(imatrix, F32).reshape(nb, QK)
-        for s in range(0, n_rows * nb, CHUNK_BLOCKS):
-            e = min(s + CHUNK_BLOCKS, n_rows * nb)
-            im = None if imx is None else imx[np.arange(s, e) % nb].reshape(-1)
-            out[s:e] = self._quantize_super_blocks(blocks[s:e], im)
-        return out.reshape(n_rows, -1)
+        return rows_by_blocks(x, imatrix, QK, self.info.type_size,
+                              self._quantize_super_blocks, CHUNK_BLOCKS)
 
     def row_modules(self) -> dict[str, ir.Module]:
         return {"rows": build_iq1_quantizer(self.type == GGMLType.IQ1_M)}
