@@ -6,7 +6,6 @@ combines), combining equals llama-imatrix's --in-file, and experts get their own
 
 from __future__ import annotations
 
-import ctypes
 import filecmp
 import os
 import re
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ggml_oracle import libggml
+from ggml_oracle import ggml_quantize_chunk as oracle_quantize_chunk
 from llama_tools import run_tool
 
 from gguflab.cli import main
@@ -169,20 +168,8 @@ def test_llama_imatrix_combines_our_files_as_we_do(pair_f32, smol_f32, tmp_path)
 
 
 def ggml_quantize_chunk(t: GGMLType, x: np.ndarray, imatrix: np.ndarray | None) -> bytes:
-    """ggml_quantize_chunk (what llama-quantize calls) on rows `x` with importance weights."""
-    lib = libggml()
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    lib.ggml_quantize_init(int(t))
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    x = np.ascontiguousarray(x, np.float32)
-    out = np.zeros(x.shape[0] * x.shape[1] * 2 + 4096, np.uint8)
-    w = None if imatrix is None else np.ascontiguousarray(imatrix, np.float32)
-    n = fn(int(t), x.ctypes.data, out.ctypes.data, 0, x.shape[0], x.shape[1],
-           None if w is None else w.ctypes.data)
-    return bytes(out[:n])
+    """ggml_quantize_chunk (what llama-quantize calls) on rows `x`, as bytes."""
+    return oracle_quantize_chunk(t, x, imatrix).tobytes()
 
 
 @pytest.fixture(scope="module")

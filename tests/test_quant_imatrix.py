@@ -4,40 +4,18 @@ reference and the compiled row kernels, byte for byte against llama.cpp's
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
-from ggml_oracle import libggml, sample_weights
+from ggml_oracle import ggml_quantize_chunk, sample_weights
 
 import gguflab.quant.kquants  # noqa: F401  (registers the K-quants)
 import gguflab.quant.legacy  # noqa: F401
 from gguflab import quant
-from gguflab.gguf import GGMLType, type_info
+from gguflab.gguf import GGMLType
 
 LEGACY = [GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1]
 KQUANTS = [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K]
 TYPES = LEGACY + KQUANTS
-
-
-def ggml_quantize_chunk(t: GGMLType, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    """llama.cpp's `ggml_quantize_chunk` on float32 rows x with one importance weight per
-    column (or None) -> uint8 (rows, row_bytes)."""
-    x = np.ascontiguousarray(x, np.float32)
-    n_rows, n = x.shape
-    out = np.zeros((n_rows, type_info(t).row_bytes(n)), np.uint8)
-    lib = libggml()
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    qw = None
-    if imatrix is not None:
-        qw = np.ascontiguousarray(imatrix, np.float32)
-    written = fn(int(t), x.ctypes.data, out.ctypes.data, 0, n_rows, n,
-                 None if qw is None else qw.ctypes.data)
-    assert written == out.size
-    return out
 
 
 def imatrix_like(n: int, seed: int, zeros: bool = True) -> np.ndarray:

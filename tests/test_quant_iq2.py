@@ -9,32 +9,15 @@ import ctypes
 
 import numpy as np
 import pytest
-from ggml_oracle import libggml, sample_weights
+from ggml_oracle import ggml_quantize_chunk, libggml, sample_weights
 
 from gguflab import quant
 from gguflab.errors import UserError
-from gguflab.gguf import GGMLType, type_info
+from gguflab.gguf import GGMLType
 from gguflab.quant.iquants.grids_iq2 import address, grid_levels, search_tables
 
 TYPES = [GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S]
 SHAPES = [(6, 256), (3, 512), (2, 4096)]
-
-
-def ggml_quantize_chunk(t: GGMLType, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    """llama.cpp's `ggml_quantize_chunk` on float32 rows x, with the imatrix (or NULL)."""
-    lib = libggml()
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    lib.ggml_quantize_init(int(t))
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    x = np.ascontiguousarray(x, np.float32)
-    rows, n = x.shape
-    out = np.zeros((rows, type_info(t).row_bytes(n)), np.uint8)
-    qw = None if imatrix is None else np.ascontiguousarray(imatrix, np.float32)
-    fn(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n, None if qw is None else qw.ctypes.data)
-    return out
 
 
 def weights(rows: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,34 +8,15 @@ import ctypes
 
 import numpy as np
 import pytest
-from ggml_oracle import libggml, sample_weights
+from ggml_oracle import ggml_quantize_chunk, libggml, sample_weights
 
 from gguflab import quant
 from gguflab.errors import UserError
-from gguflab.gguf import GGMLType, type_info
+from gguflab.gguf import GGMLType
 
 IQ3 = [GGMLType.IQ3_S, GGMLType.IQ3_XXS]
 IQ1 = [GGMLType.IQ1_S, GGMLType.IQ1_M]
 TYPES = [t for t in IQ3 + IQ1 if t in quant.REGISTRY]
-
-
-def ggml_quantize_chunk(t: GGMLType, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    """llama.cpp's `ggml_quantize_chunk` on float32 rows x, imatrix one weight per column."""
-    lib = libggml()
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    lib.ggml_quantize_init.restype = None
-    lib.ggml_quantize_init(int(t))
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    x = np.ascontiguousarray(x, np.float32)
-    rows, n = x.shape
-    out = np.zeros((rows, type_info(t).row_bytes(n)), np.uint8)
-    im = None if imatrix is None else np.ascontiguousarray(imatrix, np.float32)
-    fn(int(t), x.ctypes.data, out.ctypes.data, 0, rows, n,
-       None if im is None else im.ctypes.data)
-    return out
 
 
 def ggml_requires_imatrix(t: GGMLType) -> bool:
