@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import UserError
+from .signals import Interrupted
 
 
 def tui_dirs(models_dir: list[str] | None) -> list[str] | None:
@@ -297,7 +298,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 reply += piece
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if isinstance(e, Interrupted):  # kill or hangup end the chat; Ctrl-C the reply
+                raise
             t.stop_reason = "interrupted"
         print()
         print(f"[{t.line()}]", file=sys.stderr)
@@ -646,14 +649,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:  # `gguflab` alone opens the TUI
         args.models_dir, args.func = args.top_models_dir, cmd_tui
+    from . import signals
+
     try:
-        return args.func(args)
+        with signals.interrupt_on_signals():  # kill and a hangup end a run as Ctrl-C does
+            return args.func(args)
     except UserError as e:
         print(f"gguflab: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("gguflab: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        by = signals.signal_name(e)
+        print(f"gguflab: interrupted{f' by {by}' if by else ''}", file=sys.stderr)
+        return signals.exit_code(e)
     except BrokenPipeError:  # `gguflab inspect | head`
         sys.stderr.close()
         return 0

@@ -12,6 +12,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -135,7 +136,10 @@ _CANCELLED = "cancelled"
 
 def _work(kind: str, params: dict[str, Any], out: mp.Queue, cancel: Any) -> None:
     """Worker entry: run the job, send every event as a dict, end with Finished or Failed."""
+    from .signals import install, signal_name
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the UI, which cancels us
+    install()  # SIGTERM, or the SIGHUP of a dropped session: the job ends as if cancelled
     gen = None
     try:
         gen = JOB_KINDS[kind](**params)
@@ -145,6 +149,12 @@ def _work(kind: str, params: dict[str, Any], out: mp.Queue, cancel: Any) -> None
                 gen.close()  # the job's own cleanup: the partial file is removed
                 out.put(Failed(_CANCELLED).to_dict())
                 return
+    except KeyboardInterrupt as e:  # the job's writers removed their partial files
+        out.put(Failed(f"{_CANCELLED} by {signal_name(e) or 'SIGINT'}").to_dict())
+        # whoever started us may be gone or no longer reading: never hang flushing the queue
+        guard = threading.Timer(5.0, os._exit, (1,))
+        guard.daemon = True
+        guard.start()
     except UserError as e:
         out.put(Failed(str(e)).to_dict())
     except MemoryError:
@@ -236,7 +246,7 @@ class Job:
             self.result, self.state = ev, "finished"
         elif isinstance(ev, Failed):
             self.error = ev.error
-            self.state = "cancelled" if ev.error == _CANCELLED else "failed"
+            self.state = "cancelled" if ev.error.startswith(_CANCELLED) else "failed"
         if self.done:
             self.t_end = time.monotonic()
 

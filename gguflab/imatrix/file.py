@@ -299,9 +299,11 @@ def _save_dat(im: Imatrix, path: str) -> None:
         with open(tmp, "wb") as f:
             f.write(b"".join(out))
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # a write error, Ctrl-C or kill: no partial file stays
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise _fail(path, f"cannot write: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise _fail(path, f"cannot write: {e.strerror or e}") from None
+        raise

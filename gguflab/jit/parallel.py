@@ -21,7 +21,7 @@ import os
 import struct
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import cache
 
 import numpy as np
@@ -85,9 +85,13 @@ def parallel_rows(
         return
     bounds = [n_rows * k // parts for k in range(parts + 1)]
     futures = [_pool(threads).submit(fn, bounds[k], bounds[k + 1]) for k in range(1, parts)]
-    fn(bounds[0], bounds[1])
-    for f in futures:
-        f.result()
+    try:
+        fn(bounds[0], bounds[1])
+        for f in futures:
+            f.result()
+    except BaseException:  # Ctrl-C, kill: no slice may go on reading what the caller frees
+        wait(futures)
+        raise
 
 
 # -- the team's compiled side ----------------------------------------------------------------

@@ -95,6 +95,25 @@ class GgufLabApp(App):
     def on_mount(self) -> None:
         self.query_one("#model-table").focus()
         self.set_interval(RESCAN_WHILE_WRITING, self._rescan_while_writing)
+        self._handle_hangup()
+
+    def _handle_hangup(self) -> None:
+        """A dropped SSH session (SIGHUP) or a `kill` (SIGTERM) cancels the jobs, their
+        partial files removed, and ends the app (a SIGHUP ignored by nohup stays ignored)."""
+        import asyncio
+        import signal
+
+        try:
+            loop = asyncio.get_running_loop()
+            for s in (signal.SIGHUP, signal.SIGTERM):
+                if signal.getsignal(s) != signal.SIG_IGN:
+                    loop.add_signal_handler(s, self._hung_up, s)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            pass
+
+    def _hung_up(self, signum: int) -> None:
+        self.manager.shutdown()  # before anything is drawn on a terminal that may be gone
+        self.exit(return_code=128 + signum)
 
     def _rescan_while_writing(self) -> None:
         """Files being written grow: show their size as they do."""
