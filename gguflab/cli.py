@@ -438,6 +438,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark import BenchParams, bench, parse_int_range
+    from .catalog import embedded_model
+
+    def ints(flag: str, given: list[str] | None, default: list[int], neg: bool = False):
+        return ([v for g in given for v in parse_int_range(flag, g, neg)] if given
+                else list(default))
+
+    pg = []
+    for g in args.pg or []:
+        parts = g.split(",")
+        if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+            raise UserError(f"-pg {g!r}: expected two counts, prompt and generated: 512,128")
+        pg.append((int(parts[0]), int(parts[1])))
+    p = BenchParams(
+        models=[m for g in args.model or [] for m in g.split(",") if m] or [embedded_model()],
+        n_prompt=ints("-p", args.n_prompt, [512]), n_gen=ints("-n", args.n_gen, [128]),
+        n_pg=pg, n_batch=ints("-b", args.batch_size, [2048]),
+        n_threads=ints("-t", args.threads, []),
+        n_gpu_layers=ints("-ngl", args.n_gpu_layers, [0], neg=True),
+        reps=args.repetitions, no_warmup=args.no_warmup, output=args.output,
+        main_gpu=args.main_gpu)
+    bench(p)
+    return 0
+
+
 def _add_model_flags(s: argparse.ArgumentParser, sampling: bool = True) -> None:
     s.add_argument("-m", "--model", help="GGUF model (default: the embedded SmolLM2)")
     s.add_argument("-c", "--ctx-size", type=int, default=0,
@@ -636,6 +662,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", choices=["kld", "ppl"], default="kld",
                    help="y axis of the plot: mean KLD or delta ppl (default kld)")
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("bench", help="prompt and generation speed, as llama-bench measures it",
+                       description="llama-bench's tests on gguflab's runner: ppN (N random "
+                                   "prompt tokens in batches of -b), tgN (N tokens one at a "
+                                   "time), each warmed up then run -r times; t/s is the mean "
+                                   "± stddev over the runs. Numeric flags take comma lists "
+                                   "and ranges (128,512 or 1-8*2) and may be repeated; every "
+                                   "combination is tested.")
+    s.add_argument("-m", "--model", action="append", metavar="FILE",
+                   help="GGUF model(s) (default: the embedded SmolLM2)")
+    s.add_argument("-p", "--n-prompt", action="append", metavar="N", help="default 512")
+    s.add_argument("-n", "--n-gen", action="append", metavar="N", help="default 128")
+    s.add_argument("-pg", action="append", metavar="PP,TG",
+                   help="a prompt of PP tokens then TG generated, timed together")
+    s.add_argument("-b", "--batch-size", action="append", metavar="N", help="default 2048")
+    s.add_argument("-t", "--threads", action="append", metavar="N",
+                   help="default: all cores")
+    s.add_argument("-ngl", "--n-gpu-layers", action="append", metavar="N",
+                   help="layers on the GPU (default 0; -1: all)")
+    s.add_argument("-mg", "--main-gpu", type=int, default=0, help="the GPU to use")
+    s.add_argument("-r", "--repetitions", type=int, default=5, metavar="N",
+                   help="runs of each test (default %(default)s)")
+    s.add_argument("-o", "--output", choices=["md", "json", "jsonl", "csv"], default="md",
+                   help="output format on stdout (default md)")
+    s.add_argument("--no-warmup", action="store_true", help="skip the warm-up runs")
+    s.set_defaults(func=cmd_bench)
     return p
 
 
