@@ -325,32 +325,96 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_perplexity(args: argparse.Namespace) -> int:
-    from .catalog import default_eval_text
-    from .runner.perplexity import perplexity
+def _cmd_task_scores(args: argparse.Namespace) -> int:
+    """llama-perplexity's --hellaswag / --winogrande / --multiple-choice on the task file -f:
+    its per-task lines on stdout, then the final score."""
+    from .runner.tasks import HEADER, iter_task_scores
 
-    args.ctx_size = args.ctx_size or 512  # llama-perplexity's default, also for the GPU plan
+    kinds = [k for k in ("hellaswag", "winogrande", "multiple_choice") if getattr(args, k)]
+    if len(kinds) > 1:
+        raise UserError("choose one of --hellaswag, --winogrande, --multiple-choice")
+    kind = kinds[0]
+    if not args.file:
+        raise UserError(f"--{kind.replace('_', '-')} needs its task file: -f FILE")
+    try:
+        with open(args.file, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"{args.file}: {e.strerror}") from None
+    args.ctx_size = args.ctx_size or 512  # llama-perplexity's default
     model, tok, n_ctx = _load_model(args)
-    if not args.file and not args.prompt:
-        args.file = default_eval_text()
-    text = _read_prompt(args)
-    tokens = tok.encode(text, add_special=True, parse_special=False)
+    n_tasks = {"hellaswag": args.hellaswag_tasks, "winogrande": args.winogrande_tasks,
+               "multiple_choice": args.multiple_choice_tasks}[kind]
+    steps = iter_task_scores(model, lambda s: tok.encode(s, add_special=True,
+                                                         parse_special=False),
+                             kind.replace("_", "-"), data, n_ctx, n_tasks, args.file,
+                             on_note=lambda s: print(s, file=sys.stderr))
+    header = HEADER.get(kind.replace("_", "-"))
+    if header:
+        print(f"\n{header}")
+    while True:
+        try:
+            _, _, line = next(steps)
+        except StopIteration as stop:
+            res = stop.value
+            break
+        print(line, flush=True)
+    print()
+    for line in res.final:
+        print(line)
+    return 0
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    if args.hellaswag or args.winogrande or args.multiple_choice:
+        return _cmd_task_scores(args)
+    import time
+
+    from .catalog import default_eval_text
+    from .runner import perplexity as ppl_mod
+    from .runner.kldbase import BaseReader
+
+    if args.kl_divergence and not args.kl_divergence_base:
+        raise UserError("--kl-divergence needs the base file: --kl-divergence-base FILE")
+    kld = bool(args.kl_divergence)
+    base = BaseReader(args.kl_divergence_base) if kld else None
+    # with a base, as llama-perplexity: its context and (without a text) its tokens
+    args.ctx_size = args.ctx_size or (base.n_ctx if base else 512)  # 512: llama's default
+    model, tok, n_ctx = _load_model(args)
+    if base is not None and not args.file and not args.prompt:
+        tokens = base.tokens.tolist()
+    else:
+        if not args.file and not args.prompt:
+            args.file = default_eval_text()
+        tokens = tok.encode(_read_prompt(args), add_special=True, parse_special=False)
+    if base is not None:
+        base.close()
     print(f"perplexity: {len(tokens)} tokens, chunks of {n_ctx}", file=sys.stderr)
 
-    def progress(i, n, ppl):
-        print(f"[{i}]{ppl:.4f},", end="" if i < n else "\n", flush=True)
+    running: dict = {}
+    t0 = time.perf_counter()
 
-    res = perplexity(model, tokens, n_ctx, add_bos=tok.add_bos, bos_id=tok.bos_id,
-                     n_chunks=args.chunks, base_path=args.kl_divergence_base
-                     if args.kl_divergence else None,
-                     save_base=None if args.kl_divergence else args.kl_divergence_base,
-                     on_chunk=progress)
-    print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.ppl_err:.5f}")
+    def progress(i, n, ppl):  # llama-perplexity's running estimate, after an ETA
+        if i == 1:
+            print(ppl_mod.format_eta(time.perf_counter() - t0, n), file=sys.stderr,
+                  flush=True)
+            if kld:
+                print(f"\n{ppl_mod.KLD_CHUNK_HEADER}")
+        if kld:
+            print(ppl_mod.format_kld_chunk(i, running), flush=True)
+        else:
+            print(f"[{i}]{ppl:.4f},", end="" if i < n else "\n", flush=True)
+
+    res = ppl_mod.perplexity(model, tokens, n_ctx, add_bos=tok.add_bos, bos_id=tok.bos_id,
+                             n_chunks=args.chunks,
+                             base_path=args.kl_divergence_base if kld else None,
+                             save_base=None if kld else args.kl_divergence_base,
+                             on_chunk=progress, running=running)
     if res.kld:
-        k = res.kld
-        print(f"Mean KLD: {k['mean_kld']:.6f} +/- {k['kld_err']:.6f}")
-        print(f"Same top p: {100 * k['same_top_p']:.3f} %")
-        print(f"Delta PPL: {k['delta_ppl']:+.4f} (base {k['base_ppl']:.4f})")
+        print()
+        print(ppl_mod.format_kld_statistics(res.kld))
+    else:
+        print(f"Final estimate: PPL = {res.ppl:.4f} +/- {res.ppl_err:.5f}")
     return 0
 
 
@@ -417,7 +481,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for ev in sweep_model(model, args.types, args.file, n_ctx=args.ctx_size, chunks=args.chunks,
                           threads=args.threads, out_dir=args.out_dir, force=args.force,
                           n_gpu_layers=args.n_gpu_layers, vram_bytes=vram,
-                          imatrix=args.imatrix):
+                          imatrix=args.imatrix, hellaswag=args.hellaswag,
+                          hellaswag_tasks=args.hellaswag_tasks):
         if isinstance(ev, Started):
             i = ev.info
             imat = f"; imatrix {i['imatrix']}" if i.get("imatrix") else ""
@@ -610,10 +675,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-p", "--prompt", default="")
     s.add_argument("--chunks", type=int, default=-1, help="at most this many chunks")
     s.add_argument("--kl-divergence-base", metavar="FILE",
-                   help="save this model's log-probs to FILE (or, with --kl-divergence, "
-                        "compare against them)")
+                   help="save this model's log-probs to FILE, llama-perplexity's format (or, "
+                        "with --kl-divergence, compare against FILE, made by either tool)")
     s.add_argument("--kl-divergence", action="store_true",
                    help="compare with the base saved in --kl-divergence-base")
+    s.add_argument("--hellaswag", action="store_true",
+                   help="HellaSwag score (acc_norm) over random tasks of the file -f")
+    s.add_argument("--hellaswag-tasks", type=int, default=400, metavar="N",
+                   help="HellaSwag tasks to score (default %(default)s)")
+    s.add_argument("--winogrande", action="store_true",
+                   help="Winogrande score over the tasks of the CSV file -f")
+    s.add_argument("--winogrande-tasks", type=int, default=0, metavar="N",
+                   help="Winogrande tasks to score, picked at random (default 0: all)")
+    s.add_argument("--multiple-choice", action="store_true",
+                   help="multiple-choice score over the tasks of the binary file -f "
+                        "(llama-perplexity's -bf format)")
+    s.add_argument("--multiple-choice-tasks", type=int, default=0, metavar="N",
+                   help="multiple-choice tasks to score, picked at random (default 0: all)")
     s.set_defaults(func=cmd_perplexity)
 
     s = sub.add_parser("imatrix", help="collect an importance matrix (like llama-imatrix)")
@@ -659,6 +737,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--imatrix", metavar="FILE",
                    help="also measure each type quantized with this importance matrix "
                         "(rows TYPE+imat beside TYPE)")
+    s.add_argument("--hellaswag", metavar="FILE",
+                   help="also score each type on this HellaSwag task file (column HellaSwag, "
+                        "as llama-perplexity --hellaswag)")
+    s.add_argument("--hellaswag-tasks", type=int, default=400, metavar="N",
+                   help="HellaSwag tasks to score (default %(default)s)")
     s.add_argument("--plot", choices=["kld", "ppl"], default="kld",
                    help="y axis of the plot: mean KLD or delta ppl (default kld)")
     s.set_defaults(func=cmd_sweep)

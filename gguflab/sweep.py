@@ -38,10 +38,12 @@ if TYPE_CHECKING:
 DEFAULT_TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
 IMAT_SUFFIX = "+imat"  # the label of a type's row quantized with the importance matrix
 PP_TOKENS, TG_TOKENS = 64, 32  # the fixed speed run: prompt tokens, then greedy tokens
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: llama-perplexity KLD base files, rows with kld_99 and rms_dp
 HASH_BLOCK = 8 << 20
 ROW_FIELDS = ("type", "file", "size_bytes", "bpw", "ppl", "ppl_err", "delta_ppl", "mean_kld",
-              "kld_err", "same_top_p", "pp_tps", "tg_tps", "fits", "cached", "is_base")
+              "kld_err", "kld_99", "rms_dp", "same_top_p", "pp_tps", "tg_tps", "fits", "cached",
+              "is_base")
+OPTIONAL_FIELDS = ("hellaswag",)  # in every row too, None unless asked for (acc_norm in %)
 
 
 # -- input ------------------------------------------------------------------------------
@@ -237,6 +239,22 @@ def _with_progress(work: Callable[[Callable[[int, int, float], None]], Any],
     return result["value"]
 
 
+def _hellaswag_acc(model, tok, tasks, n_ctx: int, n_tasks: int,
+                   on_task: Callable[[int, int, float], None]) -> float:
+    """HellaSwag acc_norm in % as `gguflab perplexity --hellaswag` scores it."""
+    from .runner.tasks import iter_hellaswag
+
+    steps = iter_hellaswag(model, lambda s: tok.encode(s, add_special=True,
+                                                       parse_special=False),
+                           tasks, n_ctx, n_tasks)
+    while True:
+        try:
+            i, n, _ = next(steps)
+        except StopIteration as stop:
+            return stop.value.acc
+        on_task(i, n, 0.0)
+
+
 def _speed(model, tokens: list[int]) -> tuple[float, float]:
     """Prompt and generation tok/s: one PP_TOKENS batch, then TG_TOKENS greedy steps (every
     step runs, end-of-text or not, so types compare on the same work)."""
@@ -305,13 +323,15 @@ def plan_needs_imatrix(plan: ModelPlan, mix: Mix) -> bool:
 def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx: int = 512,
                 chunks: int = -1, threads: int | None = None, out_dir: str | None = None,
                 force: bool = False, n_gpu_layers: int | str = 0,
-                vram_bytes: int | None = None, imatrix: str | None = None) -> Iterator[Event]:
+                vram_bytes: int | None = None, imatrix: str | None = None,
+                hellaswag: str | None = None, hellaswag_tasks: int = 400) -> Iterator[Event]:
     """Measure `model` and its quantizations to `types`, yielding Started, Log, Progress,
     one Measured(type, row) per row as soon as it is known, then Finished(json_path,
     {"rows", "markdown"}). `force` re-quantizes and re-measures everything. `n_ctx` 0: 512,
     halved (down to 128) while the text is shorter than two chunks, so the shipped text
     works with no arguments. `imatrix`: also measure every type quantized with it (rows
-    `TYPE+imat`, files `<stem>-TYPE-imat.gguf`)."""
+    `TYPE+imat`, files `<stem>-TYPE-imat.gguf`). `hellaswag`: a HellaSwag task file, scored
+    as llama-perplexity --hellaswag --hellaswag-tasks `hellaswag_tasks` (column HellaSwag)."""
     from .catalog import default_eval_text
     from .jit.parallel import default_threads
     from .quant.pipeline import QuantizeOptions, load_importance, plan_model, quantize_model
@@ -336,6 +356,18 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
     except UnicodeDecodeError as e:
         raise UserError(f"{text_file}: not UTF-8 text (byte {e.start})") from None
 
+    hs_tasks, hs_extra = None, {}  # the HellaSwag tasks, and what they add to cache keys
+    if hellaswag is not None:
+        from .runner.tasks import parse_hellaswag
+
+        try:
+            with open(hellaswag, "rb") as f:
+                hs_bytes = f.read()
+        except OSError as e:
+            raise UserError(f"{hellaswag}: {e.strerror}") from None
+        hs_tasks = parse_hellaswag(hs_bytes, hellaswag)
+        hs_extra = {"hellaswag": hashlib.blake2b(hs_bytes, digest_size=16).hexdigest(),
+                    "hellaswag_tasks": hellaswag_tasks}
     base_reader = GGUFReader(model)
     tok = Tokenizer.from_gguf(base_reader)
     tokens = tok.encode(text, add_special=True, parse_special=False)  # as `perplexity` does
@@ -398,22 +430,32 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
             lambda i, n: Progress(done + 1 + i, total))
         yield Log("info", f"{label}: speed run ({PP_TOKENS}-token prompt, {TG_TOKENS} tokens)")
         pp, tg = _speed(m, tokens)
+        if hs_tasks is not None:
+            yield Log("info", f"{label}: HellaSwag over {min(hellaswag_tasks, len(hs_tasks))} "
+                              "tasks")
+            hs = yield from _with_progress(
+                lambda on_chunk: _hellaswag_acc(m, tok, hs_tasks, n_ctx, hellaswag_tasks,
+                                                on_chunk),
+                lambda i, n: Progress(done, total))
+            res.hellaswag = hs
         return res, pp, tg, m.reader
 
     def row_of(label: str, path: str, r: GGUFReader, res, pp: float, tg: float,
                is_base: bool) -> dict[str, Any]:
-        k = res.kld or {"mean_kld": 0.0, "kld_err": 0.0, "same_top_p": 1.0, "delta_ppl": 0.0}
+        k = res.kld or {"mean_kld": 0.0, "kld_err": 0.0, "same_top_p": 1.0, "delta_ppl": 0.0,
+                        "kld_99": 0.0, "rms_dp": 0.0}
         return {"type": label, "file": os.path.abspath(path), "size_bytes": os.path.getsize(path),
                 "bpw": _bpw(r),
                 "ppl": res.ppl, "ppl_err": res.ppl_err, "delta_ppl": k["delta_ppl"],
-                "mean_kld": k["mean_kld"], "kld_err": k["kld_err"],
-                "same_top_p": k["same_top_p"], "pp_tps": pp, "tg_tps": tg,
-                "is_base": is_base}
+                "mean_kld": k["mean_kld"], "kld_err": k["kld_err"], "kld_99": k["kld_99"],
+                "rms_dp": k["rms_dp"], "same_top_p": k["same_top_p"], "pp_tps": pp, "tg_tps": tg,
+                "is_base": is_base, "hellaswag": getattr(res, "hellaswag", None)}
 
     kv_bytes = _kv_bytes(base_reader, n_ctx)  # the same shapes in every type
 
     def finish_row(row: dict[str, Any], cached: bool) -> dict[str, Any]:
         row = dict(row, cached=cached)
+        row.setdefault("hellaswag", None)  # a row cached before the column existed
         row["fits"] = None if vram_bytes is None else row["size_bytes"] + kv_bytes <= vram_bytes
         return row
 
@@ -422,7 +464,7 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
         yield Log("info", f"hashing {os.path.basename(model)} "
                           f"({fmt.size(os.path.getsize(model))}, once) for the cache")
     base_hash = cache.hash(model)
-    base_key = _key("base", base_hash, vars(settings))
+    base_key = _key("base", base_hash, vars(settings) | hs_extra)
     rows: list[dict[str, Any]] = []
     kld_ok = (cache.kld_base.get("key") == base_key and os.path.exists(kld_path)
               and cache.kld_base.get("stat") == _stat_key(kld_path))
@@ -471,8 +513,8 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
                                  "requantizes it")
         done += 1
         q_hash = cache.hash(path)
-        key = (_key("quant", q_hash, base_hash, vars(settings), imat_hash) if with_imat
-               else _key("quant", q_hash, base_hash, vars(settings)))
+        key = (_key("quant", q_hash, base_hash, vars(settings) | hs_extra, imat_hash)
+               if with_imat else _key("quant", q_hash, base_hash, vars(settings) | hs_extra))
         cached_row = cache.rows.get(key)
         if cached_row is None:
             if not (os.path.exists(kld_path) and cache.kld_base.get("key") == base_key):
@@ -535,6 +577,8 @@ def help_line(row: dict[str, Any]) -> str:
         line += f", ppl {row['ppl']:.4f} (base)"
     else:
         line += f", {row['delta_ppl']:+.4f} ppl, KLD {row['mean_kld']:.6f}"
+    if row.get("hellaswag") is not None:
+        line += f", HellaSwag {row['hellaswag']:.2f}%"
     return line + (" (cached)" if row["cached"] else "")
 
 
@@ -542,18 +586,25 @@ def _cells(row: dict[str, Any]) -> list[str]:
     fits = {None: "", True: "yes", False: "no"}[row["fits"]]
     return [row["type"] + (" (base)" if row["is_base"] else ""), fmt.size(row["size_bytes"]),
             f"{row['bpw']:.2f}", f"{row['ppl']:.4f} ± {row['ppl_err']:.4f}",
-            f"{row['delta_ppl']:+.4f}", f"{row['mean_kld']:.6f}",
+            f"{row['delta_ppl']:+.4f}", f"{row['mean_kld']:.6f}", f"{row['kld_99']:.6f}",
+            f"{100 * row['rms_dp']:.3f}%",
             f"{100 * row['same_top_p']:.2f}%", f"{row['pp_tps']:.1f}", f"{row['tg_tps']:.1f}",
-            fits]
+            "" if row.get("hellaswag") is None else f"{row['hellaswag']:.2f}%", fits]
 
 
-HEADERS = ["type", "size", "bpw", "ppl", "Δppl", "mean KLD", "same top", "pp tok/s",
-           "tg tok/s", "fits"]
+HEADERS = ["type", "size", "bpw", "ppl", "Δppl", "mean KLD", "KLD 99%", "RMS Δp", "same top",
+           "pp tok/s", "tg tok/s", "HellaSwag", "fits"]
+OPTIONAL = {"fits": "fits", "HellaSwag": "hellaswag"}  # columns shown when a row has them
+
+
+def _shown(rows: list[dict[str, Any]]) -> list[bool]:
+    return [h not in OPTIONAL or any(r.get(OPTIONAL[h]) is not None for r in rows)
+            for h in HEADERS]
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
     """The sweep as aligned columns for the terminal."""
-    show = [h != "fits" or any(r["fits"] is not None for r in rows) for h in HEADERS]
+    show = _shown(rows)
     table = [[c for c, s in zip(HEADERS, show) if s]]
     table += [[c for c, s in zip(_cells(r), show) if s] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
@@ -567,7 +618,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
 
 
 def render_markdown(rows: list[dict[str, Any]], info: dict[str, Any]) -> str:
-    show = [h != "fits" or any(r["fits"] is not None for r in rows) for h in HEADERS]
+    show = _shown(rows)
     head = [h for h, s in zip(HEADERS, show) if s]
     lines = [f"# Sweep of {os.path.basename(info['model'])}", "",
              f"Base: {info['base_type']}. Text: {os.path.basename(info['text'])} "

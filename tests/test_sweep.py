@@ -112,10 +112,14 @@ def test_figures_equal_the_perplexity_command(first, capsys, tmp_path):
     for r in rows[1:]:
         out = _perplexity_cli(capsys, r["file"], "--kl-divergence-base", base_kld,
                               "--kl-divergence")
-        assert re.search(r"PPL = ([\d.]+)", out)[1] == f"{r['ppl']:.4f}"
-        assert re.search(r"Mean KLD: ([\d.]+)", out)[1] == f"{r['mean_kld']:.6f}"
-        assert re.search(r"Same top p: ([\d.]+) %", out)[1] == f"{100 * r['same_top_p']:.3f}"
-        assert re.search(r"Delta PPL: (\S+)", out)[1] == f"{r['delta_ppl']:+.4f}"
+        # llama-perplexity's closing statistics
+        assert re.search(r"Mean PPL\(Q\) +: +([\d.]+)", out)[1] == f"{r['ppl']:.6f}"
+        assert re.search(r"Mean +KLD: +([\d.]+)", out)[1] == f"{r['mean_kld']:.6f}"
+        assert re.search(r"99\.0% +KLD: +([\d.]+)", out)[1] == f"{r['kld_99']:.6f}"
+        assert re.search(r"RMS Δp +: +([\d.]+)", out)[1] == f"{100 * r['rms_dp']:.3f}"
+        assert re.search(r"Same top p: +([\d.]+)", out)[1] == f"{100 * r['same_top_p']:.3f}"
+        assert (re.search(r"Mean PPL\(Q\)-PPL\(base\) +: +(\S+)", out)[1]
+                == f"{r['delta_ppl']:.6f}")
 
 
 def test_second_run_measures_and_quantizes_nothing(first):

@@ -1,17 +1,21 @@
 """Perplexity and KL-divergence the way llama-perplexity computes them, so the numbers are
 comparable: the text is cut into chunks of n_ctx tokens, each chunk's first token becomes
-BOS when the model adds one, and only the second half of each chunk is scored."""
+BOS when the model adds one, and only the second half of each chunk is scored.
+
+KL-divergence streams: the base (llama-perplexity's `--kl-divergence-base` file, see
+kldbase.py) is written and read one chunk at a time; only a few floats per scored token are
+kept, for llama-perplexity's statistics (percentiles need every token's value)."""
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import UserError
+from .kldbase import BaseReader, BaseWriter, decode, header, token_nll
 from .model import Model
 
 
@@ -23,7 +27,7 @@ class PerplexityResult:
     n_ctx: int
     count: int  # scored tokens
     chunk_ppl: list[float] = field(default_factory=list)  # running estimate after each chunk
-    kld: dict | None = None  # with a base: mean KLD, top-1 agreement, delta ppl
+    kld: dict | None = None  # with a base: llama-perplexity's statistics (kld_statistics)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -45,102 +49,319 @@ def chunks_of(tokens: list[int], n_ctx: int, n_chunks: int | None) -> int:
 def perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: bool,
                bos_id: int | None, n_chunks: int | None = None,
                base_path: str | None = None, save_base: str | None = None,
-               on_chunk: Callable[[int, int, float], None] | None = None) -> PerplexityResult:
-    """`base_path`: compare against saved base log-probs (KL-divergence); `save_base`: save
-    this model's log-probs there for a later comparison. `on_chunk(i, n, ppl)` after each
-    chunk with the running estimate."""
+               on_chunk: Callable[[int, int, float], None] | None = None,
+               running: dict | None = None) -> PerplexityResult:
+    """`base_path`: compare against a base file (KL-divergence); `save_base`: write this
+    model's log-probs there (llama-perplexity's format) for a later comparison.
+    `on_chunk(i, n, ppl)` after each chunk with the running estimate; `running` as in
+    `iter_perplexity`."""
     steps = iter_perplexity(model, tokens, n_ctx, add_bos=add_bos, bos_id=bos_id,
-                            n_chunks=n_chunks, base_path=base_path, save_base=save_base)
-    while True:
-        try:
-            i, n, ppl = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        if on_chunk:
-            on_chunk(i, n, ppl)
+                            n_chunks=n_chunks, base_path=base_path, save_base=save_base,
+                            running=running)
+    try:
+        while True:
+            try:
+                i, n, ppl = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            if on_chunk:
+                on_chunk(i, n, ppl)
+    finally:
+        steps.close()  # a callback that raises stops the run: no partial base is left
 
 
 def iter_perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: bool,
                     bos_id: int | None, n_chunks: int | None = None,
-                    base_path: str | None = None, save_base: str | None = None
+                    base_path: str | None = None, save_base: str | None = None,
+                    running: dict | None = None
                     ) -> Generator[tuple[int, int, float], None, PerplexityResult]:
     """`perplexity` one chunk at a time: yields (chunk, chunks, running ppl) and returns the
-    result, so that a job can report progress and stop between chunks."""
-    n_chunk = chunks_of(tokens, n_ctx, n_chunks)
+    result, so that a job can report progress and stop between chunks. With a base, the
+    number of chunks is the base's (at most `n_chunks`), and `running` (a dict, if given) is
+    updated after each chunk with the running KLD figures llama-perplexity prints per chunk
+    (see `format_kld_chunk`). A base being written is removed if the run does not finish."""
+    base = BaseReader(base_path) if base_path else None
+    if base is not None:
+        want = base.n_chunk if n_chunks is None or n_chunks < 0 else min(n_chunks, base.n_chunk)
+        n_chunk = chunks_of(tokens, n_ctx, want)
+        hp = getattr(model, "hp", None)
+        base.check(tokens, n_ctx, getattr(hp, "n_vocab", None), n_chunk)
+    else:
+        n_chunk = chunks_of(tokens, n_ctx, n_chunks)
+    writer = BaseWriter(save_base, tokens, n_ctx, n_chunk) if save_base else None
     first = n_ctx // 2
-    base, base_tok_nll = (_load_base(base_path, tokens, n_ctx, n_chunk) if base_path
-                          else (None, None))
-    saved = [] if save_base else None  # log-probs in F16, as llama.cpp also stores them small
-    saved_nll = []
     nll = nll2 = 0.0
     count = 0
-    kl = []
-    same_top = 0
-    base_nll = 0.0
-    running = []
-    for i in range(n_chunk):
-        chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
-        if add_bos and bos_id is not None:
-            chunk[0] = bos_id
-        cache = model.new_cache(n_ctx)
-        logits = model.forward(chunk, cache, all_logits=True)
-        lp = log_softmax(logits[first:n_ctx - 1])
-        target = np.asarray(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx])
-        tok_lp = lp[np.arange(len(target)), target]
-        nll += float(-tok_lp.sum())
-        nll2 += float((tok_lp ** 2).sum())
-        count += len(target)
-        if saved is not None:
-            saved.append(lp.astype(np.float16))
-            saved_nll.append(-tok_lp)
+    acc = _KldAccumulator(n_chunk * (n_ctx - 1 - first)) if base is not None else None
+    ppls = []
+    try:
+        for i in range(n_chunk):
+            chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
+            if add_bos and bos_id is not None:
+                chunk[0] = bos_id
+            cache = model.new_cache(n_ctx)
+            logits = np.asarray(model.forward(chunk, cache, all_logits=True)[first:n_ctx - 1],
+                                np.float32)
+            target = np.asarray(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx])
+            if writer is not None:
+                writer.write_chunk(logits)
+            if acc is not None:
+                if logits.shape[1] != base.n_vocab:
+                    raise UserError(f"{base_path}: the base has a vocabulary of "
+                                    f"{base.n_vocab} tokens, the model {logits.shape[1]}")
+                acc.add(*compare_chunk(logits, base.chunk(i), target))
+                base.release(i)
+                count = acc.n
+                ppls.append(math.exp(acc.s["nll"] / count))
+                if running is not None:
+                    running.update(acc.running())
+            else:
+                tok_nll = (token_nll(logits, target) if writer is not None
+                           else -log_softmax(logits)[np.arange(len(target)), target])
+                nll += float(tok_nll.sum(dtype=np.float64))
+                nll2 += float((tok_nll.astype(np.float64) ** 2).sum())
+                count += len(target)
+                ppls.append(math.exp(nll / count))
+            yield i + 1, n_chunk, ppls[-1]
+        if writer is not None:
+            writer.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
         if base is not None:
-            b = base[i].astype(np.float64)
-            pb = np.exp(b)
-            kl.append((pb * (b - lp)).sum(-1))
-            same_top += int((b.argmax(-1) == lp.argmax(-1)).sum())
-            base_nll += float(base_tok_nll[i].sum())
-        running.append(math.exp(nll / count))
-        yield i + 1, n_chunk, running[-1]
+            base.close()
+    if acc is not None:
+        stats = acc.statistics()
+        return PerplexityResult(stats["ppl"], stats["ppl_err"], n_chunk, n_ctx, count, ppls,
+                                stats)
     mean = nll / count
     var = nll2 / count - mean * mean
     ppl = math.exp(mean)
     err = math.sqrt(var / (count - 1)) * ppl if var > 0 and count > 1 else 0.0
-    result = PerplexityResult(ppl, err, n_chunk, n_ctx, count, running)
-    if saved is not None:
-        _save_base(save_base, tokens, n_ctx, n_chunk, saved, saved_nll)
-    if base is not None:
-        k = np.concatenate(kl)
-        base_ppl = math.exp(base_nll / count)
-        result.kld = {"mean_kld": float(k.mean()),
-                      "kld_err": float(k.std(ddof=1) / math.sqrt(len(k))) if len(k) > 1 else 0.0,
-                      "same_top_p": same_top / count, "base_ppl": base_ppl,
-                      "delta_ppl": ppl - base_ppl}
-    return result
+    return PerplexityResult(ppl, err, n_chunk, n_ctx, count, ppls)
 
 
-def _save_base(path: str, tokens: list[int], n_ctx: int, n_chunk: int,
-               logprobs: list[np.ndarray], nll: list[np.ndarray]) -> None:
-    tmp = path + ".partial"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, tokens=np.asarray(tokens[: n_chunk * n_ctx], np.int32), n_ctx=n_ctx,
-                     logprobs=np.stack(logprobs), nll=np.stack(nll))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write: {e.strerror}") from None
+# -- KL-divergence as llama-perplexity computes it --------------------------------------
 
 
-def _load_base(path: str, tokens: list[int], n_ctx: int,
-               n_chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with np.load(path) as z:
-            base_tokens, base_ctx, lp, nll = (z["tokens"], int(z["n_ctx"]), z["logprobs"],
-                                              z["nll"])
-    except (OSError, KeyError, ValueError) as e:
-        raise UserError(f"{path}: not a gguflab KL-divergence base file ({e})") from None
-    if base_ctx != n_ctx:
-        raise UserError(f"{path}: saved with --ctx-size {base_ctx}, not {n_ctx}")
-    if len(lp) < n_chunk or not np.array_equal(base_tokens[: n_chunk * n_ctx],
-                                               np.asarray(tokens[: n_chunk * n_ctx])):
-        raise UserError(f"{path}: saved for another text or tokenizer")
-    return lp, nll
+def compare_chunk(logits: np.ndarray, rows: np.ndarray, targets: np.ndarray
+                  ) -> tuple[np.ndarray, ...]:
+    """One chunk against its base rows, per token: (KLD, Δp, nll, base nll, same top-1), in
+    llama-perplexity's float32 arithmetic (sums of the vocabulary in double). The base's
+    entries below −16 nats are left out of the KLD sum, as there."""
+    x = np.ascontiguousarray(logits, dtype=np.float32)
+    n, n_vocab = x.shape
+    r = np.arange(n)
+    top = x.max(-1)
+    top_i = x.argmax(-1)
+    log_sum = np.log(np.exp((x - top[:, None]).astype(np.float64)).astype(np.float32)
+                     .sum(-1, dtype=np.float64)).astype(np.float32)
+    norm = top + log_sum
+    nll = norm - x[r, targets]
+    scale, min_log_prob = header(rows)
+    lpb = decode(rows, n_vocab)
+    nll_base = -lpb[r, targets]
+    same = lpb.argmax(-1) == top_i
+    term = np.exp(lpb.astype(np.float64)).astype(np.float32) * ((lpb - x) + norm[:, None])
+    kld = np.where(lpb > np.float32(-16), term, np.float32(0)).sum(-1, dtype=np.float64)
+    p_diff = (np.exp((-nll).astype(np.float64)).astype(np.float32)
+              - np.exp((-nll_base).astype(np.float64)).astype(np.float32))
+    return kld.astype(np.float32), p_diff, nll, nll_base, same
+
+
+def _mean_and_err(s: float, s2: float, n: int) -> tuple[float, float]:
+    """llama-perplexity's mean and its standard error (0 for ten values or fewer)."""
+    if n < 1:
+        return 0.0, 0.0
+    f = s / n
+    df = s2 / n - f * f
+    return f, (math.sqrt(df / (n - 1)) if df > 0 and n > 10 else 0.0)
+
+
+def _covariance(sa: float, sb: float, sab: float, n: int) -> float:
+    if n < 10:
+        return 0.0
+    return (sab / n - (sa / n) * (sb / n)) / (n - 1)
+
+
+def percentile(sorted_values: np.ndarray, fraction: float) -> float:
+    """llama-perplexity's percentile of sorted float32 values: linear between the two
+    neighbours of fraction * (n - 1), in float32."""
+    v = sorted_values
+    f = np.float32(fraction)
+    if f <= 0:
+        return float(v[0])
+    if f >= 1:
+        return float(v[-1])
+    p = f * np.float32(len(v) - 1)
+    ip = int(p)
+    p = np.float32(p - np.float32(ip))
+    return float((np.float32(1) - p) * v[ip] + p * v[min(ip + 1, len(v) - 1)])
+
+
+def median(sorted_values: np.ndarray) -> float:
+    v, n = sorted_values, len(sorted_values)
+    return float(v[n // 2] if n % 2 else np.float32(0.5) * (v[n // 2] + v[n // 2 - 1]))
+
+
+KLD_PERCENTILES = (("kld_99_9", 0.999), ("kld_99", 0.990), ("kld_95", 0.950),
+                   ("kld_90", 0.900), ("kld_10", 0.100), ("kld_5", 0.050), ("kld_1", 0.010),
+                   ("kld_0_1", 0.001))
+DP_PERCENTILES = (("dp_99_9", 0.999), ("dp_99", 0.990), ("dp_95", 0.950), ("dp_90", 0.900),
+                  ("dp_75", 0.750), ("dp_25", 0.250), ("dp_10", 0.100), ("dp_5", 0.050),
+                  ("dp_1", 0.010), ("dp_0_1", 0.001))
+
+
+class _KldAccumulator:
+    """Per-token KLD, Δp, nll and base nll (float32, preallocated: a few bytes a token) and
+    llama-perplexity's running sums."""
+
+    KEYS = ("nll", "nll2", "nll_base", "nll_base2", "nll_nll_base", "kld", "kld2", "p_diff",
+            "p_diff2", "p_diff4")
+
+    def __init__(self, capacity: int):
+        self.kld = np.empty(capacity, np.float32)
+        self.p_diff = np.empty(capacity, np.float32)
+        self.n = 0
+        self.same_top = 0
+        self.s = dict.fromkeys(self.KEYS, 0.0)
+
+    def add(self, kld, p_diff, nll, nll_base, same) -> None:
+        a, b = self.n, self.n + len(kld)
+        self.kld[a:b], self.p_diff[a:b] = kld, p_diff
+        self.n = b
+        self.same_top += int(same.sum())
+        d = np.float64
+        k, dp2 = kld.astype(d), (p_diff * p_diff).astype(d)  # float products, as there
+        for key, v in (("nll", nll.astype(d)), ("nll2", (nll * nll).astype(d)),
+                       ("nll_base", nll_base.astype(d)),
+                       ("nll_base2", (nll_base * nll_base).astype(d)),
+                       ("nll_nll_base", (nll * nll_base).astype(d)), ("kld", k),
+                       ("kld2", k * k), ("p_diff", p_diff.astype(d)), ("p_diff2", dp2),
+                       ("p_diff4", dp2 * dp2)):
+            self.s[key] += float(v.sum())
+
+    def running(self) -> dict:
+        """The figures of llama-perplexity's per-chunk KLD line."""
+        s, n = self.s, self.n
+        lp, lp_err = _mean_and_err(s["nll"], s["nll2"], n)
+        lb, lb_err = _mean_and_err(s["nll_base"], s["nll_base2"], n)
+        cov = _covariance(s["nll"], s["nll_base"], s["nll_nll_base"], n)
+        kl, kl_err = _mean_and_err(s["kld"], s["kld2"], n)
+        mse, mse_err = _mean_and_err(s["p_diff2"], s["p_diff4"], n)
+        rms = math.sqrt(mse)
+        top = self.same_top / n
+        return {"ppl": math.exp(lp), "ppl_err": math.exp(lp) * lp_err,
+                "ln_ratio": lp - lb,
+                "ln_ratio_err": math.sqrt(max(0.0, lp_err ** 2 + lb_err ** 2 - 2 * cov)),
+                "mean_kld": kl, "kld_err": kl_err, "rms_dp": rms,
+                "rms_dp_err": 0.5 / rms * mse_err if rms > 0 else 0.0,
+                "same_top_p": top,
+                "same_top_err": math.sqrt(top * (1 - top) / (n - 1)) if n > 1 else 0.0}
+
+    def statistics(self) -> dict:
+        return kld_statistics(self.s, self.same_top, self.n, self.kld[:self.n],
+                              self.p_diff[:self.n])
+
+
+def kld_statistics(sums: dict, same_top: int, count: int, kld: np.ndarray,
+                   p_diff: np.ndarray) -> dict:
+    """llama-perplexity's KL-divergence statistics, same formulas: `sums` are its running
+    sums (nll, nll², base nll, ..., see _KldAccumulator.KEYS), `kld`/`p_diff` every token's
+    values. Keys: ppl, base_ppl, cor, ln_ratio, ratio, delta_ppl (each with _err but cor),
+    mean_kld, kld_err, kld_max/99_9/99/95/90/median/10/5/1/0_1/min, mean_dp, dp_err,
+    dp_max/.../dp_min, rms_dp, rms_dp_err, same_top_p, same_top_err."""
+    s, n = sums, count
+    lp, lp_err = _mean_and_err(s["nll"], s["nll2"], n)
+    lb, lb_err = _mean_and_err(s["nll_base"], s["nll_base2"], n)
+    ppl, base_ppl = math.exp(lp), math.exp(lb)
+    ppl_err, base_err = ppl * lp_err, base_ppl * lb_err
+    cov = _covariance(s["nll"], s["nll_base"], s["nll_nll_base"], n)
+    ln_ratio = lp - lb
+    ln_ratio_err = math.sqrt(max(0.0, lp_err ** 2 + lb_err ** 2 - 2 * cov))
+    ratio = math.exp(ln_ratio)
+    ppl_cov = ppl * base_ppl * cov
+    out = {"ppl": ppl, "ppl_err": ppl_err, "base_ppl": base_ppl, "base_ppl_err": base_err,
+           "cor": cov / (lp_err * lb_err) if lp_err * lb_err > 0 else 0.0,
+           "ln_ratio": ln_ratio, "ln_ratio_err": ln_ratio_err,
+           "ratio": ratio, "ratio_err": ratio * ln_ratio_err,
+           "delta_ppl": ppl - base_ppl,
+           "delta_ppl_err": math.sqrt(max(0.0, ppl_err ** 2 + base_err ** 2 - 2 * ppl_cov))}
+    out["mean_kld"], out["kld_err"] = _mean_and_err(s["kld"], s["kld2"], n)
+    k = np.sort(kld)
+    out["kld_max"], out["kld_median"], out["kld_min"] = float(k[-1]), median(k), float(k[0])
+    out.update((key, percentile(k, f)) for key, f in KLD_PERCENTILES)
+    out["mean_dp"], out["dp_err"] = _mean_and_err(s["p_diff"], s["p_diff2"], n)
+    d = np.sort(p_diff)
+    out["dp_max"], out["dp_median"], out["dp_min"] = float(d[-1]), median(d), float(d[0])
+    out.update((key, percentile(d, f)) for key, f in DP_PERCENTILES)
+    mse, mse_err = _mean_and_err(s["p_diff2"], s["p_diff4"], n)
+    out["rms_dp"] = math.sqrt(mse)
+    out["rms_dp_err"] = 0.5 / out["rms_dp"] * mse_err if out["rms_dp"] > 0 else 0.0
+    top = same_top / n
+    out["same_top_p"] = top
+    out["same_top_err"] = math.sqrt(top * (1 - top) / (n - 1)) if n > 1 else 0.0
+    return out
+
+
+# -- llama-perplexity's printouts -------------------------------------------------------
+
+
+def format_eta(seconds_per_pass: float, n_chunk: int) -> str:
+    """`perplexity: 1.23 seconds per pass - ETA 4.50 minutes`, as llama-perplexity says it
+    after the first chunk."""
+    total = int(seconds_per_pass * n_chunk)
+    eta = ""
+    if total >= 3600:
+        eta, total = f"{total // 3600} hours ", total % 3600
+    return (f"perplexity: {seconds_per_pass:.2f} seconds per pass - ETA "
+            f"{eta}{total / 60:.2f} minutes")
+
+
+KLD_CHUNK_HEADER = ("chunk             PPL               ln(PPL(Q)/PPL(base))          "
+                    "KL Divergence              Δp RMS            Same top p")
+
+
+def format_kld_chunk(i: int, r: dict) -> str:
+    """One line of llama-perplexity's per-chunk KLD table from the `running` figures of
+    `iter_perplexity`."""
+    return (f"{i:4d}    {r['ppl']:9.4f} ± {r['ppl_err']:9.4f}"
+            f"    {r['ln_ratio']:10.5f} ± {r['ln_ratio_err']:10.5f}"
+            f"    {r['mean_kld']:10.5f} ± {r['kld_err']:10.5f}"
+            f"    {100 * r['rms_dp']:6.3f} ± {100 * r['rms_dp_err']:6.3f} %"
+            f"    {100 * r['same_top_p']:6.3f} ± {100 * r['same_top_err']:6.3f} %")
+
+
+def format_kld_statistics(k: dict) -> str:
+    """llama-perplexity's closing statistics, its labels and layout."""
+    pct = [("99.9%  ", "99_9"), ("99.0%  ", "99"), ("95.0%  ", "95"), ("90.0%  ", "90")]
+    low = [("10.0%  ", "10"), (" 5.0%  ", "5"), (" 1.0%  ", "1"), (" 0.1%  ", "0_1")]
+    lines = ["====== Perplexity statistics ======",
+             f"Mean PPL(Q)                   : {k['ppl']:10.6f} ± {k['ppl_err']:10.6f}",
+             f"Mean PPL(base)                : {k['base_ppl']:10.6f} ± {k['base_ppl_err']:10.6f}",
+             f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * k['cor']:6.2f}%",
+             f"Mean ln(PPL(Q)/PPL(base))     : {k['ln_ratio']:10.6f} ± {k['ln_ratio_err']:10.6f}",
+             f"Mean PPL(Q)/PPL(base)         : {k['ratio']:10.6f} ± {k['ratio_err']:10.6f}",
+             f"Mean PPL(Q)-PPL(base)         : {k['delta_ppl']:10.6f} ± "
+             f"{k['delta_ppl_err']:10.6f}",
+             "", "====== KL divergence statistics ======",
+             f"Mean    KLD: {k['mean_kld']:10.6f} ± {k['kld_err']:10.6f}",
+             f"Maximum KLD: {k['kld_max']:10.6f}"]
+    lines += [f"{label} KLD: {k['kld_' + key]:10.6f}" for label, key in pct]
+    lines.append(f"Median  KLD: {k['kld_median']:10.6f}")
+    lines += [f"{label} KLD: {k['kld_' + key]:10.6f}" for label, key in low]
+    lines += [f"Minimum KLD: {k['kld_min']:10.6f}", "",
+              "====== Token probability statistics ======",
+              f"Mean    Δp: {100 * k['mean_dp']:6.3f} ± {100 * k['dp_err']:5.3f} %",
+              f"Maximum Δp: {100 * k['dp_max']:6.3f}%"]
+    lines += [f"{label} Δp: {100 * k['dp_' + key]:6.3f}%"
+              for label, key in [*pct, ("75.0%  ", "75")]]
+    lines.append(f"Median  Δp: {100 * k['dp_median']:6.3f}%")
+    lines += [f"{label} Δp: {100 * k['dp_' + key]:6.3f}%" for label, key in [("25.0%  ", "25"),
+                                                                             *low]]
+    lines += [f"Minimum Δp: {100 * k['dp_min']:6.3f}%",
+              f"RMS Δp    : {100 * k['rms_dp']:6.3f} ± {100 * k['rms_dp_err']:5.3f} %",
+              f"Same top p: {100 * k['same_top_p']:6.3f} ± {100 * k['same_top_err']:5.3f} %"]
+    return "\n".join(lines)
