@@ -141,3 +141,67 @@ def ggml_quantize_chunk(t: GGMLType, x: np.ndarray, imatrix: np.ndarray | None =
     fn(int(t), x2.ctypes.data, out.ctypes.data, 0, x2.shape[0], x2.shape[1],
        None if w is None else w.ctypes.data)
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+# -- the CPU backend's products: llama.cpp's rounding of activations and its dot products --
+
+
+class _TraitsCpu(ctypes.Structure):
+    _fields_ = [("from_float", ctypes.c_void_p), ("vec_dot", ctypes.c_void_p),
+                ("vec_dot_type", ctypes.c_int), ("nrows", ctypes.c_int64)]
+
+
+_FROM_FLOAT = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+_VEC_DOT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.POINTER(ctypes.c_float), ctypes.c_size_t,
+                            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t,
+                            ctypes.c_int)
+
+
+@cache
+def libggml_cpu() -> ctypes.CDLL:
+    base = libggml()
+    path = os.path.join(os.path.dirname(base._name), "libggml-cpu.so")
+    if not os.path.exists(path):
+        pytest.skip(f"libggml-cpu not found next to {base._name}")
+    lib = ctypes.CDLL(path)
+    lib.ggml_cpu_init.restype = None
+    lib.ggml_cpu_init()  # the fp16 tables the conversions use
+    lib.ggml_get_type_traits_cpu.restype = ctypes.POINTER(_TraitsCpu)
+    lib.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+    return lib
+
+
+def ggml_vec_dot_type(t: GGMLType) -> GGMLType:
+    """The type llama.cpp's CPU backend rounds a product's activations to for weight `t`."""
+    return GGMLType(libggml_cpu().ggml_get_type_traits_cpu(int(t)).contents.vec_dot_type)
+
+
+def ggml_from_float(t: GGMLType, x: np.ndarray) -> np.ndarray:
+    """Rows of x as the CPU backend's `from_float` of type `t` writes them (uint8 rows)."""
+    x = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])
+    info = type_info(t)
+    out = np.zeros((x.shape[0], info.row_bytes(x.shape[1])), np.uint8)
+    fn = _FROM_FLOAT(libggml_cpu().ggml_get_type_traits_cpu(int(t)).contents.from_float)
+    for r in range(x.shape[0]):
+        fn(x[r].ctypes.data, out[r].ctypes.data, x.shape[1])
+    return out
+
+
+def ggml_cpu_matmul(t: GGMLType, w: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """x @ W.T as llama.cpp's CPU backend computes it, one dot product at a time: x rounded
+    by the vec_dot_type's `from_float`, then the type's `vec_dot` on each row pair. `w`: raw
+    rows (uint8, or float16 for F16 / float32 for F32)."""
+    traits = libggml_cpu().ggml_get_type_traits_cpu(int(t)).contents
+    x = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])
+    n = x.shape[1]
+    vdt = GGMLType(traits.vec_dot_type)
+    xr = x if vdt == GGMLType.F32 else ggml_from_float(vdt, x)
+    w = np.ascontiguousarray(w)
+    dot = _VEC_DOT(traits.vec_dot)
+    y = np.zeros((x.shape[0], w.shape[0]), np.float32)
+    s = ctypes.c_float()
+    for i in range(x.shape[0]):
+        for r in range(w.shape[0]):
+            dot(n, ctypes.byref(s), 0, w[r].ctypes.data, 0, xr[i].ctypes.data, 0, 1)
+            y[i, r] = s.value
+    return y

@@ -36,22 +36,34 @@ def dequantized(t: GGMLType, w: np.ndarray) -> np.ndarray:
     return quant.get(t).dequantize(np.ascontiguousarray(w).view(np.uint8)).reshape(n_out, -1)
 
 
-def check_close(y: np.ndarray, x: np.ndarray, wd: np.ndarray) -> float:
-    x64, w64 = x.astype(np.float64), wd.astype(np.float64)
-    ref = x64 @ w64.T
-    scale = np.maximum(np.abs(x64) @ np.abs(w64).T, 1e-30)
+def expected(t: GGMLType, x: np.ndarray, wd: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The product in float64 as the kernels define it: x rounded to the weight type's
+    activation type, as llama.cpp's CPU backend rounds it (pinned against ggml in
+    test_runner_activations), times the dequantized weight. Where that is Q8_1 (Q4_1, Q5_1),
+    each block's offset m meets llama.cpp's fp16 group sum s = fp16(d * sum(q)) rather than
+    the exact one."""
+    act = quant.get(t).activation_type
+    ref = kernels.round_activations(x, act).astype(np.float64) @ wd.astype(np.float64).T
+    if act == GGMLType.Q8_1:
+        n, ng = x.shape[-1], x.shape[-1] // 32
+        xq = kernels.round_q8(x, act)
+        levels = xq[:, :n].view(np.int8).reshape(len(x), ng, 32).sum(-1)
+        s = xq[:, n + 4 * ng:].view(np.float32).astype(np.float64)
+        dx = xq[:, n:n + 4 * ng].view(np.float32).astype(np.float64)
+        blocks = np.ascontiguousarray(w).view(np.uint8).reshape(w.shape[0], ng, -1)
+        m = blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+        ref += (s - dx * levels) @ m.T
+    return ref
+
+
+def check_close(y: np.ndarray, t: GGMLType, x: np.ndarray, wd: np.ndarray,
+                w: np.ndarray) -> float:
+    x = np.atleast_2d(x)
+    ref = expected(t, x, wd, w)
+    scale = np.maximum(np.abs(x.astype(np.float64)) @ np.abs(wd.astype(np.float64)).T, 1e-30)
     err = float((np.abs(y.astype(np.float64) - ref) / scale).max())
     assert err < TOL, err
     return err
-
-
-def decode_input(t: GGMLType, x: np.ndarray) -> np.ndarray:
-    """What the kernels multiply by: one token's x rounded by gguflab's Q8_0 quantizer (bit
-    exact with llama.cpp's) where the type has integer dot products, as llama.cpp does."""
-    if x.shape[0] == 1 and kernels.quantizes_activations(t):
-        q8 = quant.get(GGMLType.Q8_0)
-        return q8.dequantize(q8.quantize(x)).reshape(x.shape)
-    return x
 
 
 @pytest.fixture(scope="module", params=SUPPORTED_TYPES, ids=lambda t: t.name)
@@ -68,12 +80,13 @@ def test_matches_dequantized_reference(case, n_tok):
     x = np.random.default_rng(n_tok).standard_normal((n_tok, N_IN)).astype(np.float32)
     y = matmul(w, t, x)
     assert y.shape == (n_tok, w.shape[0]) and y.dtype == np.float32
-    check_close(y, decode_input(t, x), wd)
+    check_close(y, t, x, wd, w)
 
 
 def test_integer_dot_products_on_x86():
-    """On an AVX2 host the one-token products of the common llama.cpp types go through Q8_0
-    activations; their error against the float product is that rounding's, not more."""
+    """On an AVX2 host the products of the common llama.cpp types run on integer dot
+    products over rounded activations; their error against the float product is that
+    rounding's, not more."""
     from gguflab.jit import host_cpu
 
     if not host_cpu().has("avx2"):
@@ -85,7 +98,7 @@ def test_integer_dot_products_on_x86():
         x = np.random.default_rng(2).standard_normal((1, N_IN)).astype(np.float32)
         y = matmul(w, t, x)
         wd = dequantized(t, w)
-        check_close(y, decode_input(t, x), wd)
+        check_close(y, t, x, wd, w)
         scale = np.abs(x) @ np.abs(wd).T
         assert (np.abs(y - x @ wd.T) < 0.01 * scale).all()
     assert not kernels.quantizes_activations(GGMLType.F16)
@@ -109,11 +122,11 @@ def test_out_and_1d(case):
     x = rng.standard_normal((5, N_IN)).astype(np.float32)
     out = np.full((5, w.shape[0]), np.nan, np.float32)
     assert matmul(w, t, x, out=out) is out
-    check_close(out, x, wd)
+    check_close(out, t, x, wd, w)
     v = x[2]
     y = matmul(w, t, v)
     assert y.shape == (w.shape[0],)
-    check_close(y[None], decode_input(t, v[None]), wd)
+    check_close(y[None], t, v, wd, w)
     out1 = np.empty(w.shape[0], np.float32)
     assert matmul(w, t, v, out=out1) is out1
     np.testing.assert_array_equal(out1, y)
@@ -200,9 +213,9 @@ def test_float_weights_as_raw_bytes_and_odd_widths():
         for t, w in ((GGMLType.F32, wf), (GGMLType.F16, wf.astype(np.float16)),
                      (GGMLType.BF16, quant.get(GGMLType.BF16).quantize(wf).view(np.uint16))):
             wd = dequantized(t, w)
-            check_close(matmul(w, t, x), x, wd)
-            check_close(matmul(w.view(np.uint8), t, x), x, wd)
-            check_close(matmul(w, t, x[0])[None], x[:1], wd)
+            check_close(matmul(w, t, x), t, x, wd, w)
+            check_close(matmul(w.view(np.uint8), t, x), t, x, wd, w)
+            check_close(matmul(w, t, x[0])[None], t, x[:1], wd, w)
 
 
 def test_shapes_errors():
@@ -246,5 +259,5 @@ def test_long_prompt_and_strided_out():
     buf = np.zeros((x.shape[0], 80), np.float32)
     out = buf[:, 3:73]
     assert matmul(w, t, x, out=out) is out
-    check_close(out, x, wd)
+    check_close(out, t, x, wd, w)
     assert not buf[:, :3].any() and not buf[:, 73:].any()

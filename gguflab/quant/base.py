@@ -66,6 +66,10 @@ class QuantType:
     uses_imatrix: bool = False
     requires_imatrix: bool = False
     weight_type: bool = True  # False for the activation-only types (Q8_1, Q8_K)
+    # what llama.cpp's CPU backend rounds the other operand of a product with this weight to
+    # before it multiplies (its `vec_dot_type`): Q8_0, Q8_1 or Q8_K for the quantized types,
+    # the weight's own type for F16/BF16, F32 for F32; None for the activation-only types
+    activation_type: GGMLType | None = None
 
     @property
     def file_type(self) -> LlamaFileType | None:

@@ -14,6 +14,7 @@ from .base import QuantType, register
 @register
 class F32(QuantType):
     type = GGMLType.F32
+    activation_type = GGMLType.F32
 
     def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(x, np.float32).view(np.uint8)
@@ -34,6 +35,7 @@ def f16_from_f32_ref(x: np.ndarray) -> np.ndarray:
 @register
 class F16(QuantType):
     type = GGMLType.F16
+    activation_type = GGMLType.F16
     has_quantize_kernel = has_dequantize_kernel = True
 
     def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
@@ -75,6 +77,7 @@ def emit_bf16_to_f32(b: ir.IRBuilder, h: ir.Value) -> ir.Value:
 @register
 class BF16(QuantType):
     type = GGMLType.BF16
+    activation_type = GGMLType.BF16
     has_quantize_kernel = has_dequantize_kernel = True
 
     def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:

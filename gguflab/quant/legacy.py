@@ -312,7 +312,10 @@ class _Legacy(QuantType):
             q = _emit_load_q5(b, src, self.qh_at)
         if 4 in (self.qs_at, self.qh_at):  # affine: d, m
             return [IntGroup(q, False, d, load_f16(b, src, 2))]
-        return [IntGroup(q, False, d, b.fmul(d, const(f32, -(self.n_levels // 2))))]
+        # symmetric: the levels centred in the integers (as ggml's dot products take them),
+        # so no offset term has to cancel against the sum of x
+        half = ir.Constant(ir.VectorType(ir.IntType(8), QK), [self.n_levels // 2] * QK)
+        return [IntGroup(b.sub(q, half), True, d, None)]
 
 
     def _store_levels(self, out: np.ndarray, xi: np.ndarray) -> None:
@@ -342,6 +345,8 @@ class _Legacy(QuantType):
 class _Symmetric(_Legacy):
     """Q4_0 / Q5_0: d = max / -(n_levels / 2), the max being the signed element of largest
     magnitude; level = MIN(n_levels - 1, (int8_t)(x / d + n_levels / 2 + 0.5))."""
+
+    activation_type = GGMLType.Q8_0
 
     def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, F)
@@ -418,6 +423,7 @@ class _Affine(_Legacy):
     truncated (capped at 15 for Q4_1; Q5_1 keeps the low byte as it is)."""
 
     qs_at = 4  # d and m
+    activation_type = GGMLType.Q8_1
     cap: int | None = None
 
     def quantize_blocks_ref(self, x: np.ndarray) -> np.ndarray:
@@ -577,6 +583,7 @@ class Q5_1(_Affine):
 @register
 class Q8_0(_Eight):
     type = GGMLType.Q8_0
+    activation_type = GGMLType.Q8_0
 
 
 @register

@@ -60,6 +60,7 @@ from ..jit.builders import (
     i64,
     intrinsic,
     ptr,
+    splat,
     void,
 )
 from ..jit.parallel import MAX_JOBS, JobTable, default_threads, job_table
@@ -79,6 +80,7 @@ L2_BUDGET = 256 << 10  # bytes of dequantized rows the prompt kernel keeps hot p
 MAX_GROUP_ROWS = 16
 TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
 TILE_TOKENS = 4  # tokens per register tile of the prompt kernel (x 2 rows)
+Q_TILE = 4  # tokens per tile of the integer prompt kernel (each weight group unpacked once)
 # work (in weight elements touched) below which one more thread costs more than it saves
 MIN_WORK_PER_THREAD = 1 << 20
 MIN_WORK_PER_PART = 1 << 16  # (decoding, where a hand-off to a team thread costs ~1 us)
@@ -430,6 +432,7 @@ def _build_gemv(m: ir.Module, name: str, blk: _Blocks, vw: int, T: int) -> ir.Fu
 # emitters as the types' dequantizers.
 
 Q8_GROUP = 32
+QK_K = 256  # Q8_K's block
 INT_DOT = True  # decode with integer dot products where the type and the host allow it
 _V32I8 = ir.VectorType(i8, 32)
 
@@ -457,80 +460,187 @@ def _group_dot(b: ir.IRBuilder, g: quant.IntGroup, xq: ir.Value) -> ir.Value:
     return intrinsic(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(i32, 8), [pairs, halves])
 
 
-def _build_gemvq(m: ir.Module, name: str, blk: _Blocks, groups: Callable) -> ir.Function:
-    """gemvq(w, w_stride, xq, y, r0, r1, n_blocks): y[r] = dot(W[r], x) for one token whose
-    x is given as `quantize_q8` wrote it: n_in i8 levels, then per group of 32 its scale dx
-    (f32) and dx * sum of its levels (f32)."""
+def _build_gemmq(m: ir.Module, name: str, blk: _Blocks, groups: Callable,
+                 T: int) -> ir.Function:
+    """gemmq(w, w_stride, xq, ldq, y, ldy, t0, t1, r0, r1, n_blocks, group_rows):
+    y[t, r] = dot(W[r], x[t]) for t in [t0, t1) (a multiple of T tokens) and r in [r0, r1),
+    on integer dot products. x is given as `round_q8` writes it, one token every `ldq` bytes:
+    n_in i8 levels, then per group of 32 its scale dx (f32) and its offset term xs (f32).
+    Each weight group is unpacked once for T tokens; rows go in blocks of `group_rows` (kept
+    in cache across the token tiles). Every (row, token) sums its groups in the same order
+    whatever T, so decoding (T = 1) and a prompt give the same bits."""
     vt = ir.VectorType(f32, 8)
-    fn = _internal(m, name, [ptr(i8), i64, ptr(i8), ptr(f32), i64, i64, i64])
-    w, ws, xq, y, r0, r1, nb = fn.args
+    fn = _internal(m, name, [ptr(i8), i64, ptr(i8), i64, ptr(f32), i64, i64, i64, i64, i64,
+                             i64, i64])
+    w, ws, xq, ldq, y, ldy, t0, t1, r0, r1, nb, group = fn.args
     b = _Builder(fn.append_basic_block("entry"))
     c64 = lambda v: const(i64, v)  # noqa: E731
     gpb = blk.size // Q8_GROUP
-    n_groups = b.mul(nb, c64(gpb))
-    xd = b.bitcast(b.gep(xq, [b.mul(nb, c64(blk.size))]), ptr(f32))
-    xs = b.gep(xd, [n_groups])
-    accs = _Accs(b, vt, 2)
-    off = alloca_entry(b, f32, name="off")
-    with for_range(b, r0, r1, name="r") as r:
-        accs.zero()
-        b.store(const(f32, 0.0), off)
-        row = b.gep(w, [b.mul(r, ws)])
-        with for_range(b, c64(0), nb, name="blk") as k:
-            src = b.gep(row, [b.mul(k, c64(blk.nbytes))])
-            for i, g in enumerate(groups(b, src)):
-                gi = b.add(b.mul(k, c64(gpb)), c64(i))
-                xg = b.load(b.bitcast(b.gep(xq, [b.mul(gi, c64(Q8_GROUP))]), ptr(_V32I8)),
-                            align=1)
-                dx = b.load(b.gep(xd, [gi]))
-                isum = b.sitofp(_group_dot(b, g, xg), vt)
-                scale = b.fmul(g.scale, dx, flags=FINITE)
-                splat = b.shuffle_vector(b.insert_element(ir.Constant(vt, None), scale,
-                                                          const(i32, 0)),
-                                         ir.Constant(vt, None), ir.Constant(
-                                             ir.VectorType(i32, 8), [0] * 8))
-                accs.add_product(i % 2, isum, splat)
-                if g.offset is not None:
-                    b.store(_fma(b, b.load(off), g.offset, b.load(b.gep(xs, [gi]))), off)
-        total = b.fadd(accs.get(0), accs.get(1), flags=FINITE)
-        b.store(b.fadd(_hsum(b, total), b.load(off), flags=FINITE), b.gep(y, [r]))
+    n_in, n_groups = b.mul(nb, c64(blk.size)), b.mul(nb, c64(gpb))
+    accs = _Accs(b, vt, 2 * T)
+    offs = alloca_entry(b, f32, T, name="off")
+    off = [b.gep(offs, [const(i32, j)]) for j in range(T)]
+    with for_range(b, r0, r1, step=group, name="rb") as g0:
+        end = b.add(g0, group)
+        g1 = b.select(b.icmp_signed("<", end, r1), end, r1)
+        with for_range(b, t0, t1, step=T, name="t") as t:
+            xr = [b.gep(xq, [b.mul(b.add(t, c64(j)), ldq)]) for j in range(T)]
+            xd = [b.bitcast(b.gep(r, [n_in]), ptr(f32)) for r in xr]
+            xs = [b.gep(d, [n_groups]) for d in xd]
+            with for_range(b, g0, g1, name="r") as r:
+                accs.zero()
+                for p in off:
+                    b.store(const(f32, 0.0), p)
+                row = b.gep(w, [b.mul(r, ws)])
+                with for_range(b, c64(0), nb, name="blk") as k:
+                    src = b.gep(row, [b.mul(k, c64(blk.nbytes))])
+                    for i, g in enumerate(groups(b, src)):
+                        gi = b.add(b.mul(k, c64(gpb)), c64(i))
+                        for j in range(T):
+                            xg = b.load(b.bitcast(b.gep(xr[j], [b.mul(gi, c64(Q8_GROUP))]),
+                                                  ptr(_V32I8)), align=1)
+                            isum = b.sitofp(_group_dot(b, g, xg), vt)
+                            scale = b.fmul(g.scale, b.load(b.gep(xd[j], [gi])), flags=FINITE)
+                            accs.add_product(2 * j + i % 2, isum, splat(b, scale, 8))
+                            if g.offset is not None:
+                                b.store(_fma(b, b.load(off[j]), g.offset,
+                                             b.load(b.gep(xs[j], [gi]))), off[j])
+                for j in range(T):
+                    total = b.fadd(accs.get(2 * j), accs.get(2 * j + 1), flags=FINITE)
+                    b.store(b.fadd(_hsum(b, total), b.load(off[j]), flags=FINITE),
+                            b.gep(y, [b.add(b.mul(b.add(t, c64(j)), ldy), r)]))
     b.ret_void()
     return fn
 
 
-def _build_quantize_q8(m: ir.Module) -> ir.Function:
-    """quantize_q8(x, n_groups, out): x (f32) as Q8_0 levels and scales, laid out for
-    `gemvq`; the same d (rounded to fp16) and levels (roundf) as the Q8_0 quantizer."""
-    from ..jit.builders import Target
+# -- the activations, rounded as llama.cpp rounds them ---------------------------------------
+#
+# llama.cpp's CPU backend rounds the other operand of every product with a quantized weight
+# to the weight type's `vec_dot_type` first (`QuantType.activation_type`): Q8_0 or Q8_1 (32
+# levels a group, an fp16 scale) or Q8_K (256 levels a block, a float scale). Our products
+# take x in that form too ("xq": per token, n_in i8 levels, then per group of 32 its scale dx
+# (f32) and the offset term xs (f32)); the float kernels take it back as levels * dx, which
+# is the same function. The rounding is llama.cpp's x86 one: Q8_0/Q8_1 as its AVX2
+# `quantize_row_q8_0/1` (id = 127 / amax, round half to even), Q8_K as
+# `quantize_row_q8_K_ref` (the scale from the signed element of largest magnitude).
+
+_Q8_KINDS = (GGMLType.Q8_0, GGMLType.Q8_1, GGMLType.Q8_K)
+
+
+def xq_row_bytes(n_in: int) -> int:
+    """Bytes of one token's x in the integer kernels' form."""
+    return n_in + 8 * (n_in // Q8_GROUP)
+
+
+def _build_round_q8(m: ir.Module, kind: GGMLType) -> ir.Function:
+    """round_<kind>(x, n_tok, n_in, xq): the rows of x (f32, n_tok x n_in) as `kind` rounds
+    them, in the xq form (see above), one row every `xq_row_bytes(n_in)` bytes."""
+    from ..jit.builders import Target, fabs
     from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
 
-    v32 = ir.VectorType(f32, 32)
-    fn = _internal(m, "quantize_q8", [ptr(f32), i64, ptr(i8)])
-    x, ng, out = fn.args
+    v32, i32x32 = ir.VectorType(f32, 32), ir.VectorType(i32, 32)
+    fn = _internal(m, f"round_{kind.name.lower()}", [ptr(f32), i64, i64, ptr(i8)])
+    x, ntok, n_in, out = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     hw = hardware_half(Target.CPU)
-    xd = b.bitcast(b.gep(out, [b.mul(ng, const(i64, Q8_GROUP))]), ptr(f32))
-    xs = b.gep(xd, [ng])
-    with for_range(b, const(i64, 0), ng, name="g") as g:
-        v = b.load(b.bitcast(b.gep(x, [b.mul(g, const(i64, Q8_GROUP))]), ptr(v32)), align=4)
-        amax = intrinsic(b, "llvm.vector.reduce.fmax.v32f32", f32,
-                          [intrinsic(b, "llvm.fabs.v32f32", v32, [v])])
-        d = b.fdiv(amax, const(f32, 127.0))
-        inv = b.select(b.fcmp_unordered("!=", d, const(f32, 0.0)),
-                       b.fdiv(const(f32, 1.0), d), const(f32, 0.0))
-        dh = emit_f16_to_f32(b, emit_f32_to_f16(b, d, hw), hw)
-        sv = b.shuffle_vector(b.insert_element(ir.Constant(v32, None), inv, const(i32, 0)),
-                              ir.Constant(v32, None), ir.Constant(ir.VectorType(i32, 32),
-                                                                  [0] * 32))
-        qi = b.fptosi(intrinsic(b, "llvm.round.v32f32", v32, [b.fmul(v, sv)]),
-                      ir.VectorType(i32, 32))
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    ng = b.sdiv(n_in, c64(Q8_GROUP))
+    row_bytes = b.add(n_in, b.mul(ng, c64(8)))
+
+    def half(v):  # through fp16 and back
+        return emit_f16_to_f32(b, emit_f32_to_f16(b, v, hw), hw)
+
+    def levels(v, scale):
+        r = intrinsic(b, "llvm.roundeven.v32f32", v32, [b.fmul(v, splat(b, scale, 32))])
+        return b.fptosi(r, i32x32)
+
+    def store_group(o, g, qi, dx, xs_of_sum):
         b.store(b.trunc(qi, _V32I8),
-                b.bitcast(b.gep(out, [b.mul(g, const(i64, Q8_GROUP))]), ptr(_V32I8)), align=1)
-        total = intrinsic(b, "llvm.vector.reduce.add.v32i32", i32, [qi])
-        b.store(dh, b.gep(xd, [g]))
-        b.store(b.fmul(dh, b.sitofp(total, f32)), b.gep(xs, [g]))
+                b.bitcast(b.gep(o, [b.mul(g, c64(Q8_GROUP))]), ptr(_V32I8)), align=1)
+        xd = b.bitcast(b.gep(o, [n_in]), ptr(f32))
+        total = b.sitofp(intrinsic(b, "llvm.vector.reduce.add.v32i32", i32, [qi]), f32)
+        b.store(dx, b.gep(xd, [g]))
+        b.store(xs_of_sum(total), b.gep(xd, [b.add(ng, g)]))
+
+    def load32(xr, g):
+        return b.load(b.bitcast(b.gep(xr, [b.mul(g, c64(Q8_GROUP))]), ptr(v32)), align=4)
+
+    with for_range(b, c64(0), ntok, name="t") as t:
+        xr = b.gep(x, [b.mul(t, n_in)])
+        o = b.gep(out, [b.mul(t, row_bytes)])
+        if kind != GGMLType.Q8_K:
+            with for_range(b, c64(0), ng, name="g") as g:
+                v = load32(xr, g)
+                amax = intrinsic(b, "llvm.vector.reduce.fmax.v32f32", f32, [fabs(b, v)])
+                d = b.fdiv(amax, const(f32, 127.0))
+                inv = b.select(b.fcmp_ordered("!=", amax, const(f32, 0.0)),
+                               b.fdiv(const(f32, 127.0), amax), const(f32, 0.0))
+                dh = half(d)
+                if kind == GGMLType.Q8_0:
+                    store_group(o, g, levels(v, inv), dh, lambda s: b.fmul(dh, s))
+                else:  # Q8_1 keeps s = fp16(d * sum) with the unrounded d
+                    store_group(o, g, levels(v, inv), dh, lambda s: half(b.fmul(d, s)))
+        else:
+            per = QK_K // Q8_GROUP
+            with for_range(b, c64(0), b.sdiv(n_in, c64(QK_K)), name="k") as k:
+                gs = [b.add(b.mul(k, c64(per)), c64(j)) for j in range(per)]
+                vs = [load32(xr, g) for g in gs]
+                absv = [fabs(b, v) for v in vs]
+                amax = intrinsic(b, "llvm.vector.reduce.fmax.v32f32", f32, [absv[0]])
+                for a in absv[1:]:
+                    amax = intrinsic(b, "llvm.maxnum.f32", f32, [amax, intrinsic(
+                        b, "llvm.vector.reduce.fmax.v32f32", f32, [a])])
+                # the first element of largest magnitude, with its sign
+                pos = c64(QK_K)
+                for j in reversed(range(per)):
+                    hit = b.bitcast(b.fcmp_ordered("==", absv[j], splat(b, amax, 32)),
+                                    ir.IntType(32))
+                    first = b.zext(intrinsic(b, "llvm.cttz.i32", i32,
+                                             [hit, ir.Constant(ir.IntType(1), 0)]), i64)
+                    pos = b.select(b.icmp_unsigned("!=", hit, const(i32, 0)),
+                                   b.add(c64(j * Q8_GROUP), first), pos)
+                nz = b.fcmp_ordered("!=", amax, const(f32, 0.0))
+                pos = b.select(nz, pos, c64(0))
+                mx = b.load(b.gep(xr, [b.add(b.mul(k, c64(QK_K)), pos)]))
+                iscale = b.select(nz, b.fdiv(const(f32, -127.0), mx), const(f32, 0.0))
+                d = b.select(nz, b.fdiv(const(f32, 1.0), iscale), const(f32, 0.0))
+                cap = ir.Constant(i32x32, [127] * 32)
+                for g, v in zip(gs, vs):
+                    qi = levels(v, iscale)
+                    qi = b.select(b.icmp_signed(">", qi, cap), cap, qi)
+                    store_group(o, g, qi, d, lambda s: b.fmul(d, s))
     b.ret_void()
     return fn
+
+
+def _build_xq_float(m: ir.Module) -> ir.Function:
+    """xq_float(xq, n_tok, n_in, y): y (f32, n_tok x n_in) = the levels * dx of each group."""
+    v32 = ir.VectorType(f32, 32)
+    fn = _internal(m, "xq_float", [ptr(i8), i64, i64, ptr(f32)])
+    xq, ntok, n_in, y = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    ng = b.sdiv(n_in, c64(Q8_GROUP))
+    row_bytes = b.add(n_in, b.mul(ng, c64(8)))
+    with for_range(b, c64(0), ntok, name="t") as t:
+        o = b.gep(xq, [b.mul(t, row_bytes)])
+        xd = b.bitcast(b.gep(o, [n_in]), ptr(f32))
+        yr = b.gep(y, [b.mul(t, n_in)])
+        with for_range(b, c64(0), ng, name="g") as g:
+            q = b.load(b.bitcast(b.gep(o, [b.mul(g, c64(Q8_GROUP))]), ptr(_V32I8)), align=1)
+            v = b.fmul(b.sitofp(q, v32), splat(b, b.load(b.gep(xd, [g])), 32))
+            b.store(v, b.bitcast(b.gep(yr, [b.mul(g, c64(Q8_GROUP))]), ptr(v32)), align=4)
+    b.ret_void()
+    return fn
+
+
+def build_activation_module() -> ir.Module:
+    """`round_q8_0`, `round_q8_1`, `round_q8_k` and `xq_float`, with ndarray arguments."""
+    m = ir.Module(name="activations")
+    for kind in _Q8_KINDS:
+        _export(m, f"round_{kind.name.lower()}", _build_round_q8(m, kind))
+    _export(m, "xq_float", _build_xq_float(m))
+    return m
 
 
 def _gemv_rows(blk: _Blocks) -> int:
@@ -670,8 +780,9 @@ def _export_part(m: ir.Module, name: str, impl: ir.Function, align: int) -> None
 
 
 def _export_q_part(m: ir.Module, name: str, impl: ir.Function) -> None:
-    """`name(i64* args, part, n_parts)`: gemvq as a team job; args are (w, w_stride, xq, y,
-    n_rows, n_blocks), the arrays as ndarray object addresses."""
+    """`name(i64* args, part, n_parts)`: one token's product on integer dot products (the
+    one-token `gemmq`) as a team job; args are (w, w_stride, xq, y, n_rows, n_blocks), the
+    arrays as ndarray object addresses."""
     fn = ir.Function(m, ir.FunctionType(void, [ptr(i64), i64, i64]), name)
     argv, part, n_parts = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
@@ -679,22 +790,25 @@ def _export_q_part(m: ir.Module, name: str, impl: ir.Function) -> None:
     r0 = b.sdiv(b.mul(n_rows, part), n_parts)
     r1 = b.sdiv(b.mul(n_rows, b.add(part, const(i64, 1))), n_parts)
     data = lambda v, arg: _array_data(b, b.inttoptr(v, ptr(i8)), arg.type)  # noqa: E731
-    b.call(impl, [data(w, impl.args[0]), ws, data(xq, impl.args[2]), data(y, impl.args[3]),
-                  r0, r1, nb])
+    zero, one = const(i64, 0), const(i64, 1)
+    b.call(impl, [data(w, impl.args[0]), ws, data(xq, impl.args[2]), zero,
+                  data(y, impl.args[4]), zero, zero, one, r0, r1, nb, n_rows])
     b.ret_void()
 
 
 def build_module(t: GGMLType) -> ir.Module:
     """`gemv_<t>` and `gemm_<t>` for weight type `t`; their array arguments are ndarray
     objects (see `_export`); `gemv<T>_<t>_part`, the same gemv as a team job; and where the
-    type has an integer view, `gemvq_<t>_part` and `quantize_q8_<t>` (see `_build_gemvq`)."""
+    type has an integer view, `gemvq_<t>_part` (see `_build_gemvq`)."""
     blk, vw = _blocks(t), LANES
     m = ir.Module(name=f"matmul_{t.name.lower()}")
     name = t.name.lower()
     groups = _int_groups(t)
     if groups is not None:
-        _export_q_part(m, f"gemvq_{name}_part", _build_gemvq(m, f"gemvq_{name}", blk, groups))
-        _export(m, f"quantize_q8_{name}", _build_quantize_q8(m))
+        one = _build_gemmq(m, f"gemmq1_{name}", blk, groups, 1)
+        _export_q_part(m, f"gemvq_{name}_part", one)
+        _export(m, f"gemmq1_{name}", one)
+        _export(m, f"gemmq_{name}", _build_gemmq(m, f"gemmq_{name}", blk, groups, Q_TILE))
     for T in GEMV_TOKENS:
         impl = _build_gemv(m, f"gemv{T}_{name}", blk, vw, T)
         _export(m, f"gemv{T}_{name}", impl)
@@ -719,7 +833,9 @@ ARRAY_DATA_OFFSET = _array_data_offset()
 _I64, _A = ctypes.c_int64, ctypes.py_object
 _GEMV_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A, _I64, _A, _I64, _I64, _I64, _I64, _I64)
 _PART_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, _I64, _I64)
-_Q8_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A)
+_ACT_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _I64, _A)
+_GEMMQ_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A, _I64, _A, _I64, _I64, _I64, _I64, _I64, _I64,
+                              _I64)
 _GEMM_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A, _I64, _A, _I64, _I64, _I64, _I64, _I64, _I64,
                              _A, _I64)
 
@@ -741,9 +857,11 @@ class _Plan:
         name = t.name.lower()
         sigs = {f"gemv{T}_{name}": _GEMV_SIG for T in GEMV_TOKENS}
         sigs |= {f"gemv{T}_{name}_part": _PART_SIG for T in GEMV_TOKENS}
-        self.int_dot = _int_groups(t) is not None
+        self.act = quant.get(t).activation_type  # x is rounded to this first
+        self.int_dot = _int_groups(t) is not None and self.act in _Q8_KINDS
         if self.int_dot:
-            sigs |= {f"gemvq_{name}_part": _PART_SIG, f"quantize_q8_{name}": _Q8_SIG}
+            sigs |= {f"gemvq_{name}_part": _PART_SIG, f"gemmq_{name}": _GEMMQ_SIG,
+                     f"gemmq1_{name}": _GEMMQ_SIG}
         mod = compile_kernels(build_module(t), {**sigs, f"gemm_{name}": _GEMM_SIG})
         self.gemv = {T: mod[f"gemv{T}_{name}"] for T in GEMV_TOKENS}
         # team jobs are run by address, from compiled code
@@ -751,7 +869,7 @@ class _Plan:
                           for T in GEMV_TOKENS}
         if self.int_dot:
             self.gemvq_part = ctypes.cast(mod[f"gemvq_{name}_part"], ctypes.c_void_p).value
-            self.quantize_q8 = mod[f"quantize_q8_{name}"]
+            self.gemmq = {Q_TILE: mod[f"gemmq_{name}"], 1: mod[f"gemmq1_{name}"]}
         self.gemm = mod[f"gemm_{name}"]
 
     def weight(self, w) -> np.ndarray:
@@ -849,36 +967,89 @@ def _special(p, w, x, y, n_tok, n_in, n_out) -> bool:
         y[...] = 0
         return True
     if n_in % FLOAT_GROUP:  # float weights of an odd width: numpy on converted rows
-        y[...] = x @ get_rows(w, p.t, np.arange(n_out)).T
+        y[...] = round_activations(x, p.act) @ get_rows(w, p.t, np.arange(n_out)).T
         return True
     return False
 
 
-def _quantized(p: _Plan, x: np.ndarray, n_in: int) -> np.ndarray:
-    """x (one token) rounded to Q8_0 for the integer kernels, in this thread's buffer."""
-    ng = n_in // Q8_GROUP
-    buf = getattr(_tls, "xq", None)
-    if buf is None or buf.size < n_in + 8 * ng:
-        buf = _tls.xq = np.empty(n_in + 8 * ng, np.uint8)
-    p.quantize_q8(x, ng, buf)
-    return buf
+@cache
+def _act_kernels() -> dict:
+    names = [f"round_{k.name.lower()}" for k in _Q8_KINDS] + ["xq_float"]
+    return compile_kernels(build_activation_module(), dict.fromkeys(names, _ACT_SIG))
+
+
+def round_q8(x: np.ndarray, kind: GGMLType, out: np.ndarray | None = None) -> np.ndarray:
+    """x (float32, (n_tok, n_in) or (n_in,), contiguous) rounded to `kind` (Q8_0, Q8_1 or
+    Q8_K) as llama.cpp's CPU backend rounds it, in the integer kernels' form: uint8
+    (n_tok, xq_row_bytes(n_in))."""
+    x2 = x.reshape(-1, x.shape[-1])
+    n_tok, n_in = x2.shape
+    if n_in % (QK_K if kind == GGMLType.Q8_K else Q8_GROUP):
+        raise UserError(f"{kind.name} rounds rows of whole blocks, got {n_in} values")
+    if out is None:
+        out = np.empty((n_tok, xq_row_bytes(n_in)), np.uint8)
+    _act_kernels()[f"round_{kind.name.lower()}"](x2, n_tok, n_in, out)
+    return out
+
+
+def xq_float(xq: np.ndarray, n_in: int) -> np.ndarray:
+    """The values the rounded rows `xq` (from `round_q8`) stand for: float32 (n_tok, n_in)."""
+    y = np.empty((xq.shape[0], n_in), np.float32)
+    _act_kernels()["xq_float"](xq, xq.shape[0], n_in, y)
+    return y
+
+
+def round_activations(x: np.ndarray, kind: GGMLType | None) -> np.ndarray:
+    """x as a product with a weight whose `activation_type` is `kind` sees it: float32, the
+    same shape. F16/BF16 round to nearest even, as ggml's conversions do."""
+    x = np.ascontiguousarray(x, np.float32)
+    if kind in _Q8_KINDS:
+        return xq_float(round_q8(x, kind), x.shape[-1]).reshape(x.shape)
+    if kind == GGMLType.F16:
+        return x.astype(np.float16).astype(np.float32)
+    if kind == GGMLType.BF16:
+        u = x.view(np.uint32)
+        r = ((u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000).astype(np.uint32)
+        return np.where(np.isnan(x), x, r.view(np.float32))
+    return x
+
+
+def _xq(p: _Plan, x: np.ndarray, n_in: int) -> np.ndarray:
+    """x (one token) rounded for the integer kernels, in this thread's buffer for its kind."""
+    bufs = getattr(_tls, "xq", None)
+    if bufs is None:
+        bufs = _tls.xq = {}
+    buf = bufs.get(p.act)
+    if buf is None or buf.size < xq_row_bytes(n_in):
+        buf = bufs[p.act] = np.empty((1, max(xq_row_bytes(n_in), 1 << 12)), np.uint8)
+    return round_q8(x, p.act, buf[:, :xq_row_bytes(n_in)])
+
+
+def _x_for(p: _Plan, x: np.ndarray, n_in: int, seen: dict, int_path: bool) -> np.ndarray:
+    """x as the product over `p`'s weights takes it (rounded once per kind for the products
+    of one x, in `seen`)."""
+    key = (p.act, int_path)
+    r = seen.get(key)
+    if r is None:
+        r = seen[key] = _xq(p, x, n_in) if int_path else round_activations(x, p.act)
+    return r
 
 
 def _add_gemv(jobs: JobTable, p: _Plan, w, x, y, ldy, n_tok, n_in, n_out, threads,
-              xq: list) -> None:
+              seen: dict) -> None:
     """Post one decode product (n_tok <= GEMV_TOKENS[-1]) as a team job: a part per
     MIN_WORK_PER_PART of work, at most two per thread (parts are taken first come, first
-    served, which evens out a slow thread). `xq` holds x rounded to Q8_0 once it is needed
-    (shared by the products of one x)."""
+    served, which evens out a slow thread). `seen` holds x rounded as the weights' types
+    need it (shared by the products of one x)."""
     T = 1 if n_tok == 1 else GEMV_TOKENS[-1]
     parts = n_out * n_in * (1 + n_tok // 2) // MIN_WORK_PER_PART
     parts = max(1, min(parts, 2 * threads if threads > 1 else 1, n_out))
     if T == 1 and p.int_dot:
-        if not xq:
-            xq.append(_quantized(p, x, n_in))
-        jobs.add(p.gemvq_part, parts, id(w), w.strides[0], id(xq[0]), id(y), n_out,
+        xq = _x_for(p, x, n_in, seen, True)
+        jobs.add(p.gemvq_part, parts, id(w), w.strides[0], id(xq), id(y), n_out,
                  n_in // p.vblock)
         return
+    x = _x_for(p, x, n_in, seen, False)
     jobs.add(p.gemv_part[T], parts, id(w), w.strides[0], id(x), n_in, id(y), ldy, n_tok,
              n_out, n_in // p.vblock)
 
@@ -893,13 +1064,18 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
     if _special(p, w, x, y, n_tok, n_in, n_out):
         return y
     threads = threads or default_threads()
-    if n_tok <= GEMV_TOKENS[-1]:
+    if n_tok == 1 or (n_tok <= GEMV_TOKENS[-1] and not p.int_dot):
         jobs = job_table()
-        _add_gemv(jobs, p, w, x, y, ldy, n_tok, n_in, n_out, threads, [])
+        seen: dict = {}
+        _add_gemv(jobs, p, w, x, y, ldy, n_tok, n_in, n_out, threads, seen)
         jobs.run(threads)
         return y
 
     ws, nb = w.strides[0], n_in // p.vblock
+    if p.int_dot:
+        _gemmq(p, w, round_q8(x, p.act), y, ldy, n_tok, n_in, n_out, nb, threads)
+        return y
+    x = round_activations(x, p.act)
     gemm = p.gemm
     group = max(2, min(MAX_GROUP_ROWS, L2_BUDGET // (4 * n_in)))
     group -= group % 2
@@ -913,18 +1089,37 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
     return y
 
 
+def _gemmq(p: _Plan, w, xq, y, ldy, n_tok, n_in, n_out, nb, threads) -> None:
+    """A prompt's product on integer dot products: token tiles of Q_TILE (one-token calls
+    for the rest), rows in blocks that stay in L2 while TOKEN_CHUNK tokens go by."""
+    ws, ldq = w.strides[0], xq.shape[1]
+    tiled = n_tok - n_tok % Q_TILE
+    group = max(1, L2_BUDGET // 2 // ws)
+    tile, one = p.gemmq[Q_TILE], p.gemmq[1]
+
+    def run(a, c):
+        for t0 in range(0, tiled, TOKEN_CHUNK):
+            tile(w, ws, xq, ldq, y, ldy, t0, min(t0 + TOKEN_CHUNK, tiled), a, c, nb, group)
+        if tiled < n_tok:
+            one(w, ws, xq, ldq, y, ldy, tiled, n_tok, a, c, nb, group)
+
+    parallel_rows(run, n_out, threads, _min_rows(n_in * (2 + n_tok // 2)))
+
+
 def matmuls(weights: list[tuple[np.ndarray, GGMLType]], x: np.ndarray,
             threads: int | None = None) -> list[np.ndarray]:
     """`[matmul(w, t, x) for w, t in weights]`; when decoding, in one hand-off to the
     threads (the Q, K, V or gate and up products of a layer read the same x)."""
     threads = threads or default_threads()
-    if (x.ndim == 2 and x.shape[0] > GEMV_TOKENS[-1]) or len(weights) > MAX_JOBS:
+    n_tok = x.shape[0] if x.ndim == 2 else 1
+    if (n_tok > GEMV_TOKENS[-1] or len(weights) > MAX_JOBS
+            or (n_tok > 1 and any(_plan(t).int_dot for _, t in weights))):
         return [matmul(w, t, x, threads) for w, t in weights]
-    jobs, ys, xq = job_table(), [], []
+    jobs, ys, seen = job_table(), [], {}
     for w, t in weights:
         p, w, xx, y, ldy, n_tok, n_in, n_out = _prepare(w, t, x, None)
         if not _special(p, w, xx, y, n_tok, n_in, n_out):
-            _add_gemv(jobs, p, w, xx, y, ldy, n_tok, n_in, n_out, threads, xq)
+            _add_gemv(jobs, p, w, xx, y, ldy, n_tok, n_in, n_out, threads, seen)
             ys.append((y, w, xx))  # the arrays stay alive until the jobs have run
         else:
             ys.append((y,))
@@ -933,8 +1128,8 @@ def matmuls(weights: list[tuple[np.ndarray, GGMLType]], x: np.ndarray,
 
 
 def quantizes_activations(wtype: GGMLType) -> bool:
-    """Whether one-token products over `wtype` round x to Q8_0 first (integer dot products,
-    as llama.cpp does); the others use x as it is."""
+    """Whether one-token products over `wtype` run on integer dot products (x rounded to
+    the type's `activation_type` in the integer form); every product rounds x the same way."""
     return _plan(wtype).int_dot
 
 

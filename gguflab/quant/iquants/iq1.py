@@ -300,6 +300,7 @@ def emit_u16(b: ir.IRBuilder, y: ir.Value, offset: int) -> ir.Value:
 class _Iq1(QuantType):
     n_levels = 3  # the ternary level of each weight
     uses_imatrix = True
+    activation_type = GGMLType.Q8_K
     row_quantizer = True
     has_dequantize_kernel = True
 

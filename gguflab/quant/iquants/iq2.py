@@ -903,6 +903,7 @@ _PACK = {GGMLType.IQ2_XXS: _pack_xxs, GGMLType.IQ2_XS: _pack_xs, GGMLType.IQ2_S:
 class _IQ2(QuantType):
     n_levels = 3
     uses_imatrix = True
+    activation_type = GGMLType.Q8_K
     requires_imatrix = True
     row_quantizer = True
 

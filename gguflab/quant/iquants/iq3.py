@@ -286,6 +286,7 @@ def run_row_kernel(kernel, tables: tuple[np.ndarray, ...], x: np.ndarray,
 class _Iq3(QuantType):
     n_levels = 16  # levels by sign and magnitude: 8 + l for x >= 0, 7 - l below
     uses_imatrix = True
+    activation_type = GGMLType.Q8_K
     row_quantizer = True
     has_dequantize_kernel = True
     xxs = False

@@ -371,6 +371,7 @@ class _IQ4(QuantType):
 @register
 class IQ4_NL(_IQ4):
     type = GGMLType.IQ4_NL
+    activation_type = GGMLType.Q8_0
     super_block = SUB
     unit_weights = SUB  # the kernel's loop counts blocks, eight at a time
     unit_step = LANES
@@ -430,6 +431,7 @@ class IQ4_NL(_IQ4):
 @register
 class IQ4_XS(_IQ4):
     type = GGMLType.IQ4_XS
+    activation_type = GGMLType.Q8_K
     super_block = 256
     unit_weights = 256  # the kernel's loop counts super-blocks
     unit_step = 1

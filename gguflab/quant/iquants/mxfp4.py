@@ -65,6 +65,7 @@ def e8m0_half_ref(e: np.ndarray) -> np.ndarray:
 @register
 class MXFP4(QuantType):
     type = GGMLType.MXFP4
+    activation_type = GGMLType.Q8_0
     n_levels = 16
     has_quantize_kernel = has_dequantize_kernel = True
 

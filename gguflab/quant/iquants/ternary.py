@@ -135,6 +135,7 @@ def _load(b: ir.IRBuilder, y: ir.Value, offset: int, n: int) -> ir.Value:
 @register
 class TQ1_0(QuantType):
     type = GGMLType.TQ1_0
+    activation_type = GGMLType.Q8_K
     n_levels = 3
     has_quantize_kernel = has_dequantize_kernel = True
 
@@ -189,6 +190,7 @@ class TQ1_0(QuantType):
 @register
 class TQ2_0(QuantType):
     type = GGMLType.TQ2_0
+    activation_type = GGMLType.Q8_K
     n_levels = 4  # 2-bit fields (the quantizer writes 0..2)
     has_quantize_kernel = has_dequantize_kernel = True
 

@@ -45,6 +45,7 @@ _Q4SCALE = F32(15)
 @register
 class Q2_K(QuantType):
     type = GGMLType.Q2_K
+    activation_type = GGMLType.Q8_K
     n_levels = 4
     has_quantize_kernel = has_dequantize_kernel = True
 

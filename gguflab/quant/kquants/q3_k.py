@@ -74,6 +74,7 @@ def _unpack_scales(q: np.ndarray) -> np.ndarray:
 @register
 class Q3_K(QuantType):
     type = GGMLType.Q3_K
+    activation_type = GGMLType.Q8_K
     n_levels = 8
     has_quantize_kernel = has_dequantize_kernel = True
 

@@ -163,6 +163,7 @@ def gather_lanes(b: ir.IRBuilder, vecs: list[ir.Value], lane: int) -> ir.Value:
 @register
 class Q4_K(QuantType):
     type = GGMLType.Q4_K
+    activation_type = GGMLType.Q8_K
     n_levels = 16
     has_quantize_kernel = has_dequantize_kernel = True
 

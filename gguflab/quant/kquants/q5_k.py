@@ -28,6 +28,7 @@ from .q4_k import (
 @register
 class Q5_K(QuantType):
     type = GGMLType.Q5_K
+    activation_type = GGMLType.Q8_K
     n_levels = 32
     has_quantize_kernel = has_dequantize_kernel = True
 

@@ -64,6 +64,7 @@ def _pack(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @register
 class Q6_K(QuantType):
     type = GGMLType.Q6_K
+    activation_type = GGMLType.Q8_K
     n_levels = 64
     has_quantize_kernel = has_dequantize_kernel = True
 
