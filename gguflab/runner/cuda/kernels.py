@@ -430,15 +430,16 @@ def virtual_block(t: GGMLType) -> int:
 COMMON: dict[str, KernelSpec] = {s.name: s for s in [
     KernelSpec("rms_norm", "pppif", WARP),      # x, w, y, n, eps; item = row
     KernelSpec("add_rms_norm", "ppppif", WARP),  # x (+= a), a, w, y, n, eps; item = row
-    # the same, also writing y rounded to Q8_0 into yq (x, [a,] w, y, yq, n, eps): the input
-    # of the products that follow, for the types the CPU reads through Q8_0 activations
-    KernelSpec("rms_norm_q8", "ppppif", WARP),
-    KernelSpec("add_rms_norm_q8", "pppppif", WARP),
+    # the same, also writing y rounded as the products that read it round their input (x, [a,]
+    # w, y, yq, round code, n, eps; see `round_code`)
+    KernelSpec("rms_norm_round", "ppppiif", WARP),
+    KernelSpec("add_rms_norm_round", "pppppiif", WARP),
     KernelSpec("softmax", "ppi", WARP),         # x, y, n; item = row
     KernelSpec("silu_mul", "ppp", 1, in_place=True),  # g, u, y (may be g); item = element
     # GeGLU as ggml's CPU computes it (GELU of g rounded to fp16, the result rounded to fp16)
     KernelSpec("gelu_mul", "ppp", 1, in_place=True),  # g, u, y (may be g); item = element
-    KernelSpec("silu_mul_q8", "pppp", WARP, in_place=True),  # g, u, y, yq; item = 32 floats
+    # g, u, y, yq, round code; item = one rounding group (`round_group`) of floats
+    KernelSpec("silu_mul_round", "ppppi", WARP, in_place=True),
     KernelSpec("add", "ppp", 1, in_place=True),  # a, b, y (may be a); item = element
     KernelSpec("add_bias", "ppi", 1),           # x (in place), bias, n_cols; item = element
     # x, table, pos, n_head, head_dim, half; item = (token, head, pair)
@@ -446,7 +447,8 @@ COMMON: dict[str, KernelSpec] = {s.name: s for s in [
     KernelSpec("rope_neox", "pppiii", 1),
     KernelSpec("f16_to_f32", "pp", 1),          # src, dst; item = element
     KernelSpec("kv_store", "pppi", 1),          # src, f16 cache, pos, row; item = element
-    KernelSpec("round_q8", "pp", WARP, in_place=True),  # x, y (may be x); item = 32 floats
+    # x, y (may be x), round code; item = one rounding group (`round_group`) of floats
+    KernelSpec("round_act", "ppi", WARP, in_place=True),
     # q, k cache, v cache, out, n_head, n_head_kv, head_dim, pos, scale, window (0: none),
     # soft-cap (0: none); item = (token, head)
     KernelSpec("attention", "ppppiiipfif", WARP),
@@ -466,35 +468,137 @@ def _load_pos(b: ir.IRBuilder, pos: ir.Value) -> ir.Value:
     return b.load(b.bitcast(pos, ptr(i64)))
 
 
-def _round_group(b: ir.IRBuilder, it: Item, src: ir.Value, dst: ir.Value) -> None:
-    """dst[0:32] = src[0:32] rounded to Q8_0 and back: d = max|x| / 127 kept as fp16, levels
-    round(x / d), as the CPU's `quantize_q8` rounds x before its integer products. Each lane
+# The activations a product reads, rounded as llama.cpp's CPU rounds them before a product
+# with the weight (the weight type's `activation_type`, ggml's vec_dot_type), in float form:
+# each value as the levels times the scale, the numbers the CPU's products multiply. A
+# kernel that rounds takes one of these codes (a launch argument, the same for every lane).
+ROUND_Q8 = 0  # Q8_0 and Q8_1: 32 a group, d = amax / 127 as fp16, levels x * (127 / amax)
+ROUND_Q8_K = 1  # 256 a block, scale from the signed element of largest magnitude, f32 d
+ROUND_F16 = 2  # round to nearest even, as ggml's conversions
+ROUND_BF16 = 3
+_ROUND_CODES = {GGMLType.Q8_0: ROUND_Q8, GGMLType.Q8_1: ROUND_Q8, GGMLType.Q8_K: ROUND_Q8_K,
+                GGMLType.F16: ROUND_F16, GGMLType.BF16: ROUND_BF16}
+
+
+def round_code(act: GGMLType | None) -> int | None:
+    """The rounding code of an `activation_type`; None where products read x as it is."""
+    if act is None or act == GGMLType.F32:
+        return None
+    if act not in _ROUND_CODES:
+        raise ValueError(f"no device rounding for {act.name} activations")
+    return _ROUND_CODES[act]
+
+
+def round_group(code: int) -> int:
+    """Floats per rounding group of `code` (a row's length is a multiple of it)."""
+    return 256 if code == ROUND_Q8_K else 32
+
+
+def _group_size(b: ir.IRBuilder, code: ir.Value) -> ir.Value:
+    return b.select(b.icmp_signed("==", code, _c(ROUND_Q8_K)), _c(256), _c(32))
+
+
+def _roundeven(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    return b.call(b.module.declare_intrinsic("llvm.roundeven", [f32]), [v])
+
+
+def _fabs(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    return b.call(b.module.declare_intrinsic("llvm.fabs", [f32]), [v])
+
+
+def _round_group(b: ir.IRBuilder, it: Item, src: ir.Value, dst: ir.Value,
+                 code: ir.Value) -> None:
+    """dst[0:size] = src[0:size] rounded by `code` (size = round_group(code)). Each lane
     reads and writes only its own elements (j = lane + k * lanes), so dst may be src, and a
     lane may read here what it has just written to src."""
+    with b.if_else(b.icmp_signed("==", code, _c(ROUND_Q8))) as (q8, other):
+        with q8:
+            _round_q8_group(b, it, src, dst)
+        with other:
+            with b.if_else(b.icmp_signed("==", code, _c(ROUND_Q8_K))) as (qk, floats):
+                with qk:
+                    _round_q8_k_block(b, it, src, dst)
+                with floats:
+                    _round_half_group(b, it, src, dst, code)
+
+
+def _round_q8_group(b: ir.IRBuilder, it: Item, src: ir.Value, dst: ir.Value) -> None:
+    """Q8_0/Q8_1 (llama.cpp's AVX2 quantize_row_q8_0/1): amax over the 32, d = amax / 127
+    kept as fp16, levels = round-half-even(x * (127 / amax)) (0 where amax is 0); the value
+    levels * fp16(d)."""
     hw = hardware_half(it.target)
-    fabs = b.module.declare_intrinsic("llvm.fabs", [f32])
     amax = _Acc(b, name="amax")
     amax.set(const(f32, 0.0))
     with _lane_loop(b, it, _c(32), "qj") as j:
-        amax.set(_fmax(b, amax.get(), b.call(fabs, [b.load(b.gep(src, [j]))])))
-    d = b.fdiv(it.reduce(b, amax.get(), "max"), const(f32, 127.0))
-    inv = b.select(b.fcmp_unordered("!=", d, const(f32, 0.0)),
-                   b.fdiv(const(f32, 1.0), d), const(f32, 0.0))
-    dh = emit_f16_to_f32(b, emit_f32_to_f16(b, d, hw), hw)
-    rnd = b.module.declare_intrinsic("llvm.round", [f32])
+        amax.set(_fmax(b, amax.get(), _fabs(b, b.load(b.gep(src, [j])))))
+    top = it.reduce(b, amax.get(), "max")
+    dh = emit_f16_to_f32(b, emit_f32_to_f16(b, b.fdiv(top, const(f32, 127.0)), hw), hw)
+    inv = b.select(b.fcmp_ordered("!=", top, const(f32, 0.0)),
+                   b.fdiv(const(f32, 127.0), top), const(f32, 0.0))
     with _lane_loop(b, it, _c(32), "qk") as j:
-        q = b.call(rnd, [b.fmul(b.load(b.gep(src, [j])), inv)])
-        b.store(b.fmul(dh, q), b.gep(dst, [j]))
+        level = _roundeven(b, b.fmul(b.load(b.gep(src, [j])), inv))
+        b.store(b.fmul(level, dh), b.gep(dst, [j]))
 
 
-def _round_row(b, it, yr, yq, n):
-    """yq = y rounded to Q8_0 group by group, for a row of n (a multiple of 32)."""
-    with for_range(b, _c(0), b.udiv(n, _c(32)), name="group") as g:
-        at = b.mul(g, _c(32))
-        _round_group(b, it, b.gep(yr, [at]), b.gep(yq, [at]))
+def _round_q8_k_block(b: ir.IRBuilder, it: Item, src: ir.Value, dst: ir.Value) -> None:
+    """Q8_K (quantize_row_q8_K_ref) over 256: `mx`, the first element of largest magnitude
+    with its sign, iscale = -127 / mx, levels = min(127, round-half-even(x * iscale)), the
+    value levels * (1 / iscale) (all 0 where every x is 0). The lanes find amax, then the
+    lowest index holding it (as a float maximum of -index), then mx as a sum to which only
+    the lane holding that index adds anything: no lane reads another's elements."""
+    n = _c(256)
+    amax = _Acc(b, name="amax")
+    amax.set(const(f32, 0.0))
+    with _lane_loop(b, it, n, "kj") as j:
+        amax.set(_fmax(b, amax.get(), _fabs(b, b.load(b.gep(src, [j])))))
+    top = it.reduce(b, amax.get(), "max")
+    first = _Acc(b, -256.0, name="first")  # minus the lowest index of this lane's hits
+    with _lane_loop(b, it, n, "kf") as j:
+        hit = b.fcmp_ordered("==", _fabs(b, b.load(b.gep(src, [j]))), top)
+        none_yet = b.fcmp_ordered("==", first.get(), const(f32, -256.0))
+        first.set(b.select(b.and_(hit, none_yet), b.fsub(const(f32, 0.0), b.uitofp(j, f32)),
+                           first.get()))
+    pos = it.reduce(b, first.get(), "max")
+    mine = _Acc(b, name="mx")
+    mine.set(const(f32, 0.0))
+    with _lane_loop(b, it, n, "km") as j:
+        at = b.fcmp_ordered("==", b.fsub(const(f32, 0.0), b.uitofp(j, f32)), pos)
+        mine.add(b.select(at, b.load(b.gep(src, [j])), const(f32, 0.0)))
+    mx = it.reduce(b, mine.get(), "add")
+    nz = b.fcmp_ordered("!=", top, const(f32, 0.0))
+    iscale = b.select(nz, b.fdiv(const(f32, -127.0), mx), const(f32, 0.0))
+    d = b.select(nz, b.fdiv(const(f32, 1.0), iscale), const(f32, 0.0))
+    cap = const(f32, 127.0)
+    with _lane_loop(b, it, n, "kq") as j:
+        level = _roundeven(b, b.fmul(b.load(b.gep(src, [j])), iscale))
+        level = b.select(b.fcmp_ordered(">", level, cap), cap, level)
+        b.store(b.fmul(level, d), b.gep(dst, [j]))
 
 
-def _rms_norm(q8: bool) -> Body:
+def _round_half_group(b: ir.IRBuilder, it: Item, src: ir.Value, dst: ir.Value,
+                      code: ir.Value) -> None:
+    """F16 or BF16 (by `code`), element by element, to nearest even; a NaN stays itself."""
+    hw = hardware_half(it.target)
+    is_f16 = b.icmp_signed("==", code, _c(ROUND_F16))
+    with _lane_loop(b, it, _c(32), "hj") as j:
+        v = b.load(b.gep(src, [j]))
+        h = emit_f16_to_f32(b, emit_f32_to_f16(b, v, hw), hw)
+        u = b.bitcast(v, i32)
+        odd = b.and_(b.lshr(u, const(i32, 16)), const(i32, 1))
+        r = b.and_(b.add(u, b.add(const(i32, 0x7FFF), odd)), const(i32, 0xFFFF0000 - (1 << 32)))
+        bf = b.select(b.fcmp_unordered("uno", v, v), v, b.bitcast(r, f32))
+        b.store(b.select(is_f16, h, bf), b.gep(dst, [j]))
+
+
+def _round_row(b, it, yr, yq, n, code):
+    """yq = y rounded by `code` group by group, for a row of n (a multiple of the group)."""
+    size = _group_size(b, code)
+    with for_range(b, _c(0), b.udiv(n, size), name="group") as g:
+        at = b.mul(g, size)
+        _round_group(b, it, b.gep(yr, [at]), b.gep(yq, [at]), code)
+
+
+def _rms_norm(rounds: bool) -> Body:
     def body(b, args, it):
         x, w, y, *yq, n, eps = args
         xr, yr = _f32p(b, x, b.mul(it.index, n)), _f32p(b, y, b.mul(it.index, n))
@@ -504,8 +608,8 @@ def _rms_norm(q8: bool) -> Body:
             v = b.load(b.gep(xr, [j]))
             acc.add(b.fmul(v, v))
         _rms_scale_store(b, it, xr, w, yr, n, eps, acc)
-        if q8:
-            _round_row(b, it, yr, _f32p(b, yq[0], b.mul(it.index, n)), n)
+        if rounds:
+            _round_row(b, it, yr, _f32p(b, yq[0], b.mul(it.index, n)), n, yq[1])
 
     return body
 
@@ -519,7 +623,7 @@ def _rms_scale_store(b, it, xr, w, yr, n, eps, acc):
         b.store(b.fmul(v, b.load(_f32p(b, w, j))), b.gep(yr, [j]))
 
 
-def _add_rms_norm(q8: bool) -> Body:
+def _add_rms_norm(rounds: bool) -> Body:
     """x += a, then y = RMSNorm(x) * w: the residual add and the next norm in one pass."""
 
     def body(b, args, it):
@@ -533,8 +637,8 @@ def _add_rms_norm(q8: bool) -> Body:
             b.store(v, b.gep(xr, [j]))
             acc.add(b.fmul(v, v))
         _rms_scale_store(b, it, xr, w, yr, n, eps, acc)
-        if q8:
-            _round_row(b, it, yr, _f32p(b, yq[0], b.mul(it.index, n)), n)
+        if rounds:
+            _round_row(b, it, yr, _f32p(b, yq[0], b.mul(it.index, n)), n, yq[1])
 
     return body
 
@@ -637,13 +741,14 @@ def _silu_mul(b, args, it):
     _silu_mul_at(b, g, u, y, it.index)
 
 
-def _silu_mul_q8(b, args, it):
-    """y = silu(g) * u for a group of 32, and yq = y rounded to Q8_0."""
-    g, u, y, yq = args
-    at = b.mul(it.index, _c(32))
-    with _lane_loop(b, it, _c(32), "j") as j:
+def _silu_mul_round(b, args, it):
+    """y = silu(g) * u for one rounding group, and yq = y rounded by `code`."""
+    g, u, y, yq, code = args
+    size = _group_size(b, code)
+    at = b.mul(it.index, size)
+    with _lane_loop(b, it, size, "j") as j:
         _silu_mul_at(b, g, u, y, b.add(at, j))
-    _round_group(b, it, _f32p(b, y, at), _f32p(b, yq, at))
+    _round_group(b, it, _f32p(b, y, at), _f32p(b, yq, at), code)
 
 
 def _add(b, args, it):
@@ -697,11 +802,11 @@ def _half_bodies(target: Target) -> tuple[Body, Body]:
     return to_float, kv_store
 
 
-def _round_q8(b, args, it):
-    """y = x rounded to Q8_0 and back, a group of 32 per item (see `_round_group`)."""
-    x, y = args
-    at = b.mul(it.index, _c(32))
-    _round_group(b, it, _f32p(b, x, at), _f32p(b, y, at))
+def _round_act(b, args, it):
+    """y = x rounded by `code`, one rounding group per item (see `_round_group`)."""
+    x, y, code = args
+    at = b.mul(it.index, _group_size(b, code))
+    _round_group(b, it, _f32p(b, x, at), _f32p(b, y, at), code)
 
 
 def _attention(target: Target) -> Body:
@@ -765,13 +870,13 @@ def build_common_module(target: Target) -> ir.Module:
     conversion and attention."""
     m = ir.Module(name="gpu_common")
     to_float, kv_store = _half_bodies(target)
-    bodies = {"rms_norm": _rms_norm(False), "rms_norm_q8": _rms_norm(True),
-              "add_rms_norm": _add_rms_norm(False), "add_rms_norm_q8": _add_rms_norm(True),
-              "softmax": _softmax, "silu_mul": _silu_mul, "silu_mul_q8": _silu_mul_q8,
+    bodies = {"rms_norm": _rms_norm(False), "rms_norm_round": _rms_norm(True),
+              "add_rms_norm": _add_rms_norm(False), "add_rms_norm_round": _add_rms_norm(True),
+              "softmax": _softmax, "silu_mul": _silu_mul, "silu_mul_round": _silu_mul_round,
               "gelu_mul": _gelu_mul(target), "moe_route": _moe_route, "moe_add": _moe_add,
               "add": _add, "add_bias": _add_bias, "rope_normal": _rope(False),
               "rope_neox": _rope(True), "f16_to_f32": to_float, "kv_store": kv_store,
-              "round_q8": _round_q8, "attention": _attention(target)}
+              "round_act": _round_act, "attention": _attention(target)}
     for name, spec in COMMON.items():
         build_kernel(m, spec, target, bodies[name])
     return m

@@ -20,13 +20,21 @@ import numpy as np
 from ...errors import UserError
 from ...gguf import GGMLType
 from ...quant import get as quant_type
-from ..kernels import quantizes_activations
 from ..model import KVCache, Model, Weight
 from ..offload import HOST_GPU_NAME, MAX_BATCH
 from . import kernels as K
 from .device import Device
 
-__all__ = ["MAX_BATCH", "GpuLayers", "forward_offloaded", "load_offload"]
+__all__ = ["MAX_BATCH", "GpuLayers", "forward_offloaded", "load_offload", "round_code"]
+
+# an input already rounded by the kernel that wrote it: (rounding code, where), or None
+Rounded = tuple[int, int] | None
+
+
+def round_code(t: GGMLType) -> int | None:
+    """How products over weights of type t round their input (a `K.round_code`), None
+    where they read it as it is."""
+    return K.round_code(quant_type(t).activation_type)
 
 
 @dataclass(frozen=True)
@@ -102,11 +110,14 @@ class GpuLayers:
 
     A pass launches, per layer: RMSNorm (fused with the residual add before it), the Q/K/V
     products (one launch per run of one weight type when decoding), RoPE, the f16 KV store,
-    attention, the output product, the FFN's norm, gate/up, SwiGLU and down. For one token,
-    the input of each product over a type the CPU reads through Q8_0 activations is rounded
-    the same way first, so the device computes what the CPU computes. The position lives in
-    device memory, so a decode step's launches are the same for every token: after one
-    direct step they are recorded once and replayed as one graph per token."""
+    attention, the output product, the FFN's norm, gate/up, SwiGLU and down. Every product
+    reads its input rounded as the CPU's product over that weight type rounds it (the
+    type's `activation_type`: Q8_0/Q8_1, Q8_K, F16 or BF16; F32 reads x as it is), for any
+    number of tokens, so the device computes what the CPU computes: the norms and SwiGLU
+    write that rounded copy beside their output, other inputs are rounded by a launch. The
+    position lives in device memory, so a decode step's launches are the same for every
+    token: after one direct step they are recorded once and replayed as one graph per
+    token."""
 
     def __init__(self, model: Model, layers: Sequence[int], n_ctx: int, device: Device,
                  output: bool = False):
@@ -117,6 +128,7 @@ class GpuLayers:
             raise UserError(f"offloaded layers must be the last ones, got {self.layers}")
         self.output = output
         self.bytes_uploaded = 0
+        self._codes: set[int] = set()  # the roundings the uploaded weights' products need
         kv_bytes = n_ctx * hp.n_head_kv * hp.head_dim * 2
         self.dev_layers: dict[int, DeviceLayer] = {}
         for il in self.layers:
@@ -161,7 +173,12 @@ class GpuLayers:
             sizes |= {"moe_logits": hp.n_expert, "moe_ids": 2 * moes[0].used,
                       "moe_w": moes[0].used, "moe_gu": 2 * ff, "moe_y": hp.n_embd}
         self.buf = {k: device.alloc(4 * self.cap * v) for k, v in sizes.items()}
-        self.buf["xq"] = device.alloc(4 * max(hp.n_embd, q, hp.n_ff))  # one token, rounded
+        # the rounded inputs of the products: one buffer per rounding the weights need
+        self._xq_floats = self.cap * max(hp.n_embd, q, hp.n_ff,
+                                         *(m.gate.weight.n_out for m in moes))
+        self.xq: dict[int, int] = {}
+        for code in sorted(self._codes):
+            self._xq(code)
         self.graphs = graphs_enabled()
         self.graph_error = ""  # why recording failed, when it did (then steps run directly)
         self._graphs: dict[bool, object] = {}  # decode step recordings: with the head or not
@@ -195,6 +212,12 @@ class GpuLayers:
         if n_in % K.virtual_block(w.type):
             raise UserError(f"the GPU backend needs rows of a multiple of "
                             f"{K.virtual_block(w.type)} weights, got {n_in}")
+        code = round_code(w.type)
+        if code is not None:
+            if n_in % K.round_group(code):
+                raise UserError(f"{w.type.name} products round rows of a multiple of "
+                                f"{K.round_group(code)} inputs, got {n_in}")
+            self._codes.add(code)
         return raw, n_in
 
     def _weight(self, w: Weight) -> DeviceWeight:
@@ -233,24 +256,33 @@ class GpuLayers:
         self.launches += 1
         self.device.launch(kernel, n_items, *args)
 
-    def _rounds(self, n: int, weights) -> bool:
-        """Whether a pass of n tokens reads the input of products over `weights` rounded to
-        Q8_0: one token, over a type the CPU reads through Q8_0 activations."""
-        return n == 1 and any(quantizes_activations(w.type) for w in weights)
+    def _xq(self, code: int) -> int:
+        """The buffer of inputs rounded by `code` (allocated with the layers for the codes
+        of their weights; here for a weight given later, as tests do)."""
+        if code not in self.xq:
+            self.xq[code] = self.device.alloc(4 * self._xq_floats)
+        return self.xq[code]
+
+    def _round(self, x: int, n: int, n_in: int, code: int) -> int:
+        """x (n rows of n_in) rounded by `code` into that rounding's buffer: where."""
+        out = self._xq(code)
+        self._launch("round_act", n * n_in // K.round_group(code), x, out, code)
+        return out
 
     def _products(self, jobs: list[tuple[DeviceWeight, int]], x: int, n: int,
-                  rounded: int | None = None) -> None:
-        """y (n, n_out) = x (n, n_in) @ W.T for each (W, y) of `jobs`, all reading x. For one
-        token, the products over types the CPU reads through Q8_0 activations read x rounded
-        that way: `rounded`, where the kernel that wrote x also wrote it rounded, else
-        rounded here once for all of them."""
+                  rounded: Rounded = None) -> None:
+        """y (n, n_out) = x (n, n_in) @ W.T for each (W, y) of `jobs`, all reading x rounded
+        as the CPU's product over W's type rounds it: `rounded` (code, where) when the
+        kernel that wrote x also wrote it rounded that way, else rounded here, once per
+        rounding for all of them."""
+        have = dict([rounded]) if rounded is not None else {}
         for w, y in jobs:
             src = x
-            if n == 1 and quantizes_activations(w.type):
-                if rounded is None:
-                    rounded = self.buf["xq"]
-                    self._launch("round_q8", w.n_in // 32, x, rounded)
-                src = rounded
+            code = round_code(w.type)
+            if code is not None:
+                if code not in have:
+                    have[code] = self._round(x, n, w.n_in, code)
+                src = have[code]
             name = w.type.name.lower()
             if n == 1:
                 kernel, items = f"matvec_{name}", w.n_out
@@ -260,11 +292,11 @@ class GpuLayers:
                          w.n_blocks, n, K.lanes_per_row(w.n_blocks))
 
     def _matmul(self, w: DeviceWeight, x: int, y: int, n: int,
-                rounded: int | None = None) -> None:
+                rounded: Rounded = None) -> None:
         self._products([(w, y)], x, n, rounded)
 
     def _run_products(self, runs: tuple[Run, ...], x: int, y: int, n: int,
-                      rounded: int | None = None) -> None:
+                      rounded: Rounded = None) -> None:
         """Every weight of `runs` over x, outputs one after another from y (each (n, n_out)):
         one launch per run for one token, whose rows then land where the parts' would."""
         jobs = []
@@ -274,19 +306,25 @@ class GpuLayers:
                 y += 4 * n * w.n_out
         self._products(jobs, x, n, rounded)
 
-    def _norm(self, weight: int, n: int, add: int | None, readers) -> int | None:
+    def _norm(self, weight: int, n: int, add: int | None, readers) -> Rounded:
         """h = RMSNorm(x) * weight, after x += add when a residual is pending; when the
-        products over `readers` read h rounded to Q8_0, the same kernel writes that too:
-        returns where (else None)."""
+        products over `readers` read h rounded, the same kernel writes it rounded as the
+        first of them reads it: returns (code, where) (else None)."""
         hp, b = self.hp, self.buf
         eps = float(hp.rms_eps)
-        rounded = b["xq"] if self._rounds(n, readers) else None
+        code = self._reads(readers)
         kernel = "rms_norm" if add is None else "add_rms_norm"
         args = [b["x"], weight, b["h"]] if add is None else [b["x"], add, weight, b["h"]]
-        if rounded is not None:
-            kernel, args = kernel + "_q8", [*args, rounded]
+        if code is not None:
+            kernel, args = kernel + "_round", [*args, self._xq(code), code]
         self._launch(kernel, n, *args, hp.n_embd, eps)
-        return rounded
+        return None if code is None else (code, self._xq(code))
+
+    @staticmethod
+    def _reads(weights) -> int | None:
+        """The rounding of the first of `weights` whose products round their input."""
+        return next((c for c in map(round_code, (w.type for w in weights)) if c is not None),
+                    None)
 
     def _launch_layers(self, n: int) -> None:
         """Every kernel of a pass of n tokens over the offloaded layers, from buf["x"] (the
@@ -338,13 +376,15 @@ class GpuLayers:
                 continue
             hq = self._norm(L.ffn_norm, n, b["o"], [r.fused for r in L.gate_up])
             self._run_products(L.gate_up, b["h"], g, n, hq)
-            gq = b["xq"] if self._rounds(n, [L.w_down]) and not hp.family.gelu else None
+            code = None if hp.family.gelu else self._reads([L.w_down])
+            gq = None if code is None else (code, self._xq(code))
             if hp.family.gelu:  # GeGLU; a rounded input for the down product comes after
                 self._launch("gelu_mul", n * hp.n_ff, g, u, g)
             elif gq is None:
                 self._launch("silu_mul", n * hp.n_ff, g, u, g)
             else:  # SwiGLU and the down product's rounded input in one kernel
-                self._launch("silu_mul_q8", hp.n_ff // 32, g, u, g, gq)
+                self._launch("silu_mul_round", n * hp.n_ff // K.round_group(code), g, u, g,
+                             gq[1], code)
             self._matmul(L.w_down, g, b["o"], n, gq)
             if L.post_norms is not None:
                 self._launch("rms_norm", n, b["o"], L.post_norms[1], b["o"], E, eps)
@@ -366,23 +406,24 @@ class GpuLayers:
             x = b["h"] + 4 * t * E
             for s in range(moe.used):
                 which = t * moe.used + s
-                xq = self._rounded(x, [moe.gate.weight, moe.up.weight])
-                self._expert(moe.gate, xq or x, g, which)
-                self._expert(moe.up, xq or x, u, which)
-                self._launch("silu_mul", ff, g, u, g)
-                self._expert(moe.down, self._rounded(g, [moe.down.weight]) or g, b["moe_y"],
+                self._expert(moe.gate, self._rounded(x, moe.gate.weight), g, which)
+                self._expert(moe.up, self._rounded(x, moe.up.weight, moe.gate.weight), u,
                              which)
+                self._launch("silu_mul", ff, g, u, g)
+                self._expert(moe.down, self._rounded(g, moe.down.weight), b["moe_y"], which)
                 self._launch("moe_add", E, b["o"] + 4 * t * E, b["moe_y"], b["moe_w"], which,
                              int(s == 0))
 
-    def _rounded(self, x: int, weights: list[DeviceWeight]) -> int | None:
-        """One token's x rounded to Q8_0 (into xq) where the CPU's products over `weights`
-        read it so; else None."""
-        if not any(quantizes_activations(w.type) for w in weights):
-            return None
-        n_in = weights[0].n_in
-        self._launch("round_q8", n_in // 32, x, self.buf["xq"])
-        return self.buf["xq"]
+    def _rounded(self, x: int, w: DeviceWeight, before: DeviceWeight | None = None) -> int:
+        """One token's x as the product over w reads it: rounded (into that rounding's
+        buffer) where its type's products round their input, else x itself; not rounded
+        again when `before`, whose product read it just before, rounds it the same way."""
+        code = round_code(w.type)
+        if code is None:
+            return x
+        if before is not None and round_code(before.type) == code:
+            return self._xq(code)
+        return self._round(x, 1, w.n_in, code)
 
     def _expert(self, ex: DeviceExperts, x: int, y: int, which: int) -> None:
         w = ex.weight
