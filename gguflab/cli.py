@@ -220,6 +220,7 @@ def _load_model(args: argparse.Namespace):
     lm = load_model(args.model or embedded_model(), args.ctx_size,
                     getattr(args, "n_gpu_layers", 0), getattr(args, "threads", None),
                     getattr(args, "main_gpu", 0))
+    lm.model.flash_attn = getattr(args, "flash_attn", "auto")
     if lm.plan is not None:
         print(f"gguflab: {lm.plan.summary()}", file=sys.stderr)
         args.offload_plan = lm.plan
@@ -541,6 +542,9 @@ def _add_model_flags(s: argparse.ArgumentParser, sampling: bool = True) -> None:
                    help="offload the last N layers to the GPU (N > layers: the output layer "
                         "too, 999: all; auto: as many as fit)")
     s.add_argument("--main-gpu", type=int, default=0, help="the GPU to use (default 0)")
+    s.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto",
+                   help="attention as llama.cpp's CPU flash attention computes it, or as its "
+                        "non-FA path (default auto: on, as llama.cpp resolves it on the CPU)")
     if sampling:
         s.add_argument("-n", "--n-predict", type=int, default=-1,
                        help="tokens to generate (-1: until end of generation)")

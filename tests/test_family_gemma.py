@@ -88,14 +88,16 @@ def test_gemma_on_the_emulated_gpu_matches_the_cpu(gemma):
     from gguflab.runner.cuda.layers import GpuLayers, forward_offloaded
 
     m = Model(gemma)
+    m.flash_attn = "f32"  # the device's attention: f32 throughout
     ref = m.forward(TOKENS, m.new_cache(64), all_logits=True)
     gpu = GpuLayers(m, list(range(m.hp.n_layer)), 64, HostDevice(), output=True)
     cache = m.new_cache(64)
     got = [forward_offloaded(m, gpu, TOKENS[:9], cache, all_logits=True)]
     got += [forward_offloaded(m, gpu, [t], cache)[None] for t in TOKENS[9:]]
-    # F16 weights, nothing rounded but GELU's fp16 lookups (as in the decode test): float
-    # order can move an activation one fp16 step
-    np.testing.assert_allclose(np.vstack(got), ref, atol=1e-3 * np.abs(ref).max(), rtol=0)
+    # F16 weights: both sides round each product's input to fp16 (llama.cpp's dot type for
+    # F16), so summed in another order an activation can land one fp16 step (2^-11) apart
+    # (GELU's fp16 lookups too)
+    np.testing.assert_allclose(np.vstack(got), ref, atol=3e-3 * np.abs(ref).max(), rtol=0)
 
 
 def test_gemma_generation_and_perplexity_match_llama_cpp(gemma):

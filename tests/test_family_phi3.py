@@ -47,13 +47,15 @@ def test_phi3_logits_match_llama_cpp(phi3):
 
 def test_phi3_on_the_emulated_gpu_matches_the_cpu(phi3):
     m = Model(phi3)
+    m.flash_attn = "f32"  # the device's attention: f32 throughout
     ref = m.forward(TOKENS, m.new_cache(64), all_logits=True)
     gpu = GpuLayers(m, [0, 1], 64, HostDevice(), output=True)
     cache = m.new_cache(64)
     got = [forward_offloaded(m, gpu, TOKENS[:9], cache, all_logits=True)]
     got += [forward_offloaded(m, gpu, [t], cache)[None] for t in TOKENS[9:]]
-    # F16 weights, nothing rounded: the same arithmetic in another float order
-    np.testing.assert_allclose(np.vstack(got), ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    # F16 weights: both sides round each product's input to fp16 (llama.cpp's dot type for
+    # F16), so summed in another order an activation can land one fp16 step (2^-11) apart
+    np.testing.assert_allclose(np.vstack(got), ref, atol=3e-3 * np.abs(ref).max(), rtol=0)
 
 
 @pytest.fixture(scope="module")

@@ -72,13 +72,15 @@ def test_qwen3_logits_match_llama_cpp(qwen3):
 def test_qwen3_on_the_emulated_gpu_matches_the_cpu(qwen3):
     _, _, out = qwen3
     m = Model(out)
+    m.flash_attn = "f32"  # the device's attention: f32 throughout
     ref = m.forward(TOKENS, m.new_cache(32), all_logits=True)
     gpu = GpuLayers(m, [0, 1], 32, HostDevice(), output=True)
     cache = m.new_cache(32)
     got = [forward_offloaded(m, gpu, TOKENS[:9], cache, all_logits=True)]
     got += [forward_offloaded(m, gpu, [t], cache)[None] for t in TOKENS[9:]]  # decode steps
-    # the same arithmetic, floats summed in another order (F32 weights: nothing rounded)
-    np.testing.assert_allclose(np.vstack(got), ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+    # the same arithmetic, floats summed in another order (F32 weights: nothing rounded), and
+    # ggml's approximate exp in the CPU's f32 attention against the device's expf
+    np.testing.assert_allclose(np.vstack(got), ref, atol=3e-4 * np.abs(ref).max(), rtol=0)
 
 
 @pytest.fixture(scope="module")

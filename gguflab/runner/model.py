@@ -16,6 +16,8 @@ import numpy as np
 
 from ..errors import UserError
 from ..gguf import GGMLType, GGUFReader, Keys, ReaderTensor
+from ..jit import f16_to_f32, f32_to_f16
+from .attention import TILED, flash_attn
 from .families import FAMILIES, Family, supported
 from .kernels import get_rows, matmul, matmuls
 
@@ -188,7 +190,21 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+FLASH_ATTN = ("auto", "on", "off")  # llama.cpp's -fa; auto: on, as its CPU backend resolves it
+
+
+def flash_attn_mode(value: str) -> str:
+    """`value` checked as a -fa setting."""
+    if value not in FLASH_ATTN:
+        raise UserError(f"--flash-attn must be on, off or auto, got {value!r}")
+    return value
+
+
 class Model:
+    # one of FLASH_ATTN; or "f32": ggml's f32 route (no fp16 V sums) for every batch, the
+    # offloaded layers' arithmetic, for comparing the CPU with them
+    flash_attn = "auto"
+
     def __init__(self, source: str | os.PathLike | GGUFReader, offload=None, n_ctx: int = 0):
         """The model in `source` (a path or an open reader). `offload`, an OffloadPlan
         (runner.offload), puts its last layers on a GPU with a KV cache of `n_ctx`."""
@@ -369,7 +385,6 @@ class Model:
                   cache: KVCache) -> np.ndarray:
         hp = self.hp
         n, hd, n_kv = len(pos), hp.head_dim, hp.n_head_kv
-        group = hp.n_head // n_kv
         if _observer is not None:
             _observe((L.wq, L.wk, L.wv), h)
         q, k, v = matmuls([(L.wq.data, L.wq.type), (L.wk.data, L.wk.type),
@@ -385,9 +400,28 @@ class Model:
         keys, vals = cache.k[il], cache.v[il]  # (n_kv, n_ctx, hd)
         keys[:, p0:t] = k.astype(np.float16).transpose(1, 0, 2)
         vals[:, p0:t] = v.reshape(n, n_kv, hd).astype(np.float16).transpose(1, 0, 2)
+        if self.flash_attn != "off":  # llama.cpp's CPU flash attention
+            route = TILED if self.flash_attn == "f32" else None  # None: ggml's choice
+            out = flash_attn(q, keys, vals, int(p0), hp.q_scale, hp.attn_softcap,
+                             hp.n_swa if local else 0, route)
+        else:
+            out = self._attention_no_fa(q, pos, keys[:, :t], vals[:, :t], local)
+        if _observer is not None:
+            _observe((L.wo,), out)
+        return L.wo @ out
+
+    def _attention_no_fa(self, q: np.ndarray, pos: np.ndarray, keys: np.ndarray,
+                         vals: np.ndarray, local: bool) -> np.ndarray:
+        """Attention as llama.cpp computes it without flash attention: q rounded to fp16 (an
+        F16 K's dot type), the f32 softmax over the masked scores, the probabilities
+        rounded to fp16 (an F16 V's dot type) before the product with V."""
+        hp = self.hp
+        n, hd, n_kv, t = len(pos), hp.head_dim, hp.n_head_kv, keys.shape[1]
+        group = hp.n_head // n_kv
         # (n_kv, group * n, hd): the query heads that share a kv head, one matrix per kv head
         qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
-        scores = (qg @ keys[:, :t].transpose(0, 2, 1)) * np.float32(hp.q_scale)
+        qg = _f16_round(qg)
+        scores = (qg @ keys.transpose(0, 2, 1)) * np.float32(hp.q_scale)
         if hp.attn_softcap:
             scores = softcap(scores, hp.attn_softcap)
         if n > 1 or local:  # no later position of the batch; nothing beyond the window
@@ -398,12 +432,11 @@ class Model:
             scores = np.where(masked, -np.inf, scores.reshape(n_kv, group, n, t))
             scores = scores.reshape(n_kv, group * n, t)
         scores = np.exp(scores - scores.max(-1, keepdims=True))
-        scores /= scores.sum(-1, keepdims=True)
-        out = (scores @ vals[:, :t]).reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3)
-        out = np.ascontiguousarray(out, np.float32).reshape(n, hp.n_head * hd)
-        if _observer is not None:
-            _observe((L.wo,), out)
-        return L.wo @ out
+        total = scores.sum(-1, keepdims=True, dtype=np.float64)  # ggml sums in double
+        scores *= (1.0 / total).astype(np.float32)
+        scores = _f16_round(scores)
+        out = (scores @ vals).reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3)
+        return np.ascontiguousarray(out, np.float32).reshape(n, hp.n_head * hd)
 
     def rope(self, x: np.ndarray, pos: np.ndarray, local: bool = False,
              n_ctx: int = 0) -> np.ndarray:
@@ -486,6 +519,11 @@ def yarn_ramp(hp: HParams) -> np.ndarray:
     high = min(d - 1.0, float(np.ceil(corr(hp.yarn_beta_slow))))
     y = (np.arange(d // 2) - low) / max(0.001, high - low)
     return 1 - np.clip(y, 0, 1)
+
+
+def _f16_round(x: np.ndarray) -> np.ndarray:
+    """x rounded to fp16 and back to float32 (compiled: numpy converts one at a time)."""
+    return f16_to_f32(f32_to_f16(x))
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

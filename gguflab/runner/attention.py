@@ -1,0 +1,291 @@
+"""Attention as llama.cpp's CPU flash-attention kernel (ggml's `flash_attn_ext`) computes it
+over an F16 KV cache, compiled with llvmlite and run on the thread pool over (head, query)
+rows.
+
+ggml takes one of two routes, by how many queries the batch holds:
+
+- fewer than 64 (`VEC`: generation, short batches): each query on its own, keys one by one
+  in order. Q is rounded to fp16 (an F16 K's dot type), q.k is ggml's AVX2 f16 dot (four
+  8-lane FMA accumulators), then scale, softcap, the online softmax (expf), and the V
+  accumulator is **fp16**: every step scales and multiply-adds through f32 and rounds back.
+- 64 or more (`TILED`: prompts, perplexity): keys in tiles of 64, everything f32. q.k is one
+  FMA chain over the dims; per tile the running max moves once, the exponentials are ggml's
+  vectorised `expf` approximation (summed 8 at a time into a double), and V is added by an
+  FMA chain over the tile's keys in order.
+
+Masked keys (later positions, outside a sliding window) are skipped, as ggml skips them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+import numpy as np
+from llvmlite import ir
+
+from ..errors import UserError
+from ..jit import compile_kernels, parallel_rows
+from ..jit.builders import Target, const, f32, f64, for_range, i16, i64, ptr, void
+from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
+
+TILE = 64  # ggml's GGML_FA_TILE_Q and GGML_FA_TILE_KV: queries per tile and keys per tile
+VEC, TILED = 0, 1  # the two routes
+STEP = 32  # ggml_vec_dot_f16 on AVX2: 4 accumulators of 8 lanes
+
+i32 = ir.IntType(32)
+_ARGS = [ptr(f32), ptr(i16), ptr(i16), ptr(f32), ptr(f32), *[i64] * 8, f32, f32, i64, i64, i64]
+_SIG = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 8,
+                        ctypes.c_float, ctypes.c_float, *[ctypes.c_int64] * 3)
+
+
+def _intr(m: ir.Module, name: str, n_args: int) -> ir.Function:
+    """The f32 intrinsic `name` (llvm.fma.f32 ...) of `n_args` floats, declared once."""
+    return m.globals.get(name) or ir.Function(m, ir.FunctionType(f32, [f32] * n_args), name)
+
+
+def _fc(v: float) -> ir.Constant:
+    return ir.Constant(f32, v)
+
+
+def _hexf(s: str) -> ir.Constant:
+    return _fc(float.fromhex(s))
+
+
+def emit_v_expf(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """ggml's AVX2 `ggml_v_expf`, one lane: 2^n times a polynomial in x - n ln2, with its
+    two-step scaling past |n| > 126 (and the limits past 192)."""
+    fma = _intr(b.module, "llvm.fma.f32", 3)
+    fabs = _intr(b.module, "llvm.fabs.f32", 1)
+    ci = lambda v: ir.Constant(i32, v)  # noqa: E731
+    r = _hexf("0x1.8p23")
+    z = b.call(fma, [x, _hexf("0x1.715476p+0"), r])
+    n = b.fsub(z, r)
+    red = b.call(fma, [b.fneg(n), _hexf("0x1.7f7d1cp-20"),
+                       b.call(fma, [b.fneg(n), _hexf("0x1.62e4p-1"), x])])
+    e = b.shl(b.bitcast(z, i32), ci(23))
+    k = b.bitcast(b.add(e, ci(0x3F800000)), f32)
+    u = b.fmul(red, red)
+    j = b.call(fma, [
+        b.call(fma, [b.call(fma, [_hexf("0x1.0e4020p-7"), red, _hexf("0x1.573e2ep-5")]), u,
+                     b.call(fma, [_hexf("0x1.555e66p-3"), red, _hexf("0x1.fffdb6p-2")])]),
+        u, b.fmul(_hexf("0x1.ffffecp-1"), red)])
+    an = b.call(fabs, [n])
+    g = b.select(b.fcmp_ordered("<=", n, _fc(0.0)), ci(0x82000000 - (1 << 32)), ci(0))
+    s1 = b.bitcast(b.add(g, ci(0x7F000000)), f32)
+    s2 = b.bitcast(b.sub(e, g), f32)
+    far = b.select(b.fcmp_ordered(">", an, _fc(192.0)), b.fmul(s1, s1),
+                   b.fmul(b.call(fma, [s2, j, s2]), s1))
+    return b.select(b.fcmp_ordered(">", an, _fc(126.0)), far, b.call(fma, [k, j, k]))
+
+
+def _build(m: ir.Module, name: str, half_kv: bool) -> None:
+    """`name(q, k, v, kt, out, n, n_head, group, hd, hstride, tpad, p0, n_swa, scale, cap,
+    route, row0, row1)`: rows [row0, row1) of (head, query), row = head * n + query."""
+    fn = ir.Function(m, ir.FunctionType(void, _ARGS), name)
+    (q, kc, vc, kt, out, n, n_head, group, hd, hstride, tpad, p0, n_swa, scale, cap,
+     route, row0, row1) = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    hw = hardware_half(Target.CPU)
+    fma = _intr(m, "llvm.fma.f32", 3)
+    expf = _intr(m, "expf", 1)
+    tanhf = _intr(m, "tanhf", 1)
+    c0, c1 = const(i64, 0), const(i64, 1)
+    fz, one, ninf = _fc(0.0), _fc(1.0), _fc(float("-inf"))
+    vkq = b.alloca(f32, hd, name="vkq")  # the V accumulator (fp16 values on the VEC route)
+    qh = b.alloca(f32, hd, name="qh")  # Q rounded to fp16
+    kq = b.alloca(f32, TILE, name="kq")  # a tile's scores, then its exponentials
+    acc = b.alloca(f32, STEP, name="acc")
+    m_, s_ = b.alloca(f32, name="M"), b.alloca(f32, name="S")
+    sd_ = b.alloca(f64, name="sumd")
+    sv_ = b.alloca(f32, name="score")
+
+    def f16r(x):  # rounded to fp16 and back, as ggml rounds
+        return emit_f16_to_f32(b, emit_f32_to_f16(b, x, hw), hw)
+
+    def load_kv(base, idx):  # one cache element as f32
+        if half_kv:
+            return emit_f16_to_f32(b, b.load(b.gep(base, [idx])), hw)
+        return b.load(b.gep(b.bitcast(base, ptr(f32)), [idx]))
+
+    capped = b.fcmp_ordered("!=", cap, fz)
+    sc = b.select(capped, b.fdiv(scale, b.select(capped, cap, one)), scale)  # ggml: scale/cap
+
+    def score(s):  # s * scale, then cap * tanh(.)
+        b.store(b.fmul(s, sc), sv_)
+        with b.if_then(capped):
+            b.store(b.fmul(cap, b.call(tanhf, [b.load(sv_)])), sv_)
+        return b.load(sv_)
+
+    def vec_row(kbase, qrow, lo, pos):
+        with for_range(b, c0, hd, name="qd") as d:
+            b.store(f16r(b.load(b.gep(qrow, [d]))), b.gep(qh, [d]))
+        np_ = b.sub(hd, b.srem(hd, const(i64, STEP)))
+        with for_range(b, lo, b.add(pos, c1), name="j") as j:
+            krow = b.add(kbase, b.mul(j, hd))
+            with for_range(b, c0, const(i64, STEP), name="a0") as lane:
+                b.store(fz, b.gep(acc, [lane]))
+            with for_range(b, c0, np_, STEP, name="i0") as i0:
+                with for_range(b, c0, const(i64, STEP), name="l") as lane:
+                    x = b.add(i0, lane)
+                    p = b.gep(acc, [lane])
+                    b.store(b.call(fma, [load_kv(kc, b.add(krow, x)),
+                                         b.load(b.gep(qh, [x])), b.load(p)]), p)
+            a = [b.load(b.gep(acc, [const(i64, t)])) for t in range(STEP)]
+            x8 = [b.fadd(b.fadd(a[t], a[16 + t]), b.fadd(a[8 + t], a[24 + t])) for t in range(8)]
+            t0 = [b.fadd(x8[t], x8[4 + t]) for t in range(4)]
+            b.store(b.fpext(b.fadd(b.fadd(t0[0], t0[1]), b.fadd(t0[2], t0[3])), f64), sd_)
+            with for_range(b, np_, hd, name="lo") as x:  # leftovers, in double
+                pr = b.fmul(load_kv(kc, b.add(krow, x)), b.load(b.gep(qh, [x])))
+                b.store(b.fadd(b.load(sd_), b.fpext(pr, f64)), sd_)
+            s = score(b.fptrunc(b.load(sd_), f32))
+            mo = b.load(m_)
+            new = b.fcmp_ordered(">", s, mo)
+            ex = b.call(expf, [b.select(new, b.fsub(mo, s), b.fsub(s, mo))])
+            ms, vs = b.select(new, ex, one), b.select(new, one, ex)
+            with b.if_then(new):
+                b.store(s, m_)
+                with for_range(b, c0, hd, name="sc") as d:
+                    p = b.gep(vkq, [d])
+                    b.store(f16r(b.fmul(b.load(p), ms)), p)
+            vrow = b.add(kbase, b.mul(j, hd))
+            with for_range(b, c0, hd, name="mad") as d:
+                p = b.gep(vkq, [d])
+                b.store(f16r(b.call(fma, [load_kv(vc, b.add(vrow, d)), vs, b.load(p)])), p)
+            b.store(b.call(fma, [b.load(s_), ms, vs]), s_)
+
+    def tiled_row(g, kbase, qrow, lo, pos):
+        tile = const(i64, TILE)
+        maxnum = _intr(m, "llvm.maxnum.f32", 2)
+        start = b.mul(b.sdiv(lo, tile), tile)
+        with for_range(b, start, b.add(pos, c1), TILE, name="ic") as ic:
+            with for_range(b, c0, tile, name="z") as t:
+                b.store(fz, b.gep(kq, [t]))
+            with for_range(b, c0, hd, name="d") as d:  # q.k: one FMA chain over the dims
+                qd = b.load(b.gep(qrow, [d]))
+                ktrow = b.add(b.mul(b.add(b.mul(g, hd), d), tpad), ic)
+                with for_range(b, c0, tile, name="t") as t:
+                    p = b.gep(kq, [t])
+                    b.store(b.call(fma, [b.load(b.gep(kt, [b.add(ktrow, t)])), qd,
+                                         b.load(p)]), p)
+            b.store(ninf, mx_)
+            with for_range(b, c0, tile, name="s") as t:
+                j = b.add(ic, t)
+                seen = b.and_(b.icmp_signed(">=", j, lo), b.icmp_signed("<=", j, pos))
+                p = b.gep(kq, [t])
+                raw = b.load(p)
+                with b.if_else(seen) as (then, other):
+                    with then:
+                        b.store(score(raw), p)
+                    with other:
+                        b.store(ninf, p)
+                v, mx = b.load(p), b.load(mx_)
+                b.store(b.select(b.fcmp_ordered(">", mx, v), mx, v), mx_)
+            mo = b.load(m_)
+            mnew = b.call(maxnum, [mo, b.load(mx_)])
+            with b.if_then(b.fcmp_ordered(">", mnew, mo)):
+                ms = b.call(expf, [b.fsub(mo, mnew)])
+                with for_range(b, c0, hd, name="sc") as d:
+                    p = b.gep(vkq, [d])
+                    b.store(b.fmul(b.load(p), ms), p)
+                b.store(b.fmul(b.load(s_), ms), s_)
+            b.store(mnew, m_)
+            b.store(ir.Constant(f64, 0.0), sd_)
+            with for_range(b, c0, tile, 8, name="e") as e0:  # 8 lanes at a time
+                ev = []
+                for lane in range(8):
+                    p = b.gep(kq, [b.add(e0, const(i64, lane))])
+                    ev.append(emit_v_expf(b, b.fsub(b.load(p), mnew)))
+                    b.store(ev[-1], p)
+                r = b.fadd(b.fadd(b.fadd(ev[0], ev[4]), b.fadd(ev[2], ev[6])),
+                           b.fadd(b.fadd(ev[1], ev[5]), b.fadd(ev[3], ev[7])))
+                b.store(b.fadd(b.load(sd_), b.fpext(r, f64)), sd_)
+            b.store(b.fptrunc(b.fadd(b.fpext(b.load(s_), f64), b.load(sd_)), f32), s_)
+            jlo = b.select(b.icmp_signed(">", lo, ic), lo, ic)
+            last = b.add(ic, const(i64, TILE - 1))
+            jhi = b.select(b.icmp_signed("<", pos, last), pos, last)
+            with for_range(b, jlo, b.add(jhi, c1), name="vj") as j:  # V: FMA chain over keys
+                pj = b.load(b.gep(kq, [b.sub(j, ic)]))
+                vrow = b.add(kbase, b.mul(j, hd))
+                with for_range(b, c0, hd, name="vd") as d:
+                    p = b.gep(vkq, [d])
+                    b.store(b.call(fma, [load_kv(vc, b.add(vrow, d)), pj, b.load(p)]), p)
+
+    mx_ = b.alloca(f32, name="tmax")
+    with for_range(b, row0, row1, name="r") as r:
+        h, i = b.sdiv(r, n), b.srem(r, n)
+        pos = b.add(p0, i)
+        g = b.sdiv(h, group)
+        # the keys this query sees: [lo, pos]; a sliding window keeps pos - j < n_swa
+        lo = b.sub(pos, b.sub(n_swa, c1))
+        lo = b.select(b.icmp_signed(">", n_swa, c0),
+                      b.select(b.icmp_signed(">", lo, c0), lo, c0), c0)
+        at = b.mul(b.add(b.mul(i, n_head), h), hd)
+        qrow, orow = b.gep(q, [at]), b.gep(out, [at])
+        kbase = b.mul(g, hstride)
+        b.store(ninf, m_)
+        b.store(fz, s_)
+        with for_range(b, c0, hd, name="zv") as d:
+            b.store(fz, b.gep(vkq, [d]))
+        with b.if_else(b.icmp_signed("==", route, const(i64, VEC))) as (then, other):
+            with then:
+                vec_row(kbase, qrow, lo, pos)
+            with other:
+                tiled_row(g, kbase, qrow, lo, pos)
+        s = b.load(s_)
+        inv = b.select(b.fcmp_ordered("==", s, fz), fz, b.fdiv(one, s))
+        with for_range(b, c0, hd, name="o") as d:  # V / S
+            b.store(b.fmul(b.load(b.gep(vkq, [d])), inv), b.gep(orow, [d]))
+    b.ret_void()
+
+
+@cache
+def _kernels() -> dict:
+    m = ir.Module(name="attention")
+    _build(m, "attn_f32", False)
+    _build(m, "attn_f16", True)
+    return compile_kernels(m, {"attn_f32": _SIG, "attn_f16": _SIG})
+
+
+def route_for(n_tokens: int) -> int:
+    """ggml's choice: whole tiles of queries once a batch holds 64 or more."""
+    return TILED if n_tokens >= TILE else VEC
+
+
+def flash_attn(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: float,
+               softcap: float = 0.0, n_swa: int = 0, route: int | None = None,
+               threads: int | None = None) -> np.ndarray:
+    """Attention of the queries `q` (n, n_head, head_dim; float32) at positions p0 ..
+    p0 + n - 1 over the keys and values of one layer's cache, `k` and `v` (n_kv, n_ctx,
+    head_dim; float16, or float32 holding fp16 values), positions 0 .. p0 + n - 1 filled;
+    causal, and within `n_swa` positions when n_swa > 0. Returns (n, n_head * head_dim)
+    float32. `route`: VEC or TILED, by default ggml's choice for n queries."""
+    if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or q.shape[2] != k.shape[2]:
+        raise UserError(f"attention needs q (n, n_head, head_dim) and k, v (n_kv, n_ctx, "
+                        f"head_dim) alike; got q {q.shape}, k {k.shape}, v {v.shape}")
+    n, n_head, hd = q.shape
+    n_kv, n_ctx = k.shape[:2]
+    if n_kv == 0 or n_head % n_kv:
+        raise UserError(f"{n_head} query heads do not share {n_kv} kv heads evenly")
+    t = p0 + n
+    if p0 < 0 or t > n_ctx:
+        raise UserError(f"positions {p0}..{t - 1} are outside the cache of {n_ctx}")
+    if k.dtype != v.dtype or k.dtype not in (np.float16, np.float32):
+        raise UserError(f"the KV cache must be float16 or float32, got {k.dtype}/{v.dtype}")
+    route = route_for(n) if route is None else route
+    out = np.empty((n, n_head * hd), np.float32)
+    if n == 0:
+        return out
+    q = np.ascontiguousarray(q, np.float32)
+    k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+    tpad = -(-t // TILE) * TILE
+    kt = np.zeros((1,), np.float32)
+    if route == TILED:  # the keys transposed, (n_kv, head_dim, tpad), as ggml packs a tile
+        kt = np.zeros((n_kv, hd, tpad), np.float32)
+        kt[:, :, :t] = k[:, :t].transpose(0, 2, 1)
+    kern = _kernels()["attn_f16" if k.dtype == np.float16 else "attn_f32"]
+    ptrs = (q.ctypes.data, k.ctypes.data, v.ctypes.data, kt.ctypes.data, out.ctypes.data)
+    ints = (n, n_head, n_head // n_kv, hd, n_ctx * hd, tpad, p0, n_swa)
+    parallel_rows(lambda a, z: kern(*ptrs, *ints, scale, softcap, route, a, z),
+                  n * n_head, threads, min_rows=max(1, (1 << 15) // (t * hd)))
+    return out

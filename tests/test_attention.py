@@ -1,0 +1,318 @@
+"""Attention as llama.cpp's CPU computes it (issue #16).
+
+- The compiled kernel (runner/attention.py) against ggml's own `flash_attn_ext`, run on the
+  CPU backend of the oracle build through ctypes: bit for bit, on both of ggml's routes
+  (fewer than 64 queries: fp16 V accumulator; 64 or more: f32 tiles), with GQA, a causal
+  mask, a sliding window, a softcap and a head size that leaves leftovers.
+- The kernel against a plain numpy emulation of ggml's loops (online softmax, fp16 V).
+- The same on a real layer of SmolLM2: the q, k, v a forward pass hands to the kernel.
+- `Model.attention` with -fa off as llama.cpp's non-FA graph, and the -fa setting.
+- Perplexity of SmolLM2 Q8_0 against llama-perplexity -fa on and -fa off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+
+import numpy as np
+import pytest
+from ggml_oracle import llama_quantize
+from llama_tools import llama_tool, run_tool
+
+from gguflab.catalog import default_eval_text
+from gguflab.cli import build_parser
+from gguflab.errors import UserError
+from gguflab.runner import attention as A
+from gguflab.runner import model as model_mod
+from gguflab.runner.attention import TILED, VEC, flash_attn
+from gguflab.runner.model import Model, flash_attn_mode
+from gguflab.runner.perplexity import perplexity
+from gguflab.runner.tokenizer import Tokenizer
+
+# -- ggml's flash_attn_ext, called in the oracle build's CPU backend ------------------------
+
+
+class _InitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p),
+                ("no_alloc", ctypes.c_bool)]
+
+
+_LIBS: list = []
+
+
+def _ggml():
+    if not _LIBS:
+        folder = llama_tool("llama-perplexity").parent
+        base = ctypes.CDLL(str(folder / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+        cpu = ctypes.CDLL(str(folder / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+        P, I64 = ctypes.c_void_p, ctypes.c_int64
+        for name, res, args in [
+            ("ggml_init", P, [_InitParams]),
+            ("ggml_new_tensor_4d", P, [P, ctypes.c_int, I64, I64, I64, I64]),
+            ("ggml_get_data", P, [P]),
+            ("ggml_flash_attn_ext", P, [P, P, P, P, P] + [ctypes.c_float] * 3),
+            ("ggml_new_graph", P, [P]),
+            ("ggml_build_forward_expand", None, [P, P]),
+            ("ggml_free", None, [P]),
+        ]:
+            fn = getattr(base, name)
+            fn.restype, fn.argtypes = res, args
+        cpu.ggml_graph_compute_with_ctx.argtypes = [P, P, ctypes.c_int]
+        cpu.ggml_cpu_init()
+        _LIBS[:] = [base, cpu]
+    return _LIBS
+
+
+def ggml_flash_attn(q, k, v, p0, scale, softcap=0.0, n_swa=0, n_keys=None, threads=2):
+    """ggml_flash_attn_ext on q (n, n_head, hd) at positions p0.., over k, v (n_kv, >= p0 + n,
+    hd) taken as F16, with llama.cpp's causal (and sliding window) mask over `n_keys` cells
+    (the cells past p0 + n are masked, as llama.cpp pads its cache view)."""
+    base, cpu = _ggml()
+    n, n_head, hd = q.shape
+    n_kv, t = k.shape[0], p0 + n
+    nk = n_keys or t
+    ctx = base.ggml_init(_InitParams(64 << 20, None, False))
+    try:
+        tq = base.ggml_new_tensor_4d(ctx, 0, hd, n, n_head, 1)  # 0: F32, 1: F16
+        tk = base.ggml_new_tensor_4d(ctx, 1, hd, nk, n_kv, 1)
+        tv = base.ggml_new_tensor_4d(ctx, 1, hd, nk, n_kv, 1)
+        tm = base.ggml_new_tensor_4d(ctx, 1, nk, n, 1, 1)
+
+        def put(tensor, a):
+            a = np.ascontiguousarray(a)
+            ctypes.memmove(base.ggml_get_data(tensor), a.ctypes.data, a.nbytes)
+
+        def cells(x):
+            c = np.zeros((n_kv, nk, hd), np.float16)
+            c[:, :t] = x[:, :t]
+            return c
+
+        put(tq, np.asarray(q, np.float32).transpose(1, 0, 2))
+        put(tk, cells(k))
+        put(tv, cells(v))
+        pos, j = p0 + np.arange(n)[:, None], np.arange(nk)[None, :]
+        masked = j > pos
+        if n_swa:
+            masked |= pos - j >= n_swa
+        put(tm, np.where(masked, -np.inf, 0).astype(np.float16))
+        out = base.ggml_flash_attn_ext(ctx, tq, tk, tv, tm, scale, 0.0, softcap)
+        graph = base.ggml_new_graph(ctx)
+        base.ggml_build_forward_expand(graph, out)
+        cpu.ggml_graph_compute_with_ctx(ctx, graph, threads)
+        res = np.empty((n, n_head * hd), np.float32)
+        ctypes.memmove(res.ctypes.data, base.ggml_get_data(out), res.nbytes)
+        return res
+    finally:
+        base.ggml_free(ctx)
+
+
+# -- a plain numpy emulation of ggml's two loops --------------------------------------------
+
+
+def f16(x):
+    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
+def emulate(q, k, v, p0, scale, softcap=0.0, n_swa=0, route=VEC):
+    """ggml's flash attention, row by row in numpy (float order within a dot aside)."""
+    n, n_head, hd = q.shape
+    group = n_head // k.shape[0]
+    out = np.zeros((n, n_head, hd), np.float32)
+    sc = np.float32(scale / softcap) if softcap else np.float32(scale)
+
+    def score(s):
+        s = np.float32(s) * sc
+        return np.float32(softcap) * np.tanh(s) if softcap else s
+
+    for i in range(n):
+        pos = p0 + i
+        lo = max(0, pos - n_swa + 1) if n_swa else 0
+        for h in range(n_head):
+            K, V = k[h // group].astype(np.float32), v[h // group].astype(np.float32)
+            M, S = np.float32(-np.inf), np.float32(0)
+            acc = np.zeros(hd, np.float32)
+            if route == VEC:
+                qh = f16(q[i, h])
+                for j in range(lo, pos + 1):
+                    s = score(np.dot(K[j], qh))
+                    if s > M:
+                        ms, vs = np.exp(np.float32(M - s)), np.float32(1)
+                        M = s
+                        acc = f16(acc * ms)
+                    else:
+                        ms, vs = np.float32(1), np.exp(np.float32(s - M))
+                    acc = f16(acc + V[j] * vs)  # the fp16 accumulator
+                    S = S * ms + vs
+            else:
+                for ic in range(lo // A.TILE * A.TILE, pos + 1, A.TILE):
+                    js = np.arange(max(ic, lo), min(ic + A.TILE - 1, pos) + 1)
+                    s = score(K[js] @ q[i, h])
+                    mnew = max(M, s.max())
+                    if mnew > M:
+                        ms = np.exp(np.float32(M - mnew))
+                        acc, S = acc * ms, S * ms
+                    M = mnew
+                    p = np.exp(s - M)
+                    S = np.float32(S + p.sum(dtype=np.float64))
+                    acc = acc + p @ V[js]
+            out[i, h] = acc / S if S else 0
+    return out.reshape(n, n_head * hd)
+
+
+def _inputs(rng, n, p0, n_head, n_kv, hd, spare=3):
+    t = p0 + n
+    q = (rng.standard_normal((n, n_head, hd)) * 2).astype(np.float32)
+    k = rng.standard_normal((n_kv, t + spare, hd)).astype(np.float16)
+    v = rng.standard_normal((n_kv, t + spare, hd)).astype(np.float16)
+    return q, k, v
+
+
+# (n queries, first position, n_swa, softcap, n_head, n_kv, head size)
+SHAPES = [
+    (5, 40, 0, 0.0, 6, 2, 64),  # generation-sized batch, GQA: the fp16 route
+    (1, 90, 0, 0.0, 4, 1, 64),  # one token
+    (3, 20, 8, 5.0, 4, 1, 80),  # sliding window, softcap, leftovers past 32 dims
+    (70, 10, 0, 0.0, 6, 2, 64),  # a prompt: the f32 tiles, past one tile of keys
+    (100, 30, 40, 0.0, 4, 4, 64),  # tiles with a sliding window
+    (65, 0, 0, 7.0, 4, 2, 128),  # tiles with a softcap
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "n{}_p{}_swa{}_cap{}_h{}x{}_d{}".format(*s))
+def test_kernel_is_ggml_flash_attn(shape):
+    n, p0, n_swa, cap, n_head, n_kv, hd = shape
+    q, k, v = _inputs(np.random.default_rng(n + p0), n, p0, n_head, n_kv, hd)
+    ref = ggml_flash_attn(q, k, v, p0, 0.125, cap, n_swa, n_keys=p0 + n + 2)
+    for cache in (np.float16, np.float32):  # the cache as fp16, or as f32 holding fp16
+        ours = flash_attn(q, k.astype(cache), v.astype(cache), p0, 0.125, cap, n_swa)
+        np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("route", [VEC, TILED])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[4]])
+def test_kernel_matches_numpy_emulation(shape, route):
+    n, p0, n_swa, cap, n_head, n_kv, hd = shape
+    q, k, v = _inputs(np.random.default_rng(7), n, p0, n_head, n_kv, hd)
+    ours = flash_attn(q, k, v, p0, 0.125, cap, n_swa, route=route)
+    ref = emulate(q, k, v, p0, 0.125, cap, n_swa, route)
+    # fp16 accumulator: another expf or dot order may round one step a half-ulp apart
+    tol = 2e-3 if route == VEC else 2e-6
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=tol)
+    if route == VEC:  # the fp16 accumulation shows: far from an f32 softmax
+        f32 = emulate(q, k, v, p0, 0.125, cap, n_swa, TILED)
+        assert np.abs(ours - f32).max() > 10 * np.abs(
+            flash_attn(q, k, v, p0, 0.125, cap, n_swa, route=TILED) - f32).max()
+
+
+def test_kernel_refuses_bad_shapes():
+    q, k, v = _inputs(np.random.default_rng(0), 4, 0, 6, 4, 64)
+    with pytest.raises(UserError, match="share"):
+        flash_attn(q, k, v, 0, 0.125)  # 6 heads over 4 kv heads
+    q, k, v = _inputs(np.random.default_rng(0), 4, 0, 4, 2, 64, spare=0)
+    with pytest.raises(UserError, match="outside the cache"):
+        flash_attn(q, k, v, 1, 0.125)
+
+
+# -- on SmolLM2 ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol_q8(tmp_path_factory, smollm2):
+    out = tmp_path_factory.mktemp("attention") / "smol-q8_0.gguf"
+    llama_quantize(smollm2, str(out), 7, allow_requantize=True)  # 7 = MOSTLY_Q8_0
+    return out
+
+
+@pytest.mark.parametrize("n", [70, 9])
+def test_model_layer_is_ggml_flash_attn(smol_q8, monkeypatch, n):
+    """The q, k, v of a real forward pass (prompt, then a few tokens on top) through the
+    kernel, against ggml's flash attention on the same values."""
+    m = Model(smol_q8)
+    seen = []
+
+    def spy(q, k, v, p0, *args):
+        out = flash_attn(q, k, v, p0, *args)
+        if len(seen) < 2:
+            seen.append((q.copy(), k[:, :p0 + len(q)].copy(), v[:, :p0 + len(q)].copy(), p0,
+                         args, out))
+        return out
+
+    monkeypatch.setattr(model_mod, "flash_attn", spy)
+    cache = m.new_cache(128)
+    ids = list(range(100, 100 + 70))
+    m.forward(ids, cache)
+    if n < 70:
+        seen.clear()
+        m.forward(ids[:n], cache)
+    for q, k, v, p0, (scale, cap, n_swa, *_), out in seen:
+        np.testing.assert_array_equal(out, ggml_flash_attn(q, k, v, p0, scale, cap, n_swa))
+
+
+def test_model_without_flash_attn_is_llama_non_fa(smol_q8):
+    """-fa off: q and the probabilities rounded to fp16 around f32 products, against the
+    same steps spelled out on the cache the forward pass filled."""
+    m = Model(smol_q8)
+    m.flash_attn = "off"
+    hp = m.hp
+    cache = m.new_cache(64)
+    m.forward(list(range(200, 240)), cache)
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((40, hp.n_head, hp.head_dim)).astype(np.float32)
+    pos = np.arange(40)
+    keys, vals = cache.k[0, :, :40], cache.v[0, :, :40]
+    ours = m._attention_no_fa(q, pos, keys, vals, False)
+    group = hp.n_head // hp.n_head_kv
+    want = np.empty((40, hp.n_head, hp.head_dim), np.float32)
+    for h in range(hp.n_head):
+        s = (f16(q[:, h]).astype(np.float64) @ keys[h // group].T.astype(np.float64)) * \
+            hp.q_scale
+        s[np.triu_indices(40, 1)] = -np.inf
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p = f16(p / p.sum(-1, keepdims=True))
+        want[:, h] = p @ vals[h // group]
+    np.testing.assert_allclose(ours, want.reshape(40, -1), rtol=0, atol=2e-3)
+    # and the two settings differ as llama.cpp's two graphs do: by float noise only
+    m.flash_attn = "on"
+    fa = flash_attn(q, cache.k[0], cache.v[0], 0, hp.q_scale)
+    assert 0 < np.abs(fa - ours).max() < 0.05
+
+
+def test_flash_attn_setting():
+    assert build_parser().parse_args(["perplexity"]).flash_attn == "auto"
+    assert build_parser().parse_args(["run", "-fa", "off"]).flash_attn == "off"
+    assert Model.flash_attn == "auto"
+    assert flash_attn_mode("on") == "on"
+    with pytest.raises(UserError, match="on, off or auto"):
+        flash_attn_mode("yes")
+
+
+# gguflab's perplexity next to llama-perplexity's, with flash attention on and off. Every
+# product rounds its activations to 8 bits on both sides, so a last-bit difference anywhere
+# before can move a value across a rounding boundary: llama.cpp's own -fa on and off, which
+# differ only in attention's float order, are 1.8% apart on this text (-c 128, 4 chunks),
+# and q scaled by (1 + 2^-22) in our runner moves it 0.5%. Ours must sit within that spread.
+N_CTX, CHUNKS = 128, 4
+
+
+def _llama_ppl(path, fa: str) -> float:
+    out = run_tool("llama-perplexity", "-m", path, "-f", default_eval_text(), "-c", N_CTX,
+                   "--chunks", CHUNKS, "-t", 2, "-fa", fa)
+    return float(re.search(r"Final estimate: PPL = ([\d.]+)", out)[1])
+
+
+def test_perplexity_near_llama_perplexity(smol_q8):
+    m = Model(smol_q8)
+    tok = Tokenizer.from_gguf(m.reader)
+    with open(default_eval_text(), encoding="utf-8") as f:
+        ids = tok.encode(f.read(), add_special=True)
+    ref = {fa: _llama_ppl(smol_q8, fa) for fa in ("on", "off")}
+    spread = abs(ref["on"] - ref["off"]) / ref["off"]
+    for fa in ("on", "off"):
+        m.flash_attn = fa
+        ours = perplexity(m, ids, N_CTX, add_bos=tok.add_bos, bos_id=tok.bos_id,
+                          n_chunks=CHUNKS).ppl
+        print(f"-fa {fa}: ours {ours:.4f} llama.cpp {ref[fa]:.4f} "
+              f"({100 * (ours / ref[fa] - 1):+.2f}%; llama.cpp on/off spread "
+              f"{100 * spread:.2f}%)")
+        assert abs(ours / ref[fa] - 1) <= max(spread, 0.001), (fa, ours, ref)
