@@ -116,8 +116,7 @@ def iter_perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: boo
                 if running is not None:
                     running.update(acc.running())
             else:
-                tok_nll = (token_nll(logits, target) if writer is not None
-                           else -log_softmax(logits)[np.arange(len(target)), target])
+                tok_nll = token_nll(logits, target)  # llama-perplexity's: expf, double sum
                 nll += float(tok_nll.sum(dtype=np.float64))
                 nll2 += float((tok_nll.astype(np.float64) ** 2).sum())
                 count += len(target)
