@@ -20,6 +20,7 @@ from ..jit import f16_to_f32, f32_to_f16
 from .attention import TILED, flash_attn
 from .families import FAMILIES, Family, supported
 from .kernels import get_rows, matmul, matmuls
+from .ops import swiglu
 
 
 @dataclass(frozen=True)
@@ -527,9 +528,11 @@ def _f16_round(x: np.ndarray) -> np.ndarray:
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    # the ufunc's reduce itself: np.mean's Python wrapper costs more than the sum here
-    ms = np.add.reduce(x * x, axis=-1, keepdims=True) / np.float32(x.shape[-1])
-    return (x / np.sqrt(ms + np.float32(eps))) * w
+    """ggml's rms_norm then the weight: the squares (float) summed in double, the mean back
+    in float, x times 1 / sqrtf(mean + eps)."""
+    ss = np.add.reduce((x * x).astype(np.float64), axis=-1, keepdims=True)
+    mean = (ss / x.shape[-1]).astype(np.float32)
+    return (x * (np.float32(1) / np.sqrt(mean + np.float32(eps)))) * w
 
 
 def ffn(L: Layer, h: np.ndarray, gelu: bool = False) -> np.ndarray:
@@ -537,7 +540,7 @@ def ffn(L: Layer, h: np.ndarray, gelu: bool = False) -> np.ndarray:
     if _observer is not None:
         _observe((L.w_gate, L.w_up), h)
     gate, up = matmuls([(L.w_gate.data, L.w_gate.type), (L.w_up.data, L.w_up.type)], h)
-    act = (gelu_ggml(gate) if gelu else silu(gate)) * up
+    act = gelu_ggml(gate) * up if gelu else swiglu(gate, up)
     if _observer is not None:
         _observe((L.w_down,), act)
     return L.w_down @ act
@@ -587,7 +590,7 @@ def moe_ffn(ex: Experts, h: np.ndarray) -> np.ndarray:
         rows, slot = np.nonzero(top == e)
         x = np.ascontiguousarray(h[rows])
         gate, up = matmuls([(ex.gate.data[e], ex.gate.type), (ex.up.data[e], ex.up.type)], x)
-        act = silu(gate) * up
+        act = swiglu(gate, up)
         if _observer is not None:  # in llama.cpp's order: by expert slot, then token
             order = np.lexsort((rows, slot))
             _observe((ex.gate, ex.up), x[order], int(e))
