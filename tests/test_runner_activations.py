@@ -67,6 +67,8 @@ def test_rounding_is_ggmls_from_float(kind):
 def test_float_rounding_is_ggmls():
     x = activations(3, 256)
     x[0, 5] = np.float32(1 + 2 ** -11)  # a tie in fp16
+    x[1, :5] = [np.inf, -np.inf, 1e6, 3e-8, np.float32(1 + 2 ** -8)]  # bf16's tie; fp16's range
+    x[2, 7] = np.nan
     f16 = ggml_from_float(GGMLType.F16, x).view(np.float16).astype(np.float32)
     np.testing.assert_array_equal(round_activations(x, GGMLType.F16), f16)
     bf16 = ggml_from_float(GGMLType.BF16, x).view(np.uint16).astype(np.uint32) << 16

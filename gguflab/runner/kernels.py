@@ -49,10 +49,12 @@ from ..errors import UserError
 from ..gguf import GGMLType
 from ..jit import compile_kernels, host_cpu, parallel_rows
 from ..jit.builders import (
+    Target,
     alloca_entry,
     const,
     f16,
     f32,
+    fabs,
     for_range,
     i8,
     i16,
@@ -63,6 +65,7 @@ from ..jit.builders import (
     splat,
     void,
 )
+from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
 from ..jit.parallel import MAX_JOBS, JobTable, default_threads, job_table
 
 __all__ = ["SUPPORTED_TYPES", "matmul", "matmuls", "get_rows", "quantizes_activations"]
@@ -525,6 +528,7 @@ def _build_gemmq(m: ir.Module, name: str, blk: _Blocks, groups: Callable,
 # `quantize_row_q8_K_ref` (the scale from the signed element of largest magnitude).
 
 _Q8_KINDS = (GGMLType.Q8_0, GGMLType.Q8_1, GGMLType.Q8_K)
+_HALF_KINDS = (GGMLType.F16, GGMLType.BF16)
 
 
 def xq_row_bytes(n_in: int) -> int:
@@ -535,9 +539,6 @@ def xq_row_bytes(n_in: int) -> int:
 def _build_round_q8(m: ir.Module, kind: GGMLType) -> ir.Function:
     """round_<kind>(x, n_tok, n_in, xq): the rows of x (f32, n_tok x n_in) as `kind` rounds
     them, in the xq form (see above), one row every `xq_row_bytes(n_in)` bytes."""
-    from ..jit.builders import Target, fabs
-    from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-
     v32, i32x32 = ir.VectorType(f32, 32), ir.VectorType(i32, 32)
     fn = _internal(m, f"round_{kind.name.lower()}", [ptr(f32), i64, i64, ptr(i8)])
     x, ntok, n_in, out = fn.args
@@ -634,12 +635,40 @@ def _build_xq_float(m: ir.Module) -> ir.Function:
     return fn
 
 
+def _build_round_float(m: ir.Module, kind: GGMLType) -> ir.Function:
+    """round_<kind>(x, n_tok, n_in, y): y (f32) = x (f32, n_tok x n_in) through `kind` (F16
+    or BF16) and back, as ggml's from_float rounds it: to nearest even; a bf16 NaN made
+    quiet, as ggml's fp32 -> bf16 does."""
+    fn = _internal(m, f"round_{kind.name.lower()}", [ptr(f32), i64, i64, ptr(f32)])
+    x, ntok, n_in, y = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    hw = hardware_half(Target.CPU)
+    c32 = lambda v: const(i32, v)  # noqa: E731
+    with for_range(b, const(i64, 0), b.mul(ntok, n_in)) as i:
+        v = b.load(b.gep(x, [i]))
+        if kind == GGMLType.F16:
+            r = emit_f16_to_f32(b, emit_f32_to_f16(b, v, hw), hw)
+        else:
+            u = b.bitcast(v, i32)
+            odd = b.and_(b.lshr(u, c32(16)), c32(1))
+            near = b.and_(b.add(u, b.add(c32(0x7FFF), odd)), c32(-0x10000))
+            nan = b.icmp_unsigned(">", b.and_(u, c32(0x7FFFFFFF)), c32(0x7F800000))
+            quiet = b.or_(b.and_(u, c32(-0x10000)), c32(0x400000))
+            r = b.bitcast(b.select(nan, quiet, near), f32)
+        b.store(r, b.gep(y, [i]))
+    b.ret_void()
+    return fn
+
+
 def build_activation_module() -> ir.Module:
-    """`round_q8_0`, `round_q8_1`, `round_q8_k` and `xq_float`, with ndarray arguments."""
+    """`round_q8_0`, `round_q8_1`, `round_q8_k`, `xq_float`, `round_f16` and `round_bf16`,
+    with ndarray arguments."""
     m = ir.Module(name="activations")
     for kind in _Q8_KINDS:
         _export(m, f"round_{kind.name.lower()}", _build_round_q8(m, kind))
     _export(m, "xq_float", _build_xq_float(m))
+    for kind in _HALF_KINDS:
+        _export(m, f"round_{kind.name.lower()}", _build_round_float(m, kind))
     return m
 
 
@@ -974,7 +1003,7 @@ def _special(p, w, x, y, n_tok, n_in, n_out) -> bool:
 
 @cache
 def _act_kernels() -> dict:
-    names = [f"round_{k.name.lower()}" for k in _Q8_KINDS] + ["xq_float"]
+    names = [f"round_{k.name.lower()}" for k in _Q8_KINDS + _HALF_KINDS] + ["xq_float"]
     return compile_kernels(build_activation_module(), dict.fromkeys(names, _ACT_SIG))
 
 
@@ -988,7 +1017,12 @@ def round_q8(x: np.ndarray, kind: GGMLType, out: np.ndarray | None = None) -> np
         raise UserError(f"{kind.name} rounds rows of whole blocks, got {n_in} values")
     if out is None:
         out = np.empty((n_tok, xq_row_bytes(n_in)), np.uint8)
-    _act_kernels()[f"round_{kind.name.lower()}"](x2, n_tok, n_in, out)
+    fn = _act_kernels()[f"round_{kind.name.lower()}"]
+    if n_tok == 1:
+        fn(x2, 1, n_in, out)
+    else:
+        parallel_rows(lambda a, c: fn(x2[a:c], c - a, n_in, out[a:c]), n_tok,
+                      min_rows=max(1, (1 << 15) // n_in))
     return out
 
 
@@ -1005,12 +1039,10 @@ def round_activations(x: np.ndarray, kind: GGMLType | None) -> np.ndarray:
     x = np.ascontiguousarray(x, np.float32)
     if kind in _Q8_KINDS:
         return xq_float(round_q8(x, kind), x.shape[-1]).reshape(x.shape)
-    if kind == GGMLType.F16:
-        return x.astype(np.float16).astype(np.float32)
-    if kind == GGMLType.BF16:
-        u = x.view(np.uint32)
-        r = ((u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000).astype(np.uint32)
-        return np.where(np.isnan(x), x, r.view(np.float32))
+    if kind in _HALF_KINDS:
+        y = np.empty_like(x)
+        _act_kernels()[f"round_{kind.name.lower()}"](x, 1, x.size, y)
+        return y
     return x
 
 
