@@ -118,6 +118,9 @@ class ReaderTensor:
         return f"ReaderTensor({self.name!r}, {list(self.ne)}, {self.type.name})"
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Cursor:
     """Bounds-checked little-endian reads from a buffer."""
 
@@ -154,6 +157,24 @@ class _Cursor:
         self.pos += n
         # surrogateescape keeps invalid UTF-8 (some vocabularies have it) byte-exact on rewrite
         return raw.decode("utf-8", "surrogateescape")
+
+    def strings(self, n: int, what: str) -> list[str]:
+        """n strings in a row (a vocabulary: the one loop that must be quick)."""
+        buf, pos, size, out = self.buf, self.pos, self.size, []
+        length = _U64.unpack_from
+        for _ in range(n):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8, f"length of {what}")
+            (k,) = length(buf, pos)
+            pos += 8
+            if pos + k > size:
+                self.pos = pos
+                self.need(k, what)
+            out.append(str(buf[pos:pos + k], "utf-8", "surrogateescape"))
+            pos += k
+        self.pos = pos
+        return out
 
 
 class GGUFReader:
@@ -295,7 +316,7 @@ class GGUFReader:
                 return Value(vtype, arr, item)
             c.need(n * 8, f"{n} items of {key}")  # every string or array item takes >= 8 bytes
             if item == ValueType.STRING:
-                items = [c.string(f"item of {key}") for _ in range(n)]
+                items = c.strings(n, f"item of {key}")
             else:
                 items = [self._value(c, item, key, depth + 1) for _ in range(n)]
             return Value(vtype, items, item)
