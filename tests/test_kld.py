@@ -4,6 +4,8 @@ whatever the number of chunks, and bad or interrupted bases."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import shutil
@@ -20,6 +22,7 @@ from gguflab.errors import UserError
 from gguflab.gguf import GGMLType
 from gguflab.runner.kldbase import BaseReader, decode, encode, header
 from gguflab.runner.model import Model
+from gguflab.runner.ops import max_sum_exp
 from gguflab.runner.perplexity import (
     _KldAccumulator,
     compare_chunk,
@@ -131,6 +134,22 @@ def test_encoder_gives_llama_perplexity_codes(files):
         (s0, m0), (s1, m1) = header(rows), header(again)
         assert np.array_equal(s0, s1)
         assert np.abs(m1 - m0).max() < 1e-3
+
+
+def test_softmax_sums_are_llama_perplexity_s():
+    """The top logit and Σ expf(x - top) of each row as llama-perplexity's softmax takes
+    them: libm's expf term by term, added in double in order (bit for bit)."""
+    libm = ctypes.CDLL(ctypes.util.find_library("m"))
+    libm.expf.restype, libm.expf.argtypes = ctypes.c_float, [ctypes.c_float]
+    x = (np.random.default_rng(3).standard_normal((3, 2001)) * 6).astype(np.float32)
+    x[1, 1000] = 80  # one dominant logit
+    top, total = max_sum_exp(x)
+    for row, t, s in zip(x, top, total):
+        assert t == row.max()
+        acc = 0.0
+        for v in row:
+            acc += libm.expf(float(np.float32(v - t)))
+        assert s == acc
 
 
 def test_statistics_are_llama_perplexity_formulas(files):

@@ -24,6 +24,7 @@ from types import TracebackType
 import numpy as np
 
 from ..errors import UserError
+from .ops import max_sum_exp
 
 MAGIC = b"_logits_"
 HEADER_BYTES = len(MAGIC) + 3 * 4
@@ -41,21 +42,14 @@ def scored_per_chunk(n_ctx: int) -> int:
     return n_ctx - 1 - n_ctx // 2
 
 
-def _sum_exp(x: np.ndarray, top: np.ndarray) -> np.ndarray:
-    """Σ expf(x - top) per row, each term a float as llama.cpp's expf gives it, summed in
-    double."""
-    return np.exp((x - top[:, None]).astype(np.float64)).astype(np.float32).sum(
-        -1, dtype=np.float64)
-
-
 def encode(logits: np.ndarray) -> np.ndarray:
     """Rows of float32 logits -> rows of `row_width` uint16 words, as llama-perplexity
     compresses them (all float32 arithmetic, round-to-nearest-even codes)."""
     x = np.ascontiguousarray(logits, dtype=np.float32)
     n, n_vocab = x.shape
-    top = x.max(-1)
+    top, total = max_sum_exp(x)
     low = np.maximum(x.min(-1), top - np.float32(LOG_RANGE))
-    log_sum = np.log(_sum_exp(x, top)).astype(np.float32)
+    log_sum = np.log(total).astype(np.float32)
     min_log_prob = (low - top) - log_sum
     scale = (top - low) / np.float32(LEVELS)
     out = np.zeros((n, row_width(n_vocab)), np.uint16)
@@ -86,8 +80,8 @@ def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """−log p(target) per row in float32, the way llama-perplexity sums it while writing a
     base: top + log Σ exp − logit[target]."""
     x = np.ascontiguousarray(logits, dtype=np.float32)
-    top = x.max(-1)
-    log_sum = np.log(_sum_exp(x, top)).astype(np.float32)
+    top, total = max_sum_exp(x)
+    log_sum = np.log(total).astype(np.float32)
     return (top + log_sum) - x[np.arange(len(x)), targets]
 
 

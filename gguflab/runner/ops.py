@@ -1,6 +1,7 @@
 """llama.cpp's CPU element-wise steps, compiled where numpy's float functions are not
 ggml's: SwiGLU with ggml's vectorised exp (`ggml_v_expf`, the same emitter the attention
-kernel uses), so the activations that the next product rounds to 8 bits are ggml's bits."""
+kernel uses), so the activations that the next product rounds to 8 bits are ggml's bits;
+and llama-perplexity's softmax sums (libm's expf of each logit, summed in double in order)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from functools import cache
 import numpy as np
 from llvmlite import ir
 
-from ..jit import compile_kernels
-from ..jit.builders import const, f32, for_range, i64, ptr, void
+from ..jit import compile_kernels, parallel_rows
+from ..jit.builders import const, f32, f64, for_range, i64, ptr, void
 from .attention import emit_v_expf
 
 AVX_FLOATS = 8  # ggml's vector width on AVX2: the last n % 8 of a row take libm's expf
+MIN_VALUES = 1 << 15  # per thread: fewer are not worth a hand-off
 
 
 def _build_swiglu(m: ir.Module) -> None:
@@ -43,6 +45,34 @@ def _build_swiglu(m: ir.Module) -> None:
     b.ret_void()
 
 
+def _build_max_sum_exp(m: ir.Module) -> None:
+    """max_sum_exp(x, top, total, n_rows, n): per row of n logits, top = the largest and
+    total = Σ expf(x - top) in double, term by term in order, as llama-perplexity sums its
+    softmax (libm's expf: the same function its build calls)."""
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(f32), ptr(f32), ptr(f64), i64, i64]),
+                     "max_sum_exp")
+    x, top, total, n_rows, n = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    expf = m.globals.get("expf") or ir.Function(m, ir.FunctionType(f32, [f32]), "expf")
+    c0 = const(i64, 0)
+    with for_range(b, c0, n_rows, name="r") as r:
+        row = b.gep(x, [b.mul(r, n)])
+        hi = b.alloca(f32)
+        b.store(b.load(row), hi)
+        with for_range(b, const(i64, 1), n, name="i") as i:
+            v, h = b.load(b.gep(row, [i])), b.load(hi)
+            b.store(b.select(b.fcmp_ordered(">", v, h), v, h), hi)
+        h = b.load(hi)
+        acc = b.alloca(f64)
+        b.store(ir.Constant(f64, 0.0), acc)
+        with for_range(b, c0, n, name="j") as j:
+            e = b.call(expf, [b.fsub(b.load(b.gep(row, [j])), h)])
+            b.store(b.fadd(b.load(acc), b.fpext(e, f64)), acc)
+        b.store(h, b.gep(top, [r]))
+        b.store(b.load(acc), b.gep(total, [r]))
+    b.ret_void()
+
+
 _SIG = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_int64)
 
 
@@ -50,7 +80,8 @@ _SIG = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_i
 def _kernels() -> dict:
     m = ir.Module(name="ops")
     _build_swiglu(m)
-    return compile_kernels(m, {"swiglu": _SIG})
+    _build_max_sum_exp(m)
+    return compile_kernels(m, {"swiglu": _SIG, "max_sum_exp": _SIG})
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -60,6 +91,23 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     if g.shape != u.shape:
         raise ValueError(f"swiglu of {g.shape} and {u.shape}")
     y = np.empty_like(g)
-    n = g.shape[-1] if g.ndim else 1
-    _kernels()["swiglu"](g.ctypes.data, u.ctypes.data, y.ctypes.data, g.size // max(n, 1), n)
+    n = max(g.shape[-1] if g.ndim else 1, 1)
+    g2, u2, y2 = (a.reshape(-1, n) for a in (g, u, y))
+    fn = _kernels()["swiglu"]
+    parallel_rows(lambda a, c: fn(g2[a:].ctypes.data, u2[a:].ctypes.data, y2[a:].ctypes.data,
+                                  c - a, n), g.size // n, min_rows=max(1, MIN_VALUES // n))
     return y
+
+
+def max_sum_exp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `logits` (n_rows, n_vocab): the top logit (float32) and Σ expf(x - top)
+    (float64), as llama-perplexity's softmax computes them; rows split across the threads."""
+    x = np.ascontiguousarray(logits, np.float32)
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise ValueError(f"max_sum_exp takes (n_rows, n_vocab) logits, got {x.shape}")
+    n_rows, n = x.shape
+    top, total = np.empty(n_rows, np.float32), np.empty(n_rows, np.float64)
+    fn = _kernels()["max_sum_exp"]
+    parallel_rows(lambda a, c: fn(x[a:].ctypes.data, top[a:].ctypes.data,
+                                  total[a:].ctypes.data, c - a, n), n_rows)
+    return top, total

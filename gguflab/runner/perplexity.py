@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import UserError
 from .kldbase import BaseReader, BaseWriter, decode, header, token_nll
 from .model import Model
+from .ops import max_sum_exp
 
 
 @dataclass
@@ -153,10 +154,9 @@ def compare_chunk(logits: np.ndarray, rows: np.ndarray, targets: np.ndarray
     x = np.ascontiguousarray(logits, dtype=np.float32)
     n, n_vocab = x.shape
     r = np.arange(n)
-    top = x.max(-1)
+    top, total = max_sum_exp(x)
     top_i = x.argmax(-1)
-    log_sum = np.log(np.exp((x - top[:, None]).astype(np.float64)).astype(np.float32)
-                     .sum(-1, dtype=np.float64)).astype(np.float32)
+    log_sum = np.log(total).astype(np.float32)
     norm = top + log_sum
     nll = norm - x[r, targets]
     scale, min_log_prob = header(rows)
