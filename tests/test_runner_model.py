@@ -62,6 +62,21 @@ def test_incremental_decoding_equals_one_batch(smol_f32):
     assert np.abs(np.vstack(part) - whole).max() < 0.02
 
 
+def test_logits_from_a_row_are_that_part_of_the_whole_batch(smollm2):
+    """`first` (llama.cpp's output selection: the rows before it leave the last layer after
+    its attention) gives the very logits of the full batch from that row on, the KV cache
+    it leaves is the same, and the last token's logits alone are the full batch's last."""
+    m = Model(smollm2)
+    full_cache, cache, last_cache = m.new_cache(64), m.new_cache(64), m.new_cache(64)
+    whole = m.forward(TOKENS, full_cache, all_logits=True)
+    np.testing.assert_array_equal(m.forward(TOKENS, cache, all_logits=True, first=7),
+                                  whole[7:])
+    np.testing.assert_array_equal(m.forward(TOKENS, last_cache), whole[-1])
+    np.testing.assert_array_equal(cache.k[:, :, :len(TOKENS)], full_cache.k[:, :, :len(TOKENS)])
+    with pytest.raises(UserError, match="first output row"):
+        m.forward(TOKENS, m.new_cache(64), all_logits=True, first=len(TOKENS))
+
+
 def test_context_full_is_a_clear_error(smollm2):
     m = Model(smollm2)
     cache = m.new_cache(8)

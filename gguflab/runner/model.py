@@ -329,12 +329,17 @@ class Model:
     # -- the forward pass ----------------------------------------------------------------
 
     def forward(self, tokens: list[int] | np.ndarray, cache: KVCache,
-                all_logits: bool = False) -> np.ndarray:
+                all_logits: bool = False, first: int = 0) -> np.ndarray:
         """Run `tokens` at the next positions of `cache`; returns the logits of every token
-        (n_tok, n_vocab) when `all_logits`, else of the last one (n_vocab,)."""
+        from `first` on (n_tok - first, n_vocab) when `all_logits`, else of the last one
+        (n_vocab,). As llama.cpp does with the tokens whose logits it is not asked for, the
+        rows before `first` leave the last layer after its attention (the KV cache still
+        holds every token)."""
         hp = self.hp
         tokens = np.asarray(tokens, np.int64)
         n, p0 = len(tokens), cache.n
+        if not 0 <= first < max(n, 1):
+            raise UserError(f"first output row {first} out of range for {n} tokens")
         if p0 + n > cache.n_ctx:
             raise UserError(f"context full: {p0 + n} tokens do not fit in --ctx-size "
                             f"{cache.n_ctx}")
@@ -351,9 +356,12 @@ class Model:
         if cache.k.shape[0] < n_cpu:
             raise UserError(f"this KV cache holds {cache.k.shape[0]} layers but the CPU runs "
                             f"{n_cpu}: make it with new_cache after setting the offload")
+        skip = first if all_logits else n - 1  # rows whose logits nobody asked for
         for il, L in enumerate(self.layers[:n_cpu]):
             h = rms_norm(x, L.attn_norm, hp.rms_eps)
             a = self.attention(il, L, h, pos, cache)
+            if il == hp.n_layer - 1 and skip:
+                x, a = x[skip:], a[skip:]
             if L.attn_post_norm is not None:
                 a = rms_norm(a, L.attn_post_norm, hp.rms_eps)
             x = x + a
@@ -369,8 +377,7 @@ class Model:
             x = gpu.run(x, p0)
         cache.n = p0 + n
         if logits is None:
-            if not all_logits:
-                x = x[-1:]
+            x = x[-(n - skip):]
             if gpu is not None and gpu.output:
                 logits = gpu.logits(x)
             else:

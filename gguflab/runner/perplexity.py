@@ -101,7 +101,8 @@ def iter_perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: boo
             if add_bos and bos_id is not None:
                 chunk[0] = bos_id
             cache = model.new_cache(n_ctx)
-            logits = np.asarray(model.forward(chunk, cache, all_logits=True)[first:n_ctx - 1],
+            # the logits from `first` on, as llama-perplexity asks for them
+            logits = np.asarray(model.forward(chunk, cache, all_logits=True, first=first)[:-1],
                                 np.float32)
             target = np.asarray(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx])
             if writer is not None:
