@@ -24,7 +24,7 @@ from types import TracebackType
 import numpy as np
 
 from ..errors import UserError
-from .ops import max_sum_exp
+from .ops import kld_codes, max_sum_exp
 
 MAGIC = b"_logits_"
 HEADER_BYTES = len(MAGIC) + 3 * 4
@@ -54,12 +54,10 @@ def encode(logits: np.ndarray) -> np.ndarray:
     scale = (top - low) / np.float32(LEVELS)
     out = np.zeros((n, row_width(n_vocab)), np.uint16)
     out[:, :4] = np.stack([scale, min_log_prob], -1).astype(np.float32).view(np.uint16)
-    nz = scale != 0
-    if nz.any():
-        inv = np.float32(1) / scale[nz]
-        xs, lows = x[nz], low[nz][:, None]
-        codes = np.rint(inv[:, None] * (xs - lows))
-        out[nz, 4:4 + n_vocab] = np.where(xs > lows, codes, 0).astype(np.uint16)
+    nz = scale != 0  # a row of equal logits has all its codes 0
+    inv = np.zeros_like(scale)
+    inv[nz] = np.float32(1) / scale[nz]
+    kld_codes(x, low, inv, out)
     return out
 
 

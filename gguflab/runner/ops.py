@@ -12,7 +12,7 @@ import numpy as np
 from llvmlite import ir
 
 from ..jit import compile_kernels, parallel_rows
-from ..jit.builders import const, f32, f64, for_range, i64, ptr, void
+from ..jit.builders import const, f32, f64, for_range, i16, i64, ptr, void
 from .attention import emit_v_expf
 
 AVX_FLOATS = 8  # ggml's vector width on AVX2: the last n % 8 of a row take libm's expf
@@ -73,7 +73,73 @@ def _build_max_sum_exp(m: ir.Module) -> None:
     b.ret_void()
 
 
+def _build_kld_sums(m: ir.Module) -> None:
+    """kld_sums(x, base, norm, out, n_rows, n): per row of n logits x and its base row (the
+    uint16 words of llama-perplexity's base file: scale and min_log_prob as two floats, then
+    the codes), with norm = top + log Σ exp of x: out[0] = Σ p_base (log p_base - log p) in
+    double over the entries whose base log-prob is above -16, in order (libm's expf, float
+    arithmetic unfused, as llama-perplexity computes it), out[1] = the first index of the
+    base's largest log-prob. `out` holds two doubles a row."""
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(f32), ptr(i16), ptr(f32), ptr(f64), i64,
+                                               i64]), "kld_sums")
+    x, base, norm, out, n_rows, n = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    expf = m.globals.get("expf") or ir.Function(m, ir.FunctionType(f32, [f32]), "expf")
+    c0 = const(i64, 0)
+    words = b.add(b.mul(b.sdiv(b.add(n, const(i64, 1)), const(i64, 2)), const(i64, 2)),
+                  const(i64, 4))
+    acc, best, where = b.alloca(f64), b.alloca(f32), b.alloca(i64)
+    with for_range(b, c0, n_rows, name="r") as r:
+        row, xr = b.gep(base, [b.mul(r, words)]), b.gep(x, [b.mul(r, n)])
+        head = b.bitcast(row, ptr(f32))
+        scale, low = b.load(head), b.load(b.gep(head, [const(i64, 1)]))
+        codes = b.gep(row, [const(i64, 4)])
+        top = b.load(b.gep(norm, [r]))
+        b.store(ir.Constant(f64, 0.0), acc)
+        b.store(ir.Constant(f32, float("-inf")), best)
+        b.store(c0, where)
+        with for_range(b, c0, n, name="i") as i:
+            q = b.uitofp(b.load(b.gep(codes, [i])), f32)
+            lp = b.fadd(b.fmul(scale, q), low)
+            better = b.or_(b.icmp_signed("==", i, c0), b.fcmp_ordered(">", lp, b.load(best)))
+            b.store(b.select(better, lp, b.load(best)), best)
+            b.store(b.select(better, i, b.load(where)), where)
+            with b.if_then(b.fcmp_ordered(">", lp, ir.Constant(f32, -16.0))):
+                p = b.call(expf, [lp])
+                term = b.fmul(p, b.fadd(b.fsub(lp, b.load(b.gep(xr, [i]))), top))
+                b.store(b.fadd(b.load(acc), b.fpext(term, f64)), acc)
+        o = b.gep(out, [b.mul(r, const(i64, 2))])
+        b.store(b.load(acc), o)
+        b.store(b.sitofp(b.load(where), f64), b.gep(o, [const(i64, 1)]))
+    b.ret_void()
+
+
+def _build_kld_codes(m: ir.Module) -> None:
+    """kld_codes(x, low, inv, out, n_rows, n): the codes of a base row as llama-perplexity
+    writes them: round-half-even(inv * (x - low)) where x > low, else 0, into the uint16
+    words after each row's two header floats (same row layout as kld_sums)."""
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(f32), ptr(f32), ptr(f32), ptr(i16), i64,
+                                               i64]), "kld_codes")
+    x, low, inv, out, n_rows, n = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    c0 = const(i64, 0)
+    words = b.add(b.mul(b.sdiv(b.add(n, const(i64, 1)), const(i64, 2)), const(i64, 2)),
+                  const(i64, 4))
+    roundeven = m.globals.get("llvm.roundeven.f32") or ir.Function(
+        m, ir.FunctionType(f32, [f32]), "llvm.roundeven.f32")
+    with for_range(b, c0, n_rows, name="r") as r:
+        xr, codes = b.gep(x, [b.mul(r, n)]), b.gep(out, [b.add(b.mul(r, words), const(i64, 4))])
+        lo, k = b.load(b.gep(low, [r])), b.load(b.gep(inv, [r]))
+        with for_range(b, c0, n, name="i") as i:
+            v = b.load(b.gep(xr, [i]))
+            q = b.fptosi(b.call(roundeven, [b.fmul(k, b.fsub(v, lo))]), ir.IntType(32))
+            q = b.select(b.fcmp_ordered(">", v, lo), b.trunc(q, i16), const(i16, 0))
+            b.store(q, b.gep(codes, [i]))
+    b.ret_void()
+
+
 _SIG = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_int64)
+_SIG4 = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64)
 
 
 @cache
@@ -81,7 +147,10 @@ def _kernels() -> dict:
     m = ir.Module(name="ops")
     _build_swiglu(m)
     _build_max_sum_exp(m)
-    return compile_kernels(m, {"swiglu": _SIG, "max_sum_exp": _SIG})
+    _build_kld_sums(m)
+    _build_kld_codes(m)
+    return compile_kernels(m, {"swiglu": _SIG, "max_sum_exp": _SIG, "kld_sums": _SIG4,
+                               "kld_codes": _SIG4})
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -111,3 +180,34 @@ def max_sum_exp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     parallel_rows(lambda a, c: fn(x[a:].ctypes.data, top[a:].ctypes.data,
                                   total[a:].ctypes.data, c - a, n), n_rows)
     return top, total
+
+
+def kld_sums(logits: np.ndarray, base_rows: np.ndarray, norm: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the KL-divergence of `logits` (n_rows, n_vocab) from its base row (uint16
+    words as in a base file) given norm = top + log Σ exp of the logits (float32), and the
+    index of the base's top entry; as llama-perplexity computes them (see kld_sums)."""
+    x = np.ascontiguousarray(logits, np.float32)
+    rows = np.ascontiguousarray(base_rows, np.uint16)
+    nm = np.ascontiguousarray(norm, np.float32)
+    n_rows, n = x.shape
+    if rows.shape != (n_rows, 2 * ((n + 1) // 2) + 4) or nm.shape != (n_rows,):
+        raise ValueError(f"kld_sums of {x.shape} logits, {rows.shape} base rows, {nm.shape}")
+    out = np.empty((n_rows, 2), np.float64)
+    fn = _kernels()["kld_sums"]
+    parallel_rows(lambda a, c: fn(x[a:].ctypes.data, rows[a:].ctypes.data, nm[a:].ctypes.data,
+                                  out[a:].ctypes.data, c - a, n), n_rows)
+    return out[:, 0], out[:, 1].astype(np.int64)
+
+
+def kld_codes(logits: np.ndarray, low: np.ndarray, inv: np.ndarray, out: np.ndarray) -> None:
+    """Fill the codes of base rows `out` (uint16, n_rows x row width) from `logits`, each
+    row's lowest kept logit `low` and inverse step `inv` (float32; see kld_codes)."""
+    x = np.ascontiguousarray(logits, np.float32)
+    lo, k = np.ascontiguousarray(low, np.float32), np.ascontiguousarray(inv, np.float32)
+    n_rows, n = x.shape
+    if out.shape != (n_rows, 2 * ((n + 1) // 2) + 4) or not out.flags.c_contiguous:
+        raise ValueError(f"kld_codes into {out.shape} rows for {x.shape} logits")
+    fn = _kernels()["kld_codes"]
+    parallel_rows(lambda a, c: fn(x[a:].ctypes.data, lo[a:].ctypes.data, k[a:].ctypes.data,
+                                  out[a:].ctypes.data, c - a, n), n_rows)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserError
-from .kldbase import BaseReader, BaseWriter, decode, header, token_nll
+from .kldbase import BaseReader, BaseWriter, header, token_nll
 from .model import Model
-from .ops import max_sum_exp
+from .ops import kld_sums, max_sum_exp
 
 
 @dataclass
@@ -153,19 +153,16 @@ def compare_chunk(logits: np.ndarray, rows: np.ndarray, targets: np.ndarray
     llama-perplexity's float32 arithmetic (sums of the vocabulary in double). The base's
     entries below −16 nats are left out of the KLD sum, as there."""
     x = np.ascontiguousarray(logits, dtype=np.float32)
-    n, n_vocab = x.shape
-    r = np.arange(n)
+    r = np.arange(len(x))
     top, total = max_sum_exp(x)
     top_i = x.argmax(-1)
     log_sum = np.log(total).astype(np.float32)
     norm = top + log_sum
     nll = norm - x[r, targets]
     scale, min_log_prob = header(rows)
-    lpb = decode(rows, n_vocab)
-    nll_base = -lpb[r, targets]
-    same = lpb.argmax(-1) == top_i
-    term = np.exp(lpb.astype(np.float64)).astype(np.float32) * ((lpb - x) + norm[:, None])
-    kld = np.where(lpb > np.float32(-16), term, np.float32(0)).sum(-1, dtype=np.float64)
+    nll_base = -(scale * rows[r, 4 + targets].astype(np.float32) + min_log_prob)
+    kld, top_base = kld_sums(x, rows, norm)
+    same = top_base == top_i
     p_diff = (np.exp((-nll).astype(np.float64)).astype(np.float32)
               - np.exp((-nll_base).astype(np.float64)).astype(np.float32))
     return kld.astype(np.float32), p_diff, nll, nll_base, same
