@@ -18,16 +18,12 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.dirname(__file__))
 
-from ggml_oracle import llama_quantize  # noqa: E402
+from models import bench_models  # noqa: E402
 
 from gguflab.benchmark import BenchParams, TestResult, parse_int_range, run_bench  # noqa: E402
-from gguflab.catalog import embedded_model  # noqa: E402
 from gguflab.jit.parallel import default_threads  # noqa: E402
-from gguflab.quant.mixes import parse_mix  # noqa: E402
-from gguflab.quant.pipeline import QuantizeOptions, quantize_model  # noqa: E402
-from gguflab.synth import SynthConfig, write_synthetic_llama  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LLAMA_BENCH = os.path.join(os.environ.get("GGUFLAB_LLAMA_TOOLS",
@@ -40,29 +36,6 @@ def llama_bench(path: str, p: str, n: str, threads: int, reps: int) -> list[dict
            "-o", "json"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out)
-
-
-def quiet_llama_quantize(src: str, dst: str, ftype: int) -> None:
-    """llama.cpp's quantize prints every tensor on the C streams: send them to /dev/null."""
-    sys.stdout.flush()
-    saved = os.dup(1), os.dup(2)
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-        os.dup2(null, 2)
-        llama_quantize(src, dst, ftype, allow_requantize=True)
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, null):
-            os.close(fd)
-
-
-def quantize(src: str, dst: str, mix: str, threads: int) -> str:
-    for _ in quantize_model(src, dst, parse_mix(mix), QuantizeOptions(threads=threads,
-                                                                       overwrite=True)):
-        pass
-    return dst
 
 
 def main() -> None:
@@ -78,23 +51,7 @@ def main() -> None:
         sys.exit(f"{LLAMA_BENCH} is not built: run `make test` once")
     with tempfile.TemporaryDirectory() as tmp:
         models = [(os.path.basename(m), m) for m in args.model]
-        if not models:
-            f16 = os.path.join(tmp, "smol-f16.gguf")
-            quiet_llama_quantize(embedded_model(), f16, 1)
-            models = [("SmolLM2-135M F16", f16),
-                      ("SmolLM2-135M Q8_0", quantize(f16, os.path.join(tmp, "q8.gguf"), "Q8_0",
-                                                     args.threads)),
-                      ("SmolLM2-135M Q4_K_M", quantize(f16, os.path.join(tmp, "q4.gguf"),
-                                                       "Q4_K_M", args.threads))]
-        if args.synth_1b:
-            big = os.path.join(tmp, "synth-1b-f16.gguf")
-            write_synthetic_llama(big, SynthConfig(n_layer=22, n_embd=2048, n_ff=5632,
-                                                   n_head=32, n_head_kv=4, name="synth-1b",
-                                                   tokenizer_from=embedded_model()))
-            models.append(("synthetic 1.2B Q4_K_M",
-                           quantize(big, os.path.join(tmp, "big-q4.gguf"), "Q4_K_M",
-                                    args.threads)))
-            os.unlink(big)
+        models += bench_models(tmp, args.threads, args.synth_1b, smol=not models)
         print(f"{args.threads} threads, {args.repetitions} repetitions; t/s as each tool "
               f"prints it (mean ± stddev); ratio = gguflab / llama.cpp")
         w = max(24, *(len(name) for name, _ in models))

@@ -22,16 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.dirname(__file__))
 
-from ggml_oracle import llama_quantize  # noqa: E402
+from models import bench_models  # noqa: E402
 
-from gguflab.catalog import embedded_model  # noqa: E402
 from gguflab.jit import parallel  # noqa: E402
-from gguflab.quant.mixes import parse_mix  # noqa: E402
-from gguflab.quant.pipeline import QuantizeOptions, quantize_model  # noqa: E402
 from gguflab.runner.model import Model  # noqa: E402
-from gguflab.synth import SynthConfig, write_synthetic_llama  # noqa: E402
 
 PP, TG = 64, 32
 
@@ -124,13 +120,6 @@ def read_bandwidth(threads: int, nbytes: int = 1 << 30) -> float:
     return best
 
 
-def quantize(src, dst, mix, threads):
-    for _ in quantize_model(src, dst, parse_mix(mix), QuantizeOptions(threads=threads,
-                                                                       overwrite=True)):
-        pass
-    return dst
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -140,23 +129,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     tokens = [int(t) for t in rng.integers(100, 40000, PP + 8)]
     with tempfile.TemporaryDirectory() as tmp:
-        f16 = os.path.join(tmp, "smol-f16.gguf")
-        llama_quantize(embedded_model(), f16, 1, allow_requantize=True)
-        models = [("SmolLM2-135M F16", f16),
-                  ("SmolLM2-135M Q8_0", quantize(f16, os.path.join(tmp, "q8.gguf"), "Q8_0",
-                                                 args.threads)),
-                  ("SmolLM2-135M Q4_K_M", quantize(f16, os.path.join(tmp, "q4.gguf"), "Q4_K_M",
-                                                   args.threads)),
-                  ("SmolLM2-135M Q4_1 (shipped)", embedded_model())]
-        if not args.skip_1b:
-            big = os.path.join(tmp, "synth-1b-f16.gguf")
-            write_synthetic_llama(big, SynthConfig(n_layer=22, n_embd=2048, n_ff=5632,
-                                                   n_head=32, n_head_kv=4, name="synth-1b",
-                                                   tokenizer_from=embedded_model()))
-            models.append(("synthetic 1.2B Q4_K_M",
-                           quantize(big, os.path.join(tmp, "big-q4.gguf"), "Q4_K_M",
-                                    args.threads)))
-            os.unlink(big)
+        models = bench_models(tmp, args.threads, not args.skip_1b, shipped=True)
         bw = read_bandwidth(args.threads)
         print(f"{args.threads} threads, pp {PP} tokens, tg {TG} tokens (tok/s, median of "
               f"{args.repeat}); read bandwidth {bw:.1f} GB/s")
