@@ -29,6 +29,7 @@ from . import fmt
 from .errors import UserError
 from .events import Event, Finished, Log, Measured, Progress, Started, TensorDone
 from .gguf import GGUFReader, Keys, LlamaFileType
+from .partial import write_whole
 from .plot import Point, scatter
 from .quant.mixes import MIXES, Mix, is_quantized, parse_mix, requires_imatrix
 
@@ -173,15 +174,7 @@ class _Cache:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".partial"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise UserError(f"{path}: cannot write: {e.strerror}") from None
+    write_whole(path, text, lambda cause: UserError(f"{path}: {cause}"))
 
 
 def _key(*parts: Any) -> str:

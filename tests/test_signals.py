@@ -192,3 +192,33 @@ def test_sweep(big, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "gguflab: interrupted by SIGTERM" in err and "Traceback" not in err
     assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize("at", ["close", "rename"])
+def test_an_interrupt_while_committing_leaves_the_target_and_no_partial(tmp_path, monkeypatch,
+                                                                        at):
+    """The last window: a signal (here its KeyboardInterrupt) between the last write and the
+    rename, or in the rename itself: the old file stays as it was, the partial goes. The
+    writers of GGUF files, KLD bases, imatrix files and sweep caches all commit this way."""
+    from gguflab.gguf import GGUFWriter
+    from gguflab.partial import PartialFile
+
+    target = tmp_path / "out.gguf"
+    target.write_bytes(OLD)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    writer = GGUFWriter(target, {"general.name": "x"}, [], overwrite=True)
+    if at == "close":
+        monkeypatch.setattr(writer._out.file, "close", interrupted)
+    else:
+        monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        writer.finish()
+    monkeypatch.undo()
+    assert target.read_bytes() == OLD
+    assert os.listdir(tmp_path) == ["out.gguf"]
+    with PartialFile(target, RuntimeError) as f:  # and a whole one does land
+        f.write(b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.gguf"]

@@ -12,6 +12,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from ..partial import PARTIAL_SUFFIX, PartialFile
 from .constants import (
     DEFAULT_ALIGNMENT,
     GGML_MAX_DIMS,
@@ -25,8 +26,6 @@ from .constants import (
     type_info,
 )
 from .reader import GGUFError, Value
-
-PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass(frozen=True)
@@ -132,9 +131,9 @@ class GGUFWriter:
         if os.path.exists(self.path) and not overwrite:
             raise GGUFError(self.path, "already exists (use --force to overwrite)")
         self._next = 0
-        self._file: BinaryIO | None = None
+        self._out = PartialFile(self.path, lambda cause: GGUFError(self.path, cause))
+        self._file: BinaryIO | None = self._out.file
         try:
-            self._file = open(self.partial, "wb")
             self._write_header()
         except OSError as e:
             self.abort()
@@ -241,27 +240,13 @@ class GGUFWriter:
         if self._next != len(self.specs):
             self.abort()
             raise GGUFError(self.path, f"only {self._next} of {len(self.specs)} tensors written")
-        try:
-            self._file.flush()
-            self._file.close()
-            self._file = None
-            os.replace(self.partial, self.path)
-        except OSError as e:
-            self.abort()
-            raise GGUFError(self.path, f"cannot write: {e.strerror or e}") from None
+        self._file = None
+        self._out.commit()
 
     def abort(self) -> None:
         """Close and remove the partial file; the target path is left as it was."""
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError:
-                pass
-            self._file = None
-        try:
-            os.unlink(self.partial)
-        except FileNotFoundError:
-            pass
+        self._file = None
+        self._out.abort()
 
     def __enter__(self) -> GGUFWriter:
         return self

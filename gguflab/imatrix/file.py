@@ -13,6 +13,7 @@ import numpy as np
 from ..errors import UserError
 from ..gguf import GGMLType, GGUFReader, TensorSpec, Value, ValueType, write_gguf
 from ..gguf.constants import GGUF_MAGIC
+from ..partial import write_whole
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
@@ -294,16 +295,4 @@ def _save_dat(im: Imatrix, path: str) -> None:
     out.append(struct.pack("<i", int(im.chunk_count)))
     ds = im.datasets[-1].encode() if im.datasets else b""
     out.append(struct.pack("<i", len(ds)) + ds)
-    tmp = path + ".partial"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(b"".join(out))
-        os.replace(tmp, path)
-    except BaseException as e:  # a write error, Ctrl-C or kill: no partial file stays
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise _fail(path, f"cannot write: {e.strerror or e}") from None
-        raise
+    write_whole(path, b"".join(out), lambda cause: _fail(path, cause))

@@ -24,6 +24,7 @@ from types import TracebackType
 import numpy as np
 
 from ..errors import UserError
+from ..partial import PartialFile
 from .ops import kld_codes, max_sum_exp
 
 MAGIC = b"_logits_"
@@ -89,7 +90,7 @@ class BaseWriter:
     was. The header is written with the first chunk, when n_vocab is known."""
 
     def __init__(self, path: str, tokens: np.ndarray | list[int], n_ctx: int, n_chunk: int):
-        self.path, self.tmp = path, path + ".partial"
+        self.path = path
         self.n_ctx, self.n_chunk = n_ctx, n_chunk
         self.tokens = np.asarray(tokens[:n_chunk * n_ctx], np.int32)
         if len(self.tokens) != n_chunk * n_ctx:
@@ -97,10 +98,7 @@ class BaseWriter:
                             f"tokens, the text has {len(self.tokens)}")
         self.n_vocab: int | None = None
         self.written = 0
-        try:
-            self.f = open(self.tmp, "wb")
-        except OSError as e:
-            raise UserError(f"{path}: cannot write: {e.strerror}") from None
+        self.out = PartialFile(path, lambda cause: UserError(f"{path}: {cause}"))
 
     def write_chunk(self, logits: np.ndarray) -> None:
         """The scored rows of one chunk (n_ctx - 1 - n_ctx//2, n_vocab) as float32 logits."""
@@ -109,38 +107,24 @@ class BaseWriter:
                              f"not {logits.shape[0]}")
         if self.written >= self.n_chunk:
             raise ValueError("more chunks than the header says")
-        try:
-            if self.n_vocab is None:
-                self.n_vocab = int(logits.shape[1])
-                self.f.write(MAGIC)
-                self.f.write(np.array([self.n_ctx], "<u4").tobytes())
-                self.f.write(np.array([self.n_vocab, self.n_chunk], "<i4").tobytes())
-                self.f.write(self.tokens.astype("<i4").tobytes())
-            elif logits.shape[1] != self.n_vocab:
-                raise ValueError("n_vocab changed between chunks")
-            self.f.write(encode(logits).astype("<u2").tobytes())
-        except OSError as e:
-            self.abort()
-            raise UserError(f"{self.path}: cannot write: {e.strerror}") from None
+        if self.n_vocab is None:
+            self.n_vocab = int(logits.shape[1])
+            self.out.write(MAGIC + np.array([self.n_ctx], "<u4").tobytes()
+                           + np.array([self.n_vocab, self.n_chunk], "<i4").tobytes()
+                           + self.tokens.astype("<i4").tobytes())
+        elif logits.shape[1] != self.n_vocab:
+            raise ValueError("n_vocab changed between chunks")
+        self.out.write(encode(logits).astype("<u2").tobytes())
         self.written += 1
 
     def commit(self) -> None:
         if self.written != self.n_chunk:
             self.abort()
             raise ValueError(f"{self.written} of {self.n_chunk} chunks written")
-        try:
-            self.f.close()
-            os.replace(self.tmp, self.path)
-        except OSError as e:
-            self.abort()
-            raise UserError(f"{self.path}: cannot write: {e.strerror}") from None
+        self.out.commit()
 
     def abort(self) -> None:
-        self.f.close()
-        try:
-            os.remove(self.tmp)
-        except FileNotFoundError:
-            pass
+        self.out.abort()
 
     def __enter__(self) -> BaseWriter:
         return self
