@@ -54,10 +54,11 @@ def test_swiglu_is_ggmls(n):
     np.testing.assert_array_equal(swiglu(g, u), ggml_op(build, g, u))
 
 
-def test_rms_norm_is_ggmls():
-    rng = np.random.default_rng(1)
-    x = (rng.standard_normal((9, 576)) * rng.uniform(0.01, 50, (9, 1))).astype(np.float32)
-    w = rng.uniform(0.5, 2, 576).astype(np.float32)
+@pytest.mark.parametrize("rows, n", [(9, 576), (300, 576), (5, 100)])  # 300: split in threads
+def test_rms_norm_is_ggmls(rows, n):
+    rng = np.random.default_rng(rows)
+    x = (rng.standard_normal((rows, n)) * rng.uniform(0.01, 50, (rows, 1))).astype(np.float32)
+    w = rng.uniform(0.5, 2, n).astype(np.float32)
 
     def build(base, ctx, t):
         base.ggml_rms_norm.restype, base.ggml_rms_norm.argtypes = P, [P, P, ctypes.c_float]

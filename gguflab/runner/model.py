@@ -20,7 +20,7 @@ from ..jit import f16_to_f32, f32_to_f16
 from .attention import TILED, flash_attn
 from .families import FAMILIES, Family, supported
 from .kernels import get_rows, matmul, matmuls
-from .ops import swiglu
+from .ops import rms_norm, swiglu
 
 
 @dataclass(frozen=True)
@@ -534,14 +534,6 @@ def _f16_round(x: np.ndarray) -> np.ndarray:
     return f16_to_f32(f32_to_f16(x))
 
 
-def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """ggml's rms_norm then the weight: the squares (float) summed in double, the mean back
-    in float, x times 1 / sqrtf(mean + eps)."""
-    ss = np.add.reduce((x * x).astype(np.float64), axis=-1, keepdims=True)
-    mean = (ss / x.shape[-1]).astype(np.float32)
-    return (x * (np.float32(1) / np.sqrt(mean + np.float32(eps)))) * w
-
-
 def ffn(L: Layer, h: np.ndarray, gelu: bool = False) -> np.ndarray:
     """SwiGLU: down(silu(gate(h)) * up(h)); or GeGLU, with GELU for SiLU."""
     if _observer is not None:
@@ -605,7 +597,3 @@ def moe_ffn(ex: Experts, h: np.ndarray) -> np.ndarray:
         y = matmul(ex.down.data[e], ex.down.type, act)
         out[rows] += w[rows, slot, None] * y
     return out
-
-
-def silu(x: np.ndarray) -> np.ndarray:
-    return x / (np.float32(1) + np.exp(-x))

@@ -14,17 +14,18 @@ from llvmlite import ir
 from ..jit import compile_kernels, parallel_rows
 from ..jit.builders import const, f32, f64, for_range, i16, i64, ptr, void
 from .attention import emit_v_expf
+from .kernels import _export, _internal
 
 AVX_FLOATS = 8  # ggml's vector width on AVX2: the last n % 8 of a row take libm's expf
 MIN_VALUES = 1 << 15  # per thread: fewer are not worth a hand-off
 
 
 def _build_swiglu(m: ir.Module) -> None:
-    """swiglu(g, u, y, n_rows, n): y = silu(g) * u per row of n, silu(x) = x / (1 + e^-x):
-    ggml_vec_swiglu_f32 on AVX2 (ggml_v_expf for whole vectors of 8, expf for the tail)."""
-    fn = ir.Function(m, ir.FunctionType(void, [ptr(f32), ptr(f32), ptr(f32), i64, i64]),
-                     "swiglu")
-    g, u, y, n_rows, n = fn.args
+    """swiglu(g, u, y, r0, r1, n): y = silu(g) * u in rows [r0, r1) of n (arrays passed as
+    ndarray objects), silu(x) = x / (1 + e^-x): ggml_vec_swiglu_f32 on AVX2 (ggml_v_expf
+    for whole vectors of 8, expf for the tail)."""
+    fn = _internal(m, "swiglu", [ptr(f32), ptr(f32), ptr(f32), i64, i64, i64])
+    g, u, y, r0, r1, n = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     expf = ir.Function(m, ir.FunctionType(f32, [f32]), "expf")
     c0 = const(i64, 0)
@@ -36,13 +37,14 @@ def _build_swiglu(m: ir.Module) -> None:
         e = exp(b.fsub(ir.Constant(f32, 0.0), x))
         b.store(b.fmul(b.fdiv(x, b.fadd(one, e)), b.load(b.gep(u, [i]))), b.gep(y, [i]))
 
-    with for_range(b, c0, n_rows, name="r") as r:
+    with for_range(b, r0, r1, name="r") as r:
         base = b.mul(r, n)
         with for_range(b, c0, whole, name="i") as i:
             step(b.add(base, i), lambda v: emit_v_expf(b, v))
         with for_range(b, whole, n, name="t") as i:
             step(b.add(base, i), lambda v: b.call(expf, [v]))
     b.ret_void()
+    _export(m, "swiglu", fn)
 
 
 def _build_max_sum_exp(m: ir.Module) -> None:
@@ -138,7 +140,37 @@ def _build_kld_codes(m: ir.Module) -> None:
     b.ret_void()
 
 
+def _build_rms_norm(m: ir.Module) -> None:
+    """rms_norm(x, w, y, r0, r1, n, eps): y = x * (1 / sqrtf(mean + eps)) * w in rows
+    [r0, r1) of n (arrays passed as ndarray objects), as ggml's rms_norm then its mul: the
+    float squares summed in double in order, the mean back in float, x scaled, then times
+    the weight."""
+    fn = _internal(m, "rms_norm", [ptr(f32), ptr(f32), ptr(f32), i64, i64, i64, f32])
+    x, w, y, r0, r1, n, eps = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    sqrtf = m.globals.get("llvm.sqrt.f32") or ir.Function(m, ir.FunctionType(f32, [f32]),
+                                                         "llvm.sqrt.f32")
+    c0 = const(i64, 0)
+    acc = b.alloca(f64)
+    with for_range(b, r0, r1, name="r") as r:
+        xr, yr = b.gep(x, [b.mul(r, n)]), b.gep(y, [b.mul(r, n)])
+        b.store(ir.Constant(f64, 0.0), acc)
+        with for_range(b, c0, n, name="i") as i:
+            v = b.load(b.gep(xr, [i]))
+            b.store(b.fadd(b.load(acc), b.fpext(b.fmul(v, v), f64)), acc)
+        mean = b.fptrunc(b.fdiv(b.load(acc), b.sitofp(n, f64)), f32)
+        scale = b.fdiv(ir.Constant(f32, 1.0), b.call(sqrtf, [b.fadd(mean, eps)]))
+        with for_range(b, c0, n, name="j") as j:
+            v = b.fmul(b.load(b.gep(xr, [j])), scale)
+            b.store(b.fmul(v, b.load(b.gep(w, [j]))), b.gep(yr, [j]))
+    b.ret_void()
+    _export(m, "rms_norm", fn)
+
+
 _SIG = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_int64)
+_A3 = [ctypes.py_object] * 3  # ndarray objects
+_SIG_GLU = ctypes.CFUNCTYPE(None, *_A3, *[ctypes.c_int64] * 3)
+_SIG_NORM = ctypes.CFUNCTYPE(None, *_A3, *[ctypes.c_int64] * 3, ctypes.c_float)
 _SIG4 = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_int64)
 
 
@@ -149,8 +181,9 @@ def _kernels() -> dict:
     _build_max_sum_exp(m)
     _build_kld_sums(m)
     _build_kld_codes(m)
-    return compile_kernels(m, {"swiglu": _SIG, "max_sum_exp": _SIG, "kld_sums": _SIG4,
-                               "kld_codes": _SIG4})
+    _build_rms_norm(m)
+    return compile_kernels(m, {"swiglu": _SIG_GLU, "max_sum_exp": _SIG, "kld_sums": _SIG4,
+                               "kld_codes": _SIG4, "rms_norm": _SIG_NORM})
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -161,11 +194,31 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         raise ValueError(f"swiglu of {g.shape} and {u.shape}")
     y = np.empty_like(g)
     n = max(g.shape[-1] if g.ndim else 1, 1)
-    g2, u2, y2 = (a.reshape(-1, n) for a in (g, u, y))
-    fn = _kernels()["swiglu"]
-    parallel_rows(lambda a, c: fn(g2[a:].ctypes.data, u2[a:].ctypes.data, y2[a:].ctypes.data,
-                                  c - a, n), g.size // n, min_rows=max(1, MIN_VALUES // n))
+    _by_rows(_kernels()["swiglu"], g.size // n, n, g, u, y)
     return y
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """ggml's rms_norm of each row of x (the last axis) times the weight w (one value per
+    column), in float32 with x's shape."""
+    x = np.ascontiguousarray(x, np.float32)
+    wt = np.ascontiguousarray(w, np.float32)
+    n = x.shape[-1]
+    if wt.shape != (n,):
+        raise ValueError(f"rms_norm of rows of {n} with a weight of shape {wt.shape}")
+    y = np.empty_like(x)
+    _by_rows(_kernels()["rms_norm"], x.size // max(n, 1), n, x, wt, y, eps)
+    return y
+
+
+def _by_rows(fn, n_rows: int, n: int, a, b, y, *extra) -> None:
+    """fn(a, b, y, r0, r1, n, *extra) over the rows, split across the threads when they
+    are many."""
+    if n_rows * n <= MIN_VALUES:
+        fn(a, b, y, 0, n_rows, n, *extra)
+    else:
+        parallel_rows(lambda r0, r1: fn(a, b, y, r0, r1, n, *extra), n_rows,
+                      min_rows=max(1, MIN_VALUES // n))
 
 
 def max_sum_exp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
