@@ -176,6 +176,7 @@ SHAPES = [
     (70, 10, 0, 0.0, 6, 2, 64),  # a prompt: the f32 tiles, past one tile of keys
     (100, 30, 40, 0.0, 4, 4, 64),  # tiles with a sliding window
     (65, 0, 0, 7.0, 4, 2, 128),  # tiles with a softcap
+    (2, 60, 0, 0.0, 4, 2, 36),  # a head size with a tail past whole vectors of 8
 ]
 
 
@@ -187,6 +188,15 @@ def test_kernel_is_ggml_flash_attn(shape):
     for cache in (np.float16, np.float32):  # the cache as fp16, or as f32 holding fp16
         ours = flash_attn(q, k.astype(cache), v.astype(cache), p0, 0.125, cap, n_swa)
         np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("n, p0", [(1, 600), (3, 300), (80, 200)])
+def test_kernel_gives_the_same_bits_on_any_number_of_threads(n, p0):
+    """The (head, query) rows are shared out among the threads; each is computed whole."""
+    q, k, v = _inputs(np.random.default_rng(p0), n, p0, 9, 3, 64)
+    one = flash_attn(q, k, v, p0, 0.125, threads=1)
+    np.testing.assert_array_equal(flash_attn(q, k, v, p0, 0.125, threads=2), one)
+    np.testing.assert_array_equal(flash_attn(q, k, v, p0, 0.125, threads=3), one)
 
 
 @pytest.mark.parametrize("route", [VEC, TILED])

@@ -25,18 +25,18 @@ import numpy as np
 from llvmlite import ir
 
 from ..errors import UserError
-from ..jit import compile_kernels, parallel_rows
+from ..jit import compile_kernels
 from ..jit.builders import Target, const, f32, f64, for_range, i16, i64, ptr, void
 from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
+from ..jit.parallel import default_threads, job_table
 
 TILE = 64  # ggml's GGML_FA_TILE_Q and GGML_FA_TILE_KV: queries per tile and keys per tile
 VEC, TILED = 0, 1  # the two routes
 STEP = 32  # ggml_vec_dot_f16 on AVX2: 4 accumulators of 8 lanes
+MIN_WORK = 1 << 14  # (query, key, dim) steps below which one thread does it all
 
 i32 = ir.IntType(32)
 _ARGS = [ptr(f32), ptr(i16), ptr(i16), ptr(f32), ptr(f32), *[i64] * 8, f32, f32, i64, i64, i64]
-_SIG = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 8,
-                        ctypes.c_float, ctypes.c_float, *[ctypes.c_int64] * 3)
 
 
 def _intr(m: ir.Module, name: str, n_args: int) -> ir.Function:
@@ -154,6 +154,95 @@ def _build(m: ir.Module, name: str, half_kv: bool) -> None:
                 b.store(f16r(b.call(fma, [load_kv(vc, b.add(vrow, d)), vs, b.load(p)])), p)
             b.store(b.call(fma, [b.load(s_), ms, vs]), s_)
 
+    v8, h8 = ir.VectorType(f32, 8), ir.VectorType(ir.HalfType(), 8)
+    accs = [b.alloca(v8, name=f"acc{t}") for t in range(4)]
+
+    def ld8(arr, idx):  # 8 floats of an f32 array
+        return b.load(b.bitcast(b.gep(arr, [idx]), ptr(v8)), align=4)
+
+    def st8(val, arr, idx):
+        b.store(val, b.bitcast(b.gep(arr, [idx]), ptr(v8)), align=4)
+
+    def kv8(base, idx):  # 8 cache elements as f32
+        if half_kv:
+            h = b.load(b.bitcast(b.gep(base, [idx]), ptr(ir.VectorType(i16, 8))), align=2)
+            return b.fpext(b.bitcast(h, h8), v8)
+        return ld8(b.bitcast(base, ptr(f32)), idx)
+
+    def r16(v):  # 8 lanes rounded to fp16 and back (F16C)
+        return b.fpext(b.fptrunc(v, h8), v8)
+
+    def by8(stop, body, name):  # body(d, vector?) over [0, stop): 8 lanes, then one by one
+        whole = b.sub(stop, b.srem(stop, const(i64, 8)))
+        with for_range(b, c0, whole, 8, name=name) as d:
+            body(d, True)
+        with for_range(b, whole, stop, name=name + "t") as d:
+            body(d, False)
+
+    def vec_row_simd(kbase, qrow, lo, pos):
+        """vec_row with ggml's own vectors (F16C): the same operations lane by lane."""
+        def round_q(d, vec):
+            if vec:
+                st8(r16(ld8(qrow, d)), qh, d)
+            else:
+                b.store(f16r(b.load(b.gep(qrow, [d]))), b.gep(qh, [d]))
+
+        by8(hd, round_q, "qd")
+        np_ = b.sub(hd, b.srem(hd, const(i64, STEP)))
+        zero8 = ir.Constant(v8, [0.0] * 8)
+        with for_range(b, lo, b.add(pos, c1), name="j") as j:
+            krow = b.add(kbase, b.mul(j, hd))
+            for a in accs:
+                b.store(zero8, a)
+            with for_range(b, c0, np_, STEP, name="i0") as i0:
+                for t, a in enumerate(accs):
+                    x = b.add(i0, const(i64, 8 * t))
+                    b.store(b.call(fma8, [kv8(kc, b.add(krow, x)), ld8(qh, x), b.load(a)]), a)
+            a0, a1, a2, a3 = (b.load(a) for a in accs)
+            x8 = b.fadd(b.fadd(a0, a2), b.fadd(a1, a3))
+            lane = [b.extract_element(x8, const(i32, t)) for t in range(8)]
+            t0 = [b.fadd(lane[t], lane[4 + t]) for t in range(4)]
+            b.store(b.fpext(b.fadd(b.fadd(t0[0], t0[1]), b.fadd(t0[2], t0[3])), f64), sd_)
+            with for_range(b, np_, hd, name="lo") as x:  # leftovers, in double
+                pr = b.fmul(load_kv(kc, b.add(krow, x)), b.load(b.gep(qh, [x])))
+                b.store(b.fadd(b.load(sd_), b.fpext(pr, f64)), sd_)
+            s = score(b.fptrunc(b.load(sd_), f32))
+            mo = b.load(m_)
+            new = b.fcmp_ordered(">", s, mo)
+            ex = b.call(expf, [b.select(new, b.fsub(mo, s), b.fsub(s, mo))])
+            ms, vs = b.select(new, ex, one), b.select(new, one, ex)
+
+            def rescale(d, vec):
+                if vec:
+                    st8(r16(b.fmul(ld8(vkq, d), splat8(ms))), vkq, d)
+                else:
+                    p = b.gep(vkq, [d])
+                    b.store(f16r(b.fmul(b.load(p), ms)), p)
+
+            with b.if_then(new):
+                b.store(s, m_)
+                by8(hd, rescale, "sc")
+            vrow = b.add(kbase, b.mul(j, hd))
+
+            def mad(d, vec):
+                if vec:
+                    st8(r16(b.call(fma8, [kv8(vc, b.add(vrow, d)), splat8(vs), ld8(vkq, d)])),
+                        vkq, d)
+                else:
+                    p = b.gep(vkq, [d])
+                    b.store(f16r(b.call(fma, [load_kv(vc, b.add(vrow, d)), vs, b.load(p)])), p)
+
+            by8(hd, mad, "mad")
+            b.store(b.call(fma, [b.load(s_), ms, vs]), s_)
+
+    fma8 = m.globals.get("llvm.fma.v8f32") or ir.Function(
+        m, ir.FunctionType(v8, [v8] * 3), "llvm.fma.v8f32")
+
+    def splat8(x):
+        v = b.insert_element(ir.Constant(v8, ir.Undefined), x, const(i32, 0))
+        return b.shuffle_vector(v, ir.Constant(v8, ir.Undefined), ir.Constant(
+            ir.VectorType(i32, 8), [0] * 8))
+
     def tiled_row(g, kbase, qrow, lo, pos):
         tile = const(i64, TILE)
         maxnum = _intr(m, "llvm.maxnum.f32", 2)
@@ -229,7 +318,7 @@ def _build(m: ir.Module, name: str, half_kv: bool) -> None:
             b.store(fz, b.gep(vkq, [d]))
         with b.if_else(b.icmp_signed("==", route, const(i64, VEC))) as (then, other):
             with then:
-                vec_row(kbase, qrow, lo, pos)
+                (vec_row_simd if hw else vec_row)(kbase, qrow, lo, pos)
             with other:
                 tiled_row(g, kbase, qrow, lo, pos)
         s = b.load(s_)
@@ -239,12 +328,42 @@ def _build(m: ir.Module, name: str, half_kv: bool) -> None:
     b.ret_void()
 
 
+def _build_part(m: ir.Module, name: str) -> None:
+    """`<name>_part(i64* args, part, n_parts)`: `name` as a team job (jit.parallel) over its
+    share of the (head, query) rows. args: q, k, v, kt, out (addresses), n | route << 32,
+    n_head, group, hd, hstride, tpad, p0, n_swa, then scale and cap as the low and high
+    32 bits of one word."""
+    impl = m.globals[name]
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(i64), i64, i64]), f"{name}_part")
+    argv, part, n_parts = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    a = [b.load(b.gep(argv, [const(i64, k)])) for k in range(14)]
+    ptrs = [b.inttoptr(a[k], t) for k, t in enumerate(_ARGS[:5])]
+    n = b.and_(a[5], const(i64, 0xFFFFFFFF))
+    route = b.lshr(a[5], const(i64, 32))
+    sc = b.bitcast(b.trunc(a[13], i32), f32)
+    cap = b.bitcast(b.trunc(b.lshr(a[13], const(i64, 32)), i32), f32)
+    rows = b.mul(n, a[6])
+    r0 = b.sdiv(b.mul(rows, part), n_parts)
+    r1 = b.sdiv(b.mul(rows, b.add(part, const(i64, 1))), n_parts)
+    b.call(impl, [*ptrs, n, *a[6:13], sc, cap, route, r0, r1])
+    b.ret_void()
+
+
+_PART_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+
+
 @cache
 def _kernels() -> dict:
     m = ir.Module(name="attention")
     _build(m, "attn_f32", False)
     _build(m, "attn_f16", True)
-    return compile_kernels(m, {"attn_f32": _SIG, "attn_f16": _SIG})
+    for name in ("attn_f32", "attn_f16"):
+        _build_part(m, name)
+    mod = compile_kernels(m, {"attn_f32_part": _PART_SIG, "attn_f16_part": _PART_SIG})
+    # team jobs are run by address, from compiled code
+    return {name: ctypes.cast(mod[f"{name}_part"], ctypes.c_void_p).value
+            for name in ("attn_f32", "attn_f16")}
 
 
 def route_for(n_tokens: int) -> int:
@@ -283,9 +402,15 @@ def flash_attn(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: floa
     if route == TILED:  # the keys transposed, (n_kv, head_dim, tpad), as ggml packs a tile
         kt = np.zeros((n_kv, hd, tpad), np.float32)
         kt[:, :, :t] = k[:, :t].transpose(0, 2, 1)
-    kern = _kernels()["attn_f16" if k.dtype == np.float16 else "attn_f32"]
-    ptrs = (q.ctypes.data, k.ctypes.data, v.ctypes.data, kt.ctypes.data, out.ctypes.data)
-    ints = (n, n_head, n_head // n_kv, hd, n_ctx * hd, tpad, p0, n_swa)
-    parallel_rows(lambda a, z: kern(*ptrs, *ints, scale, softcap, route, a, z),
-                  n * n_head, threads, min_rows=max(1, (1 << 15) // (t * hd)))
+    part = _kernels()["attn_f16" if k.dtype == np.float16 else "attn_f32"]
+    floats = np.array([scale, softcap], np.float32).view(np.int64)[0]
+    threads = threads or default_threads()
+    rows = n * n_head
+    # parts are claimed first come, first served; a short one is not worth a hand-off
+    parts = min(rows, 4 * threads) if rows * t * hd >= MIN_WORK and threads > 1 else 1
+    jobs = job_table()
+    jobs.add(part, parts, q.ctypes.data, k.ctypes.data, v.ctypes.data, kt.ctypes.data,
+             out.ctypes.data, n | route << 32, n_head, n_head // n_kv, hd, n_ctx * hd, tpad,
+             p0, n_swa, int(floats))
+    jobs.run(threads)
     return out
