@@ -56,7 +56,10 @@ def test_decoding_one_token_at_a_time_routes_as_the_batch(moe):
 
 def test_router_picks_the_most_probable_experts_and_renormalises():
     """moe_ffn against a per-token loop written from the definition."""
-    from gguflab.runner.model import Experts, Weight, silu
+    from gguflab.runner.model import Experts, Weight
+
+    def silu(x):
+        return x / (np.float32(1) + np.exp(-x))
 
     rng = np.random.default_rng(3)
     n_exp, d, f = 5, 32, 64

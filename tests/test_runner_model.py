@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from agreement import assert_same_top1_where_clear
+from agreement import assert_same_top1_where_clear, log_softmax
 from ggml_oracle import llama_quantize
 from llama_ref import (
     LLAMA_SPREADS,
@@ -18,7 +18,7 @@ from llama_ref import (
 
 from gguflab.errors import UserError
 from gguflab.runner.model import Model
-from gguflab.runner.perplexity import log_softmax, perplexity
+from gguflab.runner.perplexity import perplexity
 
 TOKENS = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 3458, 282, 8295, 314, 4110, 30, 378,
           3458, 282, 7365, 314, 216]

@@ -1003,8 +1003,11 @@ def _special(p, w, x, y, n_tok, n_in, n_out) -> bool:
 
 @cache
 def _act_kernels() -> dict:
-    names = [f"round_{k.name.lower()}" for k in _Q8_KINDS + _HALF_KINDS] + ["xq_float"]
-    return compile_kernels(build_activation_module(), dict.fromkeys(names, _ACT_SIG))
+    """The rounding kernel of each kind (keyed by its GGMLType) and "xq_float"."""
+    kinds = _Q8_KINDS + _HALF_KINDS
+    names = [f"round_{k.name.lower()}" for k in kinds] + ["xq_float"]
+    mod = compile_kernels(build_activation_module(), dict.fromkeys(names, _ACT_SIG))
+    return {"xq_float": mod["xq_float"], **{k: mod[f"round_{k.name.lower()}"] for k in kinds}}
 
 
 def round_q8(x: np.ndarray, kind: GGMLType, out: np.ndarray | None = None) -> np.ndarray:
@@ -1017,7 +1020,7 @@ def round_q8(x: np.ndarray, kind: GGMLType, out: np.ndarray | None = None) -> np
         raise UserError(f"{kind.name} rounds rows of whole blocks, got {n_in} values")
     if out is None:
         out = np.empty((n_tok, xq_row_bytes(n_in)), np.uint8)
-    fn = _act_kernels()[f"round_{kind.name.lower()}"]
+    fn = _act_kernels()[kind]
     if n_tok == 1:
         fn(x2, 1, n_in, out)
     else:
@@ -1041,7 +1044,7 @@ def round_activations(x: np.ndarray, kind: GGMLType | None) -> np.ndarray:
         return xq_float(round_q8(x, kind), x.shape[-1]).reshape(x.shape)
     if kind in _HALF_KINDS:
         y = np.empty_like(x)
-        _act_kernels()[f"round_{kind.name.lower()}"](x, 1, x.size, y)
+        _act_kernels()[kind](x, 1, x.size, y)
         return y
     return x
 

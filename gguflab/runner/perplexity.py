@@ -31,12 +31,6 @@ class PerplexityResult:
     kld: dict | None = None  # with a base: llama-perplexity's statistics (kld_statistics)
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
-
-
 def chunks_of(tokens: list[int], n_ctx: int, n_chunks: int | None) -> int:
     if n_ctx < 8:
         raise UserError(f"--ctx-size {n_ctx} is too small for perplexity (use 128 or more)")
