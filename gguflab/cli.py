@@ -483,7 +483,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                           threads=args.threads, out_dir=args.out_dir, force=args.force,
                           n_gpu_layers=args.n_gpu_layers, vram_bytes=vram,
                           imatrix=args.imatrix, hellaswag=args.hellaswag,
-                          hellaswag_tasks=args.hellaswag_tasks):
+                          hellaswag_tasks=args.hellaswag_tasks, flash_attn=args.flash_attn):
         if isinstance(ev, Started):
             i = ev.info
             imat = f"; imatrix {i['imatrix']}" if i.get("imatrix") else ""

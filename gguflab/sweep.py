@@ -193,6 +193,7 @@ class _Settings:
     chunks: int
     threads: int
     n_gpu_layers: int | str  # a count or "auto"
+    flash_attn: str  # -fa: on, off or auto
 
 
 class _Cancelled(Exception):
@@ -317,18 +318,21 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
                 chunks: int = -1, threads: int | None = None, out_dir: str | None = None,
                 force: bool = False, n_gpu_layers: int | str = 0,
                 vram_bytes: int | None = None, imatrix: str | None = None,
-                hellaswag: str | None = None, hellaswag_tasks: int = 400) -> Iterator[Event]:
+                hellaswag: str | None = None, hellaswag_tasks: int = 400,
+                flash_attn: str = "auto") -> Iterator[Event]:
     """Measure `model` and its quantizations to `types`, yielding Started, Log, Progress,
     one Measured(type, row) per row as soon as it is known, then Finished(json_path,
     {"rows", "markdown"}). `force` re-quantizes and re-measures everything. `n_ctx` 0: 512,
     halved (down to 128) while the text is shorter than two chunks, so the shipped text
     works with no arguments. `imatrix`: also measure every type quantized with it (rows
     `TYPE+imat`, files `<stem>-TYPE-imat.gguf`). `hellaswag`: a HellaSwag task file, scored
-    as llama-perplexity --hellaswag --hellaswag-tasks `hellaswag_tasks` (column HellaSwag)."""
+    as llama-perplexity --hellaswag --hellaswag-tasks `hellaswag_tasks` (column HellaSwag).
+    `flash_attn`: llama.cpp's -fa setting for every measurement (part of the cache key)."""
     from .catalog import default_eval_text
     from .jit.parallel import default_threads
     from .quant.pipeline import QuantizeOptions, load_importance, plan_model, quantize_model
     from .runner.load import load_model
+    from .runner.model import flash_attn_mode
     from .runner.perplexity import chunks_of, perplexity
     from .runner.tokenizer import Tokenizer
 
@@ -392,7 +396,8 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
 
     json_path, md_path, cache_path, kld_path = output_paths(model, out_dir)
     settings = _Settings(hashlib.blake2b(text_bytes, digest_size=16).hexdigest(), n_ctx,
-                         n_chunk, threads or default_threads(), n_gpu_layers)
+                         n_chunk, threads or default_threads(), n_gpu_layers,
+                         flash_attn_mode(flash_attn))
     cache = _Cache(cache_path, fresh=force)
     if imatrix is not None:
         imat_hash = cache.hash(imatrix)
@@ -413,6 +418,7 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
         """One perplexity run (with KLD against the base when `base_path`) and the speed."""
         lm = load_model(path, max(n_ctx, PP_TOKENS + TG_TOKENS), n_gpu_layers)
         m = lm.model
+        m.flash_attn = settings.flash_attn
         if lm.plan is not None:  # as `-ngl` in run and perplexity: the last layers on the GPU
             yield Log("info", f"{label}: {lm.plan.summary()}")
         res = yield from _with_progress(
@@ -530,6 +536,7 @@ def sweep_model(model: str, types: str | list[str], text_file: str | None, n_ctx
             "text": os.path.abspath(text_file), "text_hash": settings.text_hash,
             "n_ctx": n_ctx, "chunks": n_chunk, "n_tokens": len(tokens),
             "threads": settings.threads, "n_gpu_layers": n_gpu_layers,
+            "flash_attn": settings.flash_attn,
             "imatrix": os.path.abspath(imatrix) if imatrix else None,
             "vram_bytes": vram_bytes, "speed_run": {"prompt": PP_TOKENS, "generate": TG_TOKENS}}
     _write_atomic(json_path, json.dumps({**info, "rows": rows}, indent=1) + "\n")

@@ -9,6 +9,7 @@ import ctypes
 import json
 import os
 import re
+import shutil
 
 import pytest
 
@@ -120,6 +121,23 @@ def test_figures_equal_the_perplexity_command(first, capsys, tmp_path):
         assert re.search(r"Same top p: +([\d.]+)", out)[1] == f"{100 * r['same_top_p']:.3f}"
         assert (re.search(r"Mean PPL\(Q\)-PPL\(base\) +: +(\S+)", out)[1]
                 == f"{r['delta_ppl']:.6f}")
+
+
+def test_flash_attn_setting_is_measured_apart_and_as_the_perplexity_command(first, capsys,
+                                                                          tmp_path):
+    """-fa off: the figures `gguflab perplexity -fa off` gives; the setting is part of the
+    cache key (the same setting again measures nothing, another measures again)."""
+    model = tmp_path / "tiny.gguf"
+    shutil.copyfile(first[0], model)
+    rows = run(model, TYPES[:1], flash_attn="off")[1].stats["rows"]
+    out = _perplexity_cli(capsys, rows[1]["file"], "-fa", "off")
+    assert re.search(r"PPL = ([\d.]+)", out)[1] == f"{rows[1]['ppl']:.4f}"
+    assert [r["cached"] for r in run(model, TYPES[:1], flash_attn="off")[1].stats["rows"]] == [
+        True, True]
+    assert [r["cached"] for r in run(model, TYPES[:1], flash_attn="on")[1].stats["rows"]] == [
+        False, False]
+    with pytest.raises(UserError, match="flash-attn"):
+        run(model, TYPES[:1], flash_attn="maybe")
 
 
 def test_second_run_measures_and_quantizes_nothing(first):
