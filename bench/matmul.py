@@ -1,42 +1,37 @@
-"""Matrix-product speed over quantized weights: gguflab.runner.kernels.matmul per type.
+"""Matrix-product speed over quantized weights: gguflab.runner.kernels.matmul against
+ggml's own mul_mat (a ggml graph on llama.cpp's CPU backend, the oracle build) per type,
+on the same weights and activations, with the ratio.
 
-    python bench/matmul.py [--n 4096] [--prompt 64] [--threads N] [--types Q4_K,Q8_0]
-                           [--repeat 3]
+    python bench/matmul.py [--shapes 576x576,1536x576,576x1536,4096x4096] [--prompt 512]
+                           [--threads N] [--types Q4_K,Q8_0] [--repeat 5]
 
-Per type: decode (n_tok=1) in GB/s of weight bytes read, prompt (n_tok=--prompt) in GFLOP/s,
-for an n x n weight on all cores; the first line is numpy's float32 `x @ W.T` on the
-dequantized weight as a reference. Each figure is the best of --repeat timed batches.
+Per type and weight shape (rows x columns): the prompt product (--prompt tokens) in ms for
+both, the median of --repeat runs after a warm-up, and ratio = ggml's time / ours (above
+1.0: we are faster); our one-token product in ms and GB/s of weight read (ggml's graph
+starts its threads on every compute, which would swamp a one-token product: compare
+decoding with bench/llama_bench.py); `same`: both products bit-identical to ggml's.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from test_attention import _ggml, _InitParams  # noqa: E402
 
 from gguflab import quant  # noqa: E402
 from gguflab.gguf import GGMLType  # noqa: E402
+from gguflab.jit.parallel import default_threads  # noqa: E402
 from gguflab.runner.kernels import SUPPORTED_TYPES, matmul  # noqa: E402
 
-
-def best_time(fn, min_s: float = 0.3, repeat: int = 3) -> float:
-    fn()  # warm up: compile, caches, pool
-    best = float("inf")
-    for _ in range(repeat):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            dt = time.perf_counter() - t0
-            if dt >= min_s:
-                break
-        best = min(best, dt / n)
-    return best
+P = ctypes.c_void_p
 
 
 def make_weight(t: GGMLType, wf: np.ndarray) -> np.ndarray:
@@ -48,38 +43,93 @@ def make_weight(t: GGMLType, wf: np.ndarray) -> np.ndarray:
     return q.view(np.uint16) if t == GGMLType.BF16 else q
 
 
+def median_time(fn, repeat: int) -> float:
+    fn()  # warm up: compile, caches, threads
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+class GgmlMatmul:
+    """x @ W.T by ggml's mul_mat in a graph of its own, computed with `threads` threads."""
+
+    def __init__(self, t: GGMLType, w: np.ndarray, x: np.ndarray, threads: int):
+        base, self.cpu = _ggml()
+        base.ggml_new_tensor_2d.restype = P
+        base.ggml_new_tensor_2d.argtypes = [P, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        base.ggml_mul_mat.restype, base.ggml_mul_mat.argtypes = P, [P, P, P]
+        self.base, self.threads = base, threads
+        need = w.nbytes + x.nbytes + 4 * x.shape[0] * w.shape[0] + (64 << 20)
+        self.ctx = base.ggml_init(_InitParams(need, None, False))
+        tw = base.ggml_new_tensor_2d(self.ctx, int(t), x.shape[1], w.shape[0])
+        ctypes.memmove(base.ggml_get_data(tw), w.ctypes.data, w.nbytes)
+        tx = base.ggml_new_tensor_2d(self.ctx, 0, x.shape[1], x.shape[0])
+        ctypes.memmove(base.ggml_get_data(tx), x.ctypes.data, x.nbytes)
+        self.out = base.ggml_mul_mat(self.ctx, tw, tx)
+        self.graph = base.ggml_new_graph(self.ctx)
+        base.ggml_build_forward_expand(self.graph, self.out)
+        self.shape = (x.shape[0], w.shape[0])
+
+    def __call__(self) -> None:
+        self.cpu.ggml_graph_compute_with_ctx(self.ctx, self.graph, self.threads)
+
+    def result(self) -> np.ndarray:
+        y = np.empty(self.shape, np.float32)
+        ctypes.memmove(y.ctypes.data, self.base.ggml_get_data(self.out), y.nbytes)
+        return y
+
+    def close(self) -> None:
+        self.base.ggml_free(self.ctx)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=4096)
-    ap.add_argument("--prompt", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--shapes", default="576x576,1536x576,576x1536,4096x4096")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=default_threads())
     ap.add_argument("--types", default=",".join(t.name for t in SUPPORTED_TYPES))
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
-    n, p = args.n, args.prompt
     rng = np.random.default_rng(0)
-    wf = rng.standard_normal((n, n), dtype=np.float32) * 0.02
-    x1 = rng.standard_normal(n, dtype=np.float32)
-    xp = rng.standard_normal((p, n), dtype=np.float32)
-    flops = 2.0 * p * n * n
-
-    def row(name, nbytes, t1, tp):
-        print(f"{name:<12} {nbytes / 1e6:9.1f} {t1 * 1e3:9.3f} {nbytes / t1 / 1e9:8.2f} "
-              f"{tp * 1e3:10.2f} {flops / tp / 1e9:9.1f}", flush=True)
-
-    print(f"{n} x {n} weight, decode n_tok=1, prompt n_tok={p}, "
-          f"threads={args.threads or os.cpu_count()}")
-    print(f"{'type':<12} {'MB':>9} {'decode ms':>9} {'GB/s':>8} {'prompt ms':>10} {'GFLOP/s':>9}")
-    wd = np.ascontiguousarray(wf)
-    row("numpy f32", wd.nbytes, best_time(lambda: x1 @ wd.T, repeat=args.repeat),
-        best_time(lambda: xp @ wd.T, repeat=args.repeat))
+    print(f"{args.threads} threads; prompt = {args.prompt} tokens; ms, median of "
+          f"{args.repeat}; ratio = ggml / ours")
+    print(f"| {'type':8s} | {'shape':>10s} | {'prompt ggml':>11s} | {'ours':>8s} | {'ratio':>5s} "
+          f"| {'decode ours':>11s} | {'GB/s':>6s} | same |")
+    print(f"| {'-' * 8} | {'-' * 9}: | {'-' * 10}: | {'-' * 7}: | {'-' * 4}: | {'-' * 10}: "
+          f"| {'-' * 5}: | ---- |")
     for name in args.types.split(","):
         t = GGMLType[name.strip().upper()]
-        w = make_weight(t, wf)
-        th = args.threads
-        t1 = best_time(lambda w=w, t=t, th=th: matmul(w, t, x1, threads=th), repeat=args.repeat)
-        tp = best_time(lambda w=w, t=t, th=th: matmul(w, t, xp, threads=th), repeat=args.repeat)
-        row(t.name, w.nbytes, t1, tp)
+        for shape in args.shapes.split(","):
+            n_out, n_in = (int(v) for v in shape.split("x"))
+            wf = rng.standard_normal((n_out, n_in), dtype=np.float32) * 0.02
+            try:
+                w = make_weight(t, wf)
+            except Exception as e:  # a shape the type cannot take (K-quants: rows of 256)
+                print(f"| {t.name:8s} | {shape:>10s} | {str(e)[:60]} |")
+                continue
+            row, same = [], True
+            for n_tok in (1, args.prompt):
+                x = rng.standard_normal((n_tok, n_in), dtype=np.float32)
+                ref = GgmlMatmul(t, w, x, args.threads)
+                try:
+                    tg = median_time(ref, args.repeat) if n_tok > 1 else 0.0
+                    if n_tok == 1:
+                        ref()
+                    to = median_time(lambda w=w, t=t, x=x: matmul(w, t, x,
+                                                                  threads=args.threads),
+                                     args.repeat)
+                    same &= bool(np.array_equal(ref.result(), matmul(w, t, x,
+                                                                     threads=args.threads)))
+                finally:
+                    ref.close()
+                row.append((tg, to))
+            (_, do), (pg, po) = row
+            print(f"| {t.name:8s} | {shape:>10s} | {pg * 1e3:11.2f} | {po * 1e3:8.2f} "
+                  f"| {pg / po:5.2f} | {do * 1e3:11.3f} | {w.nbytes / do / 1e9:6.2f} "
+                  f"| {'yes' if same else 'no':4s} |", flush=True)
 
 
 if __name__ == "__main__":
