@@ -30,7 +30,7 @@ run: $(VENV)/.run-installed
 # worker (module fixtures are built once).
 test: $(VENV)/.test-installed
 	$(PY) -m ruff check gguflab tests bench
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=20
 
 lint: $(VENV)/.test-installed
 	$(PY) -m ruff check gguflab tests bench
