@@ -81,6 +81,7 @@ MAX_GROUP_ROWS = 16
 TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
 TILE_TOKENS = 4  # tokens per register tile of the prompt kernel (x 2 rows)
 Q_TILE = 4  # tokens per tile of the integer prompt kernel (each weight group unpacked once)
+Q_TILE_K = 4  # (the K-quants: each super-block unpacked once)
 # work (in weight elements touched) below which one more thread costs more than it saves
 MIN_WORK_PER_THREAD = 1 << 20
 MIN_WORK_PER_PART = 1 << 16  # (decoding, where a hand-off to a team thread costs ~1 us)
@@ -444,7 +445,12 @@ def _int_groups(t: GGMLType) -> Callable | None:
     qt = quant.get(t)
     if not (INT_DOT and x86 and host_cpu().has("avx2") and qt.int_dot):
         return None
-    return qt.emit_int_groups
+    return qt.emit_int_superblock if qt.int_superblock else qt.emit_int_groups
+
+
+def _q_tile(t: GGMLType) -> int:
+    """Tokens per tile of the integer prompt kernel for weight type t."""
+    return Q_TILE_K if quant.get(t).int_superblock else Q_TILE
 
 
 def _group_dot(b: ir.IRBuilder, g: quant.IntGroup, xq: ir.Value) -> ir.Value:
@@ -511,6 +517,110 @@ def _build_gemmq(m: ir.Module, name: str, blk: _Blocks, groups: Callable,
                             b.gep(y, [b.add(b.mul(b.add(t, c64(j)), ldy), r)]))
     b.ret_void()
     return fn
+
+
+def _madd(b: ir.IRBuilder, a: ir.Value, c: ir.Value) -> ir.Value:
+    """vpmaddwd: <16 x i16> x <16 x i16> -> <8 x i32>, adjacent products summed."""
+    return intrinsic(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(i32, 8), [a, c])
+
+
+def _build_bsums(b: ir.IRBuilder, xr: ir.Value, nb: ir.Value, dst: ir.Value) -> None:
+    """Q8_K's `bsums` of one token: the sums of each 16 levels of its xq row `xr`, as one
+    <16 x i16> per super-block at `dst`."""
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    v16i8, v16 = ir.VectorType(i8, 16), ir.VectorType(i16, 16)
+    with for_range(b, c64(0), nb, name="bs") as k:
+        sums = ir.Constant(v16, None)
+        for h in range(16):
+            q = b.load(b.bitcast(b.gep(xr, [b.add(b.mul(k, c64(QK_K)), c64(16 * h))]),
+                                 ptr(v16i8)), align=1)
+            s = intrinsic(b, "llvm.vector.reduce.add.v16i16", i16, [b.sext(q, v16)])
+            sums = b.insert_element(sums, s, const(i32, h))
+        b.store(sums, b.gep(dst, [k]), align=2)
+
+
+def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
+                   T: int) -> ir.Function:
+    """`_build_gemmq` for the K-quants (same arguments), as ggml's AVX2 `vec_dot_<t>_q8_K`
+    computes each dot product: per super-block of 256, the groups' vpmaddubsw products
+    times their integer sub-scales (vpmaddwd) summed in 8 i32 lanes, converted once and
+    multiplied by d * dx into 8 float lanes; the mins through Q8_K's sums of 16 (computed
+    here once per token tile); the lanes summed as ggml's `hsum_float_8`. Integer sums are
+    exact, so the same lanes give ggml's bits; each weight super-block is unpacked once for
+    T tokens."""
+    vt, v4 = ir.VectorType(f32, 8), ir.VectorType(f32, 4)
+    v8i, v16 = ir.VectorType(i32, 8), ir.VectorType(i16, 16)
+    fn = _internal(m, name, [ptr(i8), i64, ptr(i8), i64, ptr(f32), i64, i64, i64, i64, i64,
+                             i64, i64])
+    w, ws, xq, ldq, y, ldy, t0, t1, r0, r1, nb, group = fn.args
+    b = _Builder(fn.append_basic_block("entry"))
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    n_in = b.mul(nb, c64(QK_K))
+    bsums = b.alloca(v16, size=b.mul(nb, c64(T)), name="bsums")
+    accs, accm = _Accs(b, vt, T), _Accs(b, v4, T)
+    summs = alloca_entry(b, f32, T, name="summs")
+    zero8 = ir.Constant(v8i, [0] * 8)
+    with for_range(b, r0, r1, step=group, name="rb") as g0:
+        end = b.add(g0, group)
+        g1 = b.select(b.icmp_signed("<", end, r1), end, r1)
+        with for_range(b, t0, t1, step=T, name="t") as t:
+            xr = [b.gep(xq, [b.mul(b.add(t, c64(j)), ldq)]) for j in range(T)]
+            xd = [b.bitcast(b.gep(r, [n_in]), ptr(f32)) for r in xr]
+            bs = [b.gep(bsums, [b.mul(nb, c64(j))]) for j in range(T)]
+            for j in range(T):
+                _build_bsums(b, xr[j], nb, bs[j])
+            with for_range(b, g0, g1, name="r") as r:
+                accs.zero()
+                accm.zero()
+                for j in range(T):
+                    b.store(const(f32, 0.0), b.gep(summs, [const(i32, j)]))
+                row = b.gep(w, [b.mul(r, ws)])
+                with for_range(b, c64(0), nb, name="blk") as k:
+                    sb = emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]))
+                    xk = [b.gep(x, [b.mul(k, c64(QK_K))]) for x in xr]
+                    sumi = [zero8] * T
+                    for gi in range(QK_K // Q8_GROUP):
+                        g = sb.group(gi)
+                        for j in range(T):
+                            xg = b.load(b.bitcast(b.gep(xk[j], [c64(Q8_GROUP * gi)]),
+                                                  ptr(_V32I8)), align=1)
+                            sumi[j] = b.add(sumi[j], _group_dot(b, g, xg))
+                    for j in range(T):
+                        dx = b.load(b.gep(xd[j], [b.mul(k, c64(QK_K // Q8_GROUP))]))
+                        if sb.mins is not None:
+                            prod = _madd(b, sb.mins, b.load(b.gep(bs[j], [k]), align=2))
+                            if sb.fold == "sub":
+                                sumi[j] = b.sub(sumi[j], prod)
+                            else:
+                                dm = b.fmul(b.fmul(dx, sb.dmin, flags=FINITE), const(f32, -1.0),
+                                            flags=FINITE)
+                                _fold_mins(b, sb.fold, prod, dm, accs, accm, summs, j)
+                        d = b.fmul(dx, sb.d, flags=FINITE)
+                        accs.add_product(j, splat(b, d, 8), b.sitofp(sumi[j], vt))
+                for j in range(T):
+                    total = _hsum(b, accs.get(j))
+                    if sb.fold == "acc4":
+                        total = b.fadd(total, _hsum(b, accm.get(j)), flags=FINITE)
+                    elif sb.fold == "scalar":
+                        total = b.fadd(total, b.load(b.gep(summs, [const(i32, j)])),
+                                       flags=FINITE)
+                    b.store(total, b.gep(y, [b.add(b.mul(b.add(t, c64(j)), ldy), r)]))
+    b.ret_void()
+    return fn
+
+
+def _fold_mins(b, fold, prod, dm, accs, accm, summs, j) -> None:
+    """Add the mins' term (the integer lanes `prod`, times dm) where ggml adds it."""
+    if fold == "acc":  # Q2_K: into the 8 float lanes, before the scales' term
+        accs.add_product(j, splat(b, dm, 8), b.sitofp(prod, ir.VectorType(f32, 8)))
+    elif fold == "acc4":  # Q4_K: lanes paired into a 4-lane float sum
+        idx = lambda o: ir.Constant(ir.VectorType(i32, 4), [o, o + 2, o + 4, o + 6])  # noqa: E731
+        p4 = b.add(b.shuffle_vector(prod, prod, idx(0)), b.shuffle_vector(prod, prod, idx(1)))
+        accm.add_product(j, splat(b, dm, 4), b.sitofp(p4, ir.VectorType(f32, 4)))
+    else:  # Q5_K: the lanes' integer total into a float scalar
+        total = b.sitofp(intrinsic(b, "llvm.vector.reduce.add.v8i32", i32, [prod]), f32)
+        p = b.gep(summs, [const(i32, j)])
+        b.store(_fma(b, b.load(p), dm, total), p)
 
 
 # -- the activations, rounded as llama.cpp rounds them ---------------------------------------
@@ -805,10 +915,11 @@ def build_module(t: GGMLType) -> ir.Module:
     name = t.name.lower()
     groups = _int_groups(t)
     if groups is not None:
-        one = _build_gemmq(m, f"gemmq1_{name}", blk, groups, 1)
+        build = _build_gemmq_k if quant.get(t).int_superblock else _build_gemmq
+        one = build(m, f"gemmq1_{name}", blk, groups, 1)
         _export_q_part(m, f"gemvq_{name}_part", one)
         _export(m, f"gemmq1_{name}", one)
-        _export(m, f"gemmq_{name}", _build_gemmq(m, f"gemmq_{name}", blk, groups, Q_TILE))
+        _export(m, f"gemmq_{name}", build(m, f"gemmq_{name}", blk, groups, _q_tile(t)))
     for T in GEMV_TOKENS:
         impl = _build_gemv(m, f"gemv{T}_{name}", blk, vw, T)
         _export(m, f"gemv{T}_{name}", impl)
@@ -869,7 +980,8 @@ class _Plan:
                           for T in GEMV_TOKENS}
         if self.int_dot:
             self.gemvq_part = ctypes.cast(mod[f"gemvq_{name}_part"], ctypes.c_void_p).value
-            self.gemmq = {Q_TILE: mod[f"gemmq_{name}"], 1: mod[f"gemmq1_{name}"]}
+            self.q_tile = _q_tile(t)
+            self.gemmq = {self.q_tile: mod[f"gemmq_{name}"], 1: mod[f"gemmq1_{name}"]}
         self.gemm = mod[f"gemm_{name}"]
 
     def weight(self, w) -> np.ndarray:
@@ -1093,9 +1205,9 @@ def _gemmq(p: _Plan, w, xq, y, ldy, n_tok, n_in, n_out, nb, threads) -> None:
     """A prompt's product on integer dot products: token tiles of Q_TILE (one-token calls
     for the rest), rows in blocks that stay in L2 while TOKEN_CHUNK tokens go by."""
     ws, ldq = w.strides[0], xq.shape[1]
-    tiled = n_tok - n_tok % Q_TILE
+    tiled = n_tok - n_tok % p.q_tile
     group = max(1, L2_BUDGET // 2 // ws)
-    tile, one = p.gemmq[Q_TILE], p.gemmq[1]
+    tile, one = p.gemmq[p.q_tile], p.gemmq[1]
 
     def run(a, c):
         for t0 in range(0, tiled, TOKEN_CHUNK):
