@@ -70,7 +70,7 @@ class IntSuperBlock:
 
     group: Callable[[int], IntGroup]  # emits group g (0..7) when asked: one live at a time
     d: ir.Value  # f32
-    mins: ir.Value | None = None  # <16 x i16>
+    mins: ir.Value | None = None  # <16 x i16> (a factor per 16 of x) or <8 x i16> (per 32)
     dmin: ir.Value | None = None  # f32
     fold: str | None = None
 

@@ -81,7 +81,7 @@ MAX_GROUP_ROWS = 16
 TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
 TILE_TOKENS = 4  # tokens per register tile of the prompt kernel (x 2 rows)
 Q_TILE = 4  # tokens per tile of the integer prompt kernel (each weight group unpacked once)
-Q_TILE_K = 4  # (the K-quants: each super-block unpacked once)
+Q_TILE_K = 8  # (the K-quants: each super-block unpacked once)
 # work (in weight elements touched) below which one more thread costs more than it saves
 MIN_WORK_PER_THREAD = 1 << 20
 MIN_WORK_PER_PART = 1 << 16  # (decoding, where a hand-off to a team thread costs ~1 us)
@@ -520,23 +520,35 @@ def _build_gemmq(m: ir.Module, name: str, blk: _Blocks, groups: Callable,
 
 
 def _madd(b: ir.IRBuilder, a: ir.Value, c: ir.Value) -> ir.Value:
-    """vpmaddwd: <16 x i16> x <16 x i16> -> <8 x i32>, adjacent products summed."""
+    """vpmaddwd: <2n x i16> x <2n x i16> -> <n x i32>, adjacent products summed (n = 8, 4)."""
+    if a.type.count == 8:
+        return intrinsic(b, "llvm.x86.sse2.pmadd.wd", ir.VectorType(i32, 4), [a, c])
     return intrinsic(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(i32, 8), [a, c])
 
 
-def _build_bsums(b: ir.IRBuilder, xr: ir.Value, nb: ir.Value, dst: ir.Value) -> None:
-    """Q8_K's `bsums` of one token: the sums of each 16 levels of its xq row `xr`, as one
-    <16 x i16> per super-block at `dst`."""
+def _build_bsums(b: ir.IRBuilder, xr: ir.Value, nb: ir.Value, dst: ir.Value, n: int) -> None:
+    """Q8_K's `bsums` of one token, as the type's mins take them: the sums of each 16 (n =
+    16) or 32 (n = 8) levels of its xq row `xr`, one <n x i16> per super-block at `dst`."""
     c64 = lambda v: const(i64, v)  # noqa: E731
-    v16i8, v16 = ir.VectorType(i8, 16), ir.VectorType(i16, 16)
+    size = QK_K // n
+    vin, vs = ir.VectorType(i8, size), ir.VectorType(i16, size)
     with for_range(b, c64(0), nb, name="bs") as k:
-        sums = ir.Constant(v16, None)
-        for h in range(16):
-            q = b.load(b.bitcast(b.gep(xr, [b.add(b.mul(k, c64(QK_K)), c64(16 * h))]),
-                                 ptr(v16i8)), align=1)
-            s = intrinsic(b, "llvm.vector.reduce.add.v16i16", i16, [b.sext(q, v16)])
+        sums = ir.Constant(ir.VectorType(i16, n), None)
+        for h in range(n):
+            q = b.load(b.bitcast(b.gep(xr, [b.add(b.mul(k, c64(QK_K)), c64(size * h))]),
+                                 ptr(vin)), align=1)
+            s = intrinsic(b, f"llvm.vector.reduce.add.v{size}i16", i16, [b.sext(q, vs)])
             sums = b.insert_element(sums, s, const(i32, h))
         b.store(sums, b.gep(dst, [k]), align=2)
+
+
+def _superblock_facts(emit: Callable) -> tuple[int, str | None]:
+    """(lanes of the mins' factors: 16, 8 or 0 for none, fold) of a K-quant's integer view,
+    from emitting it once into a scratch function."""
+    m = ir.Module()
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(i8)]), "probe")
+    sb = emit(ir.IRBuilder(fn.append_basic_block("entry")), fn.args[0])
+    return (sb.mins.type.count if sb.mins is not None else 0), sb.fold
 
 
 def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
@@ -549,14 +561,16 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
     exact, so the same lanes give ggml's bits; each weight super-block is unpacked once for
     T tokens."""
     vt, v4 = ir.VectorType(f32, 8), ir.VectorType(f32, 4)
-    v8i, v16 = ir.VectorType(i32, 8), ir.VectorType(i16, 16)
+    v8i = ir.VectorType(i32, 8)
     fn = _internal(m, name, [ptr(i8), i64, ptr(i8), i64, ptr(f32), i64, i64, i64, i64, i64,
                              i64, i64])
     w, ws, xq, ldq, y, ldy, t0, t1, r0, r1, nb, group = fn.args
     b = _Builder(fn.append_basic_block("entry"))
     c64 = lambda v: const(i64, v)  # noqa: E731
     n_in = b.mul(nb, c64(QK_K))
-    bsums = b.alloca(v16, size=b.mul(nb, c64(T)), name="bsums")
+    n_mins, _ = _superblock_facts(emit)
+    vsums = ir.VectorType(i16, max(n_mins, 8))
+    bsums = b.alloca(vsums, size=b.mul(nb, c64(T)), name="bsums")
     accs, accm = _Accs(b, vt, T), _Accs(b, v4, T)
     summs = alloca_entry(b, f32, T, name="summs")
     zero8 = ir.Constant(v8i, [0] * 8)
@@ -567,8 +581,8 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
             xr = [b.gep(xq, [b.mul(b.add(t, c64(j)), ldq)]) for j in range(T)]
             xd = [b.bitcast(b.gep(r, [n_in]), ptr(f32)) for r in xr]
             bs = [b.gep(bsums, [b.mul(nb, c64(j))]) for j in range(T)]
-            for j in range(T):
-                _build_bsums(b, xr[j], nb, bs[j])
+            for j in range(T if n_mins else 0):
+                _build_bsums(b, xr[j], nb, bs[j], n_mins)
             with for_range(b, g0, g1, name="r") as r:
                 accs.zero()
                 accm.zero()
@@ -577,11 +591,13 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
                 row = b.gep(w, [b.mul(r, ws)])
                 with for_range(b, c64(0), nb, name="blk") as k:
                     sb = emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]))
+                    if sb.dmin is not None:  # -dx * dmin as dx * -dmin: the same float
+                        neg_dmin = b.fmul(sb.dmin, const(f32, -1.0), flags=FINITE)
                     xk = [b.gep(x, [b.mul(k, c64(QK_K))]) for x in xr]
                     sumi = [zero8] * T
-                    for gi in range(QK_K // Q8_GROUP):
-                        g = sb.group(gi)
-                        for j in range(T):
+                    groups = [sb.group(gi) for gi in range(QK_K // Q8_GROUP)]
+                    for j in range(T):
+                        for gi, g in enumerate(groups):
                             xg = b.load(b.bitcast(b.gep(xk[j], [c64(Q8_GROUP * gi)]),
                                                   ptr(_V32I8)), align=1)
                             sumi[j] = b.add(sumi[j], _group_dot(b, g, xg))
@@ -592,8 +608,7 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
                             if sb.fold == "sub":
                                 sumi[j] = b.sub(sumi[j], prod)
                             else:
-                                dm = b.fmul(b.fmul(dx, sb.dmin, flags=FINITE), const(f32, -1.0),
-                                            flags=FINITE)
+                                dm = b.fmul(dx, neg_dmin, flags=FINITE)
                                 _fold_mins(b, sb.fold, prod, dm, accs, accm, summs, j)
                         d = b.fmul(dx, sb.d, flags=FINITE)
                         accs.add_product(j, splat(b, d, 8), b.sitofp(sumi[j], vt))
@@ -613,12 +628,11 @@ def _fold_mins(b, fold, prod, dm, accs, accm, summs, j) -> None:
     """Add the mins' term (the integer lanes `prod`, times dm) where ggml adds it."""
     if fold == "acc":  # Q2_K: into the 8 float lanes, before the scales' term
         accs.add_product(j, splat(b, dm, 8), b.sitofp(prod, ir.VectorType(f32, 8)))
-    elif fold == "acc4":  # Q4_K: lanes paired into a 4-lane float sum
-        idx = lambda o: ir.Constant(ir.VectorType(i32, 4), [o, o + 2, o + 4, o + 6])  # noqa: E731
-        p4 = b.add(b.shuffle_vector(prod, prod, idx(0)), b.shuffle_vector(prod, prod, idx(1)))
-        accm.add_product(j, splat(b, dm, 4), b.sitofp(p4, ir.VectorType(f32, 4)))
+    elif fold == "acc4":  # Q4_K: a 4-lane float sum
+        accm.add_product(j, splat(b, dm, 4), b.sitofp(prod, ir.VectorType(f32, 4)))
     else:  # Q5_K: the lanes' integer total into a float scalar
-        total = b.sitofp(intrinsic(b, "llvm.vector.reduce.add.v8i32", i32, [prod]), f32)
+        n = prod.type.count
+        total = b.sitofp(intrinsic(b, f"llvm.vector.reduce.add.v{n}i32", i32, [prod]), f32)
         p = b.gep(summs, [const(i32, j)])
         b.store(_fma(b, b.load(p), dm, total), p)
 

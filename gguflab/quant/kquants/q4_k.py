@@ -227,10 +227,11 @@ def emit_int_superblock_q45(b: ir.IRBuilder, src: ir.Value, qs_at: int,
                             qh_at: int | None) -> IntSuperBlock:
     """Q4_K / Q5_K (`qh_at`: where the fifth bits are) as ggml's AVX2 dot reads them: 8
     groups of 32 unsigned levels, each with its 6-bit scale as the integer factor, and the
-    6-bit mins dotted with x's sums of 32 (Q4_K into 4 float lanes, Q5_K into a scalar)."""
+    6-bit mins (8 lanes: one a group) dotted with x's sums of 32 (Q4_K into 4 float lanes,
+    Q5_K into a scalar)."""
     from ...jit.builders import load_bytes as load_v
     from ...jit.floats import load_f16
-    from ._intdot import load_words, mask, per_32, pick, widen, words_to_bytes
+    from ._intdot import load_words, mask, per_32, widen, words_to_bytes
 
     d, dmin = load_f16(b, src, 0), load_f16(b, src, 2)
     u0, u1, u2 = load_words(b, src, 4, 3)
@@ -241,7 +242,7 @@ def emit_int_superblock_q45(b: ir.IRBuilder, src: ir.Value, qs_at: int,
                b.shl(b.and_(b.lshr(u1, c(6)), c(0x03030303)), c(4)))
     w1 = b.or_(b.and_(u2, c(0x0F0F0F0F)), b.shl(b.and_(b.lshr(u0, c(6)), c(0x03030303)), c(4)))
     sm = widen(b, words_to_bytes(b, [b.and_(u0, low6), w1, b.and_(u1, low6), w3]), False)
-    mins = pick(b, sm, [8 + k // 2 for k in range(16)])  # each 32-sum is two 16-sums
+    mins = b.shuffle_vector(sm, sm, ir.Constant(ir.VectorType(i32, 8), list(range(8, 16))))
 
     def group(g: int) -> IntGroup:
         qs = load_v(b, src, qs_at + 32 * (g // 2), 32)
