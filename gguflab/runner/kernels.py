@@ -595,9 +595,9 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
                         neg_dmin = b.fmul(sb.dmin, const(f32, -1.0), flags=FINITE)
                     xk = [b.gep(x, [b.mul(k, c64(QK_K))]) for x in xr]
                     sumi = [zero8] * T
-                    groups = [sb.group(gi) for gi in range(QK_K // Q8_GROUP)]
-                    for j in range(T):
-                        for gi, g in enumerate(groups):
+                    for gi in range(QK_K // Q8_GROUP):
+                        g = sb.group(gi)
+                        for j in range(T):
                             xg = b.load(b.bitcast(b.gep(xk[j], [c64(Q8_GROUP * gi)]),
                                                   ptr(_V32I8)), align=1)
                             sumi[j] = b.add(sumi[j], _group_dot(b, g, xg))
