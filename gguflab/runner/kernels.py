@@ -519,6 +519,11 @@ def _build_gemmq(m: ir.Module, name: str, blk: _Blocks, groups: Callable,
     return fn
 
 
+def _maddubs(b: ir.IRBuilder, u: ir.Value, s: ir.Value) -> ir.Value:
+    """vpmaddubsw: unsigned <32 x i8> x signed <32 x i8> -> <16 x i16>, pairs summed."""
+    return intrinsic(b, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(i16, 16), [u, s])
+
+
 def _madd(b: ir.IRBuilder, a: ir.Value, c: ir.Value) -> ir.Value:
     """vpmaddwd: <2n x i16> x <2n x i16> -> <n x i32>, adjacent products summed (n = 8, 4)."""
     if a.type.count == 8:
@@ -542,13 +547,13 @@ def _build_bsums(b: ir.IRBuilder, xr: ir.Value, nb: ir.Value, dst: ir.Value, n: 
         b.store(sums, b.gep(dst, [k]), align=2)
 
 
-def _superblock_facts(emit: Callable) -> tuple[int, str | None]:
-    """(lanes of the mins' factors: 16, 8 or 0 for none, fold) of a K-quant's integer view,
-    from emitting it once into a scratch function."""
+def _superblock_facts(emit: Callable) -> tuple[int, bool]:
+    """(lanes of the mins' factors: 16, 8 or 0 for none, whether the levels are signed) of
+    a K-quant's integer view, from emitting it once into a scratch function."""
     m = ir.Module()
     fn = ir.Function(m, ir.FunctionType(void, [ptr(i8)]), "probe")
     sb = emit(ir.IRBuilder(fn.append_basic_block("entry")), fn.args[0])
-    return (sb.mins.type.count if sb.mins is not None else 0), sb.fold
+    return (sb.mins.type.count if sb.mins is not None else 0), sb.group(0).signed
 
 
 def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
@@ -568,7 +573,11 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
     b = _Builder(fn.append_basic_block("entry"))
     c64 = lambda v: const(i64, v)  # noqa: E731
     n_in = b.mul(nb, c64(QK_K))
-    n_mins, _ = _superblock_facts(emit)
+    n_mins, signed = _superblock_facts(emit)
+    # signed levels (Q3_K) take x + 128 as vpmaddubsw's unsigned side, and the lanes lose
+    # 128 * (their scaled levels) again once a super-block: exact, one op a group less
+    xb = b.alloca(_V32I8, size=b.mul(nb, c64(T * QK_K // Q8_GROUP)), name="xb")
+    bias = ir.Constant(_V32I8, [-128] * 32)
     vsums = ir.VectorType(i16, max(n_mins, 8))
     bsums = b.alloca(vsums, size=b.mul(nb, c64(T)), name="bsums")
     accs, accm = _Accs(b, vt, T), _Accs(b, v4, T)
@@ -583,6 +592,12 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
             bs = [b.gep(bsums, [b.mul(nb, c64(j))]) for j in range(T)]
             for j in range(T if n_mins else 0):
                 _build_bsums(b, xr[j], nb, bs[j], n_mins)
+            xbj = [b.gep(xb, [b.mul(nb, c64(j * QK_K // Q8_GROUP))]) for j in range(T)]
+            for j in range(T if signed else 0):
+                with for_range(b, c64(0), b.mul(nb, c64(QK_K // Q8_GROUP)), name="xb") as gi:
+                    v = b.load(b.bitcast(b.gep(xr[j], [b.mul(gi, c64(Q8_GROUP))]), ptr(_V32I8)),
+                               align=1)
+                    b.store(b.xor(v, bias), b.gep(xbj[j], [gi]), align=32)
             with for_range(b, g0, g1, name="r") as r:
                 accs.zero()
                 accm.zero()
@@ -595,12 +610,23 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
                         neg_dmin = b.fmul(sb.dmin, const(f32, -1.0), flags=FINITE)
                     xk = [b.gep(x, [b.mul(k, c64(QK_K))]) for x in xr]
                     sumi = [zero8] * T
+                    corr = zero8
                     for gi in range(QK_K // Q8_GROUP):
                         g = sb.group(gi)
+                        if g.signed:
+                            corr = b.add(corr, _madd(b, _maddubs(b, bias, g.q), g.halves))
                         for j in range(T):
-                            xg = b.load(b.bitcast(b.gep(xk[j], [c64(Q8_GROUP * gi)]),
-                                                  ptr(_V32I8)), align=1)
-                            sumi[j] = b.add(sumi[j], _group_dot(b, g, xg))
+                            if g.signed:
+                                xg = b.load(b.gep(xbj[j], [b.add(b.mul(k, c64(8)), c64(gi))]),
+                                            align=32)
+                                dot = _madd(b, _maddubs(b, xg, g.q), g.halves)
+                            else:
+                                xg = b.load(b.bitcast(b.gep(xk[j], [c64(Q8_GROUP * gi)]),
+                                                      ptr(_V32I8)), align=1)
+                                dot = _group_dot(b, g, xg)
+                            sumi[j] = b.add(sumi[j], dot)
+                    if signed:
+                        sumi = [b.sub(v, corr) for v in sumi]
                     for j in range(T):
                         dx = b.load(b.gep(xd[j], [b.mul(k, c64(QK_K // Q8_GROUP))]))
                         if sb.mins is not None:
