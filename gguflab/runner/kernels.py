@@ -430,7 +430,9 @@ def _build_gemv(m: ir.Module, name: str, blk: _Blocks, vw: int, T: int) -> ir.Fu
 # float scale a and offset c (w = a * q + c). A group's dot is then one vpmaddubsw + vpmaddwd
 # on the integers and one float FMA: a * dx * sum(q * qx) + c * dx * sum(qx), about a quarter
 # of the instructions of dequantizing to floats. The levels and scales come from the same
-# emitters as the types' dequantizers.
+# emitters as the types' dequantizers. The K-quants (x rounded to Q8_K) go as ggml's AVX2
+# `vec_dot_<t>_q8_K` goes instead, and give its bits: integer sub-scales, one conversion a
+# super-block of 256 (`IntSuperBlock`, `_build_gemmq_k`).
 
 Q8_GROUP = 32
 QK_K = 256  # Q8_K's block
