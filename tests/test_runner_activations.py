@@ -115,7 +115,8 @@ def test_products_are_ggmls_dot_products(t):
 def test_prompt_and_decode_give_the_same_bits():
     """A token's product is the same whether it is decoded alone or inside a prompt: the
     integer kernels sum every (row, token) in one order whatever the tile."""
-    for t in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q4_K, GGMLType.Q6_K):
+    for t in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K,
+              GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K):
         if not kernels.quantizes_activations(t):
             continue
         w = weight(t, 33, 512)

@@ -92,7 +92,7 @@ def test_integer_dot_products_on_x86():
     if not host_cpu().has("avx2"):
         pytest.skip("integer dot products are x86 AVX2 only")
     for t in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
-              GGMLType.Q4_K, GGMLType.Q6_K):
+              GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K):
         assert kernels.quantizes_activations(t)
         w = make_weight(t, 40, seed=1)
         x = np.random.default_rng(2).standard_normal((1, N_IN)).astype(np.float32)

@@ -25,6 +25,7 @@ the reference otherwise.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -51,9 +52,27 @@ class IntGroup:
 
     q: ir.Value  # <32 x i8> levels
     signed: bool  # levels are i8 (else u8 below 128)
-    scale: ir.Value  # f32
+    scale: ir.Value | None  # f32 (None in a super-block: its `d` is the float scale)
     offset: ir.Value | None  # f32, or None for symmetric types
-    halves: ir.Value | None = None  # <16 x i16>: integer scales of each half (Q6_K), or 1
+    halves: ir.Value | None = None  # <16 x i16>: integer scale of each pair of levels, or 1
+
+
+@dataclass(frozen=True)
+class IntSuperBlock:
+    """A K-quant super-block of 256 weights as ggml's AVX2 `vec_dot_<t>_q8_K` takes it: 8
+    groups of 32 levels, each pair of levels with its integer sub-scale (`IntGroup.halves`),
+    summed in 8 i32 lanes over the whole super-block and turned into floats once (times
+    d * dx). The mins, where the type has them, dot Q8_K's sums of 16 (`bsums`) with the
+    16 integer factors `mins` (vpmaddwd: 8 i32 lanes), and `fold` says how ggml adds that in:
+    "sub" off the integer lanes (Q6_K's -32), "acc" into the float lanes first (Q2_K), "acc4"
+    into a separate 4-lane float sum (Q4_K), "scalar" into a float scalar (Q5_K); the float
+    factor of the last three is -dx * dmin."""
+
+    group: Callable[[int], IntGroup]  # emits group g (0..7) when asked: one live at a time
+    d: ir.Value  # f32
+    mins: ir.Value | None = None  # <16 x i16> (a factor per 16 of x) or <8 x i16> (per 32)
+    dmin: ir.Value | None = None  # f32
+    fold: str | None = None
 
 
 class QuantType:
@@ -118,11 +137,16 @@ class QuantType:
 
     # -- kernels (IR for one block) -------------------------------------------------------
 
-    int_dot = False  # the type has `emit_int_groups`
+    int_dot = False  # the type has `emit_int_groups` (or `emit_int_superblock`)
+    int_superblock = False  # its integer view is `emit_int_superblock` (the K-quants)
 
     def emit_int_groups(self, b: ir.IRBuilder, src: ir.Value) -> list[IntGroup]:
         """The block at `src` (i8*) as its groups of 32 integer levels, in order (x86 AVX2:
         the runner dots them with `vpmaddubsw`)."""
+        raise NotImplementedError
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        """The K-quant block at `src` (i8*) as ggml's AVX2 dot product with Q8_K reads it."""
         raise NotImplementedError
 
     has_quantize_kernel = False

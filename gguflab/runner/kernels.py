@@ -84,6 +84,7 @@ MAX_GROUP_ROWS = 16
 TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
 TILE_TOKENS = 4  # tokens per register tile of the prompt kernel (x 2 rows)
 Q_TILE = 4  # tokens per tile of the integer prompt kernel (each weight group unpacked once)
+Q_TILE_K = 8  # (the K-quants: each super-block unpacked once)
 # work (in weight elements touched) below which one more thread costs more than it saves
 MIN_WORK_PER_THREAD = 1 << 20
 MIN_WORK_PER_PART = 1 << 16  # (decoding, where a hand-off to a team thread costs ~1 us)
@@ -432,7 +433,9 @@ def _build_gemv(m: ir.Module, name: str, blk: _Blocks, vw: int, T: int) -> ir.Fu
 # float scale a and offset c (w = a * q + c). A group's dot is then one vpmaddubsw + vpmaddwd
 # on the integers and one float FMA: a * dx * sum(q * qx) + c * dx * sum(qx), about a quarter
 # of the instructions of dequantizing to floats. The levels and scales come from the same
-# emitters as the types' dequantizers.
+# emitters as the types' dequantizers. The K-quants (x rounded to Q8_K) go as ggml's AVX2
+# `vec_dot_<t>_q8_K` goes instead, and give its bits: integer sub-scales, one conversion a
+# super-block of 256 (`IntSuperBlock`, `_build_gemmq_k`).
 
 Q8_GROUP = 32
 QK_K = 256  # Q8_K's block
@@ -447,7 +450,12 @@ def _int_groups(t: GGMLType) -> Callable | None:
     qt = quant.get(t)
     if not (INT_DOT and x86 and host_cpu().has("avx2") and qt.int_dot):
         return None
-    return qt.emit_int_groups
+    return qt.emit_int_superblock if qt.int_superblock else qt.emit_int_groups
+
+
+def _q_tile(t: GGMLType) -> int:
+    """Tokens per tile of the integer prompt kernel for weight type t."""
+    return Q_TILE_K if quant.get(t).int_superblock else Q_TILE
 
 
 def _group_dot(b: ir.IRBuilder, g: quant.IntGroup, xq: ir.Value) -> ir.Value:
@@ -514,6 +522,150 @@ def _build_gemmq(m: ir.Module, name: str, blk: _Blocks, groups: Callable,
                             b.gep(y, [b.add(b.mul(b.add(t, c64(j)), ldy), r)]))
     b.ret_void()
     return fn
+
+
+def _maddubs(b: ir.IRBuilder, u: ir.Value, s: ir.Value) -> ir.Value:
+    """vpmaddubsw: unsigned <32 x i8> x signed <32 x i8> -> <16 x i16>, pairs summed."""
+    return intrinsic(b, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(i16, 16), [u, s])
+
+
+def _madd(b: ir.IRBuilder, a: ir.Value, c: ir.Value) -> ir.Value:
+    """vpmaddwd: <2n x i16> x <2n x i16> -> <n x i32>, adjacent products summed (n = 8, 4)."""
+    if a.type.count == 8:
+        return intrinsic(b, "llvm.x86.sse2.pmadd.wd", ir.VectorType(i32, 4), [a, c])
+    return intrinsic(b, "llvm.x86.avx2.pmadd.wd", ir.VectorType(i32, 8), [a, c])
+
+
+def _build_bsums(b: ir.IRBuilder, xr: ir.Value, nb: ir.Value, dst: ir.Value, n: int) -> None:
+    """Q8_K's `bsums` of one token, as the type's mins take them: the sums of each 16 (n =
+    16) or 32 (n = 8) levels of its xq row `xr`, one <n x i16> per super-block at `dst`."""
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    size = QK_K // n
+    vin, vs = ir.VectorType(i8, size), ir.VectorType(i16, size)
+    with for_range(b, c64(0), nb, name="bs") as k:
+        sums = ir.Constant(ir.VectorType(i16, n), None)
+        for h in range(n):
+            q = b.load(b.bitcast(b.gep(xr, [b.add(b.mul(k, c64(QK_K)), c64(size * h))]),
+                                 ptr(vin)), align=1)
+            s = intrinsic(b, f"llvm.vector.reduce.add.v{size}i16", i16, [b.sext(q, vs)])
+            sums = b.insert_element(sums, s, const(i32, h))
+        b.store(sums, b.gep(dst, [k]), align=2)
+
+
+def _superblock_facts(emit: Callable) -> tuple[int, bool]:
+    """(lanes of the mins' factors: 16, 8 or 0 for none, whether the levels are signed) of
+    a K-quant's integer view, from emitting it once into a scratch function."""
+    m = ir.Module()
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(i8)]), "probe")
+    sb = emit(ir.IRBuilder(fn.append_basic_block("entry")), fn.args[0])
+    return (sb.mins.type.count if sb.mins is not None else 0), sb.group(0).signed
+
+
+def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
+                   T: int) -> ir.Function:
+    """`_build_gemmq` for the K-quants (same arguments), as ggml's AVX2 `vec_dot_<t>_q8_K`
+    computes each dot product: per super-block of 256, the groups' vpmaddubsw products
+    times their integer sub-scales (vpmaddwd) summed in 8 i32 lanes, converted once and
+    multiplied by d * dx into 8 float lanes; the mins through Q8_K's sums of 16 (computed
+    here once per token tile); the lanes summed as ggml's `hsum_float_8`. Integer sums are
+    exact, so the same lanes give ggml's bits; each weight super-block is unpacked once for
+    T tokens."""
+    vt, v4 = ir.VectorType(f32, 8), ir.VectorType(f32, 4)
+    v8i = ir.VectorType(i32, 8)
+    fn = _internal(m, name, [ptr(i8), i64, ptr(i8), i64, ptr(f32), i64, i64, i64, i64, i64,
+                             i64, i64])
+    w, ws, xq, ldq, y, ldy, t0, t1, r0, r1, nb, group = fn.args
+    b = _Builder(fn.append_basic_block("entry"))
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    n_in = b.mul(nb, c64(QK_K))
+    n_mins, signed = _superblock_facts(emit)
+    # signed levels (Q3_K) take x + 128 as vpmaddubsw's unsigned side, and the lanes lose
+    # 128 * (their scaled levels) again once a super-block: exact, one op a group less
+    xb = b.alloca(_V32I8, size=b.mul(nb, c64(T * QK_K // Q8_GROUP)), name="xb")
+    bias = ir.Constant(_V32I8, [-128] * 32)
+    vsums = ir.VectorType(i16, max(n_mins, 8))
+    bsums = b.alloca(vsums, size=b.mul(nb, c64(T)), name="bsums")
+    accs, accm = _Accs(b, vt, T), _Accs(b, v4, T)
+    summs = alloca_entry(b, f32, T, name="summs")
+    zero8 = ir.Constant(v8i, [0] * 8)
+    with for_range(b, r0, r1, step=group, name="rb") as g0:
+        end = b.add(g0, group)
+        g1 = b.select(b.icmp_signed("<", end, r1), end, r1)
+        with for_range(b, t0, t1, step=T, name="t") as t:
+            xr = [b.gep(xq, [b.mul(b.add(t, c64(j)), ldq)]) for j in range(T)]
+            xd = [b.bitcast(b.gep(r, [n_in]), ptr(f32)) for r in xr]
+            bs = [b.gep(bsums, [b.mul(nb, c64(j))]) for j in range(T)]
+            for j in range(T if n_mins else 0):
+                _build_bsums(b, xr[j], nb, bs[j], n_mins)
+            xbj = [b.gep(xb, [b.mul(nb, c64(j * QK_K // Q8_GROUP))]) for j in range(T)]
+            for j in range(T if signed else 0):
+                with for_range(b, c64(0), b.mul(nb, c64(QK_K // Q8_GROUP)), name="xb") as gi:
+                    v = b.load(b.bitcast(b.gep(xr[j], [b.mul(gi, c64(Q8_GROUP))]), ptr(_V32I8)),
+                               align=1)
+                    b.store(b.xor(v, bias), b.gep(xbj[j], [gi]), align=32)
+            with for_range(b, g0, g1, name="r") as r:
+                accs.zero()
+                accm.zero()
+                for j in range(T):
+                    b.store(const(f32, 0.0), b.gep(summs, [const(i32, j)]))
+                row = b.gep(w, [b.mul(r, ws)])
+                with for_range(b, c64(0), nb, name="blk") as k:
+                    sb = emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]))
+                    if sb.dmin is not None:  # -dx * dmin as dx * -dmin: the same float
+                        neg_dmin = b.fmul(sb.dmin, const(f32, -1.0), flags=FINITE)
+                    xk = [b.gep(x, [b.mul(k, c64(QK_K))]) for x in xr]
+                    sumi = [zero8] * T
+                    corr = zero8
+                    for gi in range(QK_K // Q8_GROUP):
+                        g = sb.group(gi)
+                        if g.signed:
+                            corr = b.add(corr, _madd(b, _maddubs(b, bias, g.q), g.halves))
+                        for j in range(T):
+                            if g.signed:
+                                xg = b.load(b.gep(xbj[j], [b.add(b.mul(k, c64(8)), c64(gi))]),
+                                            align=32)
+                                dot = _madd(b, _maddubs(b, xg, g.q), g.halves)
+                            else:
+                                xg = b.load(b.bitcast(b.gep(xk[j], [c64(Q8_GROUP * gi)]),
+                                                      ptr(_V32I8)), align=1)
+                                dot = _group_dot(b, g, xg)
+                            sumi[j] = b.add(sumi[j], dot)
+                    if signed:
+                        sumi = [b.sub(v, corr) for v in sumi]
+                    for j in range(T):
+                        dx = b.load(b.gep(xd[j], [b.mul(k, c64(QK_K // Q8_GROUP))]))
+                        if sb.mins is not None:
+                            prod = _madd(b, sb.mins, b.load(b.gep(bs[j], [k]), align=2))
+                            if sb.fold == "sub":
+                                sumi[j] = b.sub(sumi[j], prod)
+                            else:
+                                dm = b.fmul(dx, neg_dmin, flags=FINITE)
+                                _fold_mins(b, sb.fold, prod, dm, accs, accm, summs, j)
+                        d = b.fmul(dx, sb.d, flags=FINITE)
+                        accs.add_product(j, splat(b, d, 8), b.sitofp(sumi[j], vt))
+                for j in range(T):
+                    total = _hsum(b, accs.get(j))
+                    if sb.fold == "acc4":
+                        total = b.fadd(total, _hsum(b, accm.get(j)), flags=FINITE)
+                    elif sb.fold == "scalar":
+                        total = b.fadd(total, b.load(b.gep(summs, [const(i32, j)])),
+                                       flags=FINITE)
+                    b.store(total, b.gep(y, [b.add(b.mul(b.add(t, c64(j)), ldy), r)]))
+    b.ret_void()
+    return fn
+
+
+def _fold_mins(b, fold, prod, dm, accs, accm, summs, j) -> None:
+    """Add the mins' term (the integer lanes `prod`, times dm) where ggml adds it."""
+    if fold == "acc":  # Q2_K: into the 8 float lanes, before the scales' term
+        accs.add_product(j, splat(b, dm, 8), b.sitofp(prod, ir.VectorType(f32, 8)))
+    elif fold == "acc4":  # Q4_K: a 4-lane float sum
+        accm.add_product(j, splat(b, dm, 4), b.sitofp(prod, ir.VectorType(f32, 4)))
+    else:  # Q5_K: the lanes' integer total into a float scalar
+        n = prod.type.count
+        total = b.sitofp(intrinsic(b, f"llvm.vector.reduce.add.v{n}i32", i32, [prod]), f32)
+        p = b.gep(summs, [const(i32, j)])
+        b.store(_fma(b, b.load(p), dm, total), p)
 
 
 # -- the activations, rounded as llama.cpp rounds them ---------------------------------------
@@ -834,10 +986,11 @@ def build_module(t: GGMLType) -> ir.Module:
     name = t.name.lower()
     groups = _int_groups(t)
     if groups is not None:
-        one = _build_gemmq(m, f"gemmq1_{name}", blk, groups, 1)
+        build = _build_gemmq_k if quant.get(t).int_superblock else _build_gemmq
+        one = build(m, f"gemmq1_{name}", blk, groups, 1)
         _export_q_part(m, f"gemvq_{name}_part", one)
         _export(m, f"gemmq1_{name}", one)
-        _export(m, f"gemmq_{name}", _build_gemmq(m, f"gemmq_{name}", blk, groups, Q_TILE))
+        _export(m, f"gemmq_{name}", build(m, f"gemmq_{name}", blk, groups, _q_tile(t)))
     for T in GEMV_TOKENS:
         impl = _build_gemv(m, f"gemv{T}_{name}", blk, vw, T)
         _export(m, f"gemv{T}_{name}", impl)
@@ -898,7 +1051,8 @@ class _Plan:
                           for T in GEMV_TOKENS}
         if self.int_dot:
             self.gemvq_part = ctypes.cast(mod[f"gemvq_{name}_part"], ctypes.c_void_p).value
-            self.gemmq = {Q_TILE: mod[f"gemmq_{name}"], 1: mod[f"gemmq1_{name}"]}
+            self.q_tile = _q_tile(t)
+            self.gemmq = {self.q_tile: mod[f"gemmq_{name}"], 1: mod[f"gemmq1_{name}"]}
         self.gemm = mod[f"gemm_{name}"]
 
     def weight(self, w) -> np.ndarray:
@@ -1128,9 +1282,9 @@ def _gemmq(p: _Plan, w, xq, y, ldy, n_tok, n_in, n_out, nb, threads) -> None:
     """A prompt's product on integer dot products: token tiles of Q_TILE (one-token calls
     for the rest), rows in blocks that stay in L2 while TOKEN_CHUNK tokens go by."""
     ws, ldq = w.strides[0], xq.shape[1]
-    tiled = n_tok - n_tok % Q_TILE
+    tiled = n_tok - n_tok % p.q_tile
     group = max(1, L2_BUDGET // 2 // ws)
-    tile, one = p.gemmq[Q_TILE], p.gemmq[1]
+    tile, one = p.gemmq[p.q_tile], p.gemmq[1]
 
     def run(a, c):
         for t0 in range(0, tiled, TOKEN_CHUNK):

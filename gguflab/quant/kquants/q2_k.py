@@ -12,7 +12,7 @@ from llvmlite import ir
 from ...gguf import GGMLType
 from ...jit.builders import Target, const, f32, i16, i32
 from ...jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..base import QuantType, register
+from ..base import IntGroup, IntSuperBlock, QuantType, register
 from ..floats import f16_from_f32_ref
 from ._imatrix import (
     emit_lanes_of,
@@ -176,3 +176,24 @@ class Q2_K(QuantType):
                     lv = b.and_(b.lshr(q, ln.ic(2 * k)), ln.ic(3))
                     v = b.fsub(b.fmul(dl, b.uitofp(lv, ln.f)), ml)
                     b.store(v, b.gep(xv, [const(i32, s)]), align=4)
+
+    int_dot = int_superblock = True
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        """8 groups of 32 2-bit levels, each 16 with its 4-bit scale as the integer factor;
+        the 4-bit mins dot x's sums of 16 into the float lanes first, as ggml does."""
+        from ...jit.builders import load_bytes as load_v
+        from ...jit.floats import load_f16
+        from ._intdot import mask, per_16, widen
+
+        ms = load_v(b, src, 0, 16)
+        sc = widen(b, b.and_(ms, mask(16, 0xF)), False)
+        mins = widen(b, b.lshr(ms, mask(16, 4)), False)
+        d, dmin = load_f16(b, src, 80), load_f16(b, src, 82)
+
+        def group(g: int) -> IntGroup:
+            q = b.and_(b.lshr(load_v(b, src, 16 + 32 * (g // 4), 32), mask(32, 2 * (g % 4))),
+                       mask(32, 3))
+            return IntGroup(q, False, None, None, per_16(b, sc, g))
+
+        return IntSuperBlock(group, d, mins, dmin, "acc")

@@ -13,7 +13,7 @@ from llvmlite import ir
 from ...gguf import GGMLType
 from ...jit.builders import Target, alloca_entry, const, f32, for_range, i8, i16, i32
 from ...jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..base import QuantType, register
+from ..base import IntGroup, IntSuperBlock, QuantType, register
 from ..floats import f16_from_f32_ref
 from ._imatrix import emit_sigma2, emit_vector_of, q3_k_search_ref
 from ._qkx2 import Lanes
@@ -244,3 +244,35 @@ class Q3_K(QuantType):
             level = b.or_(low, b.shl(high, splat(VI, 2)))
             val = b.fmul(emit_splat(b, dl), b.sitofp(b.sub(level, splat(VI, 4)), VF))
             b.store(val, b.gep(xv, [c(j)]), align=4)
+
+    int_dot = int_superblock = True
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        """8 groups of 32 signed levels (level - 4), each 16 with its 6-bit scale less 32
+        as the integer factor (the scales unpacked as ggml's `aux` shuffle does)."""
+        from ...jit.builders import load_bytes as load_v
+        from ...jit.floats import load_f16
+        from ._intdot import load_words, mask, per_16, widen, words_to_bytes
+
+        c = lambda v: const(i32, v)  # noqa: E731
+        lo4, hi2 = c(0x0F0F0F0F), c(0x03030303)
+        a0, a1, a2 = load_words(b, src, SC, 3)
+
+        def word(a, shift_lo, shift_hi):
+            low = b.and_(b.lshr(a, c(shift_lo)) if shift_lo else a, lo4)
+            high = b.and_(b.lshr(a2, c(shift_hi)) if shift_hi else a2, hi2)
+            return b.or_(low, b.shl(high, c(4)))
+
+        raw = words_to_bytes(b, [word(a0, 0, 0), word(a1, 0, 2), word(a0, 4, 4),
+                                 word(a1, 4, 6)])
+        sc = widen(b, b.sub(raw, mask(16, 32)), True)
+        d = load_f16(b, src, D)
+
+        def group(g: int) -> IntGroup:
+            low = b.and_(b.lshr(load_v(b, src, QS + 32 * (g // 4), 32), mask(32, 2 * (g % 4))),
+                         mask(32, 3))
+            high = b.and_(b.lshr(load_v(b, src, HM, 32), mask(32, g)), mask(32, 1))
+            q = b.sub(b.or_(low, b.shl(high, mask(32, 2))), mask(32, 4))
+            return IntGroup(q, True, None, None, per_16(b, sc, g))
+
+        return IntSuperBlock(group, d)

@@ -11,9 +11,9 @@ import numpy as np
 from llvmlite import ir
 
 from ...gguf import GGMLType
-from ...jit.builders import Target, const, f32, i8, i16, i32, i64
+from ...jit.builders import Target, const, f32, i8, i16, i32
 from ...jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..base import IntGroup, QuantType, register
+from ..base import IntGroup, IntSuperBlock, QuantType, register
 from ..floats import f16_from_f32_ref
 from ._imatrix import emit_search_q45_imatrix, q45_k_search_ref
 from ._qkx2 import (
@@ -217,25 +217,42 @@ class Q4_K(QuantType):
 
         emit_dequantize_q45(b, y, x, level)
 
-    int_dot = True
+    int_dot = int_superblock = True
 
-    def emit_int_groups(self, b: ir.IRBuilder, src: ir.Value) -> list[IntGroup]:
-        """8 groups of 32 nibbles: w = d*sc * q - dmin*m (6-bit sc, m of each group)."""
-        from ...jit.builders import load_bytes as load_v
-        from ...jit.builders import vconst
-        from ...jit.floats import load_f16
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        return emit_int_superblock_q45(b, src, 16, None)
 
-        d, dmin = load_f16(b, src, 0), load_f16(b, src, 2)
-        scales = b.gep(src, [const(i64, 4)])
-        out = []
-        for j in range(4):
-            qs = load_v(b, src, 16 + 32 * j, 32)
-            for h in range(2):
-                q = b.lshr(qs, vconst(i8, 4, 32)) if h else b.and_(qs, vconst(i8, 0xF, 32))
-                sc, m = emit_get_scale_min_k4(b, scales, 2 * j + h)
-                out.append(IntGroup(q, False, b.fmul(d, b.uitofp(sc, f32)),
-                                    b.fmul(b.fmul(dmin, b.uitofp(m, f32)), const(f32, -1.0))))
-        return out
+
+def emit_int_superblock_q45(b: ir.IRBuilder, src: ir.Value, qs_at: int,
+                            qh_at: int | None) -> IntSuperBlock:
+    """Q4_K / Q5_K (`qh_at`: where the fifth bits are) as ggml's AVX2 dot reads them: 8
+    groups of 32 unsigned levels, each with its 6-bit scale as the integer factor, and the
+    6-bit mins (8 lanes: one a group) dotted with x's sums of 32 (Q4_K into 4 float lanes,
+    Q5_K into a scalar)."""
+    from ...jit.builders import load_bytes as load_v
+    from ...jit.floats import load_f16
+    from ._intdot import load_words, mask, per_32, widen, words_to_bytes
+
+    d, dmin = load_f16(b, src, 0), load_f16(b, src, 2)
+    u0, u1, u2 = load_words(b, src, 4, 3)
+    c = lambda v: const(i32, v)  # noqa: E731
+    # the 12 packed bytes as 8 scales then 8 mins, one byte each (ggml's `utmp` shuffle)
+    low6 = c(0x3F3F3F3F)
+    w3 = b.or_(b.and_(b.lshr(u2, c(4)), c(0x0F0F0F0F)),
+               b.shl(b.and_(b.lshr(u1, c(6)), c(0x03030303)), c(4)))
+    w1 = b.or_(b.and_(u2, c(0x0F0F0F0F)), b.shl(b.and_(b.lshr(u0, c(6)), c(0x03030303)), c(4)))
+    sm = widen(b, words_to_bytes(b, [b.and_(u0, low6), w1, b.and_(u1, low6), w3]), False)
+    mins = b.shuffle_vector(sm, sm, ir.Constant(ir.VectorType(i32, 8), list(range(8, 16))))
+
+    def group(g: int) -> IntGroup:
+        qs = load_v(b, src, qs_at + 32 * (g // 2), 32)
+        q = b.lshr(qs, mask(32, 4)) if g % 2 else b.and_(qs, mask(32, 0xF))
+        if qh_at is not None:
+            hi = b.and_(b.lshr(load_v(b, src, qh_at, 32), mask(32, g)), mask(32, 1))
+            q = b.or_(q, b.shl(hi, mask(32, 4)))
+        return IntGroup(q, False, None, None, per_32(b, sm, g))
+
+    return IntSuperBlock(group, d, mins, dmin, "acc4" if qh_at is None else "scalar")
 
 
 def splat_i32(n: int, v: int) -> ir.Constant:

@@ -10,12 +10,13 @@ import numpy as np
 from llvmlite import ir
 
 from ...gguf import GGMLType
-from ..base import QuantType, register
+from ..base import IntSuperBlock, QuantType, register
 from ._imatrix import emit_search_q45_imatrix, q45_k_search_ref
 from ._qkx2 import half_bytes
 from .q4_k import (
     dequantize_q45_ref,
     emit_dequantize_q45,
+    emit_int_superblock_q45,
     emit_search_q45,
     gather_lanes,
     load_bytes,
@@ -97,5 +98,10 @@ class Q5_K(QuantType):
             return b.or_(low, b.shl(high, c(4)))
 
         emit_dequantize_q45(b, y, x, level)
+
+    int_dot = int_superblock = True
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        return emit_int_superblock_q45(b, src, 48, 16)
 
 

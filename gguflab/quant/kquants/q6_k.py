@@ -12,7 +12,7 @@ from llvmlite import ir
 from ...gguf import GGMLType
 from ...jit.builders import Target, alloca_entry, const, f32, for_range, i8, i16, i32
 from ...jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..base import IntGroup, QuantType, register
+from ..base import IntGroup, IntSuperBlock, QuantType, register
 from ..floats import f16_from_f32_ref
 from ._imatrix import q6_k_weights
 from ._qx import (
@@ -195,30 +195,26 @@ class Q6_K(QuantType):
             val = b.fmul(emit_splat(b, ds), b.sitofp(b.sub(level, splat(VI, 32)), VF))
             b.store(val, b.gep(xv, [c(j)]), align=4)
 
-    int_dot = True
+    int_dot = int_superblock = True
 
-    def emit_int_groups(self, b: ir.IRBuilder, src: ir.Value) -> list[IntGroup]:
-        """8 groups of 32 signed levels (6 bits, less 32): w = d * sc * q, with the 8-bit
-        scale of each half of the group as its integer factor."""
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        """8 groups of 32 unsigned 6-bit levels with the int8 scale of each 16 as the factor;
+        the -32 comes off the integer sums as 32 * scale * (x's sum of 16), as ggml does."""
         from ...jit.builders import load_bytes as load_v
-        from ...jit.builders import vconst
         from ...jit.floats import load_f16
+        from ._intdot import mask, per_16, widen
 
-        c8 = lambda v: vconst(i8, v, 32)  # noqa: E731
         d = load_f16(b, src, D)
-        v16 = ir.VectorType(i16, 16)
-        out = []
-        for g in range(8):
+        sc = widen(b, load_v(b, src, SC, 16), True)
+
+        def group(g: int) -> IntGroup:
             o = 32 * g
             ql = load_v(b, src, int(QL_IDX[o]), 32)
             qh = load_v(b, src, int(QH_IDX[o]), 32)
-            low = b.and_(b.lshr(ql, c8(int(QL_SHIFT[o]))), c8(0xF))
-            high = b.and_(b.lshr(qh, c8(int(QH_SHIFT[o]))), c8(3))
-            q = b.sub(b.or_(low, b.shl(high, c8(4))), c8(32))
-            sc = [b.sext(b.load(b.gep(src, [const(i32, SC + 2 * g + h)])), i16)
-                  for h in range(2)]
-            halves = ir.Constant(v16, None)
-            for k in range(16):
-                halves = b.insert_element(halves, sc[k // 8], const(i32, k))
-            out.append(IntGroup(q, True, d, None, halves))
-        return out
+            low = b.and_(b.lshr(ql, mask(32, int(QL_SHIFT[o]))), mask(32, 0xF))
+            high = b.and_(b.lshr(qh, mask(32, int(QH_SHIFT[o]))), mask(32, 3))
+            return IntGroup(b.or_(low, b.shl(high, mask(32, 4))), False, None, None,
+                            per_16(b, sc, g))
+
+        mins = b.shl(sc, ir.Constant(sc.type, [5] * 16))
+        return IntSuperBlock(group, d, mins, None, "sub")

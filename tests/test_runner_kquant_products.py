@@ -1,0 +1,67 @@
+"""The K-quant products are ggml's own function, bit for bit: each (row, token) sums its
+super-blocks as ggml's AVX2 `vec_dot_<t>_q8_K` does (integer lanes per super-block, the mins
+through Q8_K's sums of 16, one float conversion and FMA a super-block, ggml's horizontal
+sums), whatever the tile a token falls in and the thread that runs its rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ggml_oracle import ggml_cpu_matmul, sample_weights
+from test_runner_activations import activations
+
+from gguflab import quant
+from gguflab.gguf import GGMLType
+from gguflab.gguf.reader import GGUFReader
+from gguflab.runner import kernels
+from gguflab.runner.kernels import matmul
+
+K_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+
+
+def _int_path(t: GGMLType) -> None:
+    if not kernels.quantizes_activations(t):  # the integer kernels are x86 AVX2 only
+        pytest.skip(f"{t.name} products run on floats on this host")
+
+
+def _assert_bits(t: GGMLType, w: np.ndarray, x: np.ndarray) -> None:
+    ref = ggml_cpu_matmul(t, w, x)
+    for n in (1, 3, 37):  # one token (decode), a few (one tile), a prompt with a remainder
+        for threads in (1, 2):
+            got = matmul(w, t, x[:n], threads=threads)
+            np.testing.assert_array_equal(got, ref[:n], err_msg=f"{t.name} n={n} t={threads}")
+
+
+@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
+def test_k_products_are_ggmls_bits_on_random_data(t):
+    """Edge-case weights (zero, constant, tiny, huge, one-signed rows) and activations of
+    very different scales, over 4 super-blocks a row."""
+    _int_path(t)
+    n_in, n_out = 1024, 45
+    w = quant.get(t).quantize(sample_weights(n_out, n_in, seed=int(t)))
+    _assert_bits(t, w, activations(37, n_in, seed=int(t)))
+
+
+@pytest.fixture(scope="module")
+def smollm2_ffn(smollm2):
+    """SmolLM2's first FFN as the down product sees it: its down weight (1536 -> 576) and
+    the SwiGLU of its gate and up over normed token embeddings."""
+    r = GGUFReader(smollm2)
+    t = {x.name: x for x in r.tensors}
+
+    def rows(name):
+        x = t[name]
+        return quant.get(x.type).dequantize(np.asarray(x.raw)).reshape(x.shape)
+
+    h = rows("token_embd.weight")[np.arange(100, 137) * 97]
+    h = h / np.sqrt((h * h).mean(-1, keepdims=True) + 1e-5)
+    g, u = h @ rows("blk.0.ffn_gate.weight").T, h @ rows("blk.0.ffn_up.weight").T
+    x = (g / (1 + np.exp(-g)) * u).astype(np.float32)
+    return rows("blk.0.ffn_down.weight").astype(np.float32), x
+
+
+@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
+def test_k_products_are_ggmls_bits_on_smollm2(t, smollm2_ffn):
+    _int_path(t)
+    wf, x = smollm2_ffn
+    _assert_bits(t, quant.get(t).quantize(wf), x)
