@@ -79,7 +79,9 @@ LANES = 8  # floats per vector accumulator: fixed, so AVX-512 sums the same part
 L2_BUDGET = 256 << 10  # bytes of dequantized rows the prompt kernel keeps hot per thread
 MAX_GROUP_ROWS = 16
 TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
-TILE_TOKENS = 4  # tokens per register tile of the prompt kernel (x 2 rows)
+TILE_TOKENS = 4  # tokens per register tile of the prompt kernel
+GEMM_ROWS = 2  # rows per register tile of the prompt kernel
+K_BLOCK = 256  # floats of each row the prompt kernel takes at a time (kept in L1)
 Q_TILE = 4  # tokens per tile of the integer prompt kernel (each weight group unpacked once)
 # work (in weight elements touched) below which one more thread costs more than it saves
 MIN_WORK_PER_THREAD = 1 << 20
@@ -168,6 +170,9 @@ class _Accs:
 
     def get(self, i: int) -> ir.Value:
         return self.b.load(self._at(i))
+
+    def set(self, i: int, v: ir.Value) -> None:
+        self.b.store(v, self._at(i))
 
 
 def _vload(b: ir.IRBuilder, base: ir.Value, vt: ir.VectorType, index: ir.Value | int,
@@ -647,11 +652,49 @@ def _gemv_rows(blk: _Blocks) -> int:
     return GEMV_ROWS_FLOAT if blk.elementwise else GEMV_ROWS
 
 
-def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int) -> ir.Function:
+def _gemm_rounds(t: GGMLType) -> bool:
+    """Whether the prompt kernel over `t` rounds x itself (to fp16 or bf16, as ggml's
+    from_float does, round to nearest even) while packing it; otherwise x comes rounded."""
+    if t == GGMLType.F16:
+        return _x86_f16c()
+    return t in (GGMLType.BF16, GGMLType.F32)
+
+
+def _emit_round_x(b: ir.IRBuilder, v: ir.Value, t: GGMLType | None) -> ir.Value:
+    """A vector of x as a product over `t` weights sees it (see `_gemm_rounds`)."""
+    n = v.type.count
+    if t == GGMLType.F16:
+        return b.fpext(b.fptrunc(v, ir.VectorType(f16, n)), v.type)
+    if t == GGMLType.BF16:  # u + 0x7fff + (u >> 16 & 1), low half cleared; NaN kept
+        vi = ir.VectorType(i32, n)
+        u = b.bitcast(v, vi)
+        odd = b.and_(b.lshr(u, splat(b, const(i32, 16), n)), splat(b, const(i32, 1), n))
+        r = b.add(u, b.add(odd, splat(b, const(i32, 0x7FFF), n)))
+        r = b.bitcast(b.and_(r, splat(b, const(i32, -65536), n)), v.type)
+        return b.select(b.fcmp_unordered("uno", v, v), v, r)
+    return v
+
+
+def gemm_scratch_floats(n_in: int, group: int) -> int:
+    """Floats of scratch one prompt-kernel call needs (see `_build_gemm`)."""
+    n_pad = -(-n_in // K_BLOCK) * K_BLOCK
+    return group * (n_pad + TOKEN_CHUNK * LANES) + TOKEN_CHUNK * n_pad
+
+
+def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
+                rounding: GGMLType | None = None) -> ir.Function:
     """gemm(w, w_stride, x, ldx, y, ldy, t0, t1, r0, r1, n_blocks, scratch, group_rows):
-    y[t, r] = dot(W[r], x[t]) for t in [t0, t1), r in [r0, r1). Rows go in groups of
-    `group_rows`, dequantized into `scratch` (group_rows * n floats), then 2-row x 4-token
-    register tiles (1-token tiles for the remainder) run over them."""
+    y[t, r] = dot(W[r], x[t]) for t in [t0, t1) (at most TOKEN_CHUNK tokens), r in [r0, r1).
+
+    As llamafile's tinyBLAS sums it: each (row, token) has one vector accumulator, summed in
+    k order, then one fixed lane tree. The work goes in K-blocks of K_BLOCK floats, so that
+    what the register tiles (GEMM_ROWS rows x TILE_TOKENS tokens) read stays in L1:
+    - x's tokens are first packed into `scratch` block-major (rounded for `rounding`);
+    - rows go in groups of `group_rows`, dequantized into `scratch`, block-major too (one
+      K-block of the group is one contiguous run, read by every token tile);
+    - between K-blocks a tile's accumulators wait in `scratch` (an exact round trip).
+    A short last tile repeats its last row or token (the same bits, stored twice).
+    Scratch holds `gemm_scratch_floats(n, group_rows)` floats."""
     vt = ir.VectorType(f32, vw)
     args = [ptr(i8), i64, ptr(f32), i64, ptr(f32), i64, i64, i64, i64, i64, i64, ptr(f32), i64]
     fn = _internal(m, name, args)
@@ -659,66 +702,80 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int) -> ir.Function:
     b = _Builder(fn.append_basic_block("entry"))
     b.fix_half = not blk.elementwise
     c64 = lambda v: const(i64, v)  # noqa: E731
+    R, T = GEMM_ROWS, TILE_TOKENS
+    kc = max(K_BLOCK // blk.size, 1) * blk.size  # floats per K-block: whole weight blocks
+    kcv = kc // vw
     n = b.mul(nb, c64(blk.size))
     nv = b.mul(nb, c64(blk.size // vw))  # vectors per row
-    T = TILE_TOKENS
-    tile = _Accs(b, vt, 2 * T)
-    unroll = max(1, FLOAT_GROUP // vw)  # n is a multiple of FLOAT_GROUP floats
-    tail = _Accs(b, vt, 2 * unroll)
-    t_tiled = b.add(t0, b.mul(b.sdiv(b.sub(t1, t0), c64(T)), c64(T)))
+    n_pad = b.mul(b.sdiv(b.add(n, c64(kc - 1)), c64(kc)), c64(kc))  # whole K-blocks
+    tile = _Accs(b, vt, R * T)
+    part = b.bitcast(b.gep(scratch, [b.mul(group, n_pad)]), ptr(vt))  # partial sums
+    xp = b.gep(b.bitcast(part, ptr(f32)), [b.mul(group, c64(TOKEN_CHUNK * vw))])  # x packed
+    nt = b.sub(t1, t0)
+    xblock = b.mul(nt, c64(kc))  # floats of one K-block of the packed tokens
 
     def smin(a, c):
         return b.select(b.icmp_signed("<", a, c), a, c)
 
-    def store_y(t, row, v):
-        b.store(v, b.gep(y, [b.add(b.mul(t, ldy), row)]))
+    def block_major(i, f, rows_block):  # float f of row i, in K-blocks of rows_block floats
+        kb = b.sdiv(f, c64(kc))
+        return b.add(b.mul(kb, rows_block), b.add(b.mul(i, c64(kc)), b.sub(f, b.mul(kb, c64(kc)))))
 
+    with for_range(b, c64(0), nt, name="xt") as j:
+        src = b.bitcast(b.gep(x, [b.mul(b.add(t0, j), ldx)]), ptr(vt))
+        with for_range(b, c64(0), nv, name="xv") as k:
+            v = _emit_round_x(b, b.load(b.gep(src, [k]), align=4), rounding)
+            dst = b.gep(xp, [block_major(j, b.mul(k, c64(vw)), xblock)])
+            b.store(v, b.bitcast(dst, ptr(vt)), align=4)
+    last_t = b.sub(nt, c64(1))
     with for_range(b, r0, r1, step=group, name="g") as g:
         cnt = b.sub(smin(b.add(g, group), r1), g)
+        wblock = b.mul(cnt, c64(kc))  # floats of one K-block of the group
         with for_range(b, c64(0), cnt, name="dq") as i:
             row = b.gep(w, [b.mul(b.add(g, i), ws)])
-            dst = b.gep(scratch, [b.mul(i, n)])
             with for_range(b, c64(0), nb, name="blk") as k:
-                blk.emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]),
-                         b.gep(dst, [b.mul(k, c64(blk.size))]))
-        last = b.sub(cnt, c64(1))
-
-        def pair(p):
-            ib = smin(b.add(p, c64(1)), last)
-            return p, ib, b.gep(scratch, [b.mul(p, n)]), b.gep(scratch, [b.mul(ib, n)])
-
-        with for_range(b, t0, t_tiled, step=T, name="t") as t:
-            xs = [b.gep(x, [b.mul(b.add(t, c64(j)), ldx)]) for j in range(T)]
-            with for_range(b, c64(0), cnt, step=2, name="p") as p:
-                ia, ib, wa, wb = pair(p)
-                tile.zero()
-                with for_range(b, c64(0), nv, name="k") as k:
-                    va, vb = _vload(b, wa, vt, k), _vload(b, wb, vt, k)
-                    for j in range(T):
-                        xv = _vload(b, xs[j], vt, k)
-                        tile.add_product(j, va, xv)
-                        tile.add_product(T + j, vb, xv)
-                for j in range(T):
-                    tj = b.add(t, c64(j))
-                    store_y(tj, b.add(g, ia), _hsum(b, tile.get(j)))
-                    store_y(tj, b.add(g, ib), _hsum(b, tile.get(T + j)))
-        with for_range(b, t_tiled, t1, name="tr") as t:
-            xt = b.gep(x, [b.mul(t, ldx)])
-            with for_range(b, c64(0), cnt, step=2, name="pr") as p:
-                ia, ib, wa, wb = pair(p)
-                tail.zero()
-                with for_range(b, c64(0), nv, step=unroll, name="kr") as k:
-                    for u in range(unroll):
-                        ku = b.add(k, c64(u))
-                        xv = _vload(b, xt, vt, ku)
-                        tail.add_product(u, _vload(b, wa, vt, ku), xv)
-                        tail.add_product(unroll + u, _vload(b, wb, vt, ku), xv)
-                sa, sb = tail.get(0), tail.get(unroll)
-                for u in range(1, unroll):
-                    sa = b.fadd(sa, tail.get(u), flags=FINITE)
-                    sb = b.fadd(sb, tail.get(unroll + u), flags=FINITE)
-                store_y(t, b.add(g, ia), _hsum(b, sa))
-                store_y(t, b.add(g, ib), _hsum(b, sb))
+                at = block_major(i, b.mul(k, c64(blk.size)), wblock)
+                blk.emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]), b.gep(scratch, [at]))
+        last_r = b.sub(cnt, c64(1))
+        with for_range(b, c64(0), nv, step=kcv, name="kb") as kv:
+            ke = smin(b.add(kv, c64(kcv)), nv)
+            first = b.icmp_signed("==", kv, c64(0))
+            final = b.icmp_signed("==", ke, nv)
+            kbi = b.sdiv(kv, c64(kcv))
+            # both packed blocks as vectors, offset so that index k (from kv) reads them
+            wblk = b.gep(b.bitcast(b.gep(scratch, [b.mul(kbi, wblock)]), ptr(vt)), [b.neg(kv)])
+            xblk = b.gep(b.bitcast(b.gep(xp, [b.mul(kbi, xblock)]), ptr(vt)), [b.neg(kv)])
+            with for_range(b, c64(0), nt, step=T, name="t") as t:
+                toks = [smin(b.add(t, c64(j)), last_t) for j in range(T)]
+                xs = [b.gep(xblk, [b.mul(tj, c64(kcv))]) for tj in toks]
+                with for_range(b, c64(0), cnt, step=R, name="p") as p:
+                    rows = [smin(b.add(p, c64(i)), last_r) for i in range(R)]
+                    wr = [b.gep(wblk, [b.mul(ri, c64(kcv))]) for ri in rows]
+                    slots = [[b.gep(part, [b.add(b.mul(ri, c64(TOKEN_CHUNK)), tj)])
+                              for tj in toks] for ri in rows]
+                    with b.if_else(first) as (then, other):
+                        with then:
+                            tile.zero()
+                        with other:
+                            for i in range(R):
+                                for j in range(T):
+                                    tile.set(i * T + j, b.load(slots[i][j], align=4))
+                    with for_range(b, kv, ke, name="k") as k:
+                        wv = [b.load(b.gep(wr[i], [k]), align=4) for i in range(R)]
+                        for j in range(T):
+                            xv = b.load(b.gep(xs[j], [k]), align=4)
+                            for i in range(R):
+                                tile.add_product(i * T + j, wv[i], xv)
+                    with b.if_else(final) as (then, other):
+                        with then:
+                            for i in range(R):
+                                for j in range(T):
+                                    at = b.add(b.mul(b.add(t0, toks[j]), ldy), b.add(g, rows[i]))
+                                    b.store(_hsum(b, tile.get(i * T + j)), b.gep(y, [at]))
+                        with other:
+                            for i in range(R):
+                                for j in range(T):
+                                    b.store(tile.get(i * T + j), slots[i][j], align=4)
     b.ret_void()
     return fn
 
@@ -813,7 +870,8 @@ def build_module(t: GGMLType) -> ir.Module:
         impl = _build_gemv(m, f"gemv{T}_{name}", blk, vw, T)
         _export(m, f"gemv{T}_{name}", impl)
         _export_part(m, f"gemv{T}_{name}_part", impl, _gemv_rows(blk) if T == 1 else 1)
-    _export(m, f"gemm_{name}", _build_gemm(m, f"gemm_{name}", blk, vw))
+    rounding = t if _gemm_rounds(t) else None
+    _export(m, f"gemm_{name}", _build_gemm(m, f"gemm_{name}", blk, vw, rounding))
     return m
 
 
@@ -1075,13 +1133,14 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
     if p.int_dot:
         _gemmq(p, w, round_q8(x, p.act), y, ldy, n_tok, n_in, n_out, nb, threads)
         return y
-    x = round_activations(x, p.act)
+    if not _gemm_rounds(p.t):  # (the float kernels round x themselves, as they pack it)
+        x = round_activations(x, p.act)
     gemm = p.gemm
     group = max(2, min(MAX_GROUP_ROWS, L2_BUDGET // (4 * n_in)))
     group -= group % 2
 
     def run(a, c):
-        s = _scratch(group * n_in)
+        s = _scratch(gemm_scratch_floats(n_in, group))
         for t0 in range(0, n_tok, TOKEN_CHUNK):  # x's chunk stays in cache across row groups
             gemm(w, ws, x, n_in, y, ldy, t0, min(t0 + TOKEN_CHUNK, n_tok), a, c, nb, s, group)
 
