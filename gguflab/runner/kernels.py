@@ -77,11 +77,11 @@ FLOAT_GROUP = 32  # float weights are handled as virtual blocks of this many ele
 FINITE = ("nnan", "ninf")
 LANES = 8  # floats per vector accumulator: fixed, so AVX-512 sums the same partials as AVX2
 L2_BUDGET = 256 << 10  # bytes of dequantized rows the prompt kernel keeps hot per thread
-MAX_GROUP_ROWS = 16
+MAX_GROUP_ROWS = 30
 TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
 TILE_TOKENS = 4  # tokens per register tile of the prompt kernel
-GEMM_ROWS = 2  # rows per register tile of the prompt kernel
-K_BLOCK = 256  # floats of each row the prompt kernel takes at a time (kept in L1)
+GEMM_ROWS = 3  # rows per register tile of the prompt kernel (x TILE_TOKENS: 12 accumulators)
+K_BLOCK = 384  # floats of each row the prompt kernel takes at a time (kept in L1)
 Q_TILE = 4  # tokens per tile of the integer prompt kernel (each weight group unpacked once)
 # work (in weight elements touched) below which one more thread costs more than it saves
 MIN_WORK_PER_THREAD = 1 << 20
@@ -93,7 +93,7 @@ FINITE_DEQUANT = True  # decode kernels: the finite-math flags on the dequantiza
 GEMV_ACCS = 4  # accumulators of the decode kernel: enough to cover the FMA latency
 GEMV_TOKENS = (1, 4)  # decode kernel variants: 1 token, and up to 4 tokens in one pass
 GEMV_ROWS = 1  # rows the decode kernel runs side by side (quantized weights)
-GEMV_ROWS_FLOAT = 4  # (float weights)
+GEMV_ROWS_FLOAT = 2  # (float weights, one token: 4 accumulators each, see _build_gemv_vec_dot)
 
 
 # -- the block each kernel walks -----------------------------------------------------------
@@ -427,6 +427,86 @@ def _build_gemv(m: ir.Module, name: str, blk: _Blocks, vw: int, T: int) -> ir.Fu
     return fn
 
 
+def _hsum_hadd(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """The 8 lanes of v summed as ggml's AVX reduction does it: halves added, then
+    neighbours (two `hadd`s): (s0 + s1) + (s2 + s3) of s = lo + hi."""
+    h = ir.VectorType(i32, 4)
+    s = b.fadd(b.shuffle_vector(v, v, ir.Constant(h, [0, 1, 2, 3])),
+               b.shuffle_vector(v, v, ir.Constant(h, [4, 5, 6, 7])), flags=FINITE)
+    e = [b.extract_element(s, const(i32, i)) for i in range(4)]
+    return b.fadd(b.fadd(e[0], e[1], flags=FINITE), b.fadd(e[2], e[3], flags=FINITE),
+                  flags=FINITE)
+
+
+VEC_DOT_ACCS = 4  # ggml's vec_dot_f16/bf16/f32 (AVX2): 4 accumulators, every 4th vector
+
+
+def _vec_dot_order(t: GGMLType) -> bool:
+    """Whether the one-token kernel over `t` sums as ggml's vec_dot does (float weights)."""
+    return t in _FLOAT_TYPES and LANES == 8
+
+
+def _build_gemv_vec_dot(m: ir.Module, name: str, t: GGMLType, vw: int) -> ir.Function:
+    """gemv(w, w_stride, x, ldx, y, ldy, n_tok, r0, r1, n_blocks) over float weights (F16,
+    BF16, F32; n_blocks of FLOAT_GROUP floats) for each of n_tok tokens, summed as ggml's
+    `ggml_vec_dot_<t>` sums on x86 AVX2 (where llama.cpp's CPU backend takes one token, or
+    weights of a row count tinyBLAS does not tile): VEC_DOT_ACCS accumulators, the j-th
+    taking vectors j, j + 4, ..., combined (0 + 2) + (1 + 3), then across lanes (F16, F32:
+    two `hadd`s; BF16: halves, as `_hsum`). BF16 multiplies and adds in two roundings.
+    The weights are read as vectors (vcvtph2ps for F16), GEMV_ROWS_FLOAT rows side by side."""
+    assert vw == 8 and FLOAT_GROUP == vw * VEC_DOT_ACCS
+    vt = ir.VectorType(f32, vw)
+    fn = _internal(m, name, [ptr(i8), i64, ptr(f32), i64, ptr(f32), i64, i64, i64, i64, i64])
+    w, ws, x, ldx, y, ldy, ntok, r0, r1, nb = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    A = VEC_DOT_ACCS
+    accs = _Accs(b, vt, A * GEMV_ROWS_FLOAT)
+
+    def wload(row, k):
+        if t == GGMLType.F32:
+            return b.load(b.gep(b.bitcast(row, ptr(vt)), [k]), align=4)
+        if t == GGMLType.F16:
+            h = b.load(b.gep(b.bitcast(row, ptr(ir.VectorType(f16, vw))), [k]), align=2)
+            return b.fpext(h, vt)
+        u = b.load(b.gep(b.bitcast(row, ptr(ir.VectorType(i16, vw))), [k]), align=2)
+        u = b.shl(b.zext(u, ir.VectorType(i32, vw)), splat(b, const(i32, 16), vw))
+        return b.bitcast(u, vt)
+
+    def row_loop(xt, yt, start, stop, R):
+        with for_range(b, start, stop, step=R, name=f"r{R}") as r:
+            accs.zero()
+            rows = [b.gep(w, [b.mul(b.add(r, c64(i)), ws)]) for i in range(R)]
+            with for_range(b, c64(0), nb, name=f"k{R}") as k:
+                for a in range(A):
+                    kv = b.add(b.mul(k, c64(A)), c64(a))
+                    xv = b.load(b.gep(xt, [kv]), align=4)
+                    for i in range(R):
+                        wv = wload(rows[i], kv)
+                        if t == GGMLType.BF16:
+                            s = b.fadd(b.fmul(wv, xv, flags=FINITE), accs.get(i * A + a),
+                                       flags=FINITE)
+                            accs.set(i * A + a, s)
+                        else:
+                            accs.add_product(i * A + a, wv, xv)
+            for i in range(R):
+                g = [accs.get(i * A + a) for a in range(A)]
+                s = b.fadd(b.fadd(g[0], g[2], flags=FINITE), b.fadd(g[1], g[3], flags=FINITE),
+                           flags=FINITE)
+                total = _hsum(b, s) if t == GGMLType.BF16 else _hsum_hadd(b, s)
+                b.store(total, b.gep(yt, [b.add(r, c64(i))]))
+
+    with for_range(b, c64(0), ntok, name="tok") as tk:
+        xt = b.bitcast(b.gep(x, [b.mul(tk, ldx)]), ptr(vt))
+        yt = b.gep(y, [b.mul(tk, ldy)])
+        R = GEMV_ROWS_FLOAT
+        tiled = b.add(r0, b.mul(b.sdiv(b.sub(r1, r0), c64(R)), c64(R)))
+        row_loop(xt, yt, r0, tiled, R)
+        row_loop(xt, yt, tiled, r1, 1)
+    b.ret_void()
+    return fn
+
+
 # -- integer dot products (decoding on x86 AVX2) ---------------------------------------------
 #
 # As llama.cpp does: x is rounded to Q8_0 (groups of 32: d = max|x| / 127 as fp16, q = round(x
@@ -675,10 +755,25 @@ def _emit_round_x(b: ir.IRBuilder, v: ir.Value, t: GGMLType | None) -> ir.Value:
     return v
 
 
-def gemm_scratch_floats(n_in: int, group: int) -> int:
+def _k_blocks(n: int, block: int) -> tuple[int, int]:
+    """(floats per K-block, K-blocks) the prompt kernel cuts rows of n floats into: whole
+    weight blocks of `block` floats, at most K_BLOCK floats, as even as that allows (the
+    kernel computes the same)."""
+    nb = n // block
+    count = -(-nb // max(1, K_BLOCK // block))
+    per = -(-nb // count)
+    return per * block, -(-nb // per)
+
+
+def _gemm_group() -> int:
+    """Rows the prompt kernel dequantizes at a time (one K-block of them stays in L2)."""
+    return max(GEMM_ROWS, MAX_GROUP_ROWS - MAX_GROUP_ROWS % GEMM_ROWS)
+
+
+def gemm_scratch_floats(n_in: int, block: int, group: int) -> int:
     """Floats of scratch one prompt-kernel call needs (see `_build_gemm`)."""
-    n_pad = -(-n_in // K_BLOCK) * K_BLOCK
-    return group * (n_pad + TOKEN_CHUNK * LANES) + TOKEN_CHUNK * n_pad
+    kc, count = _k_blocks(n_in, block)
+    return group * (kc + TOKEN_CHUNK * LANES) + TOKEN_CHUNK * kc * count
 
 
 def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
@@ -694,7 +789,7 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
       K-block of the group is one contiguous run, read by every token tile);
     - between K-blocks a tile's accumulators wait in `scratch` (an exact round trip).
     A short last tile repeats its last row or token (the same bits, stored twice).
-    Scratch holds `gemm_scratch_floats(n, group_rows)` floats."""
+    Scratch holds `gemm_scratch_floats(n, block, group_rows)` floats."""
     vt = ir.VectorType(f32, vw)
     args = [ptr(i8), i64, ptr(f32), i64, ptr(f32), i64, i64, i64, i64, i64, i64, ptr(f32), i64]
     fn = _internal(m, name, args)
@@ -703,54 +798,59 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
     b.fix_half = not blk.elementwise
     c64 = lambda v: const(i64, v)  # noqa: E731
     R, T = GEMM_ROWS, TILE_TOKENS
-    kc = max(K_BLOCK // blk.size, 1) * blk.size  # floats per K-block: whole weight blocks
-    kcv = kc // vw
-    n = b.mul(nb, c64(blk.size))
-    nv = b.mul(nb, c64(blk.size // vw))  # vectors per row
-    n_pad = b.mul(b.sdiv(b.add(n, c64(kc - 1)), c64(kc)), c64(kc))  # whole K-blocks
+    bs, bv = blk.size, blk.size // vw
+
+    def cdiv(a, c):
+        return b.sdiv(b.add(a, b.sub(c, c64(1))), c)
+
+    # the K-blocks as `_k_blocks` cuts them: kcb weight blocks (kc floats, kcv vectors) each
+    kcb = cdiv(nb, cdiv(nb, c64(max(1, K_BLOCK // bs))))
+    kc, kcv = b.mul(kcb, c64(bs)), b.mul(kcb, c64(bv))
+    nv = b.mul(nb, c64(bv))  # vectors per row
     tile = _Accs(b, vt, R * T)
-    part = b.bitcast(b.gep(scratch, [b.mul(group, n_pad)]), ptr(vt))  # partial sums
+    part = b.bitcast(b.gep(scratch, [b.mul(group, kc)]), ptr(vt))  # partial sums
     xp = b.gep(b.bitcast(part, ptr(f32)), [b.mul(group, c64(TOKEN_CHUNK * vw))])  # x packed
     nt = b.sub(t1, t0)
-    xblock = b.mul(nt, c64(kc))  # floats of one K-block of the packed tokens
+    xblock = b.mul(nt, kc)  # floats of one K-block of the packed tokens
 
     def smin(a, c):
         return b.select(b.icmp_signed("<", a, c), a, c)
 
-    def block_major(i, f, rows_block):  # float f of row i, in K-blocks of rows_block floats
-        kb = b.sdiv(f, c64(kc))
-        return b.add(b.mul(kb, rows_block), b.add(b.mul(i, c64(kc)), b.sub(f, b.mul(kb, c64(kc)))))
-
     with for_range(b, c64(0), nt, name="xt") as j:
         src = b.bitcast(b.gep(x, [b.mul(b.add(t0, j), ldx)]), ptr(vt))
-        with for_range(b, c64(0), nv, name="xv") as k:
-            v = _emit_round_x(b, b.load(b.gep(src, [k]), align=4), rounding)
-            dst = b.gep(xp, [block_major(j, b.mul(k, c64(vw)), xblock)])
-            b.store(v, b.bitcast(dst, ptr(vt)), align=4)
+        with for_range(b, c64(0), nv, step=kcv, name="xb") as k0:
+            # vector k of token j in K-block k0 / kcv, as one vector index of the packed x
+            base = b.sub(b.add(b.mul(b.sdiv(k0, kcv), b.mul(nt, kcv)), b.mul(j, kcv)), k0)
+            dst = b.gep(b.bitcast(xp, ptr(vt)), [base])
+            with for_range(b, k0, smin(b.add(k0, kcv), nv), name="xv") as k:
+                v = _emit_round_x(b, b.load(b.gep(src, [k]), align=4), rounding)
+                b.store(v, b.gep(dst, [k]), align=4)
     last_t = b.sub(nt, c64(1))
     with for_range(b, r0, r1, step=group, name="g") as g:
         cnt = b.sub(smin(b.add(g, group), r1), g)
-        wblock = b.mul(cnt, c64(kc))  # floats of one K-block of the group
-        with for_range(b, c64(0), cnt, name="dq") as i:
-            row = b.gep(w, [b.mul(b.add(g, i), ws)])
-            with for_range(b, c64(0), nb, name="blk") as k:
-                at = block_major(i, b.mul(k, c64(blk.size)), wblock)
-                blk.emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]), b.gep(scratch, [at]))
         last_r = b.sub(cnt, c64(1))
         with for_range(b, c64(0), nv, step=kcv, name="kb") as kv:
-            ke = smin(b.add(kv, c64(kcv)), nv)
+            ke = smin(b.add(kv, kcv), nv)
             first = b.icmp_signed("==", kv, c64(0))
             final = b.icmp_signed("==", ke, nv)
-            kbi = b.sdiv(kv, c64(kcv))
-            # both packed blocks as vectors, offset so that index k (from kv) reads them
-            wblk = b.gep(b.bitcast(b.gep(scratch, [b.mul(kbi, wblock)]), ptr(vt)), [b.neg(kv)])
+            # this K-block of the group's rows, dequantized (row-major, kc floats a row)
+            k0 = b.sdiv(kv, c64(bv))
+            with for_range(b, c64(0), cnt, name="dq") as i:
+                row = b.gep(w, [b.mul(b.add(g, i), ws)])
+                base = b.sub(b.mul(i, kc), b.mul(k0, c64(bs)))
+                with for_range(b, k0, smin(b.add(k0, kcb), nb), name="blk") as k:
+                    blk.emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]),
+                             b.gep(scratch, [b.add(base, b.mul(k, c64(bs)))]))
+            kbi = b.sdiv(kv, kcv)
+            # both blocks as vectors, offset so that index k (from kv) reads them
+            wblk = b.gep(b.bitcast(scratch, ptr(vt)), [b.neg(kv)])
             xblk = b.gep(b.bitcast(b.gep(xp, [b.mul(kbi, xblock)]), ptr(vt)), [b.neg(kv)])
             with for_range(b, c64(0), nt, step=T, name="t") as t:
                 toks = [smin(b.add(t, c64(j)), last_t) for j in range(T)]
-                xs = [b.gep(xblk, [b.mul(tj, c64(kcv))]) for tj in toks]
+                xs = [b.gep(xblk, [b.mul(tj, kcv)]) for tj in toks]
                 with for_range(b, c64(0), cnt, step=R, name="p") as p:
                     rows = [smin(b.add(p, c64(i)), last_r) for i in range(R)]
-                    wr = [b.gep(wblk, [b.mul(ri, c64(kcv))]) for ri in rows]
+                    wr = [b.gep(wblk, [b.mul(ri, kcv)]) for ri in rows]
                     slots = [[b.gep(part, [b.add(b.mul(ri, c64(TOKEN_CHUNK)), tj)])
                               for tj in toks] for ri in rows]
                     with b.if_else(first) as (then, other):
@@ -761,11 +861,18 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
                                 for j in range(T):
                                     tile.set(i * T + j, b.load(slots[i][j], align=4))
                     with for_range(b, kv, ke, name="k") as k:
-                        wv = [b.load(b.gep(wr[i], [k]), align=4) for i in range(R)]
-                        for j in range(T):
-                            xv = b.load(b.gep(xs[j], [k]), align=4)
+                        if R <= T:  # the rows' vectors held, each token's loaded once
+                            wv = [b.load(b.gep(wr[i], [k]), align=4) for i in range(R)]
+                            for j in range(T):
+                                xv = b.load(b.gep(xs[j], [k]), align=4)
+                                for i in range(R):
+                                    tile.add_product(i * T + j, wv[i], xv)
+                        else:
+                            xv = [b.load(b.gep(xs[j], [k]), align=4) for j in range(T)]
                             for i in range(R):
-                                tile.add_product(i * T + j, wv[i], xv)
+                                wv = b.load(b.gep(wr[i], [k]), align=4)
+                                for j in range(T):
+                                    tile.add_product(i * T + j, wv, xv[j])
                     with b.if_else(final) as (then, other):
                         with then:
                             for i in range(R):
@@ -867,7 +974,10 @@ def build_module(t: GGMLType) -> ir.Module:
         _export(m, f"gemmq1_{name}", one)
         _export(m, f"gemmq_{name}", _build_gemmq(m, f"gemmq_{name}", blk, groups, Q_TILE))
     for T in GEMV_TOKENS:
-        impl = _build_gemv(m, f"gemv{T}_{name}", blk, vw, T)
+        if T == 1 and _vec_dot_order(t):
+            impl = _build_gemv_vec_dot(m, f"gemv{T}_{name}", t, vw)
+        else:
+            impl = _build_gemv(m, f"gemv{T}_{name}", blk, vw, T)
         _export(m, f"gemv{T}_{name}", impl)
         _export_part(m, f"gemv{T}_{name}_part", impl, _gemv_rows(blk) if T == 1 else 1)
     rounding = t if _gemm_rounds(t) else None
@@ -1093,13 +1203,22 @@ def _x_for(p: _Plan, x: np.ndarray, n_in: int, seen: dict, int_path: bool) -> np
     return r
 
 
+TINYBLAS_ROWS = 4  # llamafile's tinyBLAS takes float weights of a multiple of 4 rows
+
+
+def _vec_dot_rows(p: _Plan, n_out: int) -> bool:
+    """Float weights of a row count tinyBLAS does not take: llama.cpp's CPU backend then
+    computes every token with vec_dot, as our one-token kernel does (a pass over W a token)."""
+    return n_out % TINYBLAS_ROWS != 0 and _vec_dot_order(p.t)
+
+
 def _add_gemv(jobs: JobTable, p: _Plan, w, x, y, ldy, n_tok, n_in, n_out, threads,
               seen: dict) -> None:
     """Post one decode product (n_tok <= GEMV_TOKENS[-1]) as a team job: a part per
     MIN_WORK_PER_PART of work, at most two per thread (parts are taken first come, first
     served, which evens out a slow thread). `seen` holds x rounded as the weights' types
     need it (shared by the products of one x)."""
-    T = 1 if n_tok == 1 else GEMV_TOKENS[-1]
+    T = 1 if n_tok == 1 or _vec_dot_rows(p, n_out) else GEMV_TOKENS[-1]
     parts = n_out * n_in * (1 + n_tok // 2) // MIN_WORK_PER_PART
     parts = max(1, min(parts, 2 * threads if threads > 1 else 1, n_out))
     if T == 1 and p.int_dot:
@@ -1122,7 +1241,7 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
     if _special(p, w, x, y, n_tok, n_in, n_out):
         return y
     threads = threads or default_threads()
-    if n_tok == 1 or (n_tok <= GEMV_TOKENS[-1] and not p.int_dot):
+    if n_tok == 1 or (n_tok <= GEMV_TOKENS[-1] and not p.int_dot) or _vec_dot_rows(p, n_out):
         jobs = job_table()
         seen: dict = {}
         _add_gemv(jobs, p, w, x, y, ldy, n_tok, n_in, n_out, threads, seen)
@@ -1136,11 +1255,10 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
     if not _gemm_rounds(p.t):  # (the float kernels round x themselves, as they pack it)
         x = round_activations(x, p.act)
     gemm = p.gemm
-    group = max(2, min(MAX_GROUP_ROWS, L2_BUDGET // (4 * n_in)))
-    group -= group % 2
+    group = _gemm_group()
 
     def run(a, c):
-        s = _scratch(gemm_scratch_floats(n_in, group))
+        s = _scratch(gemm_scratch_floats(n_in, p.vblock, group))
         for t0 in range(0, n_tok, TOKEN_CHUNK):  # x's chunk stays in cache across row groups
             gemm(w, ws, x, n_in, y, ldy, t0, min(t0 + TOKEN_CHUNK, n_tok), a, c, nb, s, group)
 
