@@ -13,10 +13,15 @@ products see exactly the weights `quant.get(t).dequantize` gives:
 - `gemv1_<t>` / `gemv4_<t>` (decoding: 1 token, or 2-4 in one pass) stream each weight row
   once. The block's dequantization IR is emitted through `_Builder`, which turns each of its
   stores into FMAs into the accumulators, so the dequantized floats never touch memory;
-- `gemm_<t>` (prompt processing) dequantizes a group of rows into a per-thread scratch
-  buffer that stays in L2, then runs a register-blocked kernel (2 rows x 4 tokens, eight
-  vector accumulators) over it, so the dequantization is paid once per row for a whole
-  chunk of tokens.
+- `gemm_<t>` (prompt processing) packs a chunk of tokens and dequantizes a group of rows,
+  a K-block at a time, into a per-thread scratch buffer, then runs a register-blocked kernel
+  (3 rows x 4 tokens, twelve vector accumulators) over it, so the dequantization is paid
+  once per row for a whole chunk of tokens.
+
+Over float weights (F16, BF16, F32) the products are ggml's bits: x rounded as ggml rounds
+it, and each output summed in the order of the kernel llama.cpp's CPU backend runs there,
+llamafile's tinyBLAS for 2 tokens or more (one accumulator, k in order), `ggml_vec_dot_<t>`
+for one token or a row count tinyBLAS does not take (`gemv1_<t>`: four accumulators).
 
 Every kernel computes the same bits on every x86-64 CPU (AVX2 or AVX-512) and whatever the
 thread split: the float accumulators are vectors of a fixed `LANES` floats, summed in an order
@@ -81,7 +86,7 @@ MAX_GROUP_ROWS = 30
 TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
 TILE_TOKENS = 4  # tokens per register tile of the prompt kernel
 GEMM_ROWS = 3  # rows per register tile of the prompt kernel (x TILE_TOKENS: 12 accumulators)
-K_BLOCK = 384  # floats of each row the prompt kernel takes at a time (kept in L1)
+K_BLOCK = 768  # floats of each row the prompt kernel takes at a time (x tiles stay in L1)
 Q_TILE = 4  # tokens per tile of the integer prompt kernel (each weight group unpacked once)
 # work (in weight elements touched) below which one more thread costs more than it saves
 MIN_WORK_PER_THREAD = 1 << 20
