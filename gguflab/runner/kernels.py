@@ -750,13 +750,14 @@ def _emit_round_x(b: ir.IRBuilder, v: ir.Value, t: GGMLType | None) -> ir.Value:
     n = v.type.count
     if t == GGMLType.F16:
         return b.fpext(b.fptrunc(v, ir.VectorType(f16, n)), v.type)
-    if t == GGMLType.BF16:  # u + 0x7fff + (u >> 16 & 1), low half cleared; NaN kept
+    if t == GGMLType.BF16:  # u + 0x7fff + (u >> 16 & 1), low half cleared; NaN made quiet
         vi = ir.VectorType(i32, n)
         u = b.bitcast(v, vi)
+        hi = splat(b, const(i32, -65536), n)
         odd = b.and_(b.lshr(u, splat(b, const(i32, 16), n)), splat(b, const(i32, 1), n))
-        r = b.add(u, b.add(odd, splat(b, const(i32, 0x7FFF), n)))
-        r = b.bitcast(b.and_(r, splat(b, const(i32, -65536), n)), v.type)
-        return b.select(b.fcmp_unordered("uno", v, v), v, r)
+        r = b.and_(b.add(u, b.add(odd, splat(b, const(i32, 0x7FFF), n))), hi)
+        quiet = b.or_(b.and_(u, hi), splat(b, const(i32, 0x400000), n))
+        return b.bitcast(b.select(b.fcmp_unordered("uno", v, v), quiet, r), v.type)
     return v
 
 
