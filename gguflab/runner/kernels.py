@@ -13,10 +13,15 @@ products see exactly the weights `quant.get(t).dequantize` gives:
 - `gemv1_<t>` / `gemv4_<t>` (decoding: 1 token, or 2-4 in one pass) stream each weight row
   once. The block's dequantization IR is emitted through `_Builder`, which turns each of its
   stores into FMAs into the accumulators, so the dequantized floats never touch memory;
-- `gemm_<t>` (prompt processing) dequantizes a group of rows into a per-thread scratch
-  buffer that stays in L2, then runs a register-blocked kernel (2 rows x 4 tokens, eight
-  vector accumulators) over it, so the dequantization is paid once per row for a whole
-  chunk of tokens.
+- `gemm_<t>` (prompt processing) packs a chunk of tokens and dequantizes a group of rows,
+  a K-block at a time, into a per-thread scratch buffer, then runs a register-blocked kernel
+  (3 rows x 4 tokens, twelve vector accumulators) over it, so the dequantization is paid
+  once per row for a whole chunk of tokens.
+
+Over float weights (F16, BF16, F32) the products are ggml's bits: x rounded as ggml rounds
+it, and each output summed in the order of the kernel llama.cpp's CPU backend runs there,
+llamafile's tinyBLAS for 2 tokens or more (one accumulator, k in order), `ggml_vec_dot_<t>`
+for one token or a row count tinyBLAS does not take (`gemv1_<t>`: four accumulators).
 
 Every kernel computes the same bits on every x86-64 CPU (AVX2 or AVX-512) and whatever the
 thread split: the float accumulators are vectors of a fixed `LANES` floats, summed in an order
@@ -80,9 +85,11 @@ FLOAT_GROUP = 32  # float weights are handled as virtual blocks of this many ele
 FINITE = ("nnan", "ninf")
 LANES = 8  # floats per vector accumulator: fixed, so AVX-512 sums the same partials as AVX2
 L2_BUDGET = 256 << 10  # bytes of dequantized rows the prompt kernel keeps hot per thread
-MAX_GROUP_ROWS = 16
+MAX_GROUP_ROWS = 30
 TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
-TILE_TOKENS = 4  # tokens per register tile of the prompt kernel (x 2 rows)
+TILE_TOKENS = 4  # tokens per register tile of the prompt kernel
+GEMM_ROWS = 3  # rows per register tile of the prompt kernel (x TILE_TOKENS: 12 accumulators)
+K_BLOCK = 768  # floats of each row the prompt kernel takes at a time (x tiles stay in L1)
 Q_TILE = 4  # tokens per tile of the integer prompt kernel (each weight group unpacked once)
 Q_TILE_K = 8  # (the K-quants: each super-block unpacked once)
 # work (in weight elements touched) below which one more thread costs more than it saves
@@ -95,7 +102,7 @@ FINITE_DEQUANT = True  # decode kernels: the finite-math flags on the dequantiza
 GEMV_ACCS = 4  # accumulators of the decode kernel: enough to cover the FMA latency
 GEMV_TOKENS = (1, 4)  # decode kernel variants: 1 token, and up to 4 tokens in one pass
 GEMV_ROWS = 1  # rows the decode kernel runs side by side (quantized weights)
-GEMV_ROWS_FLOAT = 4  # (float weights)
+GEMV_ROWS_FLOAT = 2  # (float weights, one token: 4 accumulators each, see _build_gemv_vec_dot)
 
 
 # -- the block each kernel walks -----------------------------------------------------------
@@ -172,6 +179,9 @@ class _Accs:
 
     def get(self, i: int) -> ir.Value:
         return self.b.load(self._at(i))
+
+    def set(self, i: int, v: ir.Value) -> None:
+        self.b.store(v, self._at(i))
 
 
 def _vload(b: ir.IRBuilder, base: ir.Value, vt: ir.VectorType, index: ir.Value | int,
@@ -422,6 +432,86 @@ def _build_gemv(m: ir.Module, name: str, blk: _Blocks, vw: int, T: int) -> ir.Fu
         row_loop(r0, tiled, rows)
         r0 = tiled
     row_loop(r0, r1, 1)
+    b.ret_void()
+    return fn
+
+
+def _hsum_hadd(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """The 8 lanes of v summed as ggml's AVX reduction does it: halves added, then
+    neighbours (two `hadd`s): (s0 + s1) + (s2 + s3) of s = lo + hi."""
+    h = ir.VectorType(i32, 4)
+    s = b.fadd(b.shuffle_vector(v, v, ir.Constant(h, [0, 1, 2, 3])),
+               b.shuffle_vector(v, v, ir.Constant(h, [4, 5, 6, 7])), flags=FINITE)
+    e = [b.extract_element(s, const(i32, i)) for i in range(4)]
+    return b.fadd(b.fadd(e[0], e[1], flags=FINITE), b.fadd(e[2], e[3], flags=FINITE),
+                  flags=FINITE)
+
+
+VEC_DOT_ACCS = 4  # ggml's vec_dot_f16/bf16/f32 (AVX2): 4 accumulators, every 4th vector
+
+
+def _vec_dot_order(t: GGMLType) -> bool:
+    """Whether the one-token kernel over `t` sums as ggml's vec_dot does (float weights)."""
+    return t in _FLOAT_TYPES and LANES == 8
+
+
+def _build_gemv_vec_dot(m: ir.Module, name: str, t: GGMLType, vw: int) -> ir.Function:
+    """gemv(w, w_stride, x, ldx, y, ldy, n_tok, r0, r1, n_blocks) over float weights (F16,
+    BF16, F32; n_blocks of FLOAT_GROUP floats) for each of n_tok tokens, summed as ggml's
+    `ggml_vec_dot_<t>` sums on x86 AVX2 (where llama.cpp's CPU backend takes one token, or
+    weights of a row count tinyBLAS does not tile): VEC_DOT_ACCS accumulators, the j-th
+    taking vectors j, j + 4, ..., combined (0 + 2) + (1 + 3), then across lanes (F16, F32:
+    two `hadd`s; BF16: halves, as `_hsum`). BF16 multiplies and adds in two roundings.
+    The weights are read as vectors (vcvtph2ps for F16), GEMV_ROWS_FLOAT rows side by side."""
+    assert vw == 8 and FLOAT_GROUP == vw * VEC_DOT_ACCS
+    vt = ir.VectorType(f32, vw)
+    fn = _internal(m, name, [ptr(i8), i64, ptr(f32), i64, ptr(f32), i64, i64, i64, i64, i64])
+    w, ws, x, ldx, y, ldy, ntok, r0, r1, nb = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    A = VEC_DOT_ACCS
+    accs = _Accs(b, vt, A * GEMV_ROWS_FLOAT)
+
+    def wload(row, k):
+        if t == GGMLType.F32:
+            return b.load(b.gep(b.bitcast(row, ptr(vt)), [k]), align=4)
+        if t == GGMLType.F16:
+            h = b.load(b.gep(b.bitcast(row, ptr(ir.VectorType(f16, vw))), [k]), align=2)
+            return b.fpext(h, vt)
+        u = b.load(b.gep(b.bitcast(row, ptr(ir.VectorType(i16, vw))), [k]), align=2)
+        u = b.shl(b.zext(u, ir.VectorType(i32, vw)), splat(b, const(i32, 16), vw))
+        return b.bitcast(u, vt)
+
+    def row_loop(xt, yt, start, stop, R):
+        with for_range(b, start, stop, step=R, name=f"r{R}") as r:
+            accs.zero()
+            rows = [b.gep(w, [b.mul(b.add(r, c64(i)), ws)]) for i in range(R)]
+            with for_range(b, c64(0), nb, name=f"k{R}") as k:
+                for a in range(A):
+                    kv = b.add(b.mul(k, c64(A)), c64(a))
+                    xv = b.load(b.gep(xt, [kv]), align=4)
+                    for i in range(R):
+                        wv = wload(rows[i], kv)
+                        if t == GGMLType.BF16:
+                            s = b.fadd(b.fmul(wv, xv, flags=FINITE), accs.get(i * A + a),
+                                       flags=FINITE)
+                            accs.set(i * A + a, s)
+                        else:
+                            accs.add_product(i * A + a, wv, xv)
+            for i in range(R):
+                g = [accs.get(i * A + a) for a in range(A)]
+                s = b.fadd(b.fadd(g[0], g[2], flags=FINITE), b.fadd(g[1], g[3], flags=FINITE),
+                           flags=FINITE)
+                total = _hsum(b, s) if t == GGMLType.BF16 else _hsum_hadd(b, s)
+                b.store(total, b.gep(yt, [b.add(r, c64(i))]))
+
+    with for_range(b, c64(0), ntok, name="tok") as tk:
+        xt = b.bitcast(b.gep(x, [b.mul(tk, ldx)]), ptr(vt))
+        yt = b.gep(y, [b.mul(tk, ldy)])
+        R = GEMV_ROWS_FLOAT
+        tiled = b.add(r0, b.mul(b.sdiv(b.sub(r1, r0), c64(R)), c64(R)))
+        row_loop(xt, yt, r0, tiled, R)
+        row_loop(xt, yt, tiled, r1, 1)
     b.ret_void()
     return fn
 
@@ -828,11 +918,65 @@ def _gemv_rows(blk: _Blocks) -> int:
     return GEMV_ROWS_FLOAT if blk.elementwise else GEMV_ROWS
 
 
-def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int) -> ir.Function:
+def _gemm_rounds(t: GGMLType) -> bool:
+    """Whether the prompt kernel over `t` rounds x itself (to fp16 or bf16, as ggml's
+    from_float does, round to nearest even) while packing it; otherwise x comes rounded."""
+    if t == GGMLType.F16:
+        return _x86_f16c()
+    return t in (GGMLType.BF16, GGMLType.F32)
+
+
+def _emit_round_x(b: ir.IRBuilder, v: ir.Value, t: GGMLType | None) -> ir.Value:
+    """A vector of x as a product over `t` weights sees it (see `_gemm_rounds`)."""
+    n = v.type.count
+    if t == GGMLType.F16:
+        return b.fpext(b.fptrunc(v, ir.VectorType(f16, n)), v.type)
+    if t == GGMLType.BF16:  # u + 0x7fff + (u >> 16 & 1), low half cleared; NaN made quiet
+        vi = ir.VectorType(i32, n)
+        u = b.bitcast(v, vi)
+        hi = splat(b, const(i32, -65536), n)
+        odd = b.and_(b.lshr(u, splat(b, const(i32, 16), n)), splat(b, const(i32, 1), n))
+        r = b.and_(b.add(u, b.add(odd, splat(b, const(i32, 0x7FFF), n))), hi)
+        quiet = b.or_(b.and_(u, hi), splat(b, const(i32, 0x400000), n))
+        return b.bitcast(b.select(b.fcmp_unordered("uno", v, v), quiet, r), v.type)
+    return v
+
+
+def _k_blocks(n: int, block: int) -> tuple[int, int]:
+    """(floats per K-block, K-blocks) the prompt kernel cuts rows of n floats into: whole
+    weight blocks of `block` floats, at most K_BLOCK floats, as even as that allows (the
+    kernel computes the same)."""
+    nb = n // block
+    count = -(-nb // max(1, K_BLOCK // block))
+    per = -(-nb // count)
+    return per * block, -(-nb // per)
+
+
+def _gemm_group() -> int:
+    """Rows the prompt kernel dequantizes at a time (one K-block of them stays in L2)."""
+    return max(GEMM_ROWS, MAX_GROUP_ROWS - MAX_GROUP_ROWS % GEMM_ROWS)
+
+
+def gemm_scratch_floats(n_in: int, block: int, group: int) -> int:
+    """Floats of scratch one prompt-kernel call needs (see `_build_gemm`)."""
+    kc, count = _k_blocks(n_in, block)
+    return group * (kc + TOKEN_CHUNK * LANES) + TOKEN_CHUNK * kc * count
+
+
+def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
+                rounding: GGMLType | None = None) -> ir.Function:
     """gemm(w, w_stride, x, ldx, y, ldy, t0, t1, r0, r1, n_blocks, scratch, group_rows):
-    y[t, r] = dot(W[r], x[t]) for t in [t0, t1), r in [r0, r1). Rows go in groups of
-    `group_rows`, dequantized into `scratch` (group_rows * n floats), then 2-row x 4-token
-    register tiles (1-token tiles for the remainder) run over them."""
+    y[t, r] = dot(W[r], x[t]) for t in [t0, t1) (at most TOKEN_CHUNK tokens), r in [r0, r1).
+
+    As llamafile's tinyBLAS sums it: each (row, token) has one vector accumulator, summed in
+    k order, then one fixed lane tree. The work goes in K-blocks of K_BLOCK floats, so that
+    what the register tiles (GEMM_ROWS rows x TILE_TOKENS tokens) read stays in L1:
+    - x's tokens are first packed into `scratch` block-major (rounded for `rounding`);
+    - rows go in groups of `group_rows`, dequantized into `scratch`, block-major too (one
+      K-block of the group is one contiguous run, read by every token tile);
+    - between K-blocks a tile's accumulators wait in `scratch` (an exact round trip).
+    A short last tile repeats its last row or token (the same bits, stored twice).
+    Scratch holds `gemm_scratch_floats(n, block, group_rows)` floats."""
     vt = ir.VectorType(f32, vw)
     args = [ptr(i8), i64, ptr(f32), i64, ptr(f32), i64, i64, i64, i64, i64, i64, ptr(f32), i64]
     fn = _internal(m, name, args)
@@ -840,66 +984,92 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int) -> ir.Function:
     b = _Builder(fn.append_basic_block("entry"))
     b.fix_half = not blk.elementwise
     c64 = lambda v: const(i64, v)  # noqa: E731
-    n = b.mul(nb, c64(blk.size))
-    nv = b.mul(nb, c64(blk.size // vw))  # vectors per row
-    T = TILE_TOKENS
-    tile = _Accs(b, vt, 2 * T)
-    unroll = max(1, FLOAT_GROUP // vw)  # n is a multiple of FLOAT_GROUP floats
-    tail = _Accs(b, vt, 2 * unroll)
-    t_tiled = b.add(t0, b.mul(b.sdiv(b.sub(t1, t0), c64(T)), c64(T)))
+    R, T = GEMM_ROWS, TILE_TOKENS
+    bs, bv = blk.size, blk.size // vw
+
+    def cdiv(a, c):
+        return b.sdiv(b.add(a, b.sub(c, c64(1))), c)
+
+    # the K-blocks as `_k_blocks` cuts them: kcb weight blocks (kc floats, kcv vectors) each
+    kcb = cdiv(nb, cdiv(nb, c64(max(1, K_BLOCK // bs))))
+    kc, kcv = b.mul(kcb, c64(bs)), b.mul(kcb, c64(bv))
+    nv = b.mul(nb, c64(bv))  # vectors per row
+    tile = _Accs(b, vt, R * T)
+    part = b.bitcast(b.gep(scratch, [b.mul(group, kc)]), ptr(vt))  # partial sums
+    xp = b.gep(b.bitcast(part, ptr(f32)), [b.mul(group, c64(TOKEN_CHUNK * vw))])  # x packed
+    nt = b.sub(t1, t0)
+    xblock = b.mul(nt, kc)  # floats of one K-block of the packed tokens
 
     def smin(a, c):
         return b.select(b.icmp_signed("<", a, c), a, c)
 
-    def store_y(t, row, v):
-        b.store(v, b.gep(y, [b.add(b.mul(t, ldy), row)]))
-
+    with for_range(b, c64(0), nt, name="xt") as j:
+        src = b.bitcast(b.gep(x, [b.mul(b.add(t0, j), ldx)]), ptr(vt))
+        with for_range(b, c64(0), nv, step=kcv, name="xb") as k0:
+            # vector k of token j in K-block k0 / kcv, as one vector index of the packed x
+            base = b.sub(b.add(b.mul(b.sdiv(k0, kcv), b.mul(nt, kcv)), b.mul(j, kcv)), k0)
+            dst = b.gep(b.bitcast(xp, ptr(vt)), [base])
+            with for_range(b, k0, smin(b.add(k0, kcv), nv), name="xv") as k:
+                v = _emit_round_x(b, b.load(b.gep(src, [k]), align=4), rounding)
+                b.store(v, b.gep(dst, [k]), align=4)
+    last_t = b.sub(nt, c64(1))
     with for_range(b, r0, r1, step=group, name="g") as g:
         cnt = b.sub(smin(b.add(g, group), r1), g)
-        with for_range(b, c64(0), cnt, name="dq") as i:
-            row = b.gep(w, [b.mul(b.add(g, i), ws)])
-            dst = b.gep(scratch, [b.mul(i, n)])
-            with for_range(b, c64(0), nb, name="blk") as k:
-                blk.emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]),
-                         b.gep(dst, [b.mul(k, c64(blk.size))]))
-        last = b.sub(cnt, c64(1))
-
-        def pair(p):
-            ib = smin(b.add(p, c64(1)), last)
-            return p, ib, b.gep(scratch, [b.mul(p, n)]), b.gep(scratch, [b.mul(ib, n)])
-
-        with for_range(b, t0, t_tiled, step=T, name="t") as t:
-            xs = [b.gep(x, [b.mul(b.add(t, c64(j)), ldx)]) for j in range(T)]
-            with for_range(b, c64(0), cnt, step=2, name="p") as p:
-                ia, ib, wa, wb = pair(p)
-                tile.zero()
-                with for_range(b, c64(0), nv, name="k") as k:
-                    va, vb = _vload(b, wa, vt, k), _vload(b, wb, vt, k)
-                    for j in range(T):
-                        xv = _vload(b, xs[j], vt, k)
-                        tile.add_product(j, va, xv)
-                        tile.add_product(T + j, vb, xv)
-                for j in range(T):
-                    tj = b.add(t, c64(j))
-                    store_y(tj, b.add(g, ia), _hsum(b, tile.get(j)))
-                    store_y(tj, b.add(g, ib), _hsum(b, tile.get(T + j)))
-        with for_range(b, t_tiled, t1, name="tr") as t:
-            xt = b.gep(x, [b.mul(t, ldx)])
-            with for_range(b, c64(0), cnt, step=2, name="pr") as p:
-                ia, ib, wa, wb = pair(p)
-                tail.zero()
-                with for_range(b, c64(0), nv, step=unroll, name="kr") as k:
-                    for u in range(unroll):
-                        ku = b.add(k, c64(u))
-                        xv = _vload(b, xt, vt, ku)
-                        tail.add_product(u, _vload(b, wa, vt, ku), xv)
-                        tail.add_product(unroll + u, _vload(b, wb, vt, ku), xv)
-                sa, sb = tail.get(0), tail.get(unroll)
-                for u in range(1, unroll):
-                    sa = b.fadd(sa, tail.get(u), flags=FINITE)
-                    sb = b.fadd(sb, tail.get(unroll + u), flags=FINITE)
-                store_y(t, b.add(g, ia), _hsum(b, sa))
-                store_y(t, b.add(g, ib), _hsum(b, sb))
+        last_r = b.sub(cnt, c64(1))
+        with for_range(b, c64(0), nv, step=kcv, name="kb") as kv:
+            ke = smin(b.add(kv, kcv), nv)
+            first = b.icmp_signed("==", kv, c64(0))
+            final = b.icmp_signed("==", ke, nv)
+            # this K-block of the group's rows, dequantized (row-major, kc floats a row)
+            k0 = b.sdiv(kv, c64(bv))
+            with for_range(b, c64(0), cnt, name="dq") as i:
+                row = b.gep(w, [b.mul(b.add(g, i), ws)])
+                base = b.sub(b.mul(i, kc), b.mul(k0, c64(bs)))
+                with for_range(b, k0, smin(b.add(k0, kcb), nb), name="blk") as k:
+                    blk.emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]),
+                             b.gep(scratch, [b.add(base, b.mul(k, c64(bs)))]))
+            kbi = b.sdiv(kv, kcv)
+            # both blocks as vectors, offset so that index k (from kv) reads them
+            wblk = b.gep(b.bitcast(scratch, ptr(vt)), [b.neg(kv)])
+            xblk = b.gep(b.bitcast(b.gep(xp, [b.mul(kbi, xblock)]), ptr(vt)), [b.neg(kv)])
+            with for_range(b, c64(0), nt, step=T, name="t") as t:
+                toks = [smin(b.add(t, c64(j)), last_t) for j in range(T)]
+                xs = [b.gep(xblk, [b.mul(tj, kcv)]) for tj in toks]
+                with for_range(b, c64(0), cnt, step=R, name="p") as p:
+                    rows = [smin(b.add(p, c64(i)), last_r) for i in range(R)]
+                    wr = [b.gep(wblk, [b.mul(ri, kcv)]) for ri in rows]
+                    slots = [[b.gep(part, [b.add(b.mul(ri, c64(TOKEN_CHUNK)), tj)])
+                              for tj in toks] for ri in rows]
+                    with b.if_else(first) as (then, other):
+                        with then:
+                            tile.zero()
+                        with other:
+                            for i in range(R):
+                                for j in range(T):
+                                    tile.set(i * T + j, b.load(slots[i][j], align=4))
+                    with for_range(b, kv, ke, name="k") as k:
+                        if R <= T:  # the rows' vectors held, each token's loaded once
+                            wv = [b.load(b.gep(wr[i], [k]), align=4) for i in range(R)]
+                            for j in range(T):
+                                xv = b.load(b.gep(xs[j], [k]), align=4)
+                                for i in range(R):
+                                    tile.add_product(i * T + j, wv[i], xv)
+                        else:
+                            xv = [b.load(b.gep(xs[j], [k]), align=4) for j in range(T)]
+                            for i in range(R):
+                                wv = b.load(b.gep(wr[i], [k]), align=4)
+                                for j in range(T):
+                                    tile.add_product(i * T + j, wv, xv[j])
+                    with b.if_else(final) as (then, other):
+                        with then:
+                            for i in range(R):
+                                for j in range(T):
+                                    at = b.add(b.mul(b.add(t0, toks[j]), ldy), b.add(g, rows[i]))
+                                    b.store(_hsum(b, tile.get(i * T + j)), b.gep(y, [at]))
+                        with other:
+                            for i in range(R):
+                                for j in range(T):
+                                    b.store(tile.get(i * T + j), slots[i][j], align=4)
     b.ret_void()
     return fn
 
@@ -992,10 +1162,14 @@ def build_module(t: GGMLType) -> ir.Module:
         _export(m, f"gemmq1_{name}", one)
         _export(m, f"gemmq_{name}", build(m, f"gemmq_{name}", blk, groups, _q_tile(t)))
     for T in GEMV_TOKENS:
-        impl = _build_gemv(m, f"gemv{T}_{name}", blk, vw, T)
+        if T == 1 and _vec_dot_order(t):
+            impl = _build_gemv_vec_dot(m, f"gemv{T}_{name}", t, vw)
+        else:
+            impl = _build_gemv(m, f"gemv{T}_{name}", blk, vw, T)
         _export(m, f"gemv{T}_{name}", impl)
         _export_part(m, f"gemv{T}_{name}_part", impl, _gemv_rows(blk) if T == 1 else 1)
-    _export(m, f"gemm_{name}", _build_gemm(m, f"gemm_{name}", blk, vw))
+    rounding = t if _gemm_rounds(t) else None
+    _export(m, f"gemm_{name}", _build_gemm(m, f"gemm_{name}", blk, vw, rounding))
     return m
 
 
@@ -1224,13 +1398,22 @@ def _x_for(p: _Plan, x: np.ndarray, n_in: int, seen: dict, int_path: bool) -> np
     return r
 
 
+TINYBLAS_ROWS = 4  # llamafile's tinyBLAS takes float weights of a multiple of 4 rows
+
+
+def _vec_dot_rows(p: _Plan, n_out: int) -> bool:
+    """Float weights of a row count tinyBLAS does not take: llama.cpp's CPU backend then
+    computes every token with vec_dot, as our one-token kernel does (a pass over W a token)."""
+    return n_out % TINYBLAS_ROWS != 0 and _vec_dot_order(p.t)
+
+
 def _add_gemv(jobs: JobTable, p: _Plan, w, x, y, ldy, n_tok, n_in, n_out, threads,
               seen: dict) -> None:
     """Post one decode product (n_tok <= GEMV_TOKENS[-1]) as a team job: a part per
     MIN_WORK_PER_PART of work, at most two per thread (parts are taken first come, first
     served, which evens out a slow thread). `seen` holds x rounded as the weights' types
     need it (shared by the products of one x)."""
-    T = 1 if n_tok == 1 else GEMV_TOKENS[-1]
+    T = 1 if n_tok == 1 or _vec_dot_rows(p, n_out) else GEMV_TOKENS[-1]
     parts = n_out * n_in * (1 + n_tok // 2) // MIN_WORK_PER_PART
     parts = max(1, min(parts, 2 * threads if threads > 1 else 1, n_out))
     if T == 1 and p.int_dot:
@@ -1253,7 +1436,7 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
     if _special(p, w, x, y, n_tok, n_in, n_out):
         return y
     threads = threads or default_threads()
-    if n_tok == 1 or (n_tok <= GEMV_TOKENS[-1] and not p.int_dot):
+    if n_tok == 1 or (n_tok <= GEMV_TOKENS[-1] and not p.int_dot) or _vec_dot_rows(p, n_out):
         jobs = job_table()
         seen: dict = {}
         _add_gemv(jobs, p, w, x, y, ldy, n_tok, n_in, n_out, threads, seen)
@@ -1264,13 +1447,13 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
     if p.int_dot:
         _gemmq(p, w, round_q8(x, p.act), y, ldy, n_tok, n_in, n_out, nb, threads)
         return y
-    x = round_activations(x, p.act)
+    if not _gemm_rounds(p.t):  # (the float kernels round x themselves, as they pack it)
+        x = round_activations(x, p.act)
     gemm = p.gemm
-    group = max(2, min(MAX_GROUP_ROWS, L2_BUDGET // (4 * n_in)))
-    group -= group % 2
+    group = _gemm_group()
 
     def run(a, c):
-        s = _scratch(group * n_in)
+        s = _scratch(gemm_scratch_floats(n_in, p.vblock, group))
         for t0 in range(0, n_tok, TOKEN_CHUNK):  # x's chunk stays in cache across row groups
             gemm(w, ws, x, n_in, y, ldy, t0, min(t0 + TOKEN_CHUNK, n_tok), a, c, nb, s, group)
 
