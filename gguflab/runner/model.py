@@ -21,6 +21,7 @@ from .attention import TILED, flash_attn
 from .families import FAMILIES, Family, supported
 from .kernels import get_rows, matmul, matmuls
 from .ops import rms_norm, swiglu
+from .rope import RopeParams, rope_rotate, rope_table, yarn_attn_factor
 
 
 @dataclass(frozen=True)
@@ -262,7 +263,7 @@ class Model:
         # the file's per-pair factors where it has them (LLaMA 3.1-style rope scaling)
         d = hp.rope_dim
         self.inv_freq = hp.rope_base ** (-np.arange(0, d, 2, dtype=np.float64) / d)
-        factors = vec("rope_freqs.weight")
+        factors = self.rope_freqs = vec("rope_freqs.weight")
         if factors is not None:
             if factors.size != d // 2:
                 raise UserError(f"{r.path}: rope_freqs.weight has {factors.size} factors, "
@@ -307,21 +308,44 @@ class Model:
 
     def rotary(self, n_ctx: int, local: bool = False) -> tuple[np.ndarray, float, float]:
         """(frequency per pair, position multiplier, cos/sin multiplier) of RoPE for a
-        context of n_ctx: LongRoPE takes its long factors when llama.cpp's context (padded
-        to 256) exceeds the trained one, else the short ones."""
+        context of n_ctx, in float64 (the GPU path's table; the CPU takes `rope_params`)."""
         hp = self.hp
         if local:
             return self.inv_freq_swa, hp.rope_scale_swa, hp.rope_attn_factor
         inv = self.inv_freq
-        if self.rope_long is not None and self.rope_short is not None:
-            long = -(-n_ctx // 256) * 256 > hp.n_ctx_orig
-            inv = inv / (self.rope_long if long else self.rope_short).astype(np.float64)
+        if (f := self._longrope_factors(n_ctx)) is not None:
+            inv = inv / f.astype(np.float64)
         if hp.yarn_ext:  # YaRN as ggml's rope_yarn: per pair, interpolated to extrapolated
             mix = yarn_ramp(hp) * hp.yarn_ext
             fs = hp.rope_scale
             return (inv * (fs * (1 - mix) + mix), 1.0,
                     hp.rope_attn_factor * (1 + 0.1 * np.log(1 / fs)))
         return inv, hp.rope_scale, hp.rope_attn_factor
+
+    def _longrope_factors(self, n_ctx: int) -> np.ndarray | None:
+        """LongRoPE's per-pair factors: the long ones when llama.cpp's context (padded to
+        256) exceeds the trained one, else the short ones; None without them."""
+        if self.rope_long is None or self.rope_short is None:
+            return None
+        return self.rope_long if -(-n_ctx // 256) * 256 > self.hp.n_ctx_orig else self.rope_short
+
+    def rope_params(self, n_ctx: int, local: bool = False) -> RopeParams:
+        """The arguments llama.cpp's graph gives ggml_rope_ext for a context of n_ctx, as
+        float32 values computed the way llama.cpp computes them."""
+        hp = self.hp
+        scale = hp.rope_scale_swa if local else hp.rope_scale
+        # llama.cpp stores 1.0f / factor (the file's float), not the double quotient
+        fs = 1.0 if scale == 1.0 else float(np.float32(1) / np.float32(1.0 / scale))
+        factors = None if local else (self.rope_freqs if self.rope_freqs is not None
+                                      else self._longrope_factors(n_ctx))
+        attn = (yarn_attn_factor(fs, hp.rope_attn_factor) if hp.yarn_ext
+                else hp.rope_attn_factor)
+        return RopeParams(
+            n_dims=hp.rope_dim, neox=hp.rope_neox,
+            freq_base=hp.rope_base_swa if local else hp.rope_base, freq_scale=fs,
+            ext_factor=hp.yarn_ext, attn_factor=attn, beta_fast=hp.yarn_beta_fast,
+            beta_slow=hp.yarn_beta_slow, n_ctx_orig=hp.n_ctx_orig,
+            factors=None if factors is None else tuple(np.asarray(factors, np.float32)))
 
     def _n_gpu_layers(self) -> int:
         return len(self.gpu.layers) if self.gpu is not None else 0
@@ -450,41 +474,23 @@ class Model:
              n_ctx: int = 0) -> np.ndarray:
         """Rotate pairs of the first rope_dim dims by pos * theta_i: adjacent pairs for
         llama (llama.cpp's "normal" mode), halves for qwen2 (NEOX); `local`: with the
-        sliding-window layers' own frequencies."""
-        cos, sin, partner = self._rope_tables(pos, local, n_ctx)
-        # out[i] = x[i] * cos_i -+ x[partner(i)] * sin_i, as whole-row operations
-        return x * cos + np.take(x, partner, axis=-1) * sin
+        sliding-window layers' own frequencies. ggml's rope op, bit for bit (runner/rope)."""
+        return rope_rotate(x, self._rope_tables(pos, local, n_ctx), self.hp.rope_dim,
+                           self.hp.rope_neox)
 
     _rope_memo: dict | None = None
 
     def _rope_tables(self, pos: np.ndarray, local: bool = False, n_ctx: int = 0
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For every dim i of a head at `pos`: cos (n, 1, head_dim), signed sin (the sign
-        of x[partner] in out[i]) and the partner dim it rotates with; dims past rope_dim pass
-        through (cos 1, sin 0). Every layer rotates the same positions: the last are kept."""
+                     ) -> np.ndarray:
+        """cos and sin of every rotary pair at `pos` (n, rope_dim), as ggml's rope caches
+        them. Every layer rotates the same positions: the last are kept."""
         if self._rope_memo is None:
             self._rope_memo = {}
         key, memo = (int(pos[0]), len(pos), n_ctx), self._rope_memo.get(local, (None,))
         if memo[0] != key:
-            hp = self.hp
-            d, hd = hp.rope_dim, hp.head_dim
-            inv_freq, scale, mscale = self.rotary(n_ctx, local)
-            ang = (pos[:, None] * scale) * inv_freq[None, :]  # (n, d/2)
-            c, s = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
-            if mscale != 1.0:
-                c, s = c * np.float32(mscale), s * np.float32(mscale)
-            cos = np.ones((len(pos), hd), np.float32)
-            sin = np.zeros((len(pos), hd), np.float32)
-            partner = np.arange(hd)
-            if hp.rope_neox:  # pairs (i, i + d/2)
-                first, second = np.arange(d // 2), np.arange(d // 2, d)
-            else:  # adjacent pairs (2i, 2i + 1)
-                first, second = np.arange(0, d, 2), np.arange(1, d, 2)
-            cos[:, first], cos[:, second] = c, c
-            sin[:, first], sin[:, second] = -s, s
-            partner[first], partner[second] = second, first
-            memo = self._rope_memo[local] = (key, cos[:, None, :], sin[:, None, :], partner)
-        return memo[1], memo[2], memo[3]
+            memo = self._rope_memo[local] = (key, rope_table(self.rope_params(n_ctx, local),
+                                                             pos))
+        return memo[1]
 
 
 # -- watching the products' inputs (llama-imatrix's callback) ---------------------------------
