@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from contextlib import closing
 
 from . import __version__
 from .errors import UserError
@@ -479,28 +480,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"gguflab: no GPU to mark the types that fit ({why}); use --vram",
                   file=sys.stderr)
     model = args.model or embedded_model()
-    for ev in sweep_model(model, args.types, args.file, n_ctx=args.ctx_size, chunks=args.chunks,
-                          threads=args.threads, out_dir=args.out_dir, force=args.force,
-                          n_gpu_layers=args.n_gpu_layers, vram_bytes=vram,
-                          imatrix=args.imatrix, hellaswag=args.hellaswag,
-                          hellaswag_tasks=args.hellaswag_tasks, flash_attn=args.flash_attn):
-        if isinstance(ev, Started):
-            i = ev.info
-            imat = f"; imatrix {i['imatrix']}" if i.get("imatrix") else ""
-            print(f"sweep of {ev.source} ({i['base_type']}): {', '.join(i['types'])}; "
-                  f"{i['chunks']} chunks of {i['n_ctx']} tokens{imat}", file=sys.stderr)
-        elif isinstance(ev, Log):
-            print(f"{ev.level}: {ev.text}", file=sys.stderr, flush=True)
-        elif isinstance(ev, Measured):
-            print(help_line(ev.values), flush=True)
-        elif isinstance(ev, Finished):
-            rows = ev.stats["rows"]
-            print()
-            print(render_table(rows))
-            if len(rows) > 1:
+    events = sweep_model(model, args.types, args.file, n_ctx=args.ctx_size, chunks=args.chunks,
+                         threads=args.threads, out_dir=args.out_dir, force=args.force,
+                         n_gpu_layers=args.n_gpu_layers, vram_bytes=vram,
+                         imatrix=args.imatrix, hellaswag=args.hellaswag,
+                         hellaswag_tasks=args.hellaswag_tasks, flash_attn=args.flash_attn)
+    # closed at once on Ctrl-C or a kill: its measuring thread stops and removes what it wrote
+    with closing(events):
+        for ev in events:
+            if isinstance(ev, Started):
+                i = ev.info
+                imat = f"; imatrix {i['imatrix']}" if i.get("imatrix") else ""
+                print(f"sweep of {ev.source} ({i['base_type']}): {', '.join(i['types'])}; "
+                      f"{i['chunks']} chunks of {i['n_ctx']} tokens{imat}", file=sys.stderr)
+            elif isinstance(ev, Log):
+                print(f"{ev.level}: {ev.text}", file=sys.stderr, flush=True)
+            elif isinstance(ev, Measured):
+                print(help_line(ev.values), flush=True)
+            elif isinstance(ev, Finished):
+                rows = ev.stats["rows"]
                 print()
-                print(plot_rows(rows, args.plot))
-            print(f"\nwrote {ev.path} and {ev.stats['markdown']}")
+                print(render_table(rows))
+                if len(rows) > 1:
+                    print()
+                    print(plot_rows(rows, args.plot))
+                print(f"\nwrote {ev.path} and {ev.stats['markdown']}")
     return 0
 
 
@@ -797,6 +801,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gguflab: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
+        from .partial import abort_all
+
+        abort_all()  # a writer on a measuring thread may not have reached its own cleanup
         by = signals.signal_name(e)
         print(f"gguflab: interrupted{f' by {by}' if by else ''}", file=sys.stderr)
         return signals.exit_code(e)

@@ -5,11 +5,16 @@ the target as it was and no partial file behind, at any point of the write or th
 from __future__ import annotations
 
 import os
+import threading
+import weakref
 from collections.abc import Callable
 from types import TracebackType
 from typing import IO, Any
 
 PARTIAL_SUFFIX = ".partial"
+
+_open: weakref.WeakSet = weakref.WeakSet()  # every PartialFile not yet committed or aborted
+_open_lock = threading.Lock()
 
 
 class PartialFile:
@@ -27,6 +32,8 @@ class PartialFile:
             self.file = open(self.partial, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
         except OSError as e:
             raise fail(f"cannot write: {e.strerror or e}") from None
+        with _open_lock:
+            _open.add(self)
 
     def write(self, data: bytes | str) -> None:
         self.guarded(self.file.write, data)
@@ -47,8 +54,12 @@ class PartialFile:
             os.replace(self.partial, self.path)
 
         self.guarded(close_and_rename)
+        with _open_lock:
+            _open.discard(self)
 
     def abort(self) -> None:
+        with _open_lock:
+            _open.discard(self)
         try:  # first, so that even a second signal during the close leaves nothing
             os.unlink(self.partial)
         except FileNotFoundError:
@@ -68,6 +79,15 @@ class PartialFile:
             self.commit()
         else:
             self.abort()
+
+
+def abort_all() -> None:
+    """Abort every partial file still open: what an interrupted command does last, so that
+    a writer on another thread that has not reached its own cleanup leaves nothing."""
+    with _open_lock:
+        pending = list(_open)
+    for f in pending:
+        f.abort()
 
 
 def write_whole(path: str | os.PathLike, data: bytes | str,
