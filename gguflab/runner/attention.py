@@ -25,7 +25,7 @@ import numpy as np
 from llvmlite import ir
 
 from ..errors import UserError
-from ..jit import compile_kernels
+from ..jit import compile_kernels, parallel_rows
 from ..jit.builders import Target, const, f32, f64, for_range, i16, i64, ptr, void
 from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
 from ..jit.parallel import default_threads, job_table
@@ -406,11 +406,20 @@ def flash_attn(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: floa
     floats = np.array([scale, softcap], np.float32).view(np.int64)[0]
     threads = threads or default_threads()
     rows = n * n_head
-    # parts are claimed first come, first served; a short one is not worth a hand-off
+    args = [q.ctypes.data, k.ctypes.data, v.ctypes.data, kt.ctypes.data, out.ctypes.data,
+            n | route << 32, n_head, n_head // n_kv, hd, n_ctx * hd, tpad, p0, n_swa,
+            int(floats)]
+    if n >= TILE:  # a prompt: on the threads the prompt's products use, in two halves
+        argv = (ctypes.c_int64 * len(args))(*args)
+        run = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(part)
+        parts = max(1, min(threads, rows))
+        parallel_rows(lambda a, z: [run(ctypes.addressof(argv), i, parts) for i in range(a, z)],
+                      parts, threads)
+        return out
+    # decoding: a team job beside the products' (parts are claimed first come, first served;
+    # a short one is not worth a hand-off)
     parts = min(rows, 4 * threads) if rows * t * hd >= MIN_WORK and threads > 1 else 1
     jobs = job_table()
-    jobs.add(part, parts, q.ctypes.data, k.ctypes.data, v.ctypes.data, kt.ctypes.data,
-             out.ctypes.data, n | route << 32, n_head, n_head // n_kv, hd, n_ctx * hd, tpad,
-             p0, n_swa, int(floats))
+    jobs.add(part, parts, *args)
     jobs.run(threads)
     return out
