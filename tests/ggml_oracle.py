@@ -120,7 +120,14 @@ def ggml_gelu_table() -> np.ndarray:
     lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib",
                                    "libggml-cpu.so"))
     lib.ggml_cpu_init()
-    return np.ctypeslib.as_array((ctypes.c_uint16 * 65536).in_dll(lib, "ggml_table_gelu_f16"))
+    # when another libggml-cpu was loaded RTLD_GLOBAL first (the tool build's, by other
+    # tests), this one's init fills that one's table, as the dynamic linker binds its
+    # references: read the table the global scope names, as the init wrote it
+    table = ctypes.c_uint16 * 65536
+    try:
+        return np.ctypeslib.as_array(table.in_dll(ctypes.CDLL(None), "ggml_table_gelu_f16"))
+    except ValueError:
+        return np.ctypeslib.as_array(table.in_dll(lib, "ggml_table_gelu_f16"))
 
 
 def ggml_quantize_chunk(t: GGMLType, x: np.ndarray, imatrix: np.ndarray | None = None

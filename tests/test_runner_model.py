@@ -77,6 +77,59 @@ def test_logits_from_a_row_are_that_part_of_the_whole_batch(smollm2):
         m.forward(TOKENS, m.new_cache(64), all_logits=True, first=len(TOKENS))
 
 
+def _decode_both_ways(path, tune=lambda m: None, fa="auto"):
+    """Greedy decoding of 12 tokens after an 9-token prompt through the prepared one-token
+    steps (`_Decoder`) and through the general route: the logits of each step, and the
+    caches."""
+    runs = []
+    for prepared in (True, False):
+        m = Model(path)
+        m.flash_attn = fa if fa != "auto" else m.flash_attn
+        tune(m)
+        if not prepared:
+            m._decoder_fits = lambda n_cpu: False
+        cache = m.new_cache(64)
+        out = [m.forward(TOKENS[:9], cache)]
+        for _ in range(12):
+            out.append(m.forward([int(np.argmax(out[-1]))], cache))
+        runs.append((np.array(out), cache.k[:, :, :cache.n], cache.v[:, :, :cache.n]))
+    return runs
+
+
+def _biases(m):
+    rng = np.random.default_rng(5)
+    for L in m.layers:
+        L.bq, L.bk, L.bv = (rng.normal(0, 0.5, w.data.shape[0]).astype(np.float32)
+                            for w in (L.wq, L.wk, L.wv))
+
+
+@pytest.mark.parametrize("case", ["q4_1", "biases", "f16", "f32-attention", "qwen3", "gemma2",
+                                  "gemma3", "phi3"])
+def test_prepared_decoding_steps_are_the_general_route_bit_for_bit(case, smollm2, tmp_path):
+    """One token runs through prepared buffers and posted products (model._Decoder); the
+    general route computes the same thing per call. Same logits, same caches, for the
+    integer (Q4_1) and float (F16) products, biases, q/k norms, Gemma's post norms, GELU,
+    soft caps and sliding window, Phi-3's fused weights, and flash attention forced f32."""
+    from dataclasses import replace
+
+    from gguflab.synth import SynthConfig, write_synthetic_llama
+    path, tune, fa = smollm2, (lambda m: None), "auto"
+    if case == "biases":
+        tune = _biases
+    elif case == "f32-attention":
+        fa = "f32"
+    elif case != "q4_1":
+        arch = "llama" if case == "f16" else case
+        cfg = SynthConfig(n_layer=3, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, arch=arch,
+                          sliding_window=4 if arch.startswith("gemma") else 0, seed=3)
+        path = write_synthetic_llama(tmp_path / f"{case}.gguf",
+                                     replace(cfg, tokenizer_from=smollm2))
+    (a, ka, va), (b, kb, vb) = _decode_both_ways(path, tune, fa)
+    assert a.shape[0] == 13 and np.isfinite(a).all()
+    for ours, general in ((a, b), (ka, kb), (va, vb)):
+        np.testing.assert_array_equal(ours.view(np.uint32), general.view(np.uint32))
+
+
 def test_context_full_is_a_clear_error(smollm2):
     m = Model(smollm2)
     cache = m.new_cache(8)

@@ -373,12 +373,13 @@ def route_for(n_tokens: int) -> int:
 
 def flash_attn(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: float,
                softcap: float = 0.0, n_swa: int = 0, route: int | None = None,
-               threads: int | None = None) -> np.ndarray:
+               threads: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Attention of the queries `q` (n, n_head, head_dim; float32) at positions p0 ..
     p0 + n - 1 over the keys and values of one layer's cache, `k` and `v` (n_kv, n_ctx,
     head_dim; float16, or float32 holding fp16 values), positions 0 .. p0 + n - 1 filled;
     causal, and within `n_swa` positions when n_swa > 0. Returns (n, n_head * head_dim)
-    float32. `route`: VEC or TILED, by default ggml's choice for n queries."""
+    float32 (into `out`, contiguous, when given). `route`: VEC or TILED, by default ggml's
+    choice for n queries."""
     if q.ndim != 3 or k.ndim != 3 or k.shape != v.shape or q.shape[2] != k.shape[2]:
         raise UserError(f"attention needs q (n, n_head, head_dim) and k, v (n_kv, n_ctx, "
                         f"head_dim) alike; got q {q.shape}, k {k.shape}, v {v.shape}")
@@ -392,7 +393,11 @@ def flash_attn(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: floa
     if k.dtype != v.dtype or k.dtype not in (np.float16, np.float32):
         raise UserError(f"the KV cache must be float16 or float32, got {k.dtype}/{v.dtype}")
     route = route_for(n) if route is None else route
-    out = np.empty((n, n_head * hd), np.float32)
+    if out is None:
+        out = np.empty((n, n_head * hd), np.float32)
+    elif out.shape != (n, n_head * hd) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise UserError(f"attention output must be contiguous float32 {(n, n_head * hd)}, "
+                        f"got {out.dtype} {out.shape}")
     if n == 0:
         return out
     q = np.ascontiguousarray(q, np.float32)
@@ -416,10 +421,45 @@ def flash_attn(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: floa
         parallel_rows(lambda a, z: [run(ctypes.addressof(argv), i, parts) for i in range(a, z)],
                       parts, threads)
         return out
-    # decoding: a team job beside the products' (parts are claimed first come, first served;
-    # a short one is not worth a hand-off)
-    parts = min(rows, 4 * threads) if rows * t * hd >= MIN_WORK and threads > 1 else 1
+    _post_decode(part, args, rows, rows * t * hd, threads)
+    return out
+
+
+def _post_decode(part: int, args: list[int], rows: int, work: int, threads: int) -> None:
+    """Decoding: a team job beside the products' (parts are claimed first come, first
+    served; a short one is not worth a hand-off)."""
+    parts = min(rows, 4 * threads) if work >= MIN_WORK and threads > 1 else 1
     jobs = job_table()
     jobs.add(part, parts, *args)
     jobs.run(threads)
-    return out
+
+
+class OneQuery:
+    """`flash_attn` of one query (1, n_head, head_dim) into `out` (1, n_head * head_dim) on
+    the VEC route: what a decoding step needs, with every argument that does not change
+    from token to token worked out once."""
+
+    def __init__(self, q: np.ndarray, out: np.ndarray, n_kv: int, scale: float,
+                 softcap: float, threads: int):
+        _, n_head, hd = q.shape
+        if q.shape[0] != 1 or not q.flags.c_contiguous or out.shape != (1, n_head * hd) or (
+                not out.flags.c_contiguous or n_head % n_kv):
+            raise ValueError(f"OneQuery takes q (1, n_head, head_dim), got {q.shape}")
+        self.kt = np.zeros((1,), np.float32)
+        floats = int(np.array([scale, softcap], np.float32).view(np.int64)[0])
+        self.args = [q.ctypes.data, 0, 0, self.kt.ctypes.data, out.ctypes.data, 1 | VEC << 32,
+                     n_head, n_head // n_kv, hd, 0, 0, 0, 0, floats]
+        self.keep, self.threads, self.shape = (q, out), threads, (n_kv, hd)
+
+    def run(self, k: np.ndarray, v: np.ndarray, p0: int, n_swa: int = 0) -> None:
+        """The query at position p0 over k, v (n_kv, n_ctx, head_dim; contiguous, float16
+        or float32 holding fp16 values), positions 0 .. p0 filled."""
+        n_kv, n_ctx, hd = k.shape
+        if (n_kv, hd) != self.shape or not 0 <= p0 < n_ctx or k.dtype != v.dtype or not (
+                k.flags.c_contiguous and v.flags.c_contiguous and k.shape == v.shape):
+            raise ValueError(f"position {p0} over a cache of {k.shape} {k.dtype}")
+        args = self.args
+        args[1], args[2], args[9] = k.ctypes.data, v.ctypes.data, n_ctx * hd
+        args[10], args[11], args[12] = -(-(p0 + 1) // TILE) * TILE, p0, n_swa
+        part = _kernels()["attn_f16" if k.dtype == np.float16 else "attn_f32"]
+        _post_decode(part, args, args[6], args[6] * (p0 + 1) * hd, self.threads)

@@ -71,7 +71,7 @@ from ..jit.builders import (
     void,
 )
 from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..jit.parallel import MAX_JOBS, JobTable, default_threads, job_table
+from ..jit.parallel import MAX_JOBS, JobTable, default_threads, job_table, team
 
 __all__ = ["SUPPORTED_TYPES", "matmul", "matmuls", "get_rows", "quantizes_activations"]
 
@@ -1519,3 +1519,55 @@ def get_rows(w: np.ndarray, wtype: GGMLType, ids: np.ndarray) -> np.ndarray:
     if rows.dtype == np.float16:
         return rows.astype(np.float32)
     return quant.get(p.t).dequantize(rows.view(np.uint8)).reshape(len(ids), n_in)
+
+
+class Products:
+    """One-token products of a fixed input `x` into fixed outputs `ys`, posted once and run
+    again for every token: when decoding, a layer's weights and buffers never move, so
+    what `matmuls` works out per call (checks, plans, rounding buffers, the job table) is
+    done here once. `run()` rounds x as the weights need it and computes every y."""
+
+    def __init__(self, weights: list[tuple[np.ndarray, GGMLType]], x: np.ndarray,
+                 ys: list[np.ndarray], threads: int | None = None):
+        if x.ndim != 1 or len(ys) != len(weights):
+            raise ValueError("Products takes one token's x and an output per weight")
+        self.threads = threads or default_threads()
+        self.x = x
+        self.table = JobTable()
+        self.keep: list = [x, ys]  # every array the jobs read by address stays alive
+        # first which roundings the products need (the kinds, and integer or float form),
+        # then this object's own buffer for each: `_add_gemv` finds them in `seen`
+        probe: dict = {}
+        self.rounds: list[tuple[GGMLType | None, bool, np.ndarray]] = []
+        seen: dict = {}
+        for (w, t), y in zip(weights, ys):
+            p, w, xx, y, ldy, n_tok, n_in, n_out = _prepare(w, t, x, y)
+            if _special(p, w, xx, y, n_tok, n_in, n_out):
+                raise ValueError(f"no one-token kernel for a {p.name} weight of {w.shape}")
+            _add_gemv(self.table, p, w, xx, y, ldy, 1, n_in, n_out, self.threads, probe)
+            self.table.n = 0
+            for key in probe.keys() - seen.keys():
+                act, int_path = key
+                if int_path:
+                    buf = np.empty((1, xq_row_bytes(n_in)), np.uint8)
+                elif act in _Q8_KINDS or act in _HALF_KINDS:
+                    buf = np.empty_like(x)
+                else:
+                    buf = x  # the float kernels read x as it is
+                seen[key] = buf
+                self.rounds.append((act, int_path, buf))
+            self.keep.append(w)
+        for (w, t), y in zip(weights, ys):
+            p, w, xx, y, ldy, n_tok, n_in, n_out = _prepare(w, t, x, y)
+            _add_gemv(self.table, p, w, xx, y, ldy, 1, n_in, n_out, self.threads, seen)
+        self.n_jobs, self.table.n = self.table.n, 0
+        self.keep.append(self.rounds)
+
+    def run(self) -> None:
+        x, n_in = self.x, self.x.shape[0]
+        for act, int_path, buf in self.rounds:
+            if int_path or act in _HALF_KINDS:
+                _act_kernels()[act](x, 1, n_in, buf)
+            elif buf is not x:
+                buf[...] = round_activations(x, act)
+        team(self.threads).run(self.table.addr, self.n_jobs)

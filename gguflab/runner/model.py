@@ -17,9 +17,10 @@ import numpy as np
 from ..errors import UserError
 from ..gguf import GGMLType, GGUFReader, Keys, ReaderTensor
 from ..jit import f16_to_f32, f32_to_f16
-from .attention import TILED, flash_attn
+from ..jit.parallel import default_threads
+from .attention import TILED, OneQuery, flash_attn
 from .families import FAMILIES, Family, supported
-from .kernels import get_rows, matmul, matmuls
+from .kernels import Products, get_rows, matmul, matmuls
 from .ops import rms_norm, swiglu
 from .rope import RopeParams, rope_rotate, rope_table, yarn_attn_factor
 
@@ -381,19 +382,22 @@ class Model:
             raise UserError(f"this KV cache holds {cache.k.shape[0]} layers but the CPU runs "
                             f"{n_cpu}: make it with new_cache after setting the offload")
         skip = first if all_logits else n - 1  # rows whose logits nobody asked for
-        for il, L in enumerate(self.layers[:n_cpu]):
-            h = rms_norm(x, L.attn_norm, hp.rms_eps)
-            a = self.attention(il, L, h, pos, cache)
-            if il == hp.n_layer - 1 and skip:
-                x, a = x[skip:], a[skip:]
-            if L.attn_post_norm is not None:
-                a = rms_norm(a, L.attn_post_norm, hp.rms_eps)
-            x = x + a
-            h = rms_norm(x, L.ffn_norm, hp.rms_eps)
-            f = moe_ffn(L.experts, h) if L.experts is not None else ffn(L, h, hp.family.gelu)
-            if L.ffn_post_norm is not None:
-                f = rms_norm(f, L.ffn_post_norm, hp.rms_eps)
-            x = x + f
+        if n == 1 and self._decoder_fits(n_cpu):  # one token: the layers' steps prepared
+            x = self._decoder(n_cpu).run(self, x[0], int(p0), cache)[None]
+        else:
+            for il, L in enumerate(self.layers[:n_cpu]):
+                h = rms_norm(x, L.attn_norm, hp.rms_eps)
+                a = self.attention(il, L, h, pos, cache)
+                if il == hp.n_layer - 1 and skip:
+                    x, a = x[skip:], a[skip:]
+                if L.attn_post_norm is not None:
+                    a = rms_norm(a, L.attn_post_norm, hp.rms_eps)
+                x = x + a
+                h = rms_norm(x, L.ffn_norm, hp.rms_eps)
+                f = moe_ffn(L.experts, h) if L.experts is not None else ffn(L, h, hp.family.gelu)
+                if L.ffn_post_norm is not None:
+                    f = rms_norm(f, L.ffn_post_norm, hp.rms_eps)
+                x = x + f
         logits = None
         if n_cpu < hp.n_layer and n == 1 and gpu.output:  # layers and head in one device pass
             logits = gpu.forward_layers(x, p0, head=True)
@@ -412,6 +416,24 @@ class Model:
         if hp.final_softcap:
             logits = softcap(logits, hp.final_softcap)
         return logits if all_logits else logits[0]
+
+    def _decoder_fits(self, n_cpu: int) -> bool:
+        """Whether one token's CPU layers can take the prepared steps of `_Decoder` (not
+        while the products' inputs are watched, nor for experts or attention without flash
+        attention, which take the general route)."""
+        return (_observer is None and self.flash_attn != "off"
+                and all(L.experts is None for L in self.layers[:n_cpu]))
+
+    _decoders: dict | None = None
+
+    def _decoder(self, n_cpu: int) -> _Decoder:
+        key = (default_threads(), n_cpu)
+        if self._decoders is None:
+            self._decoders = {}
+        d = self._decoders.get(key)
+        if d is None:
+            d = self._decoders[key] = _Decoder(self, n_cpu, key[0])
+        return d
 
     def attention(self, il: int, L: Layer, h: np.ndarray, pos: np.ndarray,
                   cache: KVCache) -> np.ndarray:
@@ -491,6 +513,89 @@ class Model:
             memo = self._rope_memo[local] = (key, rope_table(self.rope_params(n_ctx, local),
                                                              pos))
         return memo[1]
+
+
+class _Decoder:
+    """One token through the CPU layers, with every buffer and product posted once: the same
+    steps and kernels as `Model.forward`'s general route (the same bits, tested), without
+    the per-call work of forty numpy steps and seven product set-ups a layer, which cost
+    more than the arithmetic on a small model."""
+
+    def __init__(self, m: Model, n_cpu: int, threads: int):
+        hp = m.hp
+        hd = hp.head_dim
+        f32 = np.float32
+        self.threads = threads
+        self.x, self.h, self.a = (np.empty(hp.n_embd, f32) for _ in range(3))
+        # q and k side by side, so that one call rotates both (RoPE takes each head alone)
+        nq, nk = hp.n_head * hd, hp.n_head_kv * hd
+        self.qk, self.qkr = np.empty(nq + nk, f32), np.empty((1, hp.n_head + hp.n_head_kv, hd), f32)
+        self.q, self.k, self.v = self.qk[:nq], self.qk[nq:], np.empty(nk, f32)
+        self.qr, self.kr = self.qkr[:, :hp.n_head], self.qkr[:, hp.n_head:]
+        self.att = np.empty((1, nq), f32)
+        self.attend = OneQuery(self.qr, self.att, hp.n_head_kv, hp.q_scale, hp.attn_softcap,
+                               threads)
+        self.steps = []
+        for L in m.layers[:n_cpu]:
+            n_ff = L.w_gate.data.shape[0]
+            if not hasattr(self, "gate") or self.gate.size != n_ff:
+                self.gate, self.up = np.empty(n_ff, f32), np.empty(n_ff, f32)
+                self.act = np.empty(n_ff, f32)
+            self.steps.append((
+                Products([(L.wq.data, L.wq.type), (L.wk.data, L.wk.type),
+                          (L.wv.data, L.wv.type)], self.h, [self.q, self.k, self.v], threads),
+                Products([(L.wo.data, L.wo.type)], self.att[0], [self.a], threads),
+                Products([(L.w_gate.data, L.w_gate.type), (L.w_up.data, L.w_up.type)],
+                         self.h, [self.gate, self.up], threads),
+                Products([(L.w_down.data, L.w_down.type)], self.act, [self.a], threads),
+                (self.gate, self.up, self.act)))
+
+    def run(self, m: Model, x: np.ndarray, p0: int, cache: KVCache) -> np.ndarray:
+        """x (n_embd,) at position p0 through the CPU layers; a new array."""
+        hp, eps = m.hp, m.hp.rms_eps
+        n_kv, hd = hp.n_head_kv, hp.head_dim
+        pos = np.array([p0])
+        X, h, a, q, k, v = self.x, self.h, self.a, self.q, self.k, self.v
+        X[...] = x
+        q3, k3 = q.reshape(1, hp.n_head, hd), k.reshape(1, n_kv, hd)
+        qk3 = self.qk.reshape(1, hp.n_head + n_kv, hd)
+        for il, (L, step) in enumerate(zip(m.layers, self.steps)):
+            qkv, wo, gate_up, down, (g, u, act) = step
+            rms_norm(X, L.attn_norm, eps, out=h)
+            qkv.run()
+            if L.bq is not None:
+                q += L.bq
+                k += L.bk
+                v += L.bv
+            if L.q_norm is not None:
+                rms_norm(q3, L.q_norm, eps, out=q3)
+                rms_norm(k3, L.k_norm, eps, out=k3)
+            local = bool(hp.swa_layers) and hp.swa_layers[il]
+            table = m._rope_tables(pos, local, cache.n_ctx)
+            rope_rotate(qk3, table, hp.rope_dim, hp.rope_neox, out=self.qkr)
+            keys, vals = cache.k[il], cache.v[il]
+            keys[:, p0] = self.kr[0].astype(np.float16)
+            vals[:, p0] = v.reshape(n_kv, hd).astype(np.float16)
+            if m.flash_attn == "f32":  # (forced onto the tiled route)
+                flash_attn(self.qr, keys, vals, p0, hp.q_scale, hp.attn_softcap,
+                           hp.n_swa if local else 0, TILED, self.threads, out=self.att)
+            else:
+                self.attend.run(keys, vals, p0, hp.n_swa if local else 0)
+            wo.run()
+            if L.attn_post_norm is not None:
+                rms_norm(a, L.attn_post_norm, eps, out=a)
+            X += a
+            rms_norm(X, L.ffn_norm, eps, out=h)
+            gate_up.run()
+            if hp.family.gelu:
+                act[...] = gelu_ggml(g) * u
+            else:
+                swiglu(g, u, out=act)
+            down.run()
+            if L.ffn_post_norm is not None:
+                rms_norm(a, L.ffn_post_norm, eps, out=a)
+            X += a
+        return X.copy()
 
 
 # -- watching the products' inputs (llama-imatrix's callback) ---------------------------------

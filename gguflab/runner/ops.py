@@ -186,29 +186,40 @@ def _kernels() -> dict:
                                "kld_codes": _SIG4, "rms_norm": _SIG_NORM})
 
 
-def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """silu(gate) * up, as llama.cpp's CPU computes it (float32, gate's shape)."""
+def swiglu(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """silu(gate) * up, as llama.cpp's CPU computes it (float32, gate's shape); into `out`
+    (contiguous float32, that shape) when given."""
     g = np.ascontiguousarray(gate, np.float32)
     u = np.ascontiguousarray(up, np.float32)
     if g.shape != u.shape:
         raise ValueError(f"swiglu of {g.shape} and {u.shape}")
-    y = np.empty_like(g)
+    y = _out(out, g)
     n = max(g.shape[-1] if g.ndim else 1, 1)
     _by_rows(_kernels()["swiglu"], g.size // n, n, g, u, y)
     return y
 
 
-def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray | None = None
+             ) -> np.ndarray:
     """ggml's rms_norm of each row of x (the last axis) times the weight w (one value per
-    column), in float32 with x's shape."""
+    column), in float32 with x's shape; into `out` when given (it may be x itself)."""
     x = np.ascontiguousarray(x, np.float32)
     wt = np.ascontiguousarray(w, np.float32)
     n = x.shape[-1]
     if wt.shape != (n,):
         raise ValueError(f"rms_norm of rows of {n} with a weight of shape {wt.shape}")
-    y = np.empty_like(x)
+    y = _out(out, x)
     _by_rows(_kernels()["rms_norm"], x.size // max(n, 1), n, x, wt, y, eps)
     return y
+
+
+def _out(out: np.ndarray | None, like: np.ndarray) -> np.ndarray:
+    if out is None:
+        return np.empty_like(like)
+    if out.shape != like.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be contiguous float32 {like.shape}, got {out.dtype} "
+                         f"{out.shape}")
+    return out
 
 
 def _by_rows(fn, n_rows: int, n: int, a, b, y, *extra) -> None:

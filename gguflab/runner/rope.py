@@ -205,14 +205,22 @@ def rope_table(p: RopeParams, pos: np.ndarray) -> np.ndarray:
     return out
 
 
-def rope_rotate(x: np.ndarray, table: np.ndarray, n_dims: int, neox: bool) -> np.ndarray:
-    """x (n_tok, n_head, head_dim) rotated by `table` (n_tok, n_dims) from rope_table."""
+def rope_rotate(x: np.ndarray, table: np.ndarray, n_dims: int, neox: bool,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """x (n_tok, n_head, head_dim) rotated by `table` (n_tok, n_dims) from rope_table; into
+    `out` (contiguous float32, x's shape, not x) when given."""
     x = np.ascontiguousarray(x, np.float32)
     n_tok, n_head, hd = x.shape
     if table.shape != (n_tok, n_dims) or n_dims > hd:
         raise ValueError(f"RoPE table {table.shape} for x {x.shape} over {n_dims} dims")
     table = np.ascontiguousarray(table, np.float32)
-    y = np.empty_like(x)
+    if out is None:
+        y = np.empty_like(x)
+    elif out.shape != x.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be contiguous float32 {x.shape}, got {out.dtype} "
+                         f"{out.shape}")
+    else:
+        y = out
     _kernels()["rope_rotate"](x.ctypes.data, y.ctypes.data, table.ctypes.data, n_tok,
                               n_head, hd, n_dims, int(neox))
     return y
