@@ -411,7 +411,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
                              n_chunks=args.chunks,
                              base_path=args.kl_divergence_base if kld else None,
                              save_base=None if kld else args.kl_divergence_base,
-                             on_chunk=progress, running=running)
+                             on_chunk=progress, running=running, n_batch=args.batch_size,
+                             n_ubatch=args.ubatch_size)
     if res.kld:
         print()
         print(ppl_mod.format_kld_statistics(res.kld))
@@ -682,6 +683,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-f", "--file", help="text to evaluate (default: the shipped eval.txt)")
     s.add_argument("-p", "--prompt", default="")
     s.add_argument("--chunks", type=int, default=-1, help="at most this many chunks")
+    s.add_argument("-b", "--batch-size", type=int, default=2048, metavar="N",
+                   help="tokens a batch holds: batch-size / ctx-size chunks go side by side, "
+                        "as in llama-perplexity (default %(default)s)")
+    s.add_argument("-ub", "--ubatch-size", type=int, default=512, metavar="N",
+                   help="tokens a ubatch holds (default %(default)s)")
     s.add_argument("--kl-divergence-base", metavar="FILE",
                    help="save this model's log-probs to FILE, llama-perplexity's format (or, "
                         "with --kl-divergence, compare against FILE, made by either tool)")

@@ -175,6 +175,45 @@ def test_perplexity_needs_enough_tokens(smol_f32):
         perplexity(Model(smol_f32), list(range(10)), 32, add_bos=True, bos_id=1)
 
 
+@pytest.mark.parametrize("ubatch", [512, 64])
+def test_perplexity_prints_llama_perplexity_s_estimate(smollm2, ubatch, capsys):
+    """The same figure to every printed digit. With -ub 64, llama-perplexity's ubatches hold
+    21 tokens of each of the 3 chunks it evaluates side by side (a KV stream each), so its
+    attention takes the one-query route, not the tiled one: another float order, and
+    another PPL (22.0159 against 22.0088 here), which gguflab reproduces by evaluating the
+    chunks in those shares."""
+    import re
+
+    from llama_tools import run_tool
+
+    from gguflab.catalog import default_eval_text
+    from gguflab.cli import main
+
+    args = ["-c", "128", "--chunks", "3", "-ub", str(ubatch), "-t", "2"]
+    theirs = run_tool("llama-perplexity", "-m", smollm2, "-f", default_eval_text(), *args)
+    capsys.readouterr()
+    assert main(["perplexity", "-m", str(smollm2), *args]) == 0
+    ours = capsys.readouterr().out
+
+    def final(out):
+        return re.search(r"Final estimate: PPL = [\d.]+ \+/- [\d.]+", out)[0]
+    assert final(ours) == final(theirs)
+
+
+def test_batch_sizes_are_llama_perplexity_s():
+    from gguflab.runner.perplexity import batch_sizes, chunk_pieces
+
+    assert batch_sizes(128) == (16, 2048, 512)  # its log: "n_seq=16"
+    assert batch_sizes(520) == (3, 1560, 512)  # -b shrinks to the streams' room
+    assert batch_sizes(4096) == (1, 2048, 512)
+    assert chunk_pieces(128, 16) == [32] * 4  # 512 / 16 of each chunk a ubatch: one-query
+    assert chunk_pieces(128, 4) == [128] and chunk_pieces(512, 4) == [512]  # tiled: whole
+    assert chunk_pieces(520, 3) == [170, 170, 170, 10]
+    assert chunk_pieces(520, 1, 512, 512) == [512, 8]
+    with pytest.raises(UserError, match="batch sizes must be positive"):
+        batch_sizes(128, 0)
+
+
 # Both tools compute the same function, but every product rounds its input to 8 bits, so a
 # last-bit difference upstream moves some levels and the runs drift apart as llama.cpp's
 # own -fa on and off do (1.8% at 128 tokens a chunk): on these 378 tokens, measured

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import UserError
+from .attention import TILE
 from .kldbase import BaseReader, BaseWriter, header, token_nll
 from .model import Model
 from .ops import kld_sums, max_sum_exp
@@ -41,18 +42,52 @@ def chunks_of(tokens: list[int], n_ctx: int, n_chunks: int | None) -> int:
     return n if n_chunks is None or n_chunks < 0 else min(n, n_chunks)
 
 
+N_BATCH, N_UBATCH = 2048, 512  # llama-perplexity's -b and -ub defaults
+
+
+def batch_sizes(n_ctx: int, n_batch: int = N_BATCH, n_ubatch: int = N_UBATCH
+                ) -> tuple[int, int, int]:
+    """(chunks evaluated side by side, batch, ubatch) as llama-perplexity sets them from
+    its -c, -b and -ub: a stream per chunk, and a batch no larger than the streams hold."""
+    if n_batch < 1 or n_ubatch < 1:
+        raise UserError(f"batch sizes must be positive, got -b {n_batch} -ub {n_ubatch}")
+    n_seq = max(1, n_batch // n_ctx)
+    n_batch = min(n_batch, n_seq * n_ctx)
+    return n_seq, n_batch, min(n_ubatch, n_batch)
+
+
+def chunk_pieces(n_ctx: int, n_side: int, n_batch: int = N_BATCH,
+                 n_ubatch: int = N_UBATCH) -> list[int]:
+    """The lengths of the pieces a chunk is evaluated in so that each token sees attention
+    as llama-perplexity computes it, with `n_side` chunks side by side. llama.cpp gives
+    each chunk a KV stream of its own and splits the batch into ubatches holding an equal
+    share of every chunk (n_ubatch // n_side tokens each); attention runs per stream over
+    that share, on ggml's tiled route from TILE queries on and its one-query route below.
+    A token's result depends only on that route (and the products' on nothing), so a
+    chunk goes whole unless the share is below TILE; then it goes in shares."""
+    _, n_batch, n_ub = batch_sizes(n_ctx, n_batch, n_ubatch)
+    if n_side > 1:  # the chunk is in one batch, n_ub // n_side of its tokens a ubatch
+        per = max(1, n_ub // n_side)
+        pieces = [min(per, n_ctx - s) for s in range(0, n_ctx, per)]
+    else:  # one stream: batches of -b tokens, each split into ubatches of -ub
+        pieces = [min(n_ub, b - u) for b0 in range(0, n_ctx, n_batch)
+                  for b in [min(n_ctx, b0 + n_batch) - b0] for u in range(0, b, n_ub)]
+    return [n_ctx] if min(pieces) >= TILE else pieces
+
+
 def perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: bool,
                bos_id: int | None, n_chunks: int | None = None,
                base_path: str | None = None, save_base: str | None = None,
                on_chunk: Callable[[int, int, float], None] | None = None,
-               running: dict | None = None) -> PerplexityResult:
+               running: dict | None = None, n_batch: int = N_BATCH,
+               n_ubatch: int = N_UBATCH) -> PerplexityResult:
     """`base_path`: compare against a base file (KL-divergence); `save_base`: write this
     model's log-probs there (llama-perplexity's format) for a later comparison.
     `on_chunk(i, n, ppl)` after each chunk with the running estimate; `running` as in
-    `iter_perplexity`."""
+    `iter_perplexity`; `n_batch`, `n_ubatch`: llama-perplexity's -b and -ub."""
     steps = iter_perplexity(model, tokens, n_ctx, add_bos=add_bos, bos_id=bos_id,
                             n_chunks=n_chunks, base_path=base_path, save_base=save_base,
-                            running=running)
+                            running=running, n_batch=n_batch, n_ubatch=n_ubatch)
     try:
         while True:
             try:
@@ -68,7 +103,8 @@ def perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: bool,
 def iter_perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: bool,
                     bos_id: int | None, n_chunks: int | None = None,
                     base_path: str | None = None, save_base: str | None = None,
-                    running: dict | None = None
+                    running: dict | None = None, n_batch: int = N_BATCH,
+                    n_ubatch: int = N_UBATCH
                     ) -> Generator[tuple[int, int, float], None, PerplexityResult]:
     """`perplexity` one chunk at a time: yields (chunk, chunks, running ppl) and returns the
     result, so that a job can report progress and stop between chunks. With a base, the
@@ -83,6 +119,7 @@ def iter_perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: boo
         base.check(tokens, n_ctx, getattr(hp, "n_vocab", None), n_chunk)
     else:
         n_chunk = chunks_of(tokens, n_ctx, n_chunks)
+    n_seq = batch_sizes(n_ctx, n_batch, n_ubatch)[0]
     writer = BaseWriter(save_base, tokens, n_ctx, n_chunk) if save_base else None
     first = n_ctx // 2
     nll = nll2 = 0.0
@@ -95,9 +132,11 @@ def iter_perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: boo
             if add_bos and bos_id is not None:
                 chunk[0] = bos_id
             cache = model.new_cache(n_ctx)
-            # the logits from `first` on, as llama-perplexity asks for them
-            logits = np.asarray(model.forward(chunk, cache, all_logits=True, first=first)[:-1],
-                                np.float32)
+            # the logits from `first` on, as llama-perplexity asks for them, evaluated as
+            # its batches of n_seq chunks side by side hold them
+            n_side = min(n_seq, n_chunk - i // n_seq * n_seq)
+            logits = _chunk_logits(model, chunk, cache, first,
+                                   chunk_pieces(n_ctx, n_side, n_batch, n_ubatch))
             target = np.asarray(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx])
             if writer is not None:
                 writer.write_chunk(logits)
@@ -136,6 +175,20 @@ def iter_perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: boo
     ppl = math.exp(mean)
     err = math.sqrt(var / (count - 1)) * ppl if var > 0 and count > 1 else 0.0
     return PerplexityResult(ppl, err, n_chunk, n_ctx, count, ppls)
+
+
+def _chunk_logits(model: Model, chunk: list[int], cache, first: int, pieces: list[int]
+                  ) -> np.ndarray:
+    """The logits of rows first .. n - 2 of `chunk`, evaluated in `pieces`."""
+    out, s = [], 0
+    for size in pieces:
+        if s + size > first:
+            out.append(model.forward(chunk[s:s + size], cache, all_logits=True,
+                                     first=max(0, first - s)))
+        else:  # nothing asked of these rows
+            model.forward(chunk[s:s + size], cache)
+        s += size
+    return np.asarray(np.concatenate(out)[:-1], np.float32)
 
 
 # -- KL-divergence as llama-perplexity computes it --------------------------------------
