@@ -190,13 +190,37 @@ def test_kernel_is_ggml_flash_attn(shape):
         np.testing.assert_array_equal(ours, ref)
 
 
-@pytest.mark.parametrize("n, p0", [(1, 600), (3, 300), (80, 200)])
+@pytest.mark.parametrize("n, p0", [(1, 300), (3, 300), (80, 200)])
 def test_kernel_gives_the_same_bits_on_any_number_of_threads(n, p0):
-    """The (head, query) rows are shared out among the threads; each is computed whole."""
+    """The (head, query) rows are shared out among the threads; each is computed whole
+    (below the 512 keys from which ggml splits one query's keys, see the next test)."""
     q, k, v = _inputs(np.random.default_rng(p0), n, p0, 9, 3, 64)
     one = flash_attn(q, k, v, p0, 0.125, threads=1)
     np.testing.assert_array_equal(flash_attn(q, k, v, p0, 0.125, threads=2), one)
     np.testing.assert_array_equal(flash_attn(q, k, v, p0, 0.125, threads=3), one)
+
+
+# (position, cache cells, threads, n_swa, softcap): llama.cpp's view of the cache is padded
+# to 256 cells, and from 512 on ggml splits a single query's keys, a range per thread
+@pytest.mark.parametrize("p0, n_ctx, threads, n_swa, cap", [
+    (299, 2048, 2, 0, 0.0),  # a view of 512: ranges of 256, the second mostly masked
+    (700, 768, 3, 0, 0.0),  # three ranges, the view capped by the cache
+    (1000, 4096, 2, 0, 30.0),  # softcap
+    (900, 1024, 4, 128, 0.0),  # a sliding window: one range holds every key it sees
+    (600, 1024, 4, 128, 0.0),  # ... two ranges do
+    (200, 4096, 2, 0, 0.0),  # a view of 256: one pass
+])
+def test_one_query_over_many_keys_is_ggml_s_split(p0, n_ctx, threads, n_swa, cap):
+    """Each range gives its max, sum and unscaled V; ggml combines them in range order with
+    libm's expf and one FMA each (GCC's contraction). Not the one-pass bits: tested."""
+    q, k, v = _inputs(np.random.default_rng(p0), 1, p0, 9, 3, 64, spare=n_ctx - p0 - 1)
+    view = min(n_ctx, max(256, -(-(p0 + 1) // 256) * 256))
+    ref = ggml_flash_attn(q, k, v, p0, 0.125, cap, n_swa, n_keys=view, threads=threads)
+    ours = flash_attn(q, k, v, p0, 0.125, cap, n_swa, threads=threads)
+    np.testing.assert_array_equal(ours, ref)
+    one_pass = flash_attn(q, k, v, p0, 0.125, cap, n_swa, route=VEC, threads=threads)
+    size, lo = -(-view // threads), max(0, p0 - n_swa + 1) if n_swa else 0
+    assert np.array_equal(one_pass, ours) == (view < 512 or p0 // size == lo // size)
 
 
 @pytest.mark.parametrize("route", [VEC, TILED])

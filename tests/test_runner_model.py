@@ -77,10 +77,9 @@ def test_logits_from_a_row_are_that_part_of_the_whole_batch(smollm2):
         m.forward(TOKENS, m.new_cache(64), all_logits=True, first=len(TOKENS))
 
 
-def _decode_both_ways(path, tune=lambda m: None, fa="auto"):
-    """Greedy decoding of 12 tokens after an 9-token prompt through the prepared one-token
-    steps (`_Decoder`) and through the general route: the logits of each step, and the
-    caches."""
+def _decode_both_ways(path, tune=lambda m: None, fa="auto", prompt=TOKENS[:9], n_ctx=64):
+    """Greedy decoding of 12 tokens after a prompt through the prepared one-token steps
+    (`_Decoder`) and through the general route: the logits of each step, and the caches."""
     runs = []
     for prepared in (True, False):
         m = Model(path)
@@ -88,8 +87,8 @@ def _decode_both_ways(path, tune=lambda m: None, fa="auto"):
         tune(m)
         if not prepared:
             m._decoder_fits = lambda n_cpu: False
-        cache = m.new_cache(64)
-        out = [m.forward(TOKENS[:9], cache)]
+        cache = m.new_cache(n_ctx)
+        out = [m.forward(prompt, cache)]
         for _ in range(12):
             out.append(m.forward([int(np.argmax(out[-1]))], cache))
         runs.append((np.array(out), cache.k[:, :, :cache.n], cache.v[:, :, :cache.n]))
@@ -104,7 +103,7 @@ def _biases(m):
 
 
 @pytest.mark.parametrize("case", ["q4_1", "biases", "f16", "f32-attention", "qwen3", "gemma2",
-                                  "gemma3", "phi3"])
+                                  "gemma3", "phi3", "split-keys"])
 def test_prepared_decoding_steps_are_the_general_route_bit_for_bit(case, smollm2, tmp_path):
     """One token runs through prepared buffers and posted products (model._Decoder); the
     general route computes the same thing per call. Same logits, same caches, for the
@@ -113,18 +112,20 @@ def test_prepared_decoding_steps_are_the_general_route_bit_for_bit(case, smollm2
     from dataclasses import replace
 
     from gguflab.synth import SynthConfig, write_synthetic_llama
-    path, tune, fa = smollm2, (lambda m: None), "auto"
-    if case == "biases":
+    path, tune, fa, more = smollm2, (lambda m: None), "auto", {}
+    if case == "split-keys":  # 300 cells: a view of 512, the keys split among the threads
+        more = {"prompt": (TOKENS * 15)[:300], "n_ctx": 1024}
+    elif case == "biases":
         tune = _biases
     elif case == "f32-attention":
         fa = "f32"
-    elif case != "q4_1":
+    elif case not in ("q4_1", "split-keys"):
         arch = "llama" if case == "f16" else case
         cfg = SynthConfig(n_layer=3, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, arch=arch,
                           sliding_window=4 if arch.startswith("gemma") else 0, seed=3)
         path = write_synthetic_llama(tmp_path / f"{case}.gguf",
                                      replace(cfg, tokenizer_from=smollm2))
-    (a, ka, va), (b, kb, vb) = _decode_both_ways(path, tune, fa)
+    (a, ka, va), (b, kb, vb) = _decode_both_ways(path, tune, fa, **more)
     assert a.shape[0] == 13 and np.isfinite(a).all()
     for ours, general in ((a, b), (ka, kb), (va, vb)):
         np.testing.assert_array_equal(ours.view(np.uint32), general.view(np.uint32))

@@ -19,6 +19,7 @@ Masked keys (later positions, outside a sliding window) are skipped, as ggml ski
 from __future__ import annotations
 
 import ctypes
+import threading
 from functools import cache
 
 import numpy as np
@@ -31,7 +32,8 @@ from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
 from ..jit.parallel import default_threads, job_table
 
 TILE = 64  # ggml's GGML_FA_TILE_Q and GGML_FA_TILE_KV: queries per tile and keys per tile
-VEC, TILED = 0, 1  # the two routes
+VEC, TILED, SPLIT = 0, 1, 2  # the routes (SPLIT: VEC over key ranges, then combined)
+SPLIT_KEYS = 512  # ggml splits one query's keys across its threads from this many on
 STEP = 32  # ggml_vec_dot_f16 on AVX2: 4 accumulators of 8 lanes
 MIN_WORK = 1 << 14  # (query, key, dim) steps below which one thread does it all
 
@@ -301,30 +303,89 @@ def _build(m: ir.Module, name: str, half_kv: bool) -> None:
                     b.store(b.call(fma, [load_kv(vc, b.add(vrow, d)), pj, b.load(p)]), p)
 
     mx_ = b.alloca(f32, name="tmax")
+    split = b.icmp_signed("==", route, const(i64, SPLIT))
+    vec = b.or_(split, b.icmp_signed("==", route, const(i64, VEC)))
     with for_range(b, row0, row1, name="r") as r:
+        # SPLIT: one query, and "query" i is the i-th range of tpad keys of its head
         h, i = b.sdiv(r, n), b.srem(r, n)
-        pos = b.add(p0, i)
+        pos = b.select(split, p0, b.add(p0, i))
         g = b.sdiv(h, group)
         # the keys this query sees: [lo, pos]; a sliding window keeps pos - j < n_swa
         lo = b.sub(pos, b.sub(n_swa, c1))
         lo = b.select(b.icmp_signed(">", n_swa, c0),
                       b.select(b.icmp_signed(">", lo, c0), lo, c0), c0)
-        at = b.mul(b.add(b.mul(i, n_head), h), hd)
+        k0 = b.mul(i, tpad)
+        k1 = b.sub(b.add(k0, tpad), c1)
+        lo = b.select(split, b.select(b.icmp_signed(">", k0, lo), k0, lo), lo)
+        hi = b.select(split, b.select(b.icmp_signed("<", k1, pos), k1, pos), pos)
+        at = b.mul(b.select(split, h, b.add(b.mul(i, n_head), h)), hd)
         qrow, orow = b.gep(q, [at]), b.gep(out, [at])
         kbase = b.mul(g, hstride)
         b.store(ninf, m_)
         b.store(fz, s_)
         with for_range(b, c0, hd, name="zv") as d:
             b.store(fz, b.gep(vkq, [d]))
-        with b.if_else(b.icmp_signed("==", route, const(i64, VEC))) as (then, other):
+        with b.if_else(vec) as (then, other):
             with then:
-                (vec_row_simd if hw else vec_row)(kbase, qrow, lo, pos)
+                (vec_row_simd if hw else vec_row)(kbase, qrow, lo, hi)
             with other:
                 tiled_row(g, kbase, qrow, lo, pos)
         s = b.load(s_)
-        inv = b.select(b.fcmp_ordered("==", s, fz), fz, b.fdiv(one, s))
-        with for_range(b, c0, hd, name="o") as d:  # V / S
-            b.store(b.fmul(b.load(b.gep(vkq, [d])), inv), b.gep(orow, [d]))
+        with b.if_else(split) as (then, other):
+            with then:  # the range's partial (M, S, V unscaled) at out + r * (2 + hd)
+                part = b.gep(out, [b.mul(r, b.add(hd, const(i64, 2)))])
+                b.store(b.load(m_), part)
+                b.store(s, b.gep(part, [c1]))
+                with for_range(b, c0, hd, name="pv") as d:
+                    b.store(b.load(b.gep(vkq, [d])), b.gep(part, [b.add(d, const(i64, 2))]))
+            with other:
+                inv = b.select(b.fcmp_ordered("==", s, fz), fz, b.fdiv(one, s))
+                with for_range(b, c0, hd, name="o") as d:  # V / S
+                    b.store(b.fmul(b.load(b.gep(vkq, [d])), inv), b.gep(orow, [d]))
+    b.ret_void()
+
+
+def _build_reduce(m: ir.Module) -> None:
+    """`attn_reduce(partials, out, n_head, n_parts, hd)`: each head's output from the
+    partials of its key ranges (SPLIT), as ggml combines them: in range order, ranges with
+    S = 0 skipped, M the running max, both sides rescaled by libm's expf, then V / S."""
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(f32), ptr(f32), i64, i64, i64]),
+                     "attn_reduce")
+    parts, out, n_head, n_parts, hd = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    fma = _intr(m, "llvm.fma.f32", 3)
+    expf = _intr(m, "expf", 1)
+    maxnum = _intr(m, "llvm.maxnum.f32", 2)
+    c0, c2 = const(i64, 0), const(i64, 2)
+    fz = _fc(0.0)
+    m_, s_ = b.alloca(f32, name="M"), b.alloca(f32, name="S")
+    width = b.add(hd, c2)
+    with for_range(b, c0, n_head, name="h") as h:
+        orow = b.gep(out, [b.mul(h, hd)])
+        b.store(_fc(float("-inf")), m_)
+        b.store(fz, s_)
+        with for_range(b, c0, hd, name="z") as d:
+            b.store(fz, b.gep(orow, [d]))
+        with for_range(b, c0, n_parts, name="c") as c:
+            part = b.gep(parts, [b.mul(b.add(b.mul(h, n_parts), c), width)])
+            mc, sc = b.load(part), b.load(b.gep(part, [const(i64, 1)]))
+            with b.if_then(b.fcmp_unordered("!=", sc, fz)):
+                mo = b.load(m_)
+                mn = b.call(maxnum, [mo, mc])
+                s_old = b.call(expf, [b.fsub(mo, mn)])
+                s_new = b.call(expf, [b.fsub(mc, mn)])
+                with for_range(b, c0, hd, name="d") as d:  # GCC's contraction: one FMA
+                    p = b.gep(orow, [d])
+                    v = b.load(b.gep(part, [b.add(d, c2)]))
+                    b.store(b.call(fma, [b.load(p), s_old, b.fmul(v, s_new)]), p)
+                b.store(b.call(fma, [b.load(s_), s_old, b.fmul(sc, s_new)]), s_)
+                b.store(mn, m_)
+        s = b.load(s_)
+        with b.if_then(b.fcmp_unordered("!=", s, fz)):
+            inv = b.fdiv(_fc(1.0), s)
+            with for_range(b, c0, hd, name="o") as d:
+                p = b.gep(orow, [d])
+                b.store(b.fmul(b.load(p), inv), p)
     b.ret_void()
 
 
@@ -351,6 +412,7 @@ def _build_part(m: ir.Module, name: str) -> None:
 
 
 _PART_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
+_REDUCE_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 3)
 
 
 @cache
@@ -360,15 +422,29 @@ def _kernels() -> dict:
     _build(m, "attn_f16", True)
     for name in ("attn_f32", "attn_f16"):
         _build_part(m, name)
-    mod = compile_kernels(m, {"attn_f32_part": _PART_SIG, "attn_f16_part": _PART_SIG})
+    _build_reduce(m)
+    mod = compile_kernels(m, {"attn_f32_part": _PART_SIG, "attn_f16_part": _PART_SIG,
+                              "attn_reduce": _REDUCE_SIG})
     # team jobs are run by address, from compiled code
-    return {name: ctypes.cast(mod[f"{name}_part"], ctypes.c_void_p).value
-            for name in ("attn_f32", "attn_f16")}
+    return {**{name: ctypes.cast(mod[f"{name}_part"], ctypes.c_void_p).value
+               for name in ("attn_f32", "attn_f16")}, "reduce": mod["attn_reduce"]}
 
 
 def route_for(n_tokens: int) -> int:
     """ggml's choice: whole tiles of queries once a batch holds 64 or more."""
     return TILED if n_tokens >= TILE else VEC
+
+
+def key_ranges(n_tokens: int, p0: int, n_ctx: int, threads: int) -> int:
+    """Keys per range when ggml splits one query's keys across its threads, else 0.
+    llama.cpp hands the kernel a view of the cache padded to 256 cells (at most the whole
+    cache), and ggml splits a single query's keys into one range per thread once that view
+    holds 512 or more; each range's result is combined afterwards (`attn_reduce`), which
+    rounds differently from one pass. One thread: one range, the same as one pass."""
+    if n_tokens != 1 or threads < 2:
+        return 0
+    view = min(n_ctx, max(256, -(-(p0 + 1) // 256) * 256))
+    return -(-view // threads) if view >= SPLIT_KEYS else 0
 
 
 def flash_attn(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: float,
@@ -392,6 +468,8 @@ def flash_attn(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: floa
         raise UserError(f"positions {p0}..{t - 1} are outside the cache of {n_ctx}")
     if k.dtype != v.dtype or k.dtype not in (np.float16, np.float32):
         raise UserError(f"the KV cache must be float16 or float32, got {k.dtype}/{v.dtype}")
+    threads = threads or default_threads()
+    ranges = key_ranges(n, p0, n_ctx, threads) if route is None else 0
     route = route_for(n) if route is None else route
     if out is None:
         out = np.empty((n, n_head * hd), np.float32)
@@ -409,7 +487,6 @@ def flash_attn(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: floa
         kt[:, :, :t] = k[:, :t].transpose(0, 2, 1)
     part = _kernels()["attn_f16" if k.dtype == np.float16 else "attn_f32"]
     floats = np.array([scale, softcap], np.float32).view(np.int64)[0]
-    threads = threads or default_threads()
     rows = n * n_head
     args = [q.ctypes.data, k.ctypes.data, v.ctypes.data, kt.ctypes.data, out.ctypes.data,
             n | route << 32, n_head, n_head // n_kv, hd, n_ctx * hd, tpad, p0, n_swa,
@@ -421,7 +498,10 @@ def flash_attn(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: floa
         parallel_rows(lambda a, z: [run(ctypes.addressof(argv), i, parts) for i in range(a, z)],
                       parts, threads)
         return out
-    _post_decode(part, args, rows, rows * t * hd, threads)
+    if ranges:
+        _post_split(part, args, ranges, threads)
+    else:
+        _post_decode(part, args, rows, rows * t * hd, threads)
     return out
 
 
@@ -432,6 +512,28 @@ def _post_decode(part: int, args: list[int], rows: int, work: int, threads: int)
     jobs = job_table()
     jobs.add(part, parts, *args)
     jobs.run(threads)
+
+
+_tls = threading.local()
+
+
+def _post_split(part: int, args: list[int], size: int, threads: int) -> None:
+    """One query's keys in ranges of `size` (key_ranges), one range per thread, as a team
+    job writing partials, then combined into the output (args as `flash_attn` makes them
+    for one query)."""
+    n_head, hd = args[6], args[8]
+    n_ranges = threads
+    need = n_head * n_ranges * (hd + 2)
+    buf = getattr(_tls, "partials", None)
+    if buf is None or buf.size < need:
+        buf = _tls.partials = np.empty(need, np.float32)
+    out = args[4]
+    split = list(args)
+    split[4], split[5], split[10] = buf.ctypes.data, n_ranges | SPLIT << 32, size
+    jobs = job_table()
+    jobs.add(part, min(n_ranges * n_head, 4 * threads), *split)
+    jobs.run(threads)
+    _kernels()["reduce"](buf.ctypes.data, out, n_head, n_ranges, hd)
 
 
 class OneQuery:
@@ -462,4 +564,8 @@ class OneQuery:
         args[1], args[2], args[9] = k.ctypes.data, v.ctypes.data, n_ctx * hd
         args[10], args[11], args[12] = -(-(p0 + 1) // TILE) * TILE, p0, n_swa
         part = _kernels()["attn_f16" if k.dtype == np.float16 else "attn_f32"]
-        _post_decode(part, args, args[6], args[6] * (p0 + 1) * hd, self.threads)
+        ranges = key_ranges(1, p0, n_ctx, self.threads)
+        if ranges:
+            _post_split(part, args, ranges, self.threads)
+        else:
+            _post_decode(part, args, args[6], args[6] * (p0 + 1) * hd, self.threads)
