@@ -525,7 +525,8 @@ def _build_gemv_vec_dot(m: ir.Module, name: str, t: GGMLType, vw: int) -> ir.Fun
 # of the instructions of dequantizing to floats. The levels and scales come from the same
 # emitters as the types' dequantizers. The K-quants (x rounded to Q8_K) go as ggml's AVX2
 # `vec_dot_<t>_q8_K` goes instead, and give its bits: integer sub-scales, one conversion a
-# super-block of 256 (`IntSuperBlock`, `_build_gemmq_k`).
+# super-block of 256 (`IntSuperBlock`, `_build_gemmq_k`); from 8 tokens on, in the order of
+# the tiled kernel llama.cpp runs there instead (`_prompt_order`): the same integer sums.
 
 Q8_GROUP = 32
 QK_K = 256  # Q8_K's block
