@@ -738,7 +738,7 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
                                                       ptr(_V32I8)), align=1)
                                 dot = _group_dot(b, g, xg)
                             sumi[j] = b.add(sumi[j], dot)
-                    if signed:
+                    if signed and not tiled:  # (tiled: once, off the tokens' totals)
                         sumi = [b.sub(v, corr) for v in sumi]
                     prods = []  # (tiled) the mins' integer lanes of each token
                     for j in range(T):
@@ -756,7 +756,8 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
                             d = b.fmul(dx, sb.d, flags=FINITE)
                             accs.add_product(j, splat(b, d, 8), b.sitofp(sumi[j], vt))
                     if tiled:
-                        _tiled_superblock(b, sb, sumi, prods, b.load(b.gep(dxs, [k])), acct)
+                        _tiled_superblock(b, sb, sumi, prods, b.load(b.gep(dxs, [k])), acct,
+                                          corr if signed else None)
                 if tiled:
                     tot = acct.get(0)
                     for j in range(T):
@@ -775,13 +776,18 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
 
 
 def _tiled_superblock(b: ir.IRBuilder, sb, sumi: list, prods: list, dx: ir.Value,
-                      acc: _Accs) -> None:
+                      acc: _Accs, corr: ir.Value | None = None) -> None:
     """One super-block of the tiled order for T tokens (a lane each): `sumi` the tokens'
-    integer lanes of sub-scale * (levels . x), `prods` those of min * (x's sums) (empty
-    without mins), `dx` the tokens' Q8_K scales. res = d * float(s1), then res - dmin *
-    float(s2) rounded once (ggml's fnmadd), then acc = fma(res, dx, acc)."""
+    integer lanes of sub-scale * (levels . x) (less the lanes `corr`, the same for every
+    token, where given), `prods` those of min * (x's sums) (empty without mins), `dx` the
+    tokens' Q8_K scales. res = d * float(s1), then res - dmin * float(s2) rounded once
+    (ggml's fnmadd), then acc = fma(res, dx, acc)."""
     vt = dx.type
-    res = b.fmul(splat(b, sb.d, vt.count), b.sitofp(_lane_totals(b, sumi), vt), flags=FINITE)
+    s1 = _lane_totals(b, sumi)
+    if corr is not None:
+        total = intrinsic(b, f"llvm.vector.reduce.add.v{corr.type.count}i32", i32, [corr])
+        s1 = b.sub(s1, splat(b, total, vt.count))
+    res = b.fmul(splat(b, sb.d, vt.count), b.sitofp(s1, vt), flags=FINITE)
     if prods:
         neg_dmin = b.fmul(sb.dmin, const(f32, -1.0), flags=FINITE)  # exact
         res = _fma(b, res, splat(b, neg_dmin, vt.count), b.sitofp(_lane_totals(b, prods), vt))
