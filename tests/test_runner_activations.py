@@ -114,13 +114,20 @@ def test_products_are_ggmls_dot_products(t):
 
 def test_prompt_and_decode_give_the_same_bits():
     """A token's product is the same whether it is decoded alone or inside a prompt: the
-    integer kernels sum every (row, token) in one order whatever the tile."""
-    for t in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, GGMLType.Q2_K, GGMLType.Q3_K,
-              GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K):
+    integer kernels sum every (row, token) in one order whatever the tile. The K-quants, as
+    llama.cpp, have a second order from 8 tokens on (its tiled kernel): there a token's bits
+    are the same in any prompt of 8 or more, and below 8 its decoding's."""
+    k_quants = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K)
+    for t in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0, *k_quants):
         if not kernels.quantizes_activations(t):
             continue
         w = weight(t, 33, 512)
         x = activations(11, 512, seed=3)
-        batch = matmul(w, t, x)
+        batch, few = matmul(w, t, x), matmul(w, t, x[:7])
+        np.testing.assert_array_equal(matmul(w, t, x[2:10]), batch[2:10])
         for i in (0, 5, 10):
-            np.testing.assert_array_equal(matmul(w, t, x[i]), batch[i])
+            alone = matmul(w, t, x[i])
+            if i < 7:
+                np.testing.assert_array_equal(alone, few[i])
+            if t not in k_quants:
+                np.testing.assert_array_equal(alone, batch[i])

@@ -1,13 +1,20 @@
-"""The K-quant products are ggml's own function, bit for bit: each (row, token) sums its
-super-blocks as ggml's AVX2 `vec_dot_<t>_q8_K` does (integer lanes per super-block, the mins
-through Q8_K's sums of 16, one float conversion and FMA a super-block, ggml's horizontal
-sums), whatever the tile a token falls in and the thread that runs its rows."""
+"""The K-quant products are ggml's own function, bit for bit, in both of the orders llama.cpp's
+CPU backend sums them in: below 8 tokens each (row, token) sums its super-blocks as ggml's
+AVX2 `vec_dot_<t>_q8_K` does (integer lanes per super-block, the mins through Q8_K's sums of
+16, one float conversion and FMA a super-block, ggml's horizontal sums); from 8 tokens on, as
+its tiled kernel does (`ggml-cpu/tiled/`, on by default: per super-block d * float(s1) less
+dmin * float(s2) in one FMA, then one FMA by the token's scale). Either way whatever the tile
+a token falls in and the thread that runs its rows; with `kernels.PROMPT_TILED` off, every
+token count in vec_dot's order (llama.cpp's GGML_CPU_TILED_MM=0)."""
 
 from __future__ import annotations
+
+import ctypes
 
 import numpy as np
 import pytest
 from ggml_oracle import ggml_cpu_matmul, sample_weights
+from test_attention import _ggml, _InitParams
 from test_runner_activations import activations
 
 from gguflab import quant
@@ -24,7 +31,48 @@ def _int_path(t: GGMLType) -> None:
         pytest.skip(f"{t.name} products run on floats on this host")
 
 
+def ggml_mul_mat(t: GGMLType, w: np.ndarray, x: np.ndarray, threads: int = 2) -> np.ndarray:
+    """x @ W.T by ggml's mul_mat op in a graph on the CPU backend, at its default settings
+    (the weight in a plain buffer, as llama.cpp keeps it with --no-repack)."""
+    base, cpu = _ggml()
+    P = ctypes.c_void_p
+    base.ggml_new_tensor_2d.restype = P
+    base.ggml_new_tensor_2d.argtypes = [P, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    base.ggml_mul_mat.restype, base.ggml_mul_mat.argtypes = P, [P, P, P]
+    x = np.ascontiguousarray(x, np.float32)
+    w = np.ascontiguousarray(w)
+    ctx = base.ggml_init(_InitParams(w.nbytes + 3 * x.nbytes + (16 << 20), None, False))
+    try:
+        tw = base.ggml_new_tensor_2d(ctx, int(t), x.shape[1], w.shape[0])
+        ctypes.memmove(base.ggml_get_data(tw), w.ctypes.data, w.nbytes)
+        tx = base.ggml_new_tensor_2d(ctx, 0, x.shape[1], x.shape[0])
+        ctypes.memmove(base.ggml_get_data(tx), x.ctypes.data, x.nbytes)
+        out = base.ggml_mul_mat(ctx, tw, tx)
+        graph = base.ggml_new_graph(ctx)
+        base.ggml_build_forward_expand(graph, out)
+        cpu.ggml_graph_compute_with_ctx(ctx, graph, threads)
+        y = np.empty((x.shape[0], w.shape[0]), np.float32)
+        ctypes.memmove(y.ctypes.data, base.ggml_get_data(out), y.nbytes)
+        return y
+    finally:
+        base.ggml_free(ctx)
+
+
 def _assert_bits(t: GGMLType, w: np.ndarray, x: np.ndarray) -> None:
+    """Every token count (1: decoding; 7: the last below the tiled kernel; 8, 9, 33: a whole
+    token tile, one more, and a prompt with a remainder) equals ggml's mul_mat, on 1 and 2
+    threads."""
+    for n in (1, 7, 8, 9, 33):
+        ref = ggml_mul_mat(t, w, x[:n])
+        for threads in (1, 2):
+            got = matmul(w, t, x[:n], threads=threads)
+            np.testing.assert_array_equal(got, ref, err_msg=f"{t.name} n={n} t={threads}")
+
+
+def _assert_vec_dot_bits(t: GGMLType, w: np.ndarray, x: np.ndarray, monkeypatch) -> None:
+    """With the tiled order off, every token count equals ggml's `vec_dot`, called a dot
+    product at a time (the order llama.cpp's GGML_CPU_TILED_MM=0 gives)."""
+    monkeypatch.setattr(kernels, "PROMPT_TILED", False)
     ref = ggml_cpu_matmul(t, w, x)
     for n in (1, 3, 37):  # one token (decode), a few (one tile), a prompt with a remainder
         for threads in (1, 2):
@@ -32,14 +80,28 @@ def _assert_bits(t: GGMLType, w: np.ndarray, x: np.ndarray) -> None:
             np.testing.assert_array_equal(got, ref[:n], err_msg=f"{t.name} n={n} t={threads}")
 
 
-@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
-def test_k_products_are_ggmls_bits_on_random_data(t):
+def _random_case(t: GGMLType) -> tuple[np.ndarray, np.ndarray]:
     """Edge-case weights (zero, constant, tiny, huge, one-signed rows) and activations of
-    very different scales, over 4 super-blocks a row."""
-    _int_path(t)
+    very different scales, over 4 super-blocks a row; 45 rows (ggml's tiles take 16)."""
     n_in, n_out = 1024, 45
     w = quant.get(t).quantize(sample_weights(n_out, n_in, seed=int(t)))
-    _assert_bits(t, w, activations(37, n_in, seed=int(t)))
+    return w, activations(37, n_in, seed=int(t))
+
+
+@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
+def test_k_products_are_ggmls_bits_on_random_data(t):
+    _int_path(t)
+    w, x = _random_case(t)
+    _assert_bits(t, w, x)
+    # the two orders differ here, so the products above took the tiled one where ggml did
+    assert not np.array_equal(ggml_mul_mat(t, w, x[:33]), ggml_cpu_matmul(t, w, x[:33])), \
+        "ggml's mul_mat summed as vec_dot: was it run with GGML_CPU_TILED_MM=0?"
+
+
+@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
+def test_k_products_in_vec_dot_order_on_random_data(t, monkeypatch):
+    _int_path(t)
+    _assert_vec_dot_bits(t, *_random_case(t), monkeypatch)
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +127,10 @@ def test_k_products_are_ggmls_bits_on_smollm2(t, smollm2_ffn):
     _int_path(t)
     wf, x = smollm2_ffn
     _assert_bits(t, quant.get(t).quantize(wf), x)
+
+
+@pytest.mark.parametrize("t", K_TYPES, ids=lambda t: t.name)
+def test_k_products_in_vec_dot_order_on_smollm2(t, smollm2_ffn, monkeypatch):
+    _int_path(t)
+    wf, x = smollm2_ffn
+    _assert_vec_dot_bits(t, quant.get(t).quantize(wf), x, monkeypatch)

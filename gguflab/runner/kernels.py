@@ -525,7 +525,8 @@ def _build_gemv_vec_dot(m: ir.Module, name: str, t: GGMLType, vw: int) -> ir.Fun
 # of the instructions of dequantizing to floats. The levels and scales come from the same
 # emitters as the types' dequantizers. The K-quants (x rounded to Q8_K) go as ggml's AVX2
 # `vec_dot_<t>_q8_K` goes instead, and give its bits: integer sub-scales, one conversion a
-# super-block of 256 (`IntSuperBlock`, `_build_gemmq_k`).
+# super-block of 256 (`IntSuperBlock`, `_build_gemmq_k`); from 8 tokens on, in the order of
+# the tiled kernel llama.cpp runs there instead (`_prompt_order`): the same integer sums.
 
 Q8_GROUP = 32
 QK_K = 256  # Q8_K's block
@@ -652,14 +653,20 @@ def _superblock_facts(emit: Callable) -> tuple[int, bool]:
 
 
 def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
-                   T: int) -> ir.Function:
+                   T: int, tiled: bool = False) -> ir.Function:
     """`_build_gemmq` for the K-quants (same arguments), as ggml's AVX2 `vec_dot_<t>_q8_K`
     computes each dot product: per super-block of 256, the groups' vpmaddubsw products
     times their integer sub-scales (vpmaddwd) summed in 8 i32 lanes, converted once and
     multiplied by d * dx into 8 float lanes; the mins through Q8_K's sums of 16 (computed
     here once per token tile); the lanes summed as ggml's `hsum_float_8`. Integer sums are
     exact, so the same lanes give ggml's bits; each weight super-block is unpacked once for
-    T tokens."""
+    T tokens.
+
+    `tiled`: the float order of ggml's tiled kernel instead (`ggml-cpu/tiled/`, AVX2; what
+    llama.cpp runs for 8 tokens or more): per super-block the integer sums s1 = sum of
+    sub-scale * (levels . x) and, where the type has mins, s2 = sum of min * (x's sums),
+    then res = d * float(s1), less dmin * float(s2) in one FMA, and acc = fma(res, dx, acc)
+    in super-block order: one float lane a token, the T tokens side by side."""
     vt, v4 = ir.VectorType(f32, 8), ir.VectorType(f32, 4)
     v8i = ir.VectorType(i32, 8)
     fn = _internal(m, name, [ptr(i8), i64, ptr(i8), i64, ptr(f32), i64, i64, i64, i64, i64,
@@ -677,6 +684,9 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
     bsums = b.alloca(vsums, size=b.mul(nb, c64(T)), name="bsums")
     accs, accm = _Accs(b, vt, T), _Accs(b, v4, T)
     summs = alloca_entry(b, f32, T, name="summs")
+    vtt = ir.VectorType(f32, T)
+    acct = _Accs(b, vtt, 1)  # (tiled) the T tokens' sums of one row
+    dxs = b.alloca(vtt, size=nb, name="dxs")  # (tiled) per super-block, the T tokens' dx
     zero8 = ir.Constant(v8i, [0] * 8)
     with for_range(b, r0, r1, step=group, name="rb") as g0:
         end = b.add(g0, group)
@@ -687,6 +697,13 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
             bs = [b.gep(bsums, [b.mul(nb, c64(j))]) for j in range(T)]
             for j in range(T if n_mins else 0):
                 _build_bsums(b, xr[j], nb, bs[j], n_mins)
+            if tiled:
+                with for_range(b, c64(0), nb, name="dx") as k:
+                    v = ir.Constant(vtt, None)
+                    for j in range(T):
+                        dx = b.load(b.gep(xd[j], [b.mul(k, c64(QK_K // Q8_GROUP))]))
+                        v = b.insert_element(v, dx, const(i32, j))
+                    b.store(v, b.gep(dxs, [k]))
             xbj = [b.gep(xb, [b.mul(nb, c64(j * QK_K // Q8_GROUP))]) for j in range(T)]
             for j in range(T if signed else 0):
                 with for_range(b, c64(0), b.mul(nb, c64(QK_K // Q8_GROUP)), name="xb") as gi:
@@ -696,12 +713,13 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
             with for_range(b, g0, g1, name="r") as r:
                 accs.zero()
                 accm.zero()
+                acct.zero()
                 for j in range(T):
                     b.store(const(f32, 0.0), b.gep(summs, [const(i32, j)]))
                 row = b.gep(w, [b.mul(r, ws)])
                 with for_range(b, c64(0), nb, name="blk") as k:
                     sb = emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]))
-                    if sb.dmin is not None:  # -dx * dmin as dx * -dmin: the same float
+                    if sb.dmin is not None and not tiled:  # -dx * dmin as dx * -dmin
                         neg_dmin = b.fmul(sb.dmin, const(f32, -1.0), flags=FINITE)
                     xk = [b.gep(x, [b.mul(k, c64(QK_K))]) for x in xr]
                     sumi = [zero8] * T
@@ -720,20 +738,32 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
                                                       ptr(_V32I8)), align=1)
                                 dot = _group_dot(b, g, xg)
                             sumi[j] = b.add(sumi[j], dot)
-                    if signed:
+                    if signed and not tiled:  # (tiled: once, off the tokens' totals)
                         sumi = [b.sub(v, corr) for v in sumi]
+                    prods = []  # (tiled) the mins' integer lanes of each token
                     for j in range(T):
                         dx = b.load(b.gep(xd[j], [b.mul(k, c64(QK_K // Q8_GROUP))]))
                         if sb.mins is not None:
                             prod = _madd(b, sb.mins, b.load(b.gep(bs[j], [k]), align=2))
                             if sb.fold == "sub":
                                 sumi[j] = b.sub(sumi[j], prod)
+                            elif tiled:
+                                prods.append(prod)
                             else:
                                 dm = b.fmul(dx, neg_dmin, flags=FINITE)
                                 _fold_mins(b, sb.fold, prod, dm, accs, accm, summs, j)
-                        d = b.fmul(dx, sb.d, flags=FINITE)
-                        accs.add_product(j, splat(b, d, 8), b.sitofp(sumi[j], vt))
-                for j in range(T):
+                        if not tiled:
+                            d = b.fmul(dx, sb.d, flags=FINITE)
+                            accs.add_product(j, splat(b, d, 8), b.sitofp(sumi[j], vt))
+                    if tiled:
+                        _tiled_superblock(b, sb, sumi, prods, b.load(b.gep(dxs, [k])), acct,
+                                          corr if signed else None)
+                if tiled:
+                    tot = acct.get(0)
+                    for j in range(T):
+                        b.store(b.extract_element(tot, const(i32, j)),
+                                b.gep(y, [b.add(b.mul(b.add(t, c64(j)), ldy), r)]))
+                for j in range(T if not tiled else 0):
                     total = _hsum(b, accs.get(j))
                     if sb.fold == "acc4":
                         total = b.fadd(total, _hsum(b, accm.get(j)), flags=FINITE)
@@ -743,6 +773,49 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
                     b.store(total, b.gep(y, [b.add(b.mul(b.add(t, c64(j)), ldy), r)]))
     b.ret_void()
     return fn
+
+
+def _tiled_superblock(b: ir.IRBuilder, sb, sumi: list, prods: list, dx: ir.Value,
+                      acc: _Accs, corr: ir.Value | None = None) -> None:
+    """One super-block of the tiled order for T tokens (a lane each): `sumi` the tokens'
+    integer lanes of sub-scale * (levels . x) (less the lanes `corr`, the same for every
+    token, where given), `prods` those of min * (x's sums) (empty without mins), `dx` the
+    tokens' Q8_K scales. res = d * float(s1), then res - dmin * float(s2) rounded once
+    (ggml's fnmadd), then acc = fma(res, dx, acc)."""
+    vt = dx.type
+    s1 = _lane_totals(b, sumi)
+    if corr is not None:
+        total = intrinsic(b, f"llvm.vector.reduce.add.v{corr.type.count}i32", i32, [corr])
+        s1 = b.sub(s1, splat(b, total, vt.count))
+    res = b.fmul(splat(b, sb.d, vt.count), b.sitofp(s1, vt), flags=FINITE)
+    if prods:
+        neg_dmin = b.fmul(sb.dmin, const(f32, -1.0), flags=FINITE)  # exact
+        res = _fma(b, res, splat(b, neg_dmin, vt.count), b.sitofp(_lane_totals(b, prods), vt))
+    acc.add_product(0, res, dx)
+
+
+def _lane_totals(b: ir.IRBuilder, vs: list) -> ir.Value:
+    """<len(vs) x i32>: lane j the sum of the i32 lanes of vs[j] (exact in any order). Eight
+    vectors of 8 or 4 lanes go through vphaddd, ggml's own transposing sum; others reduce."""
+    n, lanes = len(vs), vs[0].type.count
+    if n == 8 and lanes in (4, 8):
+        hadd = (lambda a, c: intrinsic(b, "llvm.x86.avx2.phadd.d", a.type, [a, c])) \
+            if lanes == 8 else \
+            (lambda a, c: intrinsic(b, "llvm.x86.ssse3.phadd.d.128", a.type, [a, c]))
+        t = [hadd(vs[2 * i], vs[2 * i + 1]) for i in range(4)]
+        u0, u1 = hadd(t[0], t[1]), hadd(t[2], t[3])
+        idx = lambda xs: ir.Constant(ir.VectorType(i32, 8), xs)  # noqa: E731
+        if lanes == 4:  # u0 = totals 0..3, u1 = 4..7
+            return b.shuffle_vector(u0, u1, idx(list(range(8))))
+        # u0 = totals 0..3 of the low 128-bit halves, then of the high halves (u1: 4..7)
+        lo = b.shuffle_vector(u0, u1, idx([0, 1, 2, 3, 8, 9, 10, 11]))
+        hi = b.shuffle_vector(u0, u1, idx([4, 5, 6, 7, 12, 13, 14, 15]))
+        return b.add(lo, hi)
+    out = ir.Constant(ir.VectorType(i32, n), None)
+    for j, v in enumerate(vs):
+        total = intrinsic(b, f"llvm.vector.reduce.add.v{lanes}i32", i32, [v])
+        out = b.insert_element(out, total, const(i32, j))
+    return out
 
 
 def _fold_mins(b, fold, prod, dm, accs, accm, summs, j) -> None:
@@ -1161,6 +1234,9 @@ def build_module(t: GGMLType) -> ir.Module:
         _export_q_part(m, f"gemvq_{name}_part", one)
         _export(m, f"gemmq1_{name}", one)
         _export(m, f"gemmq_{name}", build(m, f"gemmq_{name}", blk, groups, _q_tile(t)))
+        if quant.get(t).int_superblock:  # llama.cpp's tiled order, for prompts
+            for T, kname in ((Q_TILE_K, f"gemmqt_{name}"), (1, f"gemmqt1_{name}")):
+                _export(m, kname, _build_gemmq_k(m, kname, blk, groups, T, tiled=True))
     for T in GEMV_TOKENS:
         if T == 1 and _vec_dot_order(t):
             impl = _build_gemv_vec_dot(m, f"gemv{T}_{name}", t, vw)
@@ -1215,9 +1291,12 @@ class _Plan:
         sigs |= {f"gemv{T}_{name}_part": _PART_SIG for T in GEMV_TOKENS}
         self.act = quant.get(t).activation_type  # x is rounded to this first
         self.int_dot = _int_groups(t) is not None and self.act in _Q8_KINDS
+        self.tiled = self.int_dot and quant.get(t).int_superblock
         if self.int_dot:
             sigs |= {f"gemvq_{name}_part": _PART_SIG, f"gemmq_{name}": _GEMMQ_SIG,
                      f"gemmq1_{name}": _GEMMQ_SIG}
+        if self.tiled:
+            sigs |= {f"gemmqt_{name}": _GEMMQ_SIG, f"gemmqt1_{name}": _GEMMQ_SIG}
         mod = compile_kernels(build_module(t), {**sigs, f"gemm_{name}": _GEMM_SIG})
         self.gemv = {T: mod[f"gemv{T}_{name}"] for T in GEMV_TOKENS}
         # team jobs are run by address, from compiled code
@@ -1227,6 +1306,8 @@ class _Plan:
             self.gemvq_part = ctypes.cast(mod[f"gemvq_{name}_part"], ctypes.c_void_p).value
             self.q_tile = _q_tile(t)
             self.gemmq = {self.q_tile: mod[f"gemmq_{name}"], 1: mod[f"gemmq1_{name}"]}
+        if self.tiled:
+            self.gemmq_tiled = {self.q_tile: mod[f"gemmqt_{name}"], 1: mod[f"gemmqt1_{name}"]}
         self.gemm = mod[f"gemm_{name}"]
 
     def weight(self, w) -> np.ndarray:
@@ -1461,13 +1542,30 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
     return y
 
 
+# llama.cpp's CPU backend sends a product over K-quant weights (not repacked) with this many
+# tokens or more to its tiled kernel (`ggml-cpu/tiled/`), which sums in another float order
+# than vec_dot; False: vec_dot's order for every token count (llama.cpp's GGML_CPU_TILED_MM=0)
+PROMPT_TILED = True
+TILED_MIN_TOKENS = 8
+
+
+def _prompt_order(p: _Plan, n_tok: int, n_out: int) -> str:
+    """The kernel whose float order llama.cpp's CPU backend gives a product of `n_tok`
+    tokens over `n_out` rows of p's weights: "tiled" or "vec_dot"."""
+    if p.tiled and PROMPT_TILED and n_tok >= TILED_MIN_TOKENS:
+        return "tiled"
+    return "vec_dot"
+
+
 def _gemmq(p: _Plan, w, xq, y, ldy, n_tok, n_in, n_out, nb, threads) -> None:
     """A prompt's product on integer dot products: token tiles of Q_TILE (one-token calls
-    for the rest), rows in blocks that stay in L2 while TOKEN_CHUNK tokens go by."""
+    for the rest), rows in blocks that stay in L2 while TOKEN_CHUNK tokens go by; in the
+    order of the kernel llama.cpp would run (`_prompt_order`), for all of its tokens."""
     ws, ldq = w.strides[0], xq.shape[1]
     tiled = n_tok - n_tok % p.q_tile
     group = max(1, L2_BUDGET // 2 // ws)
-    tile, one = p.gemmq[p.q_tile], p.gemmq[1]
+    kern = p.gemmq_tiled if _prompt_order(p, n_tok, n_out) == "tiled" else p.gemmq
+    tile, one = kern[p.q_tile], kern[1]
 
     def run(a, c):
         for t0 in range(0, tiled, TOKEN_CHUNK):
