@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -283,33 +284,77 @@ def test_model_layer_is_ggml_flash_attn(smol_q8, monkeypatch, n):
         np.testing.assert_array_equal(out, ggml_flash_attn(q, k, v, p0, scale, cap, n_swa))
 
 
-def test_model_without_flash_attn_is_llama_non_fa(smol_q8):
-    """-fa off: q and the probabilities rounded to fp16 around f32 products, against the
-    same steps spelled out on the cache the forward pass filled."""
+def ggml_attention_no_fa(q, k, v, p0, scale, view, softcap=0.0, threads=2):
+    """llama.cpp's attention graph without flash attention on q (n, n_head, hd) at
+    positions p0.. over k, v (n_kv, >= view, hd; fp16 values): K a view of the cache (a row
+    per cell, all heads), V transposed, KQ = mul_mat(K, q), the soft cap as scale, tanh,
+    scale, soft_max_ext with the causal mask over `view` cells, then mul_mat(V, KQ)."""
+    base, cpu = _ggml()
+    P, I = ctypes.c_void_p, ctypes.c_int
+    for name, res, args in [("ggml_mul_mat", P, [P, P, P]), ("ggml_cont", P, [P, P]),
+                            ("ggml_soft_max_ext", P, [P, P, P, ctypes.c_float, ctypes.c_float]),
+                            ("ggml_permute", P, [P, P, I, I, I, I]), ("ggml_tanh", P, [P, P]),
+                            ("ggml_scale", P, [P, P, ctypes.c_float])]:
+        fn = getattr(base, name)
+        fn.restype, fn.argtypes = res, args
+    n, n_head, hd = q.shape
+    n_kv = k.shape[0]
+    ctx = base.ggml_init(_InitParams(256 << 20, None, False))
+    try:
+        tq = base.ggml_new_tensor_4d(ctx, 0, hd, n_head, n, 1)
+        tk = base.ggml_new_tensor_4d(ctx, 1, hd, n_kv, view, 1)
+        tv = base.ggml_new_tensor_4d(ctx, 1, view, hd, n_kv, 1)
+        tm = base.ggml_new_tensor_4d(ctx, 1, view, n, 1, 1)
+
+        def put(tensor, a):
+            a = np.ascontiguousarray(a)
+            ctypes.memmove(base.ggml_get_data(tensor), a.ctypes.data, a.nbytes)
+
+        put(tq, np.asarray(q, np.float32))
+        put(tk, k[:, :view].transpose(1, 0, 2).astype(np.float16))
+        put(tv, v[:, :view].transpose(0, 2, 1).astype(np.float16))
+        pos, j = p0 + np.arange(n)[:, None], np.arange(view)[None, :]
+        put(tm, np.where(j > pos, -np.inf, 0).astype(np.float16))
+        kq = base.ggml_mul_mat(ctx, base.ggml_permute(ctx, tk, 0, 2, 1, 3),
+                               base.ggml_permute(ctx, tq, 0, 2, 1, 3))
+        if softcap:
+            kq = base.ggml_scale(ctx, kq, np.float32(1) / np.float32(softcap))
+            kq = base.ggml_scale(ctx, base.ggml_tanh(ctx, kq), softcap)
+        kq = base.ggml_soft_max_ext(ctx, kq, tm, scale, 0.0)
+        out = base.ggml_cont(ctx, base.ggml_permute(ctx, base.ggml_mul_mat(ctx, tv, kq),
+                                                    0, 2, 1, 3))
+        graph = base.ggml_new_graph(ctx)
+        base.ggml_build_forward_expand(graph, out)
+        cpu.ggml_graph_compute_with_ctx(ctx, graph, threads)
+        res = np.empty((n, n_head * hd), np.float32)
+        ctypes.memmove(res.ctypes.data, base.ggml_get_data(out), res.nbytes)
+        return res
+    finally:
+        base.ggml_free(ctx)
+
+
+# (queries, first position, cache cells, softcap): views of 256 (padded) and 512 cells, a
+# view capped by the cache, one query, and Gemma 2's soft cap
+@pytest.mark.parametrize("n, p0, n_ctx, cap", [(128, 0, 512, 0.0), (128, 384, 512, 0.0),
+                                               (1, 300, 2048, 0.0), (32, 64, 128, 0.0),
+                                               (7, 3, 512, 50.0)])
+def test_model_without_flash_attn_is_llama_s_graph(smol_q8, n, p0, n_ctx, cap):
+    """-fa off: the F16 products over llama.cpp's padded view of the cache, its softmax
+    and soft cap, bit for bit."""
     m = Model(smol_q8)
-    m.flash_attn = "off"
-    hp = m.hp
-    cache = m.new_cache(64)
-    m.forward(list(range(200, 240)), cache)
-    rng = np.random.default_rng(3)
-    q = rng.standard_normal((40, hp.n_head, hp.head_dim)).astype(np.float32)
-    pos = np.arange(40)
-    keys, vals = cache.k[0, :, :40], cache.v[0, :, :40]
-    ours = m._attention_no_fa(q, pos, keys, vals, False)
-    group = hp.n_head // hp.n_head_kv
-    want = np.empty((40, hp.n_head, hp.head_dim), np.float32)
-    for h in range(hp.n_head):
-        s = (f16(q[:, h]).astype(np.float64) @ keys[h // group].T.astype(np.float64)) * \
-            hp.q_scale
-        s[np.triu_indices(40, 1)] = -np.inf
-        p = np.exp(s - s.max(-1, keepdims=True))
-        p = f16(p / p.sum(-1, keepdims=True))
-        want[:, h] = p @ vals[h // group]
-    np.testing.assert_allclose(ours, want.reshape(40, -1), rtol=0, atol=2e-3)
-    # and the two settings differ as llama.cpp's two graphs do: by float noise only
-    m.flash_attn = "on"
-    fa = flash_attn(q, cache.k[0], cache.v[0], 0, hp.q_scale)
-    assert 0 < np.abs(fa - ours).max() < 0.05
+    hp = m.hp = replace(m.hp, attn_softcap=cap)
+    q, k, v = _inputs(np.random.default_rng(n + p0), n, p0, hp.n_head, hp.n_head_kv,
+                      hp.head_dim, spare=n_ctx - p0 - n)
+    k, v = k.astype(np.float32), v.astype(np.float32)  # as the cache holds them
+    view = min(n_ctx, max(256, -(-(p0 + n) // 256) * 256))
+    ours = m._attention_no_fa(q, np.arange(p0, p0 + n), k, v, False)
+    np.testing.assert_array_equal(
+        ours, ggml_attention_no_fa(q, k, v, p0, hp.q_scale, view, cap))
+    if not cap:  # the two settings differ as llama.cpp's two graphs do: by float noise only
+        # (with a soft cap they differ by design unless the scale is 1: the non-FA graph
+        # caps KQ before its scale, flash attention after)
+        fa = flash_attn(q, k, v, p0, hp.q_scale)
+        assert 0 < np.abs(fa - ours).max() < 0.05
 
 
 def test_flash_attn_setting():

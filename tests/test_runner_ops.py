@@ -54,6 +54,30 @@ def test_swiglu_is_ggmls(n):
     np.testing.assert_array_equal(swiglu(g, u), ggml_op(build, g, u))
 
 
+@pytest.mark.parametrize("n", [512, 100])  # whole AVX vectors; a tail of n % 8
+def test_soft_max_is_ggmls(n):
+    """ggml_soft_max_ext(x, mask, scale) against our soft_max of x * scale + mask (the mask
+    -inf past each row's causal end, as llama.cpp's KQ mask is)."""
+    from gguflab.runner.ops import soft_max
+
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((9, n)) * 6).astype(np.float32)
+    mask = np.where(np.arange(n)[None, :] > np.arange(9)[:, None] * (n // 9) + 5, -np.inf,
+                    0).astype(np.float32)
+    scale = 0.125
+
+    def build(base, ctx, t):
+        fn = base.ggml_soft_max_ext
+        fn.restype, fn.argtypes = P, [P, P, P, ctypes.c_float, ctypes.c_float]
+        return fn(ctx, t[0], t[1], scale, 0.0)
+
+    ours = soft_max(x * np.float32(scale) + mask)
+    np.testing.assert_array_equal(ours, ggml_op(build, x, mask))
+    # not numpy's: exp and sums in other orders
+    e = np.exp(x * np.float32(scale) + mask - (x * np.float32(scale) + mask).max(-1)[:, None])
+    assert not np.array_equal(ours, e / e.sum(-1, keepdims=True))
+
+
 @pytest.mark.parametrize("rows, n", [(9, 576), (300, 576), (5, 100)])  # 300: split in threads
 def test_rms_norm_is_ggmls(rows, n):
     rng = np.random.default_rng(rows)

@@ -16,12 +16,12 @@ import numpy as np
 
 from ..errors import UserError
 from ..gguf import GGMLType, GGUFReader, Keys, ReaderTensor
-from ..jit import f16_to_f32, f32_to_f16
 from ..jit.parallel import default_threads
 from .attention import TILED, OneQuery, flash_attn
 from .families import FAMILIES, Family, supported
 from .kernels import Products, get_rows, matmul, matmuls
-from .ops import rms_norm, swiglu
+from .ops import rms_norm, soft_max, swiglu
+from .ops import tanh as ops_tanh
 from .rope import RopeParams, rope_rotate, rope_table, yarn_attn_factor
 
 
@@ -459,38 +459,42 @@ class Model:
             out = flash_attn(q, keys, vals, int(p0), hp.q_scale, hp.attn_softcap,
                              hp.n_swa if local else 0, route)
         else:
-            out = self._attention_no_fa(q, pos, keys[:, :t], vals[:, :t], local)
+            out = self._attention_no_fa(q, pos, keys, vals, local)
         if _observer is not None:
             _observe((L.wo,), out)
         return L.wo @ out
 
     def _attention_no_fa(self, q: np.ndarray, pos: np.ndarray, keys: np.ndarray,
                          vals: np.ndarray, local: bool) -> np.ndarray:
-        """Attention as llama.cpp computes it without flash attention: q rounded to fp16 (an
-        F16 K's dot type), the f32 softmax over the masked scores, the probabilities
-        rounded to fp16 (an F16 V's dot type) before the product with V."""
+        """Attention as llama.cpp's graph computes it without flash attention, over `keys`
+        and `vals` (n_kv, n_ctx, head_dim: the layer's whole cache), per query head: KQ, the
+        F16 product of the head's keys with q (rounded to fp16, as an F16 weight's products
+        take it); a soft cap as scale by 1/cap, tanhf, scale by cap; ggml's softmax of
+        KQ * scale + mask; then the F16 product of V transposed with the probabilities.
+        The products run over llama.cpp's view of the cache, padded to 256 cells (at most
+        the cache): their sums' blocking depends on the length, the extra cells are
+        masked."""
         hp = self.hp
-        n, hd, n_kv, t = len(pos), hp.head_dim, hp.n_head_kv, keys.shape[1]
+        n, hd, n_kv = len(pos), hp.head_dim, hp.n_head_kv
         group = hp.n_head // n_kv
-        # (n_kv, group * n, hd): the query heads that share a kv head, one matrix per kv head
-        qg = q.reshape(n, n_kv, group, hd).transpose(1, 2, 0, 3).reshape(n_kv, group * n, hd)
-        qg = _f16_round(qg)
-        scores = (qg @ keys.transpose(0, 2, 1)) * np.float32(hp.q_scale)
-        if hp.attn_softcap:
-            scores = softcap(scores, hp.attn_softcap)
-        if n > 1 or local:  # no later position of the batch; nothing beyond the window
-            seen = np.arange(t)[None, :]
-            masked = pos[:, None] < seen
-            if local:
-                masked |= pos[:, None] - seen >= hp.n_swa
-            scores = np.where(masked, -np.inf, scores.reshape(n_kv, group, n, t))
-            scores = scores.reshape(n_kv, group * n, t)
-        scores = np.exp(scores - scores.max(-1, keepdims=True))
-        total = scores.sum(-1, keepdims=True, dtype=np.float64)  # ggml sums in double
-        scores *= (1.0 / total).astype(np.float32)
-        scores = _f16_round(scores)
-        out = (scores @ vals).reshape(n_kv, group, n, hd).transpose(2, 0, 1, 3)
-        return np.ascontiguousarray(out, np.float32).reshape(n, hp.n_head * hd)
+        t = int(pos[-1]) + 1
+        view = min(keys.shape[1], max(256, -(-t // 256) * 256))
+        seen = np.arange(view)[None, :]
+        masked = pos[:, None] < seen
+        if local:
+            masked |= pos[:, None] - seen >= hp.n_swa
+        cap = np.float32(hp.attn_softcap)
+        out = np.empty((n, hp.n_head, hd), np.float32)
+        for g in range(n_kv):
+            kf = keys[g, :view].astype(np.float16)
+            vt = np.ascontiguousarray(vals[g, :view].T, np.float16)
+            for h in range(g * group, (g + 1) * group):
+                kq = matmul(kf, GGMLType.F16, q[:, h])
+                if cap:
+                    kq = softcap(kq, cap)
+                w = np.where(masked, np.float32(-np.inf), kq * np.float32(hp.q_scale))
+                out[:, h] = matmul(vt, GGMLType.F16, soft_max(w))
+        return out.reshape(n, hp.n_head * hd)
 
     def rope(self, x: np.ndarray, pos: np.ndarray, local: bool = False,
              n_ctx: int = 0) -> np.ndarray:
@@ -640,11 +644,6 @@ def yarn_ramp(hp: HParams) -> np.ndarray:
     return 1 - np.clip(y, 0, 1)
 
 
-def _f16_round(x: np.ndarray) -> np.ndarray:
-    """x rounded to fp16 and back to float32 (compiled: numpy converts one at a time)."""
-    return f16_to_f32(f32_to_f16(x))
-
-
 def ffn(L: Layer, h: np.ndarray, gelu: bool = False) -> np.ndarray:
     """SwiGLU: down(silu(gate(h)) * up(h)); or GeGLU, with GELU for SiLU."""
     if _observer is not None:
@@ -657,8 +656,10 @@ def ffn(L: Layer, h: np.ndarray, gelu: bool = False) -> np.ndarray:
 
 
 def softcap(x: np.ndarray, cap: float) -> np.ndarray:
-    """cap * tanh(x / cap), as llama.cpp applies it (scale, tanh, scale)."""
-    return np.tanh(x * np.float32(1.0 / cap)) * np.float32(cap)
+    """cap * tanh(x / cap), as llama.cpp applies it: scale by the float 1 / cap, libm's
+    tanhf, scale by cap."""
+    c = np.float32(cap)
+    return ops_tanh(x * (np.float32(1) / c)) * c
 
 
 _GELU: np.ndarray | None = None

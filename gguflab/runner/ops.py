@@ -167,6 +167,60 @@ def _build_rms_norm(m: ir.Module) -> None:
     _export(m, "rms_norm", fn)
 
 
+def _build_soft_max(m: ir.Module) -> None:
+    """soft_max(x, _, y, r0, r1, n): in rows [r0, r1) of n (ndarray objects), y = e^(x -
+    max) / Σ, as ggml_soft_max computes it after its scale and mask: the max in order,
+    ggml_v_expf 8 at a time with each vector's lanes added in AVX2's tree (upper half onto
+    lower, then movehl, then movehdup) and the vector sums added in double, libm's expf for
+    the tail, then y times the float of 1 / Σ (computed in double)."""
+    fn = _internal(m, "soft_max", [ptr(f32), ptr(f32), ptr(f32), i64, i64, i64])
+    x, _, y, r0, r1, n = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    expf = m.globals.get("expf") or ir.Function(m, ir.FunctionType(f32, [f32]), "expf")
+    c0 = const(i64, 0)
+    top, acc = b.alloca(f32), b.alloca(f64)
+    whole = b.mul(b.sdiv(n, const(i64, AVX_FLOATS)), const(i64, AVX_FLOATS))
+    with for_range(b, r0, r1, name="r") as r:
+        xr, yr = b.gep(x, [b.mul(r, n)]), b.gep(y, [b.mul(r, n)])
+        b.store(ir.Constant(f32, float("-inf")), top)
+        with for_range(b, c0, n, name="m") as i:  # MAX(max, x): the larger, max on ties
+            v, t = b.load(b.gep(xr, [i])), b.load(top)
+            b.store(b.select(b.fcmp_ordered(">", t, v), t, v), top)
+        mx = b.load(top)
+        b.store(ir.Constant(f64, 0.0), acc)
+        with for_range(b, c0, whole, AVX_FLOATS, name="v") as i0:
+            e = []
+            for lane in range(AVX_FLOATS):
+                at = b.add(i0, const(i64, lane))
+                e.append(emit_v_expf(b, b.fsub(b.load(b.gep(xr, [at])), mx)))
+                b.store(e[-1], b.gep(yr, [at]))
+            s = b.fadd(b.fadd(b.fadd(e[0], e[4]), b.fadd(e[2], e[6])),
+                       b.fadd(b.fadd(e[1], e[5]), b.fadd(e[3], e[7])))
+            b.store(b.fadd(b.load(acc), b.fpext(s, f64)), acc)
+        with for_range(b, whole, n, name="t") as i:
+            e = b.call(expf, [b.fsub(b.load(b.gep(xr, [i])), mx)])
+            b.store(e, b.gep(yr, [i]))
+            b.store(b.fadd(b.load(acc), b.fpext(e, f64)), acc)
+        inv = b.fptrunc(b.fdiv(ir.Constant(f64, 1.0), b.load(acc)), f32)
+        with for_range(b, c0, n, name="s") as i:
+            p = b.gep(yr, [i])
+            b.store(b.fmul(b.load(p), inv), p)
+    b.ret_void()
+    _export(m, "soft_max", fn)
+
+
+def _build_tanh(m: ir.Module) -> None:
+    """tanh(x, _, y, r0, r1, n): y = libm's tanhf(x) in rows [r0, r1) of n, as ggml_tanh."""
+    fn = _internal(m, "tanh", [ptr(f32), ptr(f32), ptr(f32), i64, i64, i64])
+    x, _, y, r0, r1, n = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    tanhf = m.globals.get("tanhf") or ir.Function(m, ir.FunctionType(f32, [f32]), "tanhf")
+    with for_range(b, b.mul(r0, n), b.mul(r1, n), name="i") as i:
+        b.store(b.call(tanhf, [b.load(b.gep(x, [i]))]), b.gep(y, [i]))
+    b.ret_void()
+    _export(m, "tanh", fn)
+
+
 _SIG = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 3, ctypes.c_int64, ctypes.c_int64)
 _A3 = [ctypes.py_object] * 3  # ndarray objects
 _SIG_GLU = ctypes.CFUNCTYPE(None, *_A3, *[ctypes.c_int64] * 3)
@@ -182,8 +236,11 @@ def _kernels() -> dict:
     _build_kld_sums(m)
     _build_kld_codes(m)
     _build_rms_norm(m)
+    _build_soft_max(m)
+    _build_tanh(m)
     return compile_kernels(m, {"swiglu": _SIG_GLU, "max_sum_exp": _SIG, "kld_sums": _SIG4,
-                               "kld_codes": _SIG4, "rms_norm": _SIG_NORM})
+                               "kld_codes": _SIG4, "rms_norm": _SIG_NORM,
+                               "soft_max": _SIG_GLU, "tanh": _SIG_GLU})
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -196,6 +253,25 @@ def swiglu(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> n
     y = _out(out, g)
     n = max(g.shape[-1] if g.ndim else 1, 1)
     _by_rows(_kernels()["swiglu"], g.size // n, n, g, u, y)
+    return y
+
+
+def tanh(x: np.ndarray) -> np.ndarray:
+    """libm's tanhf of every element (ggml_tanh on the CPU), float32, x's shape."""
+    x = np.ascontiguousarray(x, np.float32)
+    y = np.empty_like(x)
+    n = max(x.shape[-1] if x.ndim else 1, 1)
+    _by_rows(_kernels()["tanh"], x.size // n, n, x, x, y)
+    return y
+
+
+def soft_max(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """ggml's soft_max of each row of x (the last axis), float32, after its scale and mask
+    (apply those first: x * scale + mask, masked entries -inf); into `out` when given."""
+    x = np.ascontiguousarray(x, np.float32)
+    y = _out(out, x)
+    n = max(x.shape[-1] if x.ndim else 1, 1)
+    _by_rows(_kernels()["soft_max"], x.size // n, n, x, x, y)
     return y
 
 

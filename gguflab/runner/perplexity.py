@@ -57,14 +57,16 @@ def batch_sizes(n_ctx: int, n_batch: int = N_BATCH, n_ubatch: int = N_UBATCH
 
 
 def chunk_pieces(n_ctx: int, n_side: int, n_batch: int = N_BATCH,
-                 n_ubatch: int = N_UBATCH) -> list[int]:
+                 n_ubatch: int = N_UBATCH, flash: bool = True) -> list[int]:
     """The lengths of the pieces a chunk is evaluated in so that each token sees attention
     as llama-perplexity computes it, with `n_side` chunks side by side. llama.cpp gives
     each chunk a KV stream of its own and splits the batch into ubatches holding an equal
     share of every chunk (n_ubatch // n_side tokens each); attention runs per stream over
     that share, on ggml's tiled route from TILE queries on and its one-query route below.
     A token's result depends only on that route (and the products' on nothing), so a
-    chunk goes whole unless the share is below TILE; then it goes in shares."""
+    chunk goes whole unless the share is below TILE; then it goes in shares. Without flash
+    attention (`flash` False) the products over the cache run over a view that grows with
+    each ubatch, and their sums depend on its length: always in shares."""
     _, n_batch, n_ub = batch_sizes(n_ctx, n_batch, n_ubatch)
     if n_side > 1:  # the chunk is in one batch, n_ub // n_side of its tokens a ubatch
         per = max(1, n_ub // n_side)
@@ -72,7 +74,7 @@ def chunk_pieces(n_ctx: int, n_side: int, n_batch: int = N_BATCH,
     else:  # one stream: batches of -b tokens, each split into ubatches of -ub
         pieces = [min(n_ub, b - u) for b0 in range(0, n_ctx, n_batch)
                   for b in [min(n_ctx, b0 + n_batch) - b0] for u in range(0, b, n_ub)]
-    return [n_ctx] if min(pieces) >= TILE else pieces
+    return [n_ctx] if flash and min(pieces) >= TILE else pieces
 
 
 def perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: bool,
@@ -136,7 +138,8 @@ def iter_perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: boo
             # its batches of n_seq chunks side by side hold them
             n_side = min(n_seq, n_chunk - i // n_seq * n_seq)
             logits = _chunk_logits(model, chunk, cache, first,
-                                   chunk_pieces(n_ctx, n_side, n_batch, n_ubatch))
+                                   chunk_pieces(n_ctx, n_side, n_batch, n_ubatch,
+                                                getattr(model, "flash_attn", "on") != "off"))
             target = np.asarray(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx])
             if writer is not None:
                 writer.write_chunk(logits)
