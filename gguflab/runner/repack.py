@@ -137,17 +137,29 @@ def _build_pack(m: ir.Module, t: GGMLType) -> ir.Function:
     return fn
 
 
-def _bcast_dot(b: ir.IRBuilder, levels: ir.Value, xs: list[ir.Value]) -> ir.Value:
-    """sum over the group of levels (u8, the same for every lane) times x (the lanes'
-    tokens): each 4 levels broadcast against the packed x vector; <16 x i16> pair sums
-    (at most 16 * 15 * 127 a lane: no wrap)."""
-    lv = b.bitcast(levels, _V8I32)
-    acc = None
+def _bcast_dots(b: ir.IRBuilder, levels: list[ir.Value], xs: list[ir.Value]) -> list:
+    """For each row's group (`levels`: i8* to its 32 levels, u8, the same for every lane)
+    the sum of its levels times x (the lanes' tokens), as <16 x i16> pair sums (at most
+    16 * 15 * 127 a lane: no wrap): each 4 levels broadcast from memory (vpbroadcastd m32,
+    no shuffle) against the packed x vector, every x vector taken by all rows in turn."""
+    acc = [None] * len(levels)
     for i, x in enumerate(xs):
-        q = b.bitcast(b.shuffle_vector(lv, lv, ir.Constant(_V8I32, [i] * 8)), _V32I8)
-        prod = K._maddubs(b, q, x)
-        acc = prod if acc is None else b.add(acc, prod)
+        for r, lv in enumerate(levels):
+            w = b.load(b.gep(b.bitcast(lv, ptr(i32)), [_c64(i)]), align=4)
+            v = b.insert_element(ir.Constant(_V8I32, None), w, const(i32, 0))
+            q = b.bitcast(b.shuffle_vector(v, v, ir.Constant(_V8I32, [0] * 8)), _V32I8)
+            prod = K._maddubs(b, q, x)
+            acc[r] = prod if acc[r] is None else b.add(acc[r], prod)
     return acc
+
+
+def _stage(b: ir.IRBuilder, slot: ir.Value, groups: list[ir.Value]) -> list[ir.Value]:
+    """The groups' levels stored in `slot` (<32 x i8> each), behind a barrier so that the
+    broadcasts read them from memory; i8* to each."""
+    for j, q in enumerate(groups):
+        b.store(q, b.gep(slot, [_c64(j)]), align=32)
+    K._barrier(b, b.bitcast(slot, ptr(i8)))
+    return [b.bitcast(b.gep(slot, [_c64(j)]), ptr(i8)) for j in range(len(groups))]
 
 
 def _build_gemm(m: ir.Module, t: GGMLType) -> ir.Function:
@@ -165,6 +177,7 @@ def _build_gemm(m: ir.Module, t: GGMLType) -> ir.Function:
     ng = b.mul(nb, _c64(gpb))
     zero_f = ir.Constant(_V8F, [0.0] * LANES)
     accs = K._Accs(b, _V8F, 2 * GEMM_ROWS)
+    slot = alloca_entry(b, _V32I8, gpb * GEMM_ROWS, name="levels")  # staged for broadcasts
 
     def record(tile, gi):
         return b.gep(xp, [b.mul(b.add(b.mul(tile, ng), gi), _c64(RECORD))])
@@ -190,17 +203,18 @@ def _build_gemm(m: ir.Module, t: GGMLType) -> ir.Function:
                     g0 = b.mul(k, _c64(gpb))
                     if _is_k(t):
                         _gemm_superblock(b, qt, src, tile, g0, record, xvecs, rec_dx,
-                                         rec_sums, accs, R)
+                                         rec_sums, accs, R, slot)
                     else:
                         rec = record(tile, g0)
                         xs = xvecs(rec)
                         s8 = b.shl(rec_sums(rec, _V8I32), K.splat(b, const(i32, 3), 8))
                         dx = rec_dx(rec)
-                        for i in range(R):
-                            g = qt.emit_int_groups(b, src[i])[0]
-                            u = b.add(g.q, ir.Constant(_V32I8, [8] * 32))  # the raw nibbles
-                            isum = K._madd(b, _bcast_dot(b, u, xs),
-                                           ir.Constant(_V16I16, [1] * 16))
+                        gs = [qt.emit_int_groups(b, s)[0] for s in src]
+                        lv = _stage(b, slot, [b.add(g.q, ir.Constant(_V32I8, [8] * 32))
+                                              for g in gs])  # the raw nibbles
+                        dots = _bcast_dots(b, lv, xs)
+                        for i, g in enumerate(gs):
+                            isum = K._madd(b, dots[i], ir.Constant(_V16I16, [1] * 16))
                             isum = b.sub(isum, s8)  # (q - 8) . x = q . x - 8 sum(x)
                             dd = b.fmul(K.splat(b, g.scale, LANES), dx, flags=K.FINITE)
                             accs.add_product(i, b.sitofp(isum, _V8F), dd)
@@ -223,11 +237,14 @@ def _build_gemm(m: ir.Module, t: GGMLType) -> ir.Function:
     return fn
 
 
-def _gemm_superblock(b, qt, src, tile, g0, record, xvecs, rec_dx, rec_sums, accs, R) -> None:
+def _gemm_superblock(b, qt, src, tile, g0, record, xvecs, rec_dx, rec_sums, accs, R,
+                     slot) -> None:
     """One Q4_K super-block of R rows against a tile of 8 tokens: per pair of groups, the
     sub-scaled integer dots (I) and the mins times x's sums (M), each fma'd into its float
     chain (accs 0..R-1: I times d * dx; R..2R-1: M times dmin * dx)."""
     sbs = [qt.emit_int_superblock(b, s) for s in src]
+    n = 2 * QK_PAIRS
+    lv = _stage(b, slot, [sb.group(g).q for sb in sbs for g in range(n)])
     dx = rec_dx(record(tile, g0))
     dd = [b.fmul(K.splat(b, sb.d, LANES), dx, flags=K.FINITE) for sb in sbs]
     ddm = [b.fmul(K.splat(b, sb.dmin, LANES), dx, flags=K.FINITE) for sb in sbs]
@@ -235,9 +252,9 @@ def _gemm_superblock(b, qt, src, tile, g0, record, xvecs, rec_dx, rec_sums, accs
         isum = [None] * R
         for gl in (2 * p, 2 * p + 1):
             xs = xvecs(record(tile, b.add(g0, _c64(gl))))
+            dots = _bcast_dots(b, [lv[i * n + gl] for i in range(R)], xs)
             for i, sb in enumerate(sbs):
-                g = sb.group(gl)
-                v = K._madd(b, _bcast_dot(b, g.q, xs), g.halves)
+                v = K._madd(b, dots[i], sb.group(gl).halves)
                 isum[i] = v if isum[i] is None else b.add(isum[i], v)
         sums = rec_sums(record(tile, b.add(g0, _c64(2 * p))), _V16I16)
         for i, sb in enumerate(sbs):
