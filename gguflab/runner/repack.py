@@ -267,11 +267,42 @@ def _gemm_superblock(b, qt, src, tile, g0, record, xvecs, rec_dx, rec_sums, accs
 
 
 
+def _rows_to_lanes(b: ir.IRBuilder, vs: list[ir.Value]) -> ir.Value:
+    """8 vectors of 8 i32 -> one whose lane r is the sum of vs[r]'s lanes (vphaddd); integer,
+    so the grouping is free."""
+    def hadd(a, c):
+        return intrinsic(b, "llvm.x86.avx2.phadd.d", _V8I32, [a, c])
+
+    a = hadd(hadd(vs[0], vs[1]), hadd(vs[2], vs[3]))  # rows 0-3: low halves | high halves
+    c = hadd(hadd(vs[4], vs[5]), hadd(vs[6], vs[7]))
+    lo = b.shuffle_vector(a, c, ir.Constant(_V8I32, [0, 1, 2, 3, 8, 9, 10, 11]))
+    hi = b.shuffle_vector(a, c, ir.Constant(_V8I32, [4, 5, 6, 7, 12, 13, 14, 15]))
+    return b.add(lo, hi)
+
+
+def _quads_to_lanes(b: ir.IRBuilder, vs: list[ir.Value]) -> ir.Value:
+    """8 vectors of 4 i32 -> one whose lane r is the sum of vs[r]'s lanes."""
+    wide = [b.shuffle_vector(vs[2 * j], vs[2 * j + 1], ir.Constant(_V8I32, list(range(8))))
+            for j in range(4)]  # [row 2j | row 2j + 1]
+    return _pairs_to_lanes(b, wide)
+
+
+def _pairs_to_lanes(b: ir.IRBuilder, wide: list[ir.Value]) -> ir.Value:
+    """4 vectors [row 2j (4 i32) | row 2j + 1 (4 i32)] -> lane r = the sum of row r's 4."""
+    def hadd(a, c):
+        return intrinsic(b, "llvm.x86.avx2.phadd.d", _V8I32, [a, c])
+
+    h = hadd(hadd(wide[0], wide[1]), hadd(wide[2], wide[3]))  # [0, 2, 4, 6 | 1, 3, 5, 7]
+    return b.shuffle_vector(h, h, ir.Constant(_V8I32, [0, 4, 1, 5, 2, 6, 3, 7]))
+
+
 def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
     """gemv(w, w_stride, xq, ldq, y, ldy, t0, t1, r0, r1, n_blocks, unused): y[tok, r] for
     tokens [t0, t1) and rows [r0, r1) in the order of ggml's repacked gemv (the arguments
     of `kernels._build_gemmq`, so that `_export_q_part` makes it a team job): per (token,
-    row) one float chain, each block's (super-block's) integer lanes summed first."""
+    row) one float chain, each block's (super-block's) integer lanes summed first. Rows go
+    8 at a time, one a lane (their integer sums moved into lanes with vphaddd), the rest
+    one by one."""
     qt = quant.get(t)
     nbytes = qt.info.type_size
     fn = K._internal(m, f"gemv_{t.name.lower()}", [ptr(i8), i64, ptr(i8), i64, ptr(f32), i64,
@@ -281,53 +312,78 @@ def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
     k_quant = _is_k(t)
     block = qt.info.block_size
     n_in = b.mul(nb, _c64(block))
-    acc = alloca_entry(b, f32, 2, name="acc")
-    accm = b.gep(acc, [const(i32, 1)])
     v8i16 = ir.VectorType(i16, 8)
     bsums = b.alloca(v8i16, size=nb, name="bsums") if k_quant else None
+    accs = K._Accs(b, _V8F, 2)
+    acc1 = alloca_entry(b, f32, 2, name="acc")
 
     def hsum(v):
         n = v.type.count
         return intrinsic(b, f"llvm.vector.reduce.add.v{n}i32", i32, [v])
 
+    def lanes(vals):
+        v = ir.Constant(_V8F, None)
+        for j, x in enumerate(vals):
+            v = b.insert_element(v, x, const(i32, j))
+        return v
+
+    def block_sums(src, xr, k):
+        """(integer sum, mins' sum or None, d, dmin or None) of one block of one row: the
+        sums as the i32 lanes ggml adds up before it converts."""
+        if k_quant:
+            sb = qt.emit_int_superblock(b, src)
+            xk = b.gep(xr, [b.mul(k, _c64(block))])
+            isum = None
+            for gi in range(block // GROUP):
+                xg = b.load(b.bitcast(b.gep(xk, [_c64(GROUP * gi)]), ptr(_V32I8)), align=1)
+                v = K._group_dot(b, sb.group(gi), xg)
+                isum = v if isum is None else b.add(isum, v)
+            msum = K._madd(b, sb.mins, b.load(b.gep(bsums, [k]), align=2))
+            return isum, msum, sb.d, sb.dmin
+        g = qt.emit_int_groups(b, src)[0]
+        xg = b.load(b.bitcast(b.gep(xr, [b.mul(k, _c64(GROUP))]), ptr(_V32I8)), align=1)
+        return K._group_dot(b, g, xg), None, g.scale, None
+
     with for_range(b, t0, t1, name="t") as tok:
         xr = b.gep(xq, [b.mul(tok, ldq)])
         xd = b.bitcast(b.gep(xr, [n_in]), ptr(f32))
+        yt = b.gep(y, [b.mul(tok, ldy)])
         if k_quant:
             K._build_bsums(b, xr, nb, bsums, 8)
-        with for_range(b, r0, r1, name="r") as r:
-            row = b.gep(w, [b.mul(r, ws)])
-            b.store(const(f32, 0.0), acc)
-            b.store(const(f32, 0.0), accm)
-            with for_range(b, _c64(0), nb, name="blk") as k:
-                src = b.gep(row, [b.mul(k, _c64(nbytes))])
-                dx = b.load(b.gep(xd, [b.mul(k, _c64(block // GROUP))]))
+        tiled = b.add(r0, b.mul(b.sdiv(b.sub(r1, r0), _c64(LANES)), _c64(LANES)))
+        with for_range(b, r0, tiled, step=LANES, name="r8") as r:
+            rows = [b.gep(w, [b.mul(b.add(r, _c64(i)), ws)]) for i in range(LANES)]
+            accs.zero()
+            with for_range(b, _c64(0), nb, name="blk8") as k:
+                dx = K.splat(b, b.load(b.gep(xd, [b.mul(k, _c64(block // GROUP))])), LANES)
+                sums = [block_sums(b.gep(p, [b.mul(k, _c64(nbytes))]), xr, k) for p in rows]
+                isum = _rows_to_lanes(b, [s[0] for s in sums])
+                d = b.fmul(lanes([s[2] for s in sums]), dx, flags=K.FINITE)
+                accs.add_product(0, b.sitofp(isum, _V8F), d)
                 if k_quant:
-                    sb = qt.emit_int_superblock(b, src)
-                    xk = b.gep(xr, [b.mul(k, _c64(block))])
-                    isum = None
-                    for gi in range(block // GROUP):
-                        g = sb.group(gi)
-                        xg = b.load(b.bitcast(b.gep(xk, [_c64(GROUP * gi)]), ptr(_V32I8)),
-                                    align=1)
-                        v = K._group_dot(b, g, xg)
-                        isum = v if isum is None else b.add(isum, v)
-                    msum = K._madd(b, sb.mins, b.load(b.gep(bsums, [k]), align=2))
-                    d = b.fmul(sb.d, dx, flags=K.FINITE)
-                    dm = b.fmul(sb.dmin, dx, flags=K.FINITE)
-                    b.store(K._fma(b, b.load(acc), b.sitofp(hsum(isum), f32), d), acc)
-                    b.store(K._fma(b, b.load(accm), b.sitofp(hsum(msum), f32), dm), accm)
-                else:
-                    g = qt.emit_int_groups(b, src)[0]
-                    xg = b.load(b.bitcast(b.gep(xr, [b.mul(k, _c64(GROUP))]), ptr(_V32I8)),
-                                align=1)
-                    isum = hsum(K._group_dot(b, g, xg))
-                    d = b.fmul(g.scale, dx, flags=K.FINITE)
-                    b.store(K._fma(b, b.load(acc), b.sitofp(isum, f32), d), acc)
-            total = b.load(acc)
+                    msum = _quads_to_lanes(b, [s[1] for s in sums])
+                    dm = b.fmul(lanes([s[3] for s in sums]), dx, flags=K.FINITE)
+                    accs.add_product(1, b.sitofp(msum, _V8F), dm)
+            total = accs.get(0)
             if k_quant:
-                total = b.fsub(total, b.load(accm), flags=K.FINITE)
-            b.store(total, b.gep(y, [b.add(b.mul(tok, ldy), r)]))
+                total = b.fsub(total, accs.get(1), flags=K.FINITE)
+            b.store(total, b.bitcast(b.gep(yt, [r]), ptr(_V8F)), align=4)
+        with for_range(b, tiled, r1, name="r") as r:
+            row = b.gep(w, [b.mul(r, ws)])
+            for j in range(2):
+                b.store(const(f32, 0.0), b.gep(acc1, [const(i32, j)]))
+            with for_range(b, _c64(0), nb, name="blk") as k:
+                dx = b.load(b.gep(xd, [b.mul(k, _c64(block // GROUP))]))
+                isum, msum, d, dmin = block_sums(b.gep(row, [b.mul(k, _c64(nbytes))]), xr, k)
+                chains = [(isum, d)] + ([(msum, dmin)] if k_quant else [])
+                for j, (v, scale) in enumerate(chains):
+                    p = b.gep(acc1, [const(i32, j)])
+                    b.store(K._fma(b, b.load(p), b.sitofp(hsum(v), f32),
+                                   b.fmul(scale, dx, flags=K.FINITE)), p)
+            total = b.load(acc1)
+            if k_quant:
+                total = b.fsub(total, b.load(b.gep(acc1, [const(i32, 1)])), flags=K.FINITE)
+            b.store(total, b.gep(yt, [r]))
     b.ret_void()
     return fn
 
