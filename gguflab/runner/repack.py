@@ -314,6 +314,7 @@ def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
     n_in = b.mul(nb, _c64(block))
     v8i16 = ir.VectorType(i16, 8)
     bsums = b.alloca(v8i16, size=nb, name="bsums") if k_quant else None
+    xsum8 = None if k_quant else b.alloca(i32, size=nb, name="xsum8")  # 8 * sum(x) a block
     accs = K._Accs(b, _V8F, 2)
     acc1 = alloca_entry(b, f32, 2, name="acc")
 
@@ -321,11 +322,13 @@ def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
         n = v.type.count
         return intrinsic(b, f"llvm.vector.reduce.add.v{n}i32", i32, [v])
 
-    def lanes(vals):
-        v = ir.Constant(_V8F, None)
-        for j, x in enumerate(vals):
-            v = b.insert_element(v, x, const(i32, j))
-        return v
+    def halves(srcs, offset):
+        """The fp16 at `offset` of each row's block, as 8 floats (one vcvtph2ps)."""
+        v = ir.Constant(ir.VectorType(i16, LANES), None)
+        for j, src in enumerate(srcs):
+            h = b.load(b.bitcast(b.gep(src, [_c64(offset)]), ptr(i16)), align=1)
+            v = b.insert_element(v, h, const(i32, j))
+        return b.fpext(b.bitcast(v, ir.VectorType(ir.HalfType(), LANES)), _V8F)
 
     def block_sums(src, xr, k):
         """(integer sum, mins' sum or None, d, dmin or None) of one block of one row: the
@@ -340,9 +343,12 @@ def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
                 isum = v if isum is None else b.add(isum, v)
             msum = K._madd(b, sb.mins, b.load(b.gep(bsums, [k]), align=2))
             return isum, msum, sb.d, sb.dmin
+        # Q4_0: the raw nibbles (u = q + 8) against x, less 8 * sum(x) once in lanes: exact
         g = qt.emit_int_groups(b, src)[0]
+        u = b.add(g.q, ir.Constant(_V32I8, [8] * 32))
         xg = b.load(b.bitcast(b.gep(xr, [b.mul(k, _c64(GROUP))]), ptr(_V32I8)), align=1)
-        return K._group_dot(b, g, xg), None, g.scale, None
+        return K._madd(b, K._maddubs(b, u, xg), ir.Constant(_V16I16, [1] * 16)), None, \
+            g.scale, None
 
     with for_range(b, t0, t1, name="t") as tok:
         xr = b.gep(xq, [b.mul(tok, ldq)])
@@ -350,19 +356,29 @@ def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
         yt = b.gep(y, [b.mul(tok, ldy)])
         if k_quant:
             K._build_bsums(b, xr, nb, bsums, 8)
+        else:
+            with for_range(b, _c64(0), nb, name="xs") as k:
+                q = b.load(b.bitcast(b.gep(xr, [b.mul(k, _c64(GROUP))]), ptr(_V32I8)),
+                           align=1)
+                total = intrinsic(b, "llvm.vector.reduce.add.v32i32", i32,
+                                  [b.sext(q, ir.VectorType(i32, 32))])
+                b.store(b.shl(total, const(i32, 3)), b.gep(xsum8, [k]))
         tiled = b.add(r0, b.mul(b.sdiv(b.sub(r1, r0), _c64(LANES)), _c64(LANES)))
         with for_range(b, r0, tiled, step=LANES, name="r8") as r:
             rows = [b.gep(w, [b.mul(b.add(r, _c64(i)), ws)]) for i in range(LANES)]
             accs.zero()
             with for_range(b, _c64(0), nb, name="blk8") as k:
                 dx = K.splat(b, b.load(b.gep(xd, [b.mul(k, _c64(block // GROUP))])), LANES)
-                sums = [block_sums(b.gep(p, [b.mul(k, _c64(nbytes))]), xr, k) for p in rows]
+                srcs = [b.gep(p, [b.mul(k, _c64(nbytes))]) for p in rows]
+                sums = [block_sums(src, xr, k) for src in srcs]
                 isum = _rows_to_lanes(b, [s[0] for s in sums])
-                d = b.fmul(lanes([s[2] for s in sums]), dx, flags=K.FINITE)
+                if not k_quant:
+                    isum = b.sub(isum, K.splat(b, b.load(b.gep(xsum8, [k])), LANES))
+                d = b.fmul(halves(srcs, 0), dx, flags=K.FINITE)
                 accs.add_product(0, b.sitofp(isum, _V8F), d)
                 if k_quant:
                     msum = _quads_to_lanes(b, [s[1] for s in sums])
-                    dm = b.fmul(lanes([s[3] for s in sums]), dx, flags=K.FINITE)
+                    dm = b.fmul(halves(srcs, 2), dx, flags=K.FINITE)
                     accs.add_product(1, b.sitofp(msum, _V8F), dm)
             total = accs.get(0)
             if k_quant:
@@ -375,10 +391,13 @@ def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
             with for_range(b, _c64(0), nb, name="blk") as k:
                 dx = b.load(b.gep(xd, [b.mul(k, _c64(block // GROUP))]))
                 isum, msum, d, dmin = block_sums(b.gep(row, [b.mul(k, _c64(nbytes))]), xr, k)
-                chains = [(isum, d)] + ([(msum, dmin)] if k_quant else [])
+                if k_quant:
+                    chains = [(hsum(isum), d), (hsum(msum), dmin)]
+                else:
+                    chains = [(b.sub(hsum(isum), b.load(b.gep(xsum8, [k]))), d)]
                 for j, (v, scale) in enumerate(chains):
                     p = b.gep(acc1, [const(i32, j)])
-                    b.store(K._fma(b, b.load(p), b.sitofp(hsum(v), f32),
+                    b.store(K._fma(b, b.load(p), b.sitofp(v, f32),
                                    b.fmul(scale, dx, flags=K.FINITE)), p)
             total = b.load(acc1)
             if k_quant:
