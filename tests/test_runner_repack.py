@@ -16,7 +16,7 @@ from ggml_repack import ggml_repacked_matmul
 
 from gguflab import quant
 from gguflab.gguf import GGMLType
-from gguflab.runner import repack
+from gguflab.runner import kernels, repack
 from gguflab.runner.kernels import matmul, matmuls
 
 TYPES = [GGMLType.Q4_0, GGMLType.Q4_K]
@@ -87,3 +87,20 @@ def test_repacked_differs_from_vec_dot():
     x = _x(8, 512, 6)
     assert not np.array_equal(ggml_repacked_matmul(GGMLType.Q4_K, w, x),
                               ggml_repacked_matmul(GGMLType.Q4_K, w, x, repack=False))
+
+
+@pytest.mark.parametrize("t", TYPES, ids=lambda t: t.name)
+def test_any_row_split_gives_the_same_bits(t):
+    """Threads take rows in slices of any length (the prompt kernel's row passes leave a
+    remainder, the one-token kernel's 8-row passes too): each slice's rows are ggml's."""
+    rows, n_in, n_tok = 24, 512, 13  # 12 tokens through the gemm order, 1 through gemv
+    w, x = _weights(t, rows, n_in, 7), _x(n_tok, n_in, 8)
+    want = ggml_repacked_matmul(t, w, x)
+    xq = kernels.round_q8(x, quant.get(t).activation_type)
+    y = np.full((n_tok, rows), np.nan, np.float32)
+    for r0, r1 in [(0, 3), (3, 10), (10, 11), (11, 24)]:
+        part = w[r0:r1]
+        y_part = np.empty((n_tok, r1 - r0), np.float32)
+        repack.matmul(part, t, xq, y_part, r1 - r0, n_tok, n_in, r1 - r0, threads=1)
+        y[:, r0:r1] = y_part
+    assert np.array_equal(y, want)

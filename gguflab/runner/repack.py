@@ -51,7 +51,9 @@ GEMM_TOKENS = 4  # ggml's gemm takes tokens four at a time, the rest go through 
 LANES = 8  # tokens per vector of the prompt kernel
 GROUP = 32  # levels per group (Q4_0 block, Q4_K sub-block)
 RECORD = GROUP * LANES + 2 * 4 * LANES  # packed x per (tile, group): levels, dx, sums
-GEMM_ROWS = 2  # rows of the prompt kernel that share each packed x vector
+# rows of the prompt kernel that share each packed x vector (Q4_K: two float chains a row,
+# so fewer rows before registers run out); measured best on SmolLM2's shapes
+GEMM_ROWS = {GGMLType.Q4_0: 4, GGMLType.Q4_K: 2}
 QK_PAIRS = 256 // GROUP // 2  # pairs of groups in a Q4_K super-block
 TOKEN_CHUNK = 64  # tokens per pass of the prompt kernel over a slice of rows
 _V32I8, _V8I32, _V16I16 = (ir.VectorType(i8, 32), ir.VectorType(i32, 8),
@@ -165,7 +167,7 @@ def _stage(b: ir.IRBuilder, slot: ir.Value, groups: list[ir.Value]) -> list[ir.V
 def _build_gemm(m: ir.Module, t: GGMLType) -> ir.Function:
     """gemm(w, w_stride, xp, y, ldy, n_tok, tile0, tile1, r0, r1, n_blocks): y[tok, r] for
     the tokens of packed tiles [tile0, tile1) (those below n_tok) and rows [r0, r1), in the
-    order of ggml's repacked gemm (see the module docstring); GEMM_ROWS rows share each
+    order of ggml's repacked gemm (see the module docstring); GEMM_ROWS[t] rows share each
     packed x vector."""
     qt = quant.get(t)
     nbytes = qt.info.type_size
@@ -176,8 +178,9 @@ def _build_gemm(m: ir.Module, t: GGMLType) -> ir.Function:
     gpb = qt.info.block_size // GROUP  # groups per weight block
     ng = b.mul(nb, _c64(gpb))
     zero_f = ir.Constant(_V8F, [0.0] * LANES)
-    accs = K._Accs(b, _V8F, 2 * GEMM_ROWS)
-    slot = alloca_entry(b, _V32I8, gpb * GEMM_ROWS, name="levels")  # staged for broadcasts
+    R = GEMM_ROWS[t]
+    accs = K._Accs(b, _V8F, 2 * R)
+    slot = alloca_entry(b, _V32I8, gpb * R, name="levels")  # staged for broadcasts
 
     def record(tile, gi):
         return b.gep(xp, [b.mul(b.add(b.mul(tile, ng), gi), _c64(RECORD))])
@@ -229,7 +232,6 @@ def _build_gemm(m: ir.Module, t: GGMLType) -> ir.Function:
                             b.store(b.extract_element(v, const(i32, lane)),
                                     b.gep(y, [b.add(b.mul(tok, ldy), rr)]))
 
-    R = GEMM_ROWS
     tiled = b.add(r0, b.mul(b.sdiv(b.sub(r1, r0), _c64(R)), _c64(R)))
     rows_pass(r0, tiled, R)
     rows_pass(tiled, r1, 1)
