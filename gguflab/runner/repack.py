@@ -476,7 +476,9 @@ def matmul(w: np.ndarray, t: GGMLType, xq: np.ndarray, y: np.ndarray, ldy: int, 
     if n_gemm:
         tiles = -(-n_gemm // LANES)
         xp = np.empty(tiles * ng * RECORD, np.uint8)
-        kern.pack(xq, ldq, 0, n_gemm, ng, xp)
+        parallel_rows(lambda a, c: kern.pack(xq, ldq, a * LANES, min(c * LANES, n_gemm), ng,
+                                             xp[a * ng * RECORD:]),
+                      tiles, threads, max(1, (1 << 13) // ng))
         chunk = TOKEN_CHUNK // LANES
 
         def run(a, c):
