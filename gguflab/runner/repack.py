@@ -22,9 +22,14 @@ We keep the weights as the file has them. The prompt kernel (`gemm_<t>`) puts 8 
 the 8 lanes of a vector instead: x is packed once per product (`pack_<t>`: each 4 levels
 of a group of 8 tokens side by side, their scales and sums), and each 4 weight levels are
 broadcast against it (vpmaddubsw), so every lane runs the float chain of one (token, row)
-in ggml's order. One-token products (`gemv_<t>`) go row by row, their integer lanes summed
-before the fma. Integer sums are exact and the float ops are spelled out (`llvm.fma`, no
-reassociation flags), so the bits are ggml's on every x86-64 CPU with AVX2.
+in ggml's order. One-token products and the gemv tokens (`gemv_<t>`) take 8 rows a pass,
+one a lane: each row's integer lanes summed into its lane (vphaddd), then one fma in lanes.
+Integer sums are exact and the float ops are spelled out (`llvm.fma`, no reassociation
+flags), so the bits are ggml's on every x86-64 CPU with AVX2.
+
+This is what llama.cpp's AVX2 build does (the oracle build, GGML_NATIVE=OFF, on any x86
+host); a build for AVX-512 runs 512-bit variants of these kernels and repacks Q2_K too,
+which we do not follow. `REPACK = False` gives llama.cpp's `--no-repack` products.
 """
 
 from __future__ import annotations
