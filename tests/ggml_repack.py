@@ -62,6 +62,8 @@ class RepackedMatmul:
 
     def __init__(self, wtype: int, w: np.ndarray, x: np.ndarray, threads: int = 2,
                  repack: bool = True):
+        if repack and w.shape[0] % 8:  # ggml would leave it unrepacked: set_tensor crashes
+            raise ValueError(f"ggml repacks no weight of {w.shape[0]} rows (not 8k)")
         s = _libs()
         self.base, self.s, self.threads = s["base"], s, threads
         base = self.base
