@@ -24,12 +24,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
+from ggml_repack import RepackedMatmul  # noqa: E402
 from test_attention import _ggml, _InitParams  # noqa: E402
 
 from gguflab import quant  # noqa: E402
 from gguflab.gguf import GGMLType  # noqa: E402
 from gguflab.jit.parallel import default_threads  # noqa: E402
 from gguflab.runner.kernels import SUPPORTED_TYPES, matmul  # noqa: E402
+from gguflab.runner.repack import repacked  # noqa: E402
 
 P = ctypes.c_void_p
 
@@ -113,7 +115,10 @@ def main(argv=None) -> None:
             row, same = [], True
             for n_tok in (1, args.prompt):
                 x = rng.standard_normal((n_tok, n_in), dtype=np.float32)
-                ref = GgmlMatmul(t, w, x, args.threads)
+                # ggml's products over the weights llama.cpp repacks at load run in its
+                # repacked kernels (as llama-bench and llama-perplexity run them)
+                ref = (RepackedMatmul(t, w, x, args.threads) if repacked(t, n_out)
+                       else GgmlMatmul(t, w, x, args.threads))
                 try:
                     tg = median_time(ref, args.repeat) if n_tok > 1 else 0.0
                     if n_tok == 1:

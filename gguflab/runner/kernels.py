@@ -72,6 +72,7 @@ from ..jit.builders import (
 )
 from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
 from ..jit.parallel import MAX_JOBS, JobTable, default_threads, job_table, team
+from . import repack
 
 __all__ = ["SUPPORTED_TYPES", "matmul", "matmuls", "get_rows", "quantizes_activations"]
 
@@ -1499,7 +1500,8 @@ def _add_gemv(jobs: JobTable, p: _Plan, w, x, y, ldy, n_tok, n_in, n_out, thread
     parts = max(1, min(parts, 2 * threads if threads > 1 else 1, n_out))
     if T == 1 and p.int_dot:
         xq = _x_for(p, x, n_in, seen, True)
-        jobs.add(p.gemvq_part, parts, id(w), w.strides[0], id(xq), id(y), n_out,
+        part = repack.gemv_part(p.t) if repack.repacked(p.t, n_out) else p.gemvq_part
+        jobs.add(part, parts, id(w), w.strides[0], id(xq), id(y), n_out,
                  n_in // p.vblock)
         return
     x = _x_for(p, x, n_in, seen, False)
@@ -1526,7 +1528,10 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
 
     ws, nb = w.strides[0], n_in // p.vblock
     if p.int_dot:
-        _gemmq(p, w, round_q8(x, p.act), y, ldy, n_tok, n_in, n_out, nb, threads)
+        if repack.repacked(p.t, n_out):  # llama.cpp's repacked weights: its order there
+            repack.matmul(w, p.t, round_q8(x, p.act), y, ldy, n_tok, n_in, n_out, threads)
+        else:
+            _gemmq(p, w, round_q8(x, p.act), y, ldy, n_tok, n_in, n_out, nb, threads)
         return y
     if not _gemm_rounds(p.t):  # (the float kernels round x themselves, as they pack it)
         x = round_activations(x, p.act)
