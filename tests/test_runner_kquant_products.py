@@ -62,9 +62,10 @@ def ggml_mul_mat(t: GGMLType, w: np.ndarray, x: np.ndarray, threads: int = 2) ->
 def _assert_bits(t: GGMLType, w: np.ndarray, x: np.ndarray) -> None:
     """Every token count (1: decoding; 7: the last below the tiled kernel; 8, 9, 33: a whole
     token tile, one more, and a prompt with a remainder) equals ggml's mul_mat, on 1 and 2
-    threads."""
+    threads: ggml's repacked mul_mat for a weight llama.cpp repacks (Q4_K, rows % 8 == 0)."""
     for n in (1, 7, 8, 9, 33):
-        ref = ggml_mul_mat(t, w, x[:n])
+        ref = (ggml_repacked_matmul(t, w, x[:n]) if repack.repacked(t, w.shape[0])
+               else ggml_mul_mat(t, w, x[:n]))
         for threads in (1, 2):
             got = matmul(w, t, x[:n], threads=threads)
             np.testing.assert_array_equal(got, ref, err_msg=f"{t.name} n={n} t={threads}")
