@@ -222,6 +222,9 @@ def _load_model(args: argparse.Namespace):
                     getattr(args, "n_gpu_layers", 0), getattr(args, "threads", None),
                     getattr(args, "main_gpu", 0))
     lm.model.flash_attn = getattr(args, "flash_attn", "auto")
+    from .runner import repack
+
+    repack.REPACK = not getattr(args, "no_repack", False)
     if lm.plan is not None:
         print(f"gguflab: {lm.plan.summary()}", file=sys.stderr)
         args.offload_plan = lm.plan
@@ -550,6 +553,9 @@ def _add_model_flags(s: argparse.ArgumentParser, sampling: bool = True) -> None:
     s.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto",
                    help="attention as llama.cpp's CPU flash attention computes it, or as its "
                         "non-FA path (default auto: on, as llama.cpp resolves it on the CPU)")
+    s.add_argument("-nr", "--no-repack", action="store_true",
+                   help="products in the order of llama.cpp's --no-repack run (Q4_0 and Q4_K "
+                        "weights by vec_dot, not its repacked kernels)")
     if sampling:
         s.add_argument("-n", "--n-predict", type=int, default=-1,
                        help="tokens to generate (-1: until end of generation)")

@@ -201,6 +201,48 @@ def test_perplexity_prints_llama_perplexity_s_estimate(smollm2, ubatch, capsys):
     assert final(ours) == final(theirs)
 
 
+def test_no_repack_and_untiled_runs_are_llama_s_too(tmp_path, smollm2, capsys, monkeypatch):
+    """llama.cpp's switches for its other product orders, on a Q4_K_M: --no-repack (Q4_K by
+    vec_dot or the tiled kernel) and GGML_CPU_TILED_MM=0 (K-quant prompts by vec_dot). Each
+    run is llama-perplexity's to the printed digit, and the three differ."""
+    import os
+    import re
+    from unittest import mock
+
+    from llama_tools import run_tool
+
+    from gguflab.catalog import default_eval_text
+    from gguflab.cli import main
+    from gguflab.runner import kernels, repack
+
+    path = str(tmp_path / "q4km.gguf")
+    llama_quantize(smollm2, path, 15, allow_requantize=True)  # 15 = MOSTLY_Q4_K_M
+    args = ["-c", "128", "--chunks", "3", "-t", "2"]
+    monkeypatch.setattr(repack, "REPACK", True)
+    figures = set()
+    for flags, tiled in (([], True), (["--no-repack"], True), (["--no-repack"], False)):
+        env = {} if tiled else {"GGML_CPU_TILED_MM": "0"}
+        with mock.patch.dict(os.environ, env):
+            theirs = run_tool("llama-perplexity", "-m", path, "-f", default_eval_text(), *args,
+                              *flags)
+        monkeypatch.setattr(kernels, "PROMPT_TILED", tiled)
+        capsys.readouterr()
+        assert main(["perplexity", "-m", path, *args, *flags]) == 0
+        ours = capsys.readouterr().out
+        pat = r"Final estimate: PPL = [\d.]+ \+/- [\d.]+"
+        assert re.search(pat, ours)[0] == re.search(pat, theirs)[0], flags
+        figures.add(re.search(pat, ours)[0])
+    assert len(figures) == 3
+    # the switch is llama.cpp's environment variable, read as its atoi reads it
+    import subprocess
+    import sys
+    for value, want in (("0", "False"), ("1", "True"), ("00x", "False"), ("2", "True")):
+        got = subprocess.run([sys.executable, "-c", "from gguflab.runner import kernels; "
+                              "print(kernels.PROMPT_TILED)"], capture_output=True, text=True,
+                             env={**os.environ, "GGML_CPU_TILED_MM": value}).stdout.strip()
+        assert got == want, value
+
+
 def test_batch_sizes_are_llama_perplexity_s():
     from gguflab.runner.perplexity import batch_sizes, chunk_pieces
 

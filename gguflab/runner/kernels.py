@@ -39,6 +39,8 @@ microseconds.
 from __future__ import annotations
 
 import ctypes
+import os
+import re
 import sys
 import threading
 from collections.abc import Callable
@@ -1328,6 +1330,15 @@ class _Plan:
         return w
 
 
+def _env_int(name: str, default: int) -> int:
+    """An environment switch read as C's atoi reads it (leading digits, else 0)."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    digits = re.match(r"\s*[+-]?\d+", value)
+    return int(digits[0]) if digits else 0
+
+
 _PLANS: dict = {}
 _plans_lock = threading.Lock()
 
@@ -1549,8 +1560,9 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
 
 # llama.cpp's CPU backend sends a product over K-quant weights (not repacked) with this many
 # tokens or more to its tiled kernel (`ggml-cpu/tiled/`), which sums in another float order
-# than vec_dot; False: vec_dot's order for every token count (llama.cpp's GGML_CPU_TILED_MM=0)
-PROMPT_TILED = True
+# than vec_dot; False: vec_dot's order for every token count. Read from llama.cpp's own
+# switch, so that GGML_CPU_TILED_MM=0 gives both tools the same run.
+PROMPT_TILED = _env_int("GGML_CPU_TILED_MM", 1) != 0
 TILED_MIN_TOKENS = 8
 
 
