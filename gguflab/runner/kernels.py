@@ -90,8 +90,9 @@ TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
 TILE_TOKENS = 4  # tokens per register tile of the prompt kernel
 GEMM_ROWS = 3  # rows per register tile of the prompt kernel (x TILE_TOKENS: 12 accumulators)
 K_BLOCK = 768  # floats of each row the prompt kernel takes at a time (x tiles stay in L1)
-Q_TILE = 4  # tokens per tile of the integer prompt kernel (each weight group unpacked once)
+Q_TILE = 8  # tokens per tile of the integer prompt kernel (one vector of scale products)
 Q_TILE_K = 8  # (the K-quants: each super-block unpacked once)
+Q_TILE_REST = 2  # tokens past the last whole tile that go one at a time (legacy types)
 # work (in weight elements touched) below which one more thread costs more than it saves
 MIN_WORK_PER_THREAD = 1 << 20
 MIN_WORK_PER_PART = 1 << 16  # (decoding, where a hand-off to a team thread costs ~1 us)
@@ -564,15 +565,29 @@ def _group_dot(b: ir.IRBuilder, g: quant.IntGroup, xq: ir.Value) -> ir.Value:
 def _build_gemmq(m: ir.Module, name: str, blk: _Blocks, groups: Callable,
                  T: int) -> ir.Function:
     """gemmq(w, w_stride, xq, ldq, y, ldy, t0, t1, r0, r1, n_blocks, group_rows):
-    y[t, r] = dot(W[r], x[t]) for t in [t0, t1) (a multiple of T tokens) and r in [r0, r1),
-    on integer dot products. x is given as `round_q8` writes it, one token every `ldq` bytes:
-    n_in i8 levels, then per group of 32 its scale dx (f32) and its offset term xs (f32).
-    Each weight group is unpacked once for T tokens; rows go in blocks of `group_rows` (kept
-    in cache across the token tiles). Every (row, token) sums its groups in the same order
-    whatever T, so decoding (T = 1) and a prompt give the same bits."""
+    y[t, r] = dot(W[r], x[t]) for t in [t0, t1) and r in [r0, r1), on integer dot products.
+    x is given as `round_q8` writes it, one token every `ldq` bytes: n_in i8 levels, then per
+    group of 32 its scale dx (f32) and its offset term xs (f32). Rows go in blocks of
+    `group_rows` (kept in cache across the token tiles). Every (row, token) sums its groups
+    in the same order whatever T, so decoding (T = 1) and a prompt give the same bits.
+    T = 1 is the one-token kernel (see `_build_gemmq_one`); for T > 1 see `_build_gemmq_tile`
+    (any token count: a short last tile repeats its last token)."""
+    if T == 1:
+        return _build_gemmq_one(m, name, blk, groups)
+    return _build_gemmq_tile(m, name, blk, groups, T)
+
+
+def _gemmq_fn(m: ir.Module, name: str) -> ir.Function:
+    return _internal(m, name, [ptr(i8), i64, ptr(i8), i64, ptr(f32), i64, i64, i64, i64, i64,
+                               i64, i64])
+
+
+def _build_gemmq_one(m: ir.Module, name: str, blk: _Blocks, groups: Callable) -> ir.Function:
+    """The one-token gemmq (t1 - t0 tokens, each alone): each weight group unpacked, dotted
+    and scaled for the token, the scale product and the offset term as scalars."""
+    T = 1
     vt = ir.VectorType(f32, 8)
-    fn = _internal(m, name, [ptr(i8), i64, ptr(i8), i64, ptr(f32), i64, i64, i64, i64, i64,
-                             i64, i64])
+    fn = _gemmq_fn(m, name)
     w, ws, xq, ldq, y, ldy, t0, t1, r0, r1, nb, group = fn.args
     b = _Builder(fn.append_basic_block("entry"))
     c64 = lambda v: const(i64, v)  # noqa: E731
@@ -610,6 +625,103 @@ def _build_gemmq(m: ir.Module, name: str, blk: _Blocks, groups: Callable,
                     total = b.fadd(accs.get(2 * j), accs.get(2 * j + 1), flags=FINITE)
                     b.store(b.fadd(_hsum(b, total), b.load(off[j]), flags=FINITE),
                             b.gep(y, [b.add(b.mul(b.add(t, c64(j)), ldy), r)]))
+    b.ret_void()
+    return fn
+
+
+def _has_offsets(groups: Callable) -> bool:
+    """Whether the type's integer groups carry an offset term (w = d * q + m)."""
+    fn = ir.Function(ir.Module(), ir.FunctionType(void, [ptr(i8)]), "probe")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    return any(g.offset is not None for g in groups(b, fn.args[0]))
+
+
+def _build_gemmq_tile(m: ir.Module, name: str, blk: _Blocks, groups: Callable,
+                      T: int) -> ir.Function:
+    """The prompt gemmq: tiles of T tokens (T floats, one vector of scale products), per row
+    of the tile in two passes over its blocks, so that each (row, token, group) costs only
+    its integer dot, its conversion and its FMA:
+    - the tile's tokens are first packed group-major: per group, the T tokens' 32 levels,
+      then their T scales dx (and T offset terms xs);
+    - pass 1: each group's scale times the T tokens' dx, one vector product, into a table
+      (and the offsets' T FMAs, one vector FMA);
+    - pass 2: each group unpacked once for the T tokens; per token its integer dot product,
+      converted and FMA'd with its scale product broadcast from the table.
+    The scalars are the ones the one-token kernel computes (the same products and FMAs, in
+    the same order, lane by lane), so the bits are its bits."""
+    vt = ir.VectorType(f32, 8)
+    tv = ir.VectorType(f32, T)
+    fn = _gemmq_fn(m, name)
+    w, ws, xq, ldq, y, ldy, t0, t1, r0, r1, nb, group = fn.args
+    b = _Builder(fn.append_basic_block("entry"))
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    gpb = blk.size // Q8_GROUP
+    offsets = _has_offsets(groups)
+    n_in, n_groups = b.mul(nb, c64(blk.size)), b.mul(nb, c64(gpb))
+    # packed tile: per group T x 32 levels, T dx, (T xs); bytes
+    gstride = T * Q8_GROUP + 4 * T * (2 if offsets else 1)
+    xt = b.alloca(i8, size=b.mul(n_groups, c64(gstride)), name="xt")
+    prod = b.bitcast(b.alloca(tv, size=n_groups, name="prod"), ptr(f32))
+    accs = _Accs(b, vt, 2 * T)
+    offv = alloca_entry(b, tv, name="offv")
+    last = b.sub(t1, c64(1))
+    zero_t = ir.Constant(tv, [0.0] * T)
+
+    def at(gi, byte):  # a byte of group gi's packed tile
+        return b.gep(xt, [b.add(b.mul(gi, c64(gstride)), c64(byte))])
+
+    with for_range(b, r0, r1, step=group, name="rb") as g0:
+        end = b.add(g0, group)
+        g1 = b.select(b.icmp_signed("<", end, r1), end, r1)
+        with for_range(b, t0, t1, step=T, name="t") as t:
+            toks = [b.select(b.icmp_signed("<", b.add(t, c64(j)), t1), b.add(t, c64(j)), last)
+                    for j in range(T)]
+            xr = [b.gep(xq, [b.mul(tj, ldq)]) for tj in toks]
+            xd = [b.bitcast(b.gep(r, [n_in]), ptr(f32)) for r in xr]
+            xs = [b.gep(d, [n_groups]) for d in xd]
+            with for_range(b, c64(0), n_groups, name="pk") as gi:
+                for j in range(T):
+                    src = b.gep(xr[j], [b.mul(gi, c64(Q8_GROUP))])
+                    v = b.load(b.bitcast(src, ptr(_V32I8)), align=1)
+                    b.store(v, b.bitcast(at(gi, j * Q8_GROUP), ptr(_V32I8)), align=1)
+                    b.store(b.load(b.gep(xd[j], [gi])),
+                            b.bitcast(at(gi, T * Q8_GROUP + 4 * j), ptr(f32)))
+                    if offsets:
+                        b.store(b.load(b.gep(xs[j], [gi])),
+                                b.bitcast(at(gi, T * Q8_GROUP + 4 * (T + j)), ptr(f32)))
+            with for_range(b, g0, g1, name="r") as r:
+                row = b.gep(w, [b.mul(r, ws)])
+                b.store(zero_t, offv)
+                with for_range(b, c64(0), nb, name="sc") as k:
+                    src = b.gep(row, [b.mul(k, c64(blk.nbytes))])
+                    for i, g in enumerate(groups(b, src)):
+                        gi = b.add(b.mul(k, c64(gpb)), c64(i))
+                        dx = b.load(b.bitcast(at(gi, T * Q8_GROUP), ptr(tv)), align=4)
+                        sc = b.fmul(splat(b, g.scale, T), dx, flags=FINITE)
+                        b.store(sc, b.gep(b.bitcast(prod, ptr(tv)), [gi]), align=4)
+                        if g.offset is not None:
+                            xsv = b.load(b.bitcast(at(gi, T * Q8_GROUP + 4 * T), ptr(tv)),
+                                         align=4)
+                            b.store(_fma(b, b.load(offv), splat(b, g.offset, T), xsv), offv)
+                accs.zero()
+                with for_range(b, c64(0), nb, name="blk") as k:
+                    src = b.gep(row, [b.mul(k, c64(blk.nbytes))])
+                    for i, g in enumerate(groups(b, src)):
+                        gi = b.add(b.mul(k, c64(gpb)), c64(i))
+                        for j in range(T):
+                            xg = b.load(b.bitcast(at(gi, j * Q8_GROUP), ptr(_V32I8)), align=1)
+                            isum = b.sitofp(_group_dot(b, g, xg), vt)
+                            sc = b.load(b.gep(prod, [b.add(b.mul(gi, c64(T)), c64(j))]))
+                            accs.add_product(2 * j + i % 2, isum, splat(b, sc, 8))
+                ov = b.load(offv)
+                for j in range(T):
+                    total = b.fadd(accs.get(2 * j), accs.get(2 * j + 1), flags=FINITE)
+                    yv = _hsum(b, total)
+                    if offsets:
+                        yv = b.fadd(yv, b.extract_element(ov, const(i32, j)), flags=FINITE)
+                    else:
+                        yv = b.fadd(yv, const(f32, 0.0), flags=FINITE)
+                    b.store(yv, b.gep(y, [b.add(b.mul(toks[j], ldy), r)]))
     b.ret_void()
     return fn
 
@@ -1462,10 +1574,16 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
 
 
 def _gemmq(p: _Plan, w, xq, y, ldy, n_tok, n_in, n_out, nb, threads) -> None:
-    """A prompt's product on integer dot products: token tiles of Q_TILE (one-token calls
-    for the rest), rows in blocks that stay in L2 while TOKEN_CHUNK tokens go by."""
+    """A prompt's product on integer dot products: token tiles of `p.q_tile`, rows in blocks
+    that stay in L2 while TOKEN_CHUNK tokens go by. The legacy types' tile kernel takes a
+    short last tile itself (repeating its last token); the K-quants' takes whole tiles, and
+    one-token calls do the rest (as do the legacy types' for a remainder of at most
+    Q_TILE_REST tokens, where a whole tile would cost more)."""
     ws, ldq = w.strides[0], xq.shape[1]
-    tiled = n_tok - n_tok % p.q_tile
+    rest = n_tok % p.q_tile
+    if not (quant.get(p.t).int_superblock or rest <= Q_TILE_REST):
+        rest = 0
+    tiled = n_tok - rest
     group = max(1, L2_BUDGET // 2 // ws)
     tile, one = p.gemmq[p.q_tile], p.gemmq[1]
 
