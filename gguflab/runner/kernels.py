@@ -90,6 +90,7 @@ TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
 TILE_TOKENS = 4  # tokens per register tile of the prompt kernel
 GEMM_ROWS = 3  # rows per register tile of the prompt kernel (x TILE_TOKENS: 12 accumulators)
 K_BLOCK = 768  # floats of each row the prompt kernel takes at a time (x tiles stay in L1)
+K_BLOCK_F16 = 2048  # (F16 weights read in place: half the bytes a float)
 Q_TILE = 8  # tokens per tile of the integer prompt kernel (one vector of scale products)
 Q_TILE_K = 8  # (the K-quants: each super-block unpacked once)
 Q_TILE_REST = 2  # tokens past the last whole tile that go one at a time (legacy types)
@@ -99,6 +100,7 @@ MIN_WORK_PER_PART = 1 << 16  # (decoding, where a hand-off to a team thread cost
 # blocks of more vectors than this go through memory between dequantization and dot
 BARRIER_MIN_CHUNKS = 8
 FUSE = True
+F16_DIRECT = True  # the prompt kernel reads F16 weights in place (see `_build_gemm`)
 FINITE_DEQUANT = True  # decode kernels: the finite-math flags on the dequantization ops
 GEMV_ACCS = 4  # accumulators of the decode kernel: enough to cover the FMA latency
 GEMV_TOKENS = (1, 4)  # decode kernel variants: 1 token, and up to 4 tokens in one pass
@@ -1054,12 +1056,22 @@ def _emit_round_x(b: ir.IRBuilder, v: ir.Value, t: GGMLType | None) -> ir.Value:
     return v
 
 
-def _k_blocks(n: int, block: int) -> tuple[int, int]:
+def _k_block(t: GGMLType) -> int:
+    """The most floats of a row the prompt kernel over `t` takes at a time."""
+    return K_BLOCK_F16 if _gemm_direct(t) else K_BLOCK
+
+
+def _gemm_direct(t: GGMLType) -> bool:
+    """Whether the prompt kernel reads `t`'s rows in place (F16 on F16C: see `_build_gemm`)."""
+    return F16_DIRECT and t == GGMLType.F16 and _gemm_rounds(t)
+
+
+def _k_blocks(n: int, block: int, k_block: int = K_BLOCK) -> tuple[int, int]:
     """(floats per K-block, K-blocks) the prompt kernel cuts rows of n floats into: whole
-    weight blocks of `block` floats, at most K_BLOCK floats, as even as that allows (the
+    weight blocks of `block` floats, at most `k_block` floats, as even as that allows (the
     kernel computes the same)."""
     nb = n // block
-    count = -(-nb // max(1, K_BLOCK // block))
+    count = -(-nb // max(1, k_block // block))
     per = -(-nb // count)
     return per * block, -(-nb // per)
 
@@ -1069,9 +1081,9 @@ def _gemm_group() -> int:
     return max(GEMM_ROWS, MAX_GROUP_ROWS - MAX_GROUP_ROWS % GEMM_ROWS)
 
 
-def gemm_scratch_floats(n_in: int, block: int, group: int) -> int:
+def gemm_scratch_floats(n_in: int, block: int, group: int, k_block: int = K_BLOCK) -> int:
     """Floats of scratch one prompt-kernel call needs (see `_build_gemm`)."""
-    kc, count = _k_blocks(n_in, block)
+    kc, count = _k_blocks(n_in, block, k_block)
     return group * (kc + TOKEN_CHUNK * LANES) + TOKEN_CHUNK * kc * count
 
 
@@ -1085,7 +1097,9 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
     what the register tiles (GEMM_ROWS rows x TILE_TOKENS tokens) read stays in L1:
     - x's tokens are first packed into `scratch` block-major (rounded for `rounding`);
     - rows go in groups of `group_rows`, dequantized into `scratch`, block-major too (one
-      K-block of the group is one contiguous run, read by every token tile);
+      K-block of the group is one contiguous run, read by every token tile); F16 rows on
+      F16C are read in place instead, each vector widened as it is loaded (K-blocks of
+      K_BLOCK_F16 then: half the bytes in cache a float, and no copy to make);
     - between K-blocks a tile's accumulators wait in `scratch` (an exact round trip).
     A short last tile repeats its last row or token (the same bits, stored twice).
     Scratch holds `gemm_scratch_floats(n, block, group_rows)` floats."""
@@ -1103,7 +1117,8 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
         return b.sdiv(b.add(a, b.sub(c, c64(1))), c)
 
     # the K-blocks as `_k_blocks` cuts them: kcb weight blocks (kc floats, kcv vectors) each
-    kcb = cdiv(nb, cdiv(nb, c64(max(1, K_BLOCK // bs))))
+    direct = F16_DIRECT and rounding == GGMLType.F16
+    kcb = cdiv(nb, cdiv(nb, c64(max(1, (K_BLOCK_F16 if direct else K_BLOCK) // bs))))
     kc, kcv = b.mul(kcb, c64(bs)), b.mul(kcb, c64(bv))
     nv = b.mul(nb, c64(bv))  # vectors per row
     tile = _Accs(b, vt, R * T)
@@ -1114,6 +1129,15 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
 
     def smin(a, c):
         return b.select(b.icmp_signed("<", a, c), a, c)
+
+    # F16 weights on F16C: read in place, each vector widened as it is loaded (exact), half
+    # the bytes of a dequantized copy in cache and no copy to make
+    hv = ir.VectorType(f16, vw)
+
+    def wload(row, k):
+        if direct:
+            return b.fpext(b.load(b.gep(row, [k]), align=2), vt)
+        return b.load(b.gep(row, [k]), align=4)
 
     with for_range(b, c64(0), nt, name="xt") as j:
         src = b.bitcast(b.gep(x, [b.mul(b.add(t0, j), ldx)]), ptr(vt))
@@ -1134,12 +1158,13 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
             final = b.icmp_signed("==", ke, nv)
             # this K-block of the group's rows, dequantized (row-major, kc floats a row)
             k0 = b.sdiv(kv, c64(bv))
-            with for_range(b, c64(0), cnt, name="dq") as i:
-                row = b.gep(w, [b.mul(b.add(g, i), ws)])
-                base = b.sub(b.mul(i, kc), b.mul(k0, c64(bs)))
-                with for_range(b, k0, smin(b.add(k0, kcb), nb), name="blk") as k:
-                    blk.emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]),
-                             b.gep(scratch, [b.add(base, b.mul(k, c64(bs)))]))
+            if not direct:
+                with for_range(b, c64(0), cnt, name="dq") as i:
+                    row = b.gep(w, [b.mul(b.add(g, i), ws)])
+                    base = b.sub(b.mul(i, kc), b.mul(k0, c64(bs)))
+                    with for_range(b, k0, smin(b.add(k0, kcb), nb), name="blk") as k:
+                        blk.emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]),
+                                 b.gep(scratch, [b.add(base, b.mul(k, c64(bs)))]))
             kbi = b.sdiv(kv, kcv)
             # both blocks as vectors, offset so that index k (from kv) reads them
             wblk = b.gep(b.bitcast(scratch, ptr(vt)), [b.neg(kv)])
@@ -1149,7 +1174,11 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
                 xs = [b.gep(xblk, [b.mul(tj, kcv)]) for tj in toks]
                 with for_range(b, c64(0), cnt, step=R, name="p") as p:
                     rows = [smin(b.add(p, c64(i)), last_r) for i in range(R)]
-                    wr = [b.gep(wblk, [b.mul(ri, kcv)]) for ri in rows]
+                    if direct:  # the weight's own rows, as vectors of halves
+                        wr = [b.bitcast(b.gep(w, [b.mul(b.add(g, ri), ws)]), ptr(hv))
+                              for ri in rows]
+                    else:
+                        wr = [b.gep(wblk, [b.mul(ri, kcv)]) for ri in rows]
                     slots = [[b.gep(part, [b.add(b.mul(ri, c64(TOKEN_CHUNK)), tj)])
                               for tj in toks] for ri in rows]
                     with b.if_else(first) as (then, other):
@@ -1161,7 +1190,7 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
                                     tile.set(i * T + j, b.load(slots[i][j], align=4))
                     with for_range(b, kv, ke, name="k") as k:
                         if R <= T:  # the rows' vectors held, each token's loaded once
-                            wv = [b.load(b.gep(wr[i], [k]), align=4) for i in range(R)]
+                            wv = [wload(wr[i], k) for i in range(R)]
                             for j in range(T):
                                 xv = b.load(b.gep(xs[j], [k]), align=4)
                                 for i in range(R):
@@ -1169,7 +1198,7 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
                         else:
                             xv = [b.load(b.gep(xs[j], [k]), align=4) for j in range(T)]
                             for i in range(R):
-                                wv = b.load(b.gep(wr[i], [k]), align=4)
+                                wv = wload(wr[i], k)
                                 for j in range(T):
                                     tile.add_product(i * T + j, wv, xv[j])
                     with b.if_else(final) as (then, other):
@@ -1565,7 +1594,7 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
     group = _gemm_group()
 
     def run(a, c):
-        s = _scratch(gemm_scratch_floats(n_in, p.vblock, group))
+        s = _scratch(gemm_scratch_floats(n_in, p.vblock, group, _k_block(p.t)))
         for t0 in range(0, n_tok, TOKEN_CHUNK):  # x's chunk stays in cache across row groups
             gemm(w, ws, x, n_in, y, ldy, t0, min(t0 + TOKEN_CHUNK, n_tok), a, c, nb, s, group)
 
