@@ -101,6 +101,7 @@ MIN_WORK_PER_PART = 1 << 16  # (decoding, where a hand-off to a team thread cost
 BARRIER_MIN_CHUNKS = 8
 FUSE = True
 F16_DIRECT = True  # the prompt kernel reads F16 weights in place (see `_build_gemm`)
+X_HALF = True  # (and packs x, rounded to F16, as F16)
 FINITE_DEQUANT = True  # decode kernels: the finite-math flags on the dequantization ops
 GEMV_ACCS = 4  # accumulators of the decode kernel: enough to cover the FMA latency
 GEMV_TOKENS = (1, 4)  # decode kernel variants: 1 token, and up to 4 tokens in one pass
@@ -1099,7 +1100,8 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
     - rows go in groups of `group_rows`, dequantized into `scratch`, block-major too (one
       K-block of the group is one contiguous run, read by every token tile); F16 rows on
       F16C are read in place instead, each vector widened as it is loaded (K-blocks of
-      K_BLOCK_F16 then: half the bytes in cache a float, and no copy to make);
+      K_BLOCK_F16 then: half the bytes in cache a float, and no copy to make), and x,
+      rounded to F16, is packed as F16 too;
     - between K-blocks a tile's accumulators wait in `scratch` (an exact round trip).
     A short last tile repeats its last row or token (the same bits, stored twice).
     Scratch holds `gemm_scratch_floats(n, block, group_rows)` floats."""
@@ -1133,6 +1135,12 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
     # F16 weights on F16C: read in place, each vector widened as it is loaded (exact), half
     # the bytes of a dequantized copy in cache and no copy to make
     hv = ir.VectorType(f16, vw)
+    xhalf = direct and X_HALF
+    xet, xvt = (f16, hv) if xhalf else (f32, vt)
+
+    def xload(p, k):
+        v = b.load(b.gep(p, [k]), align=2 if xhalf else 4)
+        return b.fpext(v, vt) if xhalf else v
 
     def wload(row, k):
         if direct:
@@ -1144,10 +1152,14 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
         with for_range(b, c64(0), nv, step=kcv, name="xb") as k0:
             # vector k of token j in K-block k0 / kcv, as one vector index of the packed x
             base = b.sub(b.add(b.mul(b.sdiv(k0, kcv), b.mul(nt, kcv)), b.mul(j, kcv)), k0)
-            dst = b.gep(b.bitcast(xp, ptr(vt)), [base])
+            dst = b.gep(b.bitcast(xp, ptr(xvt)), [base])
             with for_range(b, k0, smin(b.add(k0, kcv), nv), name="xv") as k:
-                v = _emit_round_x(b, b.load(b.gep(src, [k]), align=4), rounding)
-                b.store(v, b.gep(dst, [k]), align=4)
+                v = b.load(b.gep(src, [k]), align=4)
+                if xhalf:  # x rounded to F16 is kept as F16 (exact)
+                    v = b.fptrunc(v, hv)
+                else:
+                    v = _emit_round_x(b, v, rounding)
+                b.store(v, b.gep(dst, [k]), align=2 if xhalf else 4)
     last_t = b.sub(nt, c64(1))
     with for_range(b, r0, r1, step=group, name="g") as g:
         cnt = b.sub(smin(b.add(g, group), r1), g)
@@ -1168,7 +1180,8 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
             kbi = b.sdiv(kv, kcv)
             # both blocks as vectors, offset so that index k (from kv) reads them
             wblk = b.gep(b.bitcast(scratch, ptr(vt)), [b.neg(kv)])
-            xblk = b.gep(b.bitcast(b.gep(xp, [b.mul(kbi, xblock)]), ptr(vt)), [b.neg(kv)])
+            xblk = b.gep(b.bitcast(b.gep(b.bitcast(xp, ptr(xet)), [b.mul(kbi, xblock)]),
+                                   ptr(xvt)), [b.neg(kv)])
             with for_range(b, c64(0), nt, step=T, name="t") as t:
                 toks = [smin(b.add(t, c64(j)), last_t) for j in range(T)]
                 xs = [b.gep(xblk, [b.mul(tj, kcv)]) for tj in toks]
@@ -1192,11 +1205,11 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
                         if R <= T:  # the rows' vectors held, each token's loaded once
                             wv = [wload(wr[i], k) for i in range(R)]
                             for j in range(T):
-                                xv = b.load(b.gep(xs[j], [k]), align=4)
+                                xv = xload(xs[j], k)
                                 for i in range(R):
                                     tile.add_product(i * T + j, wv[i], xv)
                         else:
-                            xv = [b.load(b.gep(xs[j], [k]), align=4) for j in range(T)]
+                            xv = [xload(xs[j], k) for j in range(T)]
                             for i in range(R):
                                 wv = wload(wr[i], k)
                                 for j in range(T):
