@@ -14,9 +14,12 @@ products see exactly the weights `quant.get(t).dequantize` gives:
   once. The block's dequantization IR is emitted through `_Builder`, which turns each of its
   stores into FMAs into the accumulators, so the dequantized floats never touch memory;
 - `gemm_<t>` (prompt processing) packs a chunk of tokens and dequantizes a group of rows,
-  a K-block at a time, into a per-thread scratch buffer, then runs a register-blocked kernel
-  (3 rows x 4 tokens, twelve vector accumulators) over it, so the dequantization is paid
-  once per row for a whole chunk of tokens.
+  a K-block at a time, into a per-thread scratch buffer (F16 rows are read in place), then
+  runs a register-blocked kernel (3 rows x 4 tokens, twelve vector accumulators) over it, so
+  the dequantization is paid once per row for a whole chunk of tokens;
+- `gemmq_<t>` (prompt processing on integer dot products, the legacy types): tiles of 8
+  tokens, each weight group unpacked once for them, its 8 scale products one vector
+  multiply, so that a (row, token, group) costs its integer dot, conversion and FMA.
 
 Over float weights (F16, BF16, F32) the products are ggml's bits: x rounded as ggml rounds
 it, and each output summed in the order of the kernel llama.cpp's CPU backend runs there,
