@@ -17,8 +17,8 @@ products see exactly the weights `quant.get(t).dequantize` gives:
   a K-block at a time, into a per-thread scratch buffer (F16 rows are read in place), then
   runs a register-blocked kernel (3 rows x 4 tokens, twelve vector accumulators) over it, so
   the dequantization is paid once per row for a whole chunk of tokens;
-- `gemmq_<t>` (prompt processing on integer dot products, the legacy types): tiles of 8
-  tokens, each weight group unpacked once for them, its 8 scale products one vector
+- `gemmq_<t>` (prompt processing on integer dot products); over the legacy types in tiles
+  of 8 tokens, each weight group unpacked once for them and its 8 scale products one vector
   multiply, so that a (row, token, group) costs its integer dot, conversion and FMA.
 
 Over float weights (F16, BF16, F32) the products are ggml's bits: x rounded as ggml rounds
