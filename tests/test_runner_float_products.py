@@ -62,6 +62,7 @@ SHAPES = [  # (n_out, n_in, n_tok)
     (100, 576, 67),
     (64, 1536, 9),  # four K-blocks: the partial sums wait in scratch three times
     (36, 800, 6),  # 25 groups of 32: K-blocks of 9, 9 and 7 groups
+    (40, 4160, 6),  # F16 read in place: three K-blocks of 44, 44 and 42 groups
     (98, 576, 5),  # a row count tinyBLAS does not take: vec_dot for every token
 ]
 
