@@ -94,6 +94,35 @@ def test_disk_cache_is_used_by_a_new_process(tmp_path):
     assert any(name.endswith(".o") for name in os.listdir(tmp_path / "jit"))
 
 
+def test_a_cached_builder_is_not_run_again(tmp_path):
+    """A module given as its builder and a key: the first process builds and compiles it,
+    the next loads the object by the key (and the source's hash) without building the IR;
+    another key builds again."""
+    env = {**os.environ, "GGUFLAB_CACHE_DIR": str(tmp_path), "GGUFLAB_DEBUG": "1"}
+    code = """if True:
+        import ctypes, sys
+        from llvmlite import ir
+        from gguflab.jit import compile_kernels
+        from gguflab.jit.builders import i64
+        def build():
+            print("building", file=sys.stderr)
+            m = ir.Module(name="t")
+            fn = ir.Function(m, ir.FunctionType(i64, [i64]), "twice")
+            b = ir.IRBuilder(fn.append_basic_block())
+            b.ret(b.add(fn.args[0], fn.args[0]))
+            return m
+        sig = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_int64)
+        print(compile_kernels(build, {"twice": sig}, key=sys.argv[1])["twice"](21))
+    """
+    runs = [subprocess.run([sys.executable, "-c", code, key], env=env, capture_output=True,
+                           text=True) for key in ("a", "a", "b")]
+    assert all(r.returncode == 0 and r.stdout == "42\n" for r in runs), runs
+    assert ["building" in r.stderr for r in runs] == [True, False, True]
+    assert "cache hit by source" in runs[1].stderr
+    with pytest.raises(ValueError, match="needs a key"):
+        jit.compile_kernels(lambda: None, {})
+
+
 def test_debug_level_two_prints_ir(tmp_path):
     env = {**os.environ, "GGUFLAB_CACHE_DIR": str(tmp_path), "GGUFLAB_DEBUG": "2"}
     code = "from gguflab import jit; import numpy as np; jit.f32_to_f16(np.ones(4, np.float32))"

@@ -271,7 +271,8 @@ _I64 = ctypes.c_int64
 def _team_kernels():
     run = ctypes.CFUNCTYPE(_I64, ctypes.c_void_p, ctypes.c_void_p, _I64)
     work = ctypes.CFUNCTYPE(_I64, ctypes.c_void_p, _I64, _I64)
-    mod = compile_kernels(_build_team_module(), {"team_run": run, "team_work": work})
+    mod = compile_kernels(_build_team_module, {"team_run": run, "team_work": work},
+                          key="parallel.team")
     return mod["team_run"], mod["team_work"]
 
 

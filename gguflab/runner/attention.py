@@ -417,14 +417,17 @@ _REDUCE_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.
 
 @cache
 def _kernels() -> dict:
-    m = ir.Module(name="attention")
-    _build(m, "attn_f32", False)
-    _build(m, "attn_f16", True)
-    for name in ("attn_f32", "attn_f16"):
-        _build_part(m, name)
-    _build_reduce(m)
-    mod = compile_kernels(m, {"attn_f32_part": _PART_SIG, "attn_f16_part": _PART_SIG,
-                              "attn_reduce": _REDUCE_SIG})
+    def build() -> ir.Module:
+        m = ir.Module(name="attention")
+        _build(m, "attn_f32", False)
+        _build(m, "attn_f16", True)
+        for name in ("attn_f32", "attn_f16"):
+            _build_part(m, name)
+        _build_reduce(m)
+        return m
+
+    mod = compile_kernels(build, key="attention", signatures={
+        "attn_f32_part": _PART_SIG, "attn_f16_part": _PART_SIG, "attn_reduce": _REDUCE_SIG})
     # team jobs are run by address, from compiled code
     return {**{name: ctypes.cast(mod[f"{name}_part"], ctypes.c_void_p).value
                for name in ("attn_f32", "attn_f16")}, "reduce": mod["attn_reduce"]}

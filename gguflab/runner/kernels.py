@@ -1457,7 +1457,8 @@ class _Plan:
                      f"gemmq1_{name}": _GEMMQ_SIG}
         if self.tiled:
             sigs |= {f"gemmqt_{name}": _GEMMQ_SIG, f"gemmqt1_{name}": _GEMMQ_SIG}
-        mod = compile_kernels(build_module(t), {**sigs, f"gemm_{name}": _GEMM_SIG})
+        mod = compile_kernels(lambda: build_module(t), {**sigs, f"gemm_{name}": _GEMM_SIG},
+                              key=f"kernels.build_module:{t.name}")
         self.gemv = {T: mod[f"gemv{T}_{name}"] for T in GEMV_TOKENS}
         # team jobs are run by address, from compiled code
         self.gemv_part = {T: ctypes.cast(mod[f"gemv{T}_{name}_part"], ctypes.c_void_p).value
@@ -1584,7 +1585,8 @@ def _act_kernels() -> dict:
     """The rounding kernel of each kind (keyed by its GGMLType) and "xq_float"."""
     kinds = _Q8_KINDS + _HALF_KINDS
     names = [f"round_{k.name.lower()}" for k in kinds] + ["xq_float"]
-    mod = compile_kernels(build_activation_module(), dict.fromkeys(names, _ACT_SIG))
+    mod = compile_kernels(build_activation_module, dict.fromkeys(names, _ACT_SIG),
+                          key="kernels.build_activation_module")
     return {"xq_float": mod["xq_float"], **{k: mod[f"round_{k.name.lower()}"] for k in kinds}}
 
 

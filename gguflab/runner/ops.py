@@ -234,17 +234,16 @@ _SIG4 = ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 4, ctypes.c_int64, ctypes.c_
 
 @cache
 def _kernels() -> dict:
-    m = ir.Module(name="ops")
-    _build_swiglu(m)
-    _build_max_sum_exp(m)
-    _build_kld_sums(m)
-    _build_kld_codes(m)
-    _build_rms_norm(m)
-    _build_soft_max(m)
-    _build_tanh(m)
-    return compile_kernels(m, {"swiglu": _SIG_GLU, "max_sum_exp": _SIG, "kld_sums": _SIG4,
-                               "kld_codes": _SIG4, "rms_norm": _SIG_NORM,
-                               "soft_max": _SIG_GLU, "tanh": _SIG_GLU})
+    def build() -> ir.Module:
+        m = ir.Module(name="ops")
+        for step in (_build_swiglu, _build_max_sum_exp, _build_kld_sums, _build_kld_codes,
+                     _build_rms_norm, _build_soft_max, _build_tanh):
+            step(m)
+        return m
+
+    return compile_kernels(build, key="ops", signatures={
+        "swiglu": _SIG_GLU, "max_sum_exp": _SIG, "kld_sums": _SIG4, "kld_codes": _SIG4,
+        "rms_norm": _SIG_NORM, "soft_max": _SIG_GLU, "tanh": _SIG_GLU})
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

@@ -437,9 +437,9 @@ _GEMM_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A, _A, _I64, _I64, _I64, _I64, _I6
 class _Kernels:
     def __init__(self, t: GGMLType):
         name = t.name.lower()
-        mod = compile_kernels(build_module(t), {
-            f"pack_{name}": _PACK_SIG, f"gemm_{name}": _GEMM_SIG, f"gemv_{name}": K._GEMMQ_SIG,
-            f"gemv_{name}_part": K._PART_SIG})
+        sigs = {f"pack_{name}": _PACK_SIG, f"gemm_{name}": _GEMM_SIG,
+                f"gemv_{name}": K._GEMMQ_SIG, f"gemv_{name}_part": K._PART_SIG}
+        mod = compile_kernels(lambda: build_module(t), sigs, key=f"repack.build_module:{t.name}")
         self.pack, self.gemm = mod[f"pack_{name}"], mod[f"gemm_{name}"]
         self.gemv = mod[f"gemv_{name}"]
         self.gemv_part = ctypes.cast(mod[f"gemv_{name}_part"], ctypes.c_void_p).value

@@ -179,12 +179,16 @@ _SIGS = {
 }
 
 
-@cache
-def _kernels():
+def _build_module() -> ir.Module:
     m = ir.Module(name="rope")
     _build_cache(m)
     _build_rotate(m)
-    return compile_kernels(m, _SIGS)
+    return m
+
+
+@cache
+def _kernels():
+    return compile_kernels(_build_module, _SIGS, key="rope")
 
 
 def rope_table(p: RopeParams, pos: np.ndarray) -> np.ndarray:
