@@ -166,19 +166,19 @@ def _bcast_dots(b: ir.IRBuilder, levels: list[ir.Value], xs: list[ir.Value]) -> 
 
 
 def _bcast_dots_signed(b: ir.IRBuilder, levels: list[ir.Value], xs: list[ir.Value]) -> list:
-    """`_bcast_dots` for signed levels up to 127 in magnitude (IQ4_NL): each product takes
-    w's signs onto x (vpsignb) against |w|, and its pair sums go to i32 at once (vpmaddwd),
-    as two of them could pass i16's range. <8 x i32> per row."""
+    """`_bcast_dots` for signed levels up to 127 in magnitude (IQ4_NL): each product is
+    |x| against w with x's signs (vpsignb; |x| once for all rows), and its pair sums go to
+    i32 at once (vpmaddwd), as two of them could pass i16's range. <8 x i32> per row."""
     acc = [None] * len(levels)
     ones = ir.Constant(_V16I16, [1] * 16)
     for i, x in enumerate(xs):
+        ux = intrinsic(b, "llvm.abs.v32i8", _V32I8, [x, ir.Constant(ir.IntType(1), 0)])
         for r, lv in enumerate(levels):
             w = b.load(b.gep(b.bitcast(lv, ptr(i32)), [_c64(i)]), align=4)
             v = b.insert_element(ir.Constant(_V8I32, None), w, const(i32, 0))
             q = b.bitcast(b.shuffle_vector(v, v, ir.Constant(_V8I32, [0] * 8)), _V32I8)
-            u = intrinsic(b, "llvm.abs.v32i8", _V32I8, [q, ir.Constant(ir.IntType(1), 0)])
-            s = intrinsic(b, "llvm.x86.avx2.psign.b", _V32I8, [x, q])
-            prod = K._madd(b, K._maddubs(b, u, s), ones)
+            s = intrinsic(b, "llvm.x86.avx2.psign.b", _V32I8, [q, x])
+            prod = K._madd(b, K._maddubs(b, ux, s), ones)
             acc[r] = prod if acc[r] is None else b.add(acc[r], prod)
     return acc
 
@@ -383,9 +383,12 @@ def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
             msum = K._madd(b, sb.mins, b.load(b.gep(bsums, [k]), align=2))
             return isum, msum, sb.d, sb.dmin
         g = qt.emit_int_groups(b, src)[0]
-        if table:  # IQ4_NL: the signed table values against x
+        if table:  # IQ4_NL: |x| (the same for the 8 rows) against w with x's signs
             xg = b.load(b.bitcast(b.gep(xr, [b.mul(k, _c64(GROUP))]), ptr(_V32I8)), align=1)
-            return K._group_dot(b, g, xg), None, g.scale, None
+            ux = intrinsic(b, "llvm.abs.v32i8", _V32I8, [xg, ir.Constant(ir.IntType(1), 0)])
+            s = intrinsic(b, "llvm.x86.avx2.psign.b", _V32I8, [g.q, xg])
+            return K._madd(b, K._maddubs(b, ux, s), ir.Constant(_V16I16, [1] * 16)), None, \
+                g.scale, None
         # Q4_0: the raw nibbles (u = q + 8) against x, less 8 * sum(x) once in lanes: exact
         u = b.add(g.q, ir.Constant(_V32I8, [8] * 32))
         xg = b.load(b.bitcast(b.gep(xr, [b.mul(k, _c64(GROUP))]), ptr(_V32I8)), align=1)
