@@ -165,20 +165,24 @@ def _bcast_dots(b: ir.IRBuilder, levels: list[ir.Value], xs: list[ir.Value]) -> 
     return acc
 
 
-def _bcast_dots_signed(b: ir.IRBuilder, levels: list[ir.Value], xs: list[ir.Value]) -> list:
-    """`_bcast_dots` for signed levels up to 127 in magnitude (IQ4_NL): each product is
-    |x| against w with x's signs (vpsignb; |x| once for all rows), and its pair sums go to
-    i32 at once (vpmaddwd), as two of them could pass i16's range. <8 x i32> per row."""
+def _bcast_dots_signed(b: ir.IRBuilder, levels: list[ir.Value], mags: list[ir.Value],
+                       xs: list[ir.Value]) -> list:
+    """`_bcast_dots` for signed levels up to 127 in magnitude (IQ4_NL): each product is |w|
+    (`mags`, staged as the levels are) against x with w's signs (vpsignb), both broadcast
+    from memory, and its pair sums go to i32 at once (vpmaddwd), as two of them could pass
+    i16's range. <8 x i32> per row."""
     acc = [None] * len(levels)
     ones = ir.Constant(_V16I16, [1] * 16)
+
+    def bcast(p, i):
+        w = b.load(b.gep(b.bitcast(p, ptr(i32)), [_c64(i)]), align=4)
+        v = b.insert_element(ir.Constant(_V8I32, None), w, const(i32, 0))
+        return b.bitcast(b.shuffle_vector(v, v, ir.Constant(_V8I32, [0] * 8)), _V32I8)
+
     for i, x in enumerate(xs):
-        ux = intrinsic(b, "llvm.abs.v32i8", _V32I8, [x, ir.Constant(ir.IntType(1), 0)])
-        for r, lv in enumerate(levels):
-            w = b.load(b.gep(b.bitcast(lv, ptr(i32)), [_c64(i)]), align=4)
-            v = b.insert_element(ir.Constant(_V8I32, None), w, const(i32, 0))
-            q = b.bitcast(b.shuffle_vector(v, v, ir.Constant(_V8I32, [0] * 8)), _V32I8)
-            s = intrinsic(b, "llvm.x86.avx2.psign.b", _V32I8, [q, x])
-            prod = K._madd(b, K._maddubs(b, ux, s), ones)
+        for r, (lv, mg) in enumerate(zip(levels, mags)):
+            s = intrinsic(b, "llvm.x86.avx2.psign.b", _V32I8, [x, bcast(lv, i)])
+            prod = K._madd(b, K._maddubs(b, bcast(mg, i), s), ones)
             acc[r] = prod if acc[r] is None else b.add(acc[r], prod)
     return acc
 
@@ -209,6 +213,9 @@ def _build_gemm(m: ir.Module, t: GGMLType) -> ir.Function:
     R = GEMM_ROWS[t]
     accs = K._Accs(b, _V8F, 2 * R)
     slot = alloca_entry(b, _V32I8, gpb * R, name="levels")  # staged for broadcasts
+    if _is_table(t):  # IQ4_NL: the rows' levels, their |w| and d, staged once a row pass
+        stg = b.alloca(_V32I8, size=b.mul(nb, _c64(2 * R)), name="stage")
+        stg_d = b.alloca(f32, size=b.mul(nb, _c64(R)), name="stage_d")
 
     def record(tile, gi):
         return b.gep(xp, [b.mul(b.add(b.mul(tile, ng), gi), _c64(RECORD))])
@@ -226,6 +233,16 @@ def _build_gemm(m: ir.Module, t: GGMLType) -> ir.Function:
     def rows_pass(start, stop, R):
         with for_range(b, start, stop, step=R, name=f"r{R}") as r:
             row = [b.gep(w, [b.mul(b.add(r, _c64(i)), ws)]) for i in range(R)]
+            if _is_table(t):
+                with for_range(b, _c64(0), nb, name=f"stage{R}") as k:
+                    for i, p in enumerate(row):
+                        g = qt.emit_int_groups(b, b.gep(p, [b.mul(k, _c64(nbytes))]))[0]
+                        at = b.add(b.mul(k, _c64(2 * R)), _c64(i))
+                        b.store(g.q, b.gep(stg, [at]), align=32)
+                        mag = intrinsic(b, "llvm.abs.v32i8", _V32I8,
+                                        [g.q, ir.Constant(ir.IntType(1), 0)])
+                        b.store(mag, b.gep(stg, [b.add(at, _c64(R))]), align=32)
+                        b.store(g.scale, b.gep(stg_d, [b.add(b.mul(k, _c64(R)), _c64(i))]))
             with for_range(b, tile0, tile1, name=f"tile{R}") as tile:
                 for i in range(2 * R):
                     accs.set(i, zero_f)
@@ -238,11 +255,12 @@ def _build_gemm(m: ir.Module, t: GGMLType) -> ir.Function:
                     elif _is_table(t):
                         rec = record(tile, g0)
                         dx = rec_dx(rec)
-                        gs = [qt.emit_int_groups(b, s)[0] for s in src]
-                        dots = _bcast_dots_signed(b, _stage(b, slot, [g.q for g in gs]),
-                                                  xvecs(rec))
-                        for i, g in enumerate(gs):
-                            dd = b.fmul(K.splat(b, g.scale, LANES), dx, flags=K.FINITE)
+                        lv = [b.bitcast(b.gep(stg, [b.add(b.mul(k, _c64(2 * R)), _c64(i))]),
+                                        ptr(i8)) for i in range(2 * R)]
+                        dots = _bcast_dots_signed(b, lv[:R], lv[R:], xvecs(rec))
+                        for i in range(R):
+                            d = b.load(b.gep(stg_d, [b.add(b.mul(k, _c64(R)), _c64(i))]))
+                            dd = b.fmul(K.splat(b, d, LANES), dx, flags=K.FINITE)
                             accs.add_product(i, b.sitofp(dots[i], _V8F), dd)
                     else:
                         rec = record(tile, g0)
