@@ -690,7 +690,8 @@ def _build_bsums(b: ir.IRBuilder, xr: ir.Value, nb: ir.Value, dst: ir.Value, n: 
 
 def _superblock_facts(emit: Callable) -> tuple[int, bool]:
     """(lanes of the mins' factors: 16, 8 or 0 for none, whether the levels are signed and
-    go against x + 128) of a K-quant's integer view, from emitting it once into a scratch function."""
+    go against x + 128) of a K-quant's integer view, from emitting it once into a scratch
+    function."""
     m = ir.Module()
     fn = ir.Function(m, ir.FunctionType(void, [ptr(i8)]), "probe")
     sb = emit(ir.IRBuilder(fn.append_basic_block("entry")), fn.args[0])
@@ -1280,8 +1281,11 @@ def build_module(t: GGMLType) -> ir.Module:
         build = _build_gemmq_k if quant.get(t).int_superblock else _build_gemmq
         one = build(m, f"gemmq1_{name}", blk, groups, 1)
         # (IQ4_NL: ggml's one-token vec_dot sums in another order than its prompt kernel)
-        _export_q_part(m, f"gemvq_{name}_part", _build_gemvq_pairs(
-            m, f"gemvq_{name}", blk, groups) if getattr(quant.get(t), "int_dot_pairs", False) else one)
+        if getattr(quant.get(t), "int_dot_pairs", False):
+            _export_q_part(m, f"gemvq_{name}_part",
+                           _build_gemvq_pairs(m, f"gemvq_{name}", blk, groups))
+        else:
+            _export_q_part(m, f"gemvq_{name}_part", one)
         _export(m, f"gemmq1_{name}", one)
         _export(m, f"gemmq_{name}", build(m, f"gemmq_{name}", blk, groups, _q_tile(t)))
         if quant.get(t).int_superblock:  # llama.cpp's tiled order, for prompts
