@@ -4,8 +4,8 @@ type, on by default in llama-cli, llama-perplexity and llama-bench), with their 
 On an AVX2 build ggml moves Q4_0, Q4_K and IQ4_NL weights whose row count is a multiple of 8
 into an interleaved layout (`q4_0_8x8_q8_0`, `q4_K_8x8_q8_K`, `iq4_nl_8x8_q8_0`, repack.cpp)
 and multiplies them with its own kernels: the first n - n % 4 tokens of a product go through
-`gemm` (x rounded four tokens at a time), the last n % 4 through `gemv`. Both sum each output in one float
-chain per (token, row), in an order of their own:
+`gemm` (x rounded four tokens at a time), the last n % 4 through `gemv`. Both sum each
+output in one float chain per (token, row), in an order of their own:
 
 - Q4_0 and IQ4_NL (one template, a table apart; gemm and gemv alike): per block of 32, the
   exact integer dot of the levels with x's, converted, then acc = fma(sum, d * dx, acc);
@@ -23,8 +23,8 @@ the 8 lanes of a vector instead: x is packed once per product (`pack_<t>`: each 
 of a group of 8 tokens side by side, their scales and sums), and each 4 weight levels are
 broadcast against it (vpmaddubsw; IQ4_NL's table values as |w| against x with w's signs,
 vpsignb), so every lane runs the float chain of one (token, row) in ggml's order. One-token
-products and the gemv tokens (`gemv_<t>`) take 8 rows a pass, one a lane: each row's integer lanes summed into its lane (vphaddd), then one fma in lanes.
-Integer sums are exact and the float ops are spelled out (`llvm.fma`, no reassociation
+products and the gemv tokens (`gemv_<t>`) take 8 rows a pass, one a lane: each row's
+integer lanes summed into its lane (vphaddd), then one fma in lanes. Integer sums are exact and the float ops are spelled out (`llvm.fma`, no reassociation
 flags), so the bits are ggml's on every x86-64 CPU with AVX2.
 
 This is what llama.cpp's AVX2 build does (the oracle build, GGML_NATIVE=OFF, on any x86
