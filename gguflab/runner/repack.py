@@ -24,8 +24,9 @@ of a group of 8 tokens side by side, their scales and sums), and each 4 weight l
 broadcast against it (vpmaddubsw; IQ4_NL's table values as |w| against x with w's signs,
 vpsignb), so every lane runs the float chain of one (token, row) in ggml's order. One-token
 products and the gemv tokens (`gemv_<t>`) take 8 rows a pass, one a lane: each row's
-integer lanes summed into its lane (vphaddd), then one fma in lanes. Integer sums are exact and the float ops are spelled out (`llvm.fma`, no reassociation
-flags), so the bits are ggml's on every x86-64 CPU with AVX2.
+integer lanes summed into its lane (vphaddd), then one fma in lanes. Integer sums are exact
+and the float ops are spelled out (`llvm.fma`, no reassociation flags), so the bits are
+ggml's on every x86-64 CPU with AVX2.
 
 This is what llama.cpp's AVX2 build does (the oracle build, GGML_NATIVE=OFF, on any x86
 host); a build for AVX-512 runs 512-bit variants of these kernels and repacks Q2_K too,
