@@ -6,10 +6,11 @@ on the same weights and activations, with the ratio.
                            [--threads N] [--types Q4_K,Q8_0] [--repeat 5]
 
 Per type and weight shape (rows x columns): the prompt product (--prompt tokens) in ms for
-both, the median of --repeat runs after a warm-up, and ratio = ggml's time / ours (above
-1.0: we are faster); our one-token product in ms and GB/s of weight read (ggml's graph
-starts its threads on every compute, which would swamp a one-token product: compare
-decoding with bench/llama_bench.py); `same`: both products bit-identical to ggml's.
+both, the median of --repeat runs after a warm-up (the two taking turns), and ratio =
+ggml's time / ours (above 1.0: we are faster); our one-token product in ms and GB/s of
+weight read (ggml's graph starts its threads on every compute, which would swamp a
+one-token product: compare decoding with bench/llama_bench.py); `same`: both products
+bit-identical to ggml's.
 """
 
 from __future__ import annotations
@@ -45,14 +46,23 @@ def make_weight(t: GGMLType, wf: np.ndarray) -> np.ndarray:
     return q.view(np.uint16) if t == GGMLType.BF16 else q
 
 
-def median_time(fn, repeat: int) -> float:
-    fn()  # warm up: compile, caches, threads
-    times = []
+PAUSE = 0.02  # s after each timed run: ggml's OpenMP workers spin a while after a compute
+
+
+def median_times(fns, repeat: int) -> list[float]:
+    """The median time of each of `fns`, run in turns (so that a load on the machine that
+    comes and goes falls on all of them alike), each after a warm-up and followed by a
+    pause (the spinning threads of one do not steal the cores of the next)."""
+    times = [[] for _ in fns]
+    for fn in fns:
+        fn()  # warm up: compile, caches, threads
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+            time.sleep(PAUSE)
+    return [float(np.median(ts)) for ts in times]
 
 
 class GgmlMatmul:
@@ -120,12 +130,12 @@ def main(argv=None) -> None:
                 ref = (RepackedMatmul(t, w, x, args.threads) if repacked(t, n_out)
                        else GgmlMatmul(t, w, x, args.threads))
                 try:
-                    tg = median_time(ref, args.repeat) if n_tok > 1 else 0.0
-                    if n_tok == 1:
+                    ours = lambda w=w, t=t, x=x: matmul(w, t, x, threads=args.threads)  # noqa: E731
+                    if n_tok > 1:
+                        tg, to = median_times([ref, ours], args.repeat)
+                    else:
                         ref()
-                    to = median_time(lambda w=w, t=t, x=x: matmul(w, t, x,
-                                                                  threads=args.threads),
-                                     args.repeat)
+                        tg, to = 0.0, median_times([ours], args.repeat)[0]
                     same &= bool(np.array_equal(ref.result(), matmul(w, t, x,
                                                                      threads=args.threads)))
                 finally:

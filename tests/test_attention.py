@@ -65,6 +65,18 @@ def _ggml():
     return _LIBS
 
 
+def graph_result(ctx, out, shape: tuple[int, ...], threads: int = 2) -> np.ndarray:
+    """The graph ending at tensor `out` of context `ctx`, computed by ggml's CPU backend on
+    `threads` threads: its data as float32 of `shape`."""
+    base, cpu = _ggml()
+    graph = base.ggml_new_graph(ctx)
+    base.ggml_build_forward_expand(graph, out)
+    cpu.ggml_graph_compute_with_ctx(ctx, graph, threads)
+    res = np.empty(shape, np.float32)
+    ctypes.memmove(res.ctypes.data, base.ggml_get_data(out), res.nbytes)
+    return res
+
+
 def ggml_flash_attn(q, k, v, p0, scale, softcap=0.0, n_swa=0, n_keys=None, threads=2):
     """ggml_flash_attn_ext on q (n, n_head, hd) at positions p0.., over k, v (n_kv, >= p0 + n,
     hd) taken as F16, with llama.cpp's causal (and sliding window) mask over `n_keys` cells
@@ -98,12 +110,7 @@ def ggml_flash_attn(q, k, v, p0, scale, softcap=0.0, n_swa=0, n_keys=None, threa
             masked |= pos - j >= n_swa
         put(tm, np.where(masked, -np.inf, 0).astype(np.float16))
         out = base.ggml_flash_attn_ext(ctx, tq, tk, tv, tm, scale, 0.0, softcap)
-        graph = base.ggml_new_graph(ctx)
-        base.ggml_build_forward_expand(graph, out)
-        cpu.ggml_graph_compute_with_ctx(ctx, graph, threads)
-        res = np.empty((n, n_head * hd), np.float32)
-        ctypes.memmove(res.ctypes.data, base.ggml_get_data(out), res.nbytes)
-        return res
+        return graph_result(ctx, out, (n, n_head * hd), threads)
     finally:
         base.ggml_free(ctx)
 
@@ -323,12 +330,7 @@ def ggml_attention_no_fa(q, k, v, p0, scale, view, softcap=0.0, threads=2):
         kq = base.ggml_soft_max_ext(ctx, kq, tm, scale, 0.0)
         out = base.ggml_cont(ctx, base.ggml_permute(ctx, base.ggml_mul_mat(ctx, tv, kq),
                                                     0, 2, 1, 3))
-        graph = base.ggml_new_graph(ctx)
-        base.ggml_build_forward_expand(graph, out)
-        cpu.ggml_graph_compute_with_ctx(ctx, graph, threads)
-        res = np.empty((n, n_head * hd), np.float32)
-        ctypes.memmove(res.ctypes.data, base.ggml_get_data(out), res.nbytes)
-        return res
+        return graph_result(ctx, out, (n, n_head * hd), threads)
     finally:
         base.ggml_free(ctx)
 

@@ -10,7 +10,7 @@ import ctypes
 
 import numpy as np
 import pytest
-from test_attention import _ggml, _InitParams
+from test_attention import _ggml, _InitParams, graph_result
 
 from gguflab import quant
 from gguflab.gguf import GGMLType
@@ -34,24 +34,22 @@ def float_weight(t: GGMLType, n_out: int, n_in: int, seed: int) -> np.ndarray:
 
 
 def ggml_mul_mat(t: GGMLType, w: np.ndarray, x: np.ndarray, threads: int = 2) -> np.ndarray:
-    """ggml_mul_mat(W, x) computed by ggml's CPU backend: float32 (n_tok, n_out)."""
-    base, cpu = _ggml()
+    """ggml_mul_mat(W, x) computed by ggml's CPU backend at its default settings (W of type
+    t as stored, rows of raw bytes or floats; x float32 (n_tok, n_in)): (n_tok, n_out)."""
+    base, _ = _ggml()
     base.ggml_new_tensor_2d.restype = P
     base.ggml_new_tensor_2d.argtypes = [P, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
     base.ggml_mul_mat.restype, base.ggml_mul_mat.argtypes = P, [P, P, P]
-    ctx = base.ggml_init(_InitParams(64 << 20, None, False))
+    x = np.ascontiguousarray(x, np.float32)
+    w = np.ascontiguousarray(w)
+    ctx = base.ggml_init(_InitParams(w.nbytes + 3 * x.nbytes + (16 << 20), None, False))
     try:
         tw = base.ggml_new_tensor_2d(ctx, int(t), x.shape[1], w.shape[0])
         ctypes.memmove(base.ggml_get_data(tw), w.ctypes.data, w.nbytes)
         tx = base.ggml_new_tensor_2d(ctx, int(GGMLType.F32), x.shape[1], x.shape[0])
         ctypes.memmove(base.ggml_get_data(tx), x.ctypes.data, x.nbytes)
         out = base.ggml_mul_mat(ctx, tw, tx)
-        graph = base.ggml_new_graph(ctx)
-        base.ggml_build_forward_expand(graph, out)
-        cpu.ggml_graph_compute_with_ctx(ctx, graph, threads)
-        y = np.empty((x.shape[0], w.shape[0]), np.float32)
-        ctypes.memmove(y.ctypes.data, base.ggml_get_data(out), y.nbytes)
-        return y
+        return graph_result(ctx, out, (x.shape[0], w.shape[0]), threads)
     finally:
         base.ggml_free(ctx)
 
@@ -64,6 +62,7 @@ SHAPES = [  # (n_out, n_in, n_tok)
     (100, 576, 67),
     (64, 1536, 9),  # four K-blocks: the partial sums wait in scratch three times
     (36, 800, 6),  # 25 groups of 32: K-blocks of 9, 9 and 7 groups
+    (40, 4160, 6),  # F16 read in place: three K-blocks of 44, 44 and 42 groups
     (98, 576, 5),  # a row count tinyBLAS does not take: vec_dot for every token
 ]
 

@@ -9,14 +9,12 @@ token count in vec_dot's order (llama.cpp's GGML_CPU_TILED_MM=0)."""
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 from ggml_oracle import ggml_cpu_matmul, sample_weights
 from ggml_repack import ggml_repacked_matmul
-from test_attention import _ggml, _InitParams
 from test_runner_activations import activations
+from test_runner_float_products import ggml_mul_mat
 
 from gguflab import quant
 from gguflab.gguf import GGMLType
@@ -30,33 +28,6 @@ K_TYPES = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.
 def _int_path(t: GGMLType) -> None:
     if not kernels.quantizes_activations(t):  # the integer kernels are x86 AVX2 only
         pytest.skip(f"{t.name} products run on floats on this host")
-
-
-def ggml_mul_mat(t: GGMLType, w: np.ndarray, x: np.ndarray, threads: int = 2) -> np.ndarray:
-    """x @ W.T by ggml's mul_mat op in a graph on the CPU backend, at its default settings
-    (the weight in a plain buffer, as llama.cpp keeps it with --no-repack)."""
-    base, cpu = _ggml()
-    P = ctypes.c_void_p
-    base.ggml_new_tensor_2d.restype = P
-    base.ggml_new_tensor_2d.argtypes = [P, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    base.ggml_mul_mat.restype, base.ggml_mul_mat.argtypes = P, [P, P, P]
-    x = np.ascontiguousarray(x, np.float32)
-    w = np.ascontiguousarray(w)
-    ctx = base.ggml_init(_InitParams(w.nbytes + 3 * x.nbytes + (16 << 20), None, False))
-    try:
-        tw = base.ggml_new_tensor_2d(ctx, int(t), x.shape[1], w.shape[0])
-        ctypes.memmove(base.ggml_get_data(tw), w.ctypes.data, w.nbytes)
-        tx = base.ggml_new_tensor_2d(ctx, 0, x.shape[1], x.shape[0])
-        ctypes.memmove(base.ggml_get_data(tx), x.ctypes.data, x.nbytes)
-        out = base.ggml_mul_mat(ctx, tw, tx)
-        graph = base.ggml_new_graph(ctx)
-        base.ggml_build_forward_expand(graph, out)
-        cpu.ggml_graph_compute_with_ctx(ctx, graph, threads)
-        y = np.empty((x.shape[0], w.shape[0]), np.float32)
-        ctypes.memmove(y.ctypes.data, base.ggml_get_data(out), y.nbytes)
-        return y
-    finally:
-        base.ggml_free(ctx)
 
 
 def _assert_bits(t: GGMLType, w: np.ndarray, x: np.ndarray) -> None:

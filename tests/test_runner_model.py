@@ -299,6 +299,31 @@ def test_greedy_32_tokens_same_text_as_llama_cpp(smol_f32):
     print(f"greedy text equal for the {n} of 32 tokens decided beyond {ref.gap_noise:.3g}")
 
 
+def test_greedy_text_and_logits_are_llama_cpp_s_without_flash_attention(smollm2, tmp_path):
+    """Greedy generation with -fa off against llama.cpp's (llama-cpp-python, flash attention
+    off) on a Q4_K_M: the same text, from the same logits bit for bit at every step (the
+    prompt's last row through the tiled and repacked prompt kernels, then each decoded
+    token's through vec_dot and the repacked one-token kernel)."""
+    from gguflab.runner.generate import Generation
+    from gguflab.runner.sampling import Sampler, SamplerParams
+    from gguflab.runner.tokenizer import Tokenizer
+
+    path = str(tmp_path / "q4km.gguf")
+    llama_quantize(smollm2, path, 15, allow_requantize=True)  # 15 = MOSTLY_Q4_K_M
+    prompt = "The three most important inventions in history are"
+    m = Model(path)
+    m.flash_attn = "off"
+    tok = Tokenizer.from_gguf(m.reader)
+    ids = tok.encode(prompt)
+    ref = reference(path, ids, 32, n_ctx=128)
+    assert len(ref.tokens) >= 8
+    gen = Generation.start(m, tok, 128)
+    ours = "".join(gen.stream(ids, Sampler(SamplerParams(temp=0)), len(ref.tokens)))
+    assert ours == b"".join(ref.pieces).decode("utf-8", "replace")
+    logits = decode_logits(m, ref.ids, ref.n_prompt, 128).astype(np.float32)
+    np.testing.assert_array_equal(logits, ref.logits.astype(np.float32))
+
+
 def test_llama3_rope_scaling_uses_rope_freqs_as_llama_cpp_does(tmp_path, fixtures):
     """A LLaMA 3.1-style checkpoint ("llama3" rope scaling): the converter writes
     rope_freqs.weight, and the runner divides each rotary pair's frequency by it, as

@@ -430,6 +430,12 @@ def _kernels() -> dict:
                for name in ("attn_f32", "attn_f16")}, "reduce": mod["attn_reduce"]}
 
 
+@cache
+def _callable(part: int):
+    """The team-job kernel at address `part` as a function this thread can call."""
+    return _PART_SIG(part)
+
+
 def route_for(n_tokens: int) -> int:
     """ggml's choice: whole tiles of queries once a batch holds 64 or more."""
     return TILED if n_tokens >= TILE else VEC
@@ -493,7 +499,7 @@ def flash_attn(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: floa
             int(floats)]
     if n >= TILE:  # a prompt: on the threads the prompt's products use, in two halves
         argv = (ctypes.c_int64 * len(args))(*args)
-        run = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(part)
+        run = _callable(part)
         parts = max(1, min(threads, rows))
         parallel_rows(lambda a, z: [run(ctypes.addressof(argv), i, parts) for i in range(a, z)],
                       parts, threads)

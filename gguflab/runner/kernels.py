@@ -14,9 +14,12 @@ products see exactly the weights `quant.get(t).dequantize` gives:
   once. The block's dequantization IR is emitted through `_Builder`, which turns each of its
   stores into FMAs into the accumulators, so the dequantized floats never touch memory;
 - `gemm_<t>` (prompt processing) packs a chunk of tokens and dequantizes a group of rows,
-  a K-block at a time, into a per-thread scratch buffer, then runs a register-blocked kernel
-  (3 rows x 4 tokens, twelve vector accumulators) over it, so the dequantization is paid
-  once per row for a whole chunk of tokens.
+  a K-block at a time, into a per-thread scratch buffer (F16 rows are read in place), then
+  runs a register-blocked kernel (3 rows x 4 tokens, twelve vector accumulators) over it, so
+  the dequantization is paid once per row for a whole chunk of tokens;
+- `gemmq_<t>` (prompt processing on integer dot products); over the legacy types in tiles
+  of 8 tokens, each weight group unpacked once for them and its 8 scale products one vector
+  multiply, so that a (row, token, group) costs its integer dot, conversion and FMA.
 
 Over float weights (F16, BF16, F32) the products are ggml's bits: x rounded as ggml rounds
 it, and each output summed in the order of the kernel llama.cpp's CPU backend runs there,
@@ -93,14 +96,18 @@ TOKEN_CHUNK = 64  # tokens per prompt-kernel call: a multiple of TILE_TOKENS
 TILE_TOKENS = 4  # tokens per register tile of the prompt kernel
 GEMM_ROWS = 3  # rows per register tile of the prompt kernel (x TILE_TOKENS: 12 accumulators)
 K_BLOCK = 768  # floats of each row the prompt kernel takes at a time (x tiles stay in L1)
-Q_TILE = 4  # tokens per tile of the integer prompt kernel (each weight group unpacked once)
+K_BLOCK_F16 = 2048  # (F16 weights read in place: half the bytes a float)
+Q_TILE = 8  # tokens per tile of the integer prompt kernel (one vector of scale products)
 Q_TILE_K = 8  # (the K-quants: each super-block unpacked once)
+Q_TILE_REST = 2  # tokens past the last whole tile that go one at a time (legacy types)
 # work (in weight elements touched) below which one more thread costs more than it saves
 MIN_WORK_PER_THREAD = 1 << 20
 MIN_WORK_PER_PART = 1 << 16  # (decoding, where a hand-off to a team thread costs ~1 us)
 # blocks of more vectors than this go through memory between dequantization and dot
 BARRIER_MIN_CHUNKS = 8
 FUSE = True
+F16_DIRECT = True  # the prompt kernel reads F16 weights in place (see `_build_gemm`)
+X_HALF = True  # (and packs x, rounded to F16, as F16)
 FINITE_DEQUANT = True  # decode kernels: the finite-math flags on the dequantization ops
 GEMV_ACCS = 4  # accumulators of the decode kernel: enough to cover the FMA latency
 GEMV_TOKENS = (1, 4)  # decode kernel variants: 1 token, and up to 4 tokens in one pass
@@ -568,15 +575,29 @@ def _group_dot(b: ir.IRBuilder, g: quant.IntGroup, xq: ir.Value) -> ir.Value:
 def _build_gemmq(m: ir.Module, name: str, blk: _Blocks, groups: Callable,
                  T: int) -> ir.Function:
     """gemmq(w, w_stride, xq, ldq, y, ldy, t0, t1, r0, r1, n_blocks, group_rows):
-    y[t, r] = dot(W[r], x[t]) for t in [t0, t1) (a multiple of T tokens) and r in [r0, r1),
-    on integer dot products. x is given as `round_q8` writes it, one token every `ldq` bytes:
-    n_in i8 levels, then per group of 32 its scale dx (f32) and its offset term xs (f32).
-    Each weight group is unpacked once for T tokens; rows go in blocks of `group_rows` (kept
-    in cache across the token tiles). Every (row, token) sums its groups in the same order
-    whatever T, so decoding (T = 1) and a prompt give the same bits."""
+    y[t, r] = dot(W[r], x[t]) for t in [t0, t1) and r in [r0, r1), on integer dot products.
+    x is given as `round_q8` writes it, one token every `ldq` bytes: n_in i8 levels, then per
+    group of 32 its scale dx (f32) and its offset term xs (f32). Rows go in blocks of
+    `group_rows` (kept in cache across the token tiles). Every (row, token) sums its groups
+    in the same order whatever T, so decoding (T = 1) and a prompt give the same bits.
+    T = 1 is the one-token kernel (see `_build_gemmq_one`); for T > 1 see `_build_gemmq_tile`
+    (any token count: a short last tile repeats its last token)."""
+    if T == 1:
+        return _build_gemmq_one(m, name, blk, groups)
+    return _build_gemmq_tile(m, name, blk, groups, T)
+
+
+def _gemmq_fn(m: ir.Module, name: str) -> ir.Function:
+    return _internal(m, name, [ptr(i8), i64, ptr(i8), i64, ptr(f32), i64, i64, i64, i64, i64,
+                               i64, i64])
+
+
+def _build_gemmq_one(m: ir.Module, name: str, blk: _Blocks, groups: Callable) -> ir.Function:
+    """The one-token gemmq (t1 - t0 tokens, each alone): each weight group unpacked, dotted
+    and scaled for the token, the scale product and the offset term as scalars."""
+    T = 1
     vt = ir.VectorType(f32, 8)
-    fn = _internal(m, name, [ptr(i8), i64, ptr(i8), i64, ptr(f32), i64, i64, i64, i64, i64,
-                             i64, i64])
+    fn = _gemmq_fn(m, name)
     w, ws, xq, ldq, y, ldy, t0, t1, r0, r1, nb, group = fn.args
     b = _Builder(fn.append_basic_block("entry"))
     c64 = lambda v: const(i64, v)  # noqa: E731
@@ -656,6 +677,103 @@ def _build_gemvq_pairs(m: ir.Module, name: str, blk: _Blocks, groups: Callable) 
                 isum, d = block(row, xr, xd, b.sub(nb, c64(1)))
                 tail = intrinsic(b, "llvm.vector.reduce.add.v8i32", i32, [isum])
                 b.store(_fma(b, total, d, b.sitofp(tail, f32)), out)
+    b.ret_void()
+    return fn
+
+
+def _has_offsets(groups: Callable) -> bool:
+    """Whether the type's integer groups carry an offset term (w = d * q + m)."""
+    fn = ir.Function(ir.Module(), ir.FunctionType(void, [ptr(i8)]), "probe")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    return any(g.offset is not None for g in groups(b, fn.args[0]))
+
+
+def _build_gemmq_tile(m: ir.Module, name: str, blk: _Blocks, groups: Callable,
+                      T: int) -> ir.Function:
+    """The prompt gemmq: tiles of T tokens (T floats, one vector of scale products), per row
+    of the tile in two passes over its blocks, so that each (row, token, group) costs only
+    its integer dot, its conversion and its FMA:
+    - the tile's tokens are first packed group-major: per group, the T tokens' 32 levels,
+      then their T scales dx (and T offset terms xs);
+    - pass 1: each group's scale times the T tokens' dx, one vector product, into a table
+      (and the offsets' T FMAs, one vector FMA);
+    - pass 2: each group unpacked once for the T tokens; per token its integer dot product,
+      converted and FMA'd with its scale product broadcast from the table.
+    The scalars are the ones the one-token kernel computes (the same products and FMAs, in
+    the same order, lane by lane), so the bits are its bits."""
+    vt = ir.VectorType(f32, 8)
+    tv = ir.VectorType(f32, T)
+    fn = _gemmq_fn(m, name)
+    w, ws, xq, ldq, y, ldy, t0, t1, r0, r1, nb, group = fn.args
+    b = _Builder(fn.append_basic_block("entry"))
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    gpb = blk.size // Q8_GROUP
+    offsets = _has_offsets(groups)
+    n_in, n_groups = b.mul(nb, c64(blk.size)), b.mul(nb, c64(gpb))
+    # packed tile: per group T x 32 levels, T dx, (T xs); bytes
+    gstride = T * Q8_GROUP + 4 * T * (2 if offsets else 1)
+    xt = b.alloca(i8, size=b.mul(n_groups, c64(gstride)), name="xt")
+    prod = b.bitcast(b.alloca(tv, size=n_groups, name="prod"), ptr(f32))
+    accs = _Accs(b, vt, 2 * T)
+    offv = alloca_entry(b, tv, name="offv")
+    last = b.sub(t1, c64(1))
+    zero_t = ir.Constant(tv, [0.0] * T)
+
+    def at(gi, byte):  # a byte of group gi's packed tile
+        return b.gep(xt, [b.add(b.mul(gi, c64(gstride)), c64(byte))])
+
+    with for_range(b, r0, r1, step=group, name="rb") as g0:
+        end = b.add(g0, group)
+        g1 = b.select(b.icmp_signed("<", end, r1), end, r1)
+        with for_range(b, t0, t1, step=T, name="t") as t:
+            toks = [b.select(b.icmp_signed("<", b.add(t, c64(j)), t1), b.add(t, c64(j)), last)
+                    for j in range(T)]
+            xr = [b.gep(xq, [b.mul(tj, ldq)]) for tj in toks]
+            xd = [b.bitcast(b.gep(r, [n_in]), ptr(f32)) for r in xr]
+            xs = [b.gep(d, [n_groups]) for d in xd]
+            with for_range(b, c64(0), n_groups, name="pk") as gi:
+                for j in range(T):
+                    src = b.gep(xr[j], [b.mul(gi, c64(Q8_GROUP))])
+                    v = b.load(b.bitcast(src, ptr(_V32I8)), align=1)
+                    b.store(v, b.bitcast(at(gi, j * Q8_GROUP), ptr(_V32I8)), align=1)
+                    b.store(b.load(b.gep(xd[j], [gi])),
+                            b.bitcast(at(gi, T * Q8_GROUP + 4 * j), ptr(f32)))
+                    if offsets:
+                        b.store(b.load(b.gep(xs[j], [gi])),
+                                b.bitcast(at(gi, T * Q8_GROUP + 4 * (T + j)), ptr(f32)))
+            with for_range(b, g0, g1, name="r") as r:
+                row = b.gep(w, [b.mul(r, ws)])
+                b.store(zero_t, offv)
+                with for_range(b, c64(0), nb, name="sc") as k:
+                    src = b.gep(row, [b.mul(k, c64(blk.nbytes))])
+                    for i, g in enumerate(groups(b, src)):
+                        gi = b.add(b.mul(k, c64(gpb)), c64(i))
+                        dx = b.load(b.bitcast(at(gi, T * Q8_GROUP), ptr(tv)), align=4)
+                        sc = b.fmul(splat(b, g.scale, T), dx, flags=FINITE)
+                        b.store(sc, b.gep(b.bitcast(prod, ptr(tv)), [gi]), align=4)
+                        if g.offset is not None:
+                            xsv = b.load(b.bitcast(at(gi, T * Q8_GROUP + 4 * T), ptr(tv)),
+                                         align=4)
+                            b.store(_fma(b, b.load(offv), splat(b, g.offset, T), xsv), offv)
+                accs.zero()
+                with for_range(b, c64(0), nb, name="blk") as k:
+                    src = b.gep(row, [b.mul(k, c64(blk.nbytes))])
+                    for i, g in enumerate(groups(b, src)):
+                        gi = b.add(b.mul(k, c64(gpb)), c64(i))
+                        for j in range(T):
+                            xg = b.load(b.bitcast(at(gi, j * Q8_GROUP), ptr(_V32I8)), align=1)
+                            isum = b.sitofp(_group_dot(b, g, xg), vt)
+                            sc = b.load(b.gep(prod, [b.add(b.mul(gi, c64(T)), c64(j))]))
+                            accs.add_product(2 * j + i % 2, isum, splat(b, sc, 8))
+                ov = b.load(offv)
+                for j in range(T):
+                    total = b.fadd(accs.get(2 * j), accs.get(2 * j + 1), flags=FINITE)
+                    yv = _hsum(b, total)
+                    if offsets:
+                        yv = b.fadd(yv, b.extract_element(ov, const(i32, j)), flags=FINITE)
+                    else:
+                        yv = b.fadd(yv, const(f32, 0.0), flags=FINITE)
+                    b.store(yv, b.gep(y, [b.add(b.mul(toks[j], ldy), r)]))
     b.ret_void()
     return fn
 
@@ -1064,12 +1182,22 @@ def _emit_round_x(b: ir.IRBuilder, v: ir.Value, t: GGMLType | None) -> ir.Value:
     return v
 
 
-def _k_blocks(n: int, block: int) -> tuple[int, int]:
+def _k_block(t: GGMLType) -> int:
+    """The most floats of a row the prompt kernel over `t` takes at a time."""
+    return K_BLOCK_F16 if _gemm_direct(t) else K_BLOCK
+
+
+def _gemm_direct(t: GGMLType) -> bool:
+    """Whether the prompt kernel reads `t`'s rows in place (F16 on F16C: see `_build_gemm`)."""
+    return F16_DIRECT and t == GGMLType.F16 and _gemm_rounds(t)
+
+
+def _k_blocks(n: int, block: int, k_block: int = K_BLOCK) -> tuple[int, int]:
     """(floats per K-block, K-blocks) the prompt kernel cuts rows of n floats into: whole
-    weight blocks of `block` floats, at most K_BLOCK floats, as even as that allows (the
+    weight blocks of `block` floats, at most `k_block` floats, as even as that allows (the
     kernel computes the same)."""
     nb = n // block
-    count = -(-nb // max(1, K_BLOCK // block))
+    count = -(-nb // max(1, k_block // block))
     per = -(-nb // count)
     return per * block, -(-nb // per)
 
@@ -1079,9 +1207,9 @@ def _gemm_group() -> int:
     return max(GEMM_ROWS, MAX_GROUP_ROWS - MAX_GROUP_ROWS % GEMM_ROWS)
 
 
-def gemm_scratch_floats(n_in: int, block: int, group: int) -> int:
+def gemm_scratch_floats(n_in: int, block: int, group: int, k_block: int = K_BLOCK) -> int:
     """Floats of scratch one prompt-kernel call needs (see `_build_gemm`)."""
-    kc, count = _k_blocks(n_in, block)
+    kc, count = _k_blocks(n_in, block, k_block)
     return group * (kc + TOKEN_CHUNK * LANES) + TOKEN_CHUNK * kc * count
 
 
@@ -1095,7 +1223,10 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
     what the register tiles (GEMM_ROWS rows x TILE_TOKENS tokens) read stays in L1:
     - x's tokens are first packed into `scratch` block-major (rounded for `rounding`);
     - rows go in groups of `group_rows`, dequantized into `scratch`, block-major too (one
-      K-block of the group is one contiguous run, read by every token tile);
+      K-block of the group is one contiguous run, read by every token tile); F16 rows on
+      F16C are read in place instead, each vector widened as it is loaded (K-blocks of
+      K_BLOCK_F16 then: half the bytes in cache a float, and no copy to make), and x,
+      rounded to F16, is packed as F16 too;
     - between K-blocks a tile's accumulators wait in `scratch` (an exact round trip).
     A short last tile repeats its last row or token (the same bits, stored twice).
     Scratch holds `gemm_scratch_floats(n, block, group_rows)` floats."""
@@ -1113,7 +1244,8 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
         return b.sdiv(b.add(a, b.sub(c, c64(1))), c)
 
     # the K-blocks as `_k_blocks` cuts them: kcb weight blocks (kc floats, kcv vectors) each
-    kcb = cdiv(nb, cdiv(nb, c64(max(1, K_BLOCK // bs))))
+    direct = F16_DIRECT and rounding == GGMLType.F16
+    kcb = cdiv(nb, cdiv(nb, c64(max(1, (K_BLOCK_F16 if direct else K_BLOCK) // bs))))
     kc, kcv = b.mul(kcb, c64(bs)), b.mul(kcb, c64(bv))
     nv = b.mul(nb, c64(bv))  # vectors per row
     tile = _Accs(b, vt, R * T)
@@ -1125,15 +1257,34 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
     def smin(a, c):
         return b.select(b.icmp_signed("<", a, c), a, c)
 
+    # F16 weights on F16C: read in place, each vector widened as it is loaded (exact), half
+    # the bytes of a dequantized copy in cache and no copy to make
+    hv = ir.VectorType(f16, vw)
+    xhalf = direct and X_HALF
+    xet, xvt = (f16, hv) if xhalf else (f32, vt)
+
+    def xload(p, k):
+        v = b.load(b.gep(p, [k]), align=2 if xhalf else 4)
+        return b.fpext(v, vt) if xhalf else v
+
+    def wload(row, k):
+        if direct:
+            return b.fpext(b.load(b.gep(row, [k]), align=2), vt)
+        return b.load(b.gep(row, [k]), align=4)
+
     with for_range(b, c64(0), nt, name="xt") as j:
         src = b.bitcast(b.gep(x, [b.mul(b.add(t0, j), ldx)]), ptr(vt))
         with for_range(b, c64(0), nv, step=kcv, name="xb") as k0:
             # vector k of token j in K-block k0 / kcv, as one vector index of the packed x
             base = b.sub(b.add(b.mul(b.sdiv(k0, kcv), b.mul(nt, kcv)), b.mul(j, kcv)), k0)
-            dst = b.gep(b.bitcast(xp, ptr(vt)), [base])
+            dst = b.gep(b.bitcast(xp, ptr(xvt)), [base])
             with for_range(b, k0, smin(b.add(k0, kcv), nv), name="xv") as k:
-                v = _emit_round_x(b, b.load(b.gep(src, [k]), align=4), rounding)
-                b.store(v, b.gep(dst, [k]), align=4)
+                v = b.load(b.gep(src, [k]), align=4)
+                if xhalf:  # x rounded to F16 is kept as F16 (exact)
+                    v = b.fptrunc(v, hv)
+                else:
+                    v = _emit_round_x(b, v, rounding)
+                b.store(v, b.gep(dst, [k]), align=2 if xhalf else 4)
     last_t = b.sub(nt, c64(1))
     with for_range(b, r0, r1, step=group, name="g") as g:
         cnt = b.sub(smin(b.add(g, group), r1), g)
@@ -1144,22 +1295,28 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
             final = b.icmp_signed("==", ke, nv)
             # this K-block of the group's rows, dequantized (row-major, kc floats a row)
             k0 = b.sdiv(kv, c64(bv))
-            with for_range(b, c64(0), cnt, name="dq") as i:
-                row = b.gep(w, [b.mul(b.add(g, i), ws)])
-                base = b.sub(b.mul(i, kc), b.mul(k0, c64(bs)))
-                with for_range(b, k0, smin(b.add(k0, kcb), nb), name="blk") as k:
-                    blk.emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]),
-                             b.gep(scratch, [b.add(base, b.mul(k, c64(bs)))]))
+            if not direct:
+                with for_range(b, c64(0), cnt, name="dq") as i:
+                    row = b.gep(w, [b.mul(b.add(g, i), ws)])
+                    base = b.sub(b.mul(i, kc), b.mul(k0, c64(bs)))
+                    with for_range(b, k0, smin(b.add(k0, kcb), nb), name="blk") as k:
+                        blk.emit(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]),
+                                 b.gep(scratch, [b.add(base, b.mul(k, c64(bs)))]))
             kbi = b.sdiv(kv, kcv)
             # both blocks as vectors, offset so that index k (from kv) reads them
             wblk = b.gep(b.bitcast(scratch, ptr(vt)), [b.neg(kv)])
-            xblk = b.gep(b.bitcast(b.gep(xp, [b.mul(kbi, xblock)]), ptr(vt)), [b.neg(kv)])
+            xblk = b.gep(b.bitcast(b.gep(b.bitcast(xp, ptr(xet)), [b.mul(kbi, xblock)]),
+                                   ptr(xvt)), [b.neg(kv)])
             with for_range(b, c64(0), nt, step=T, name="t") as t:
                 toks = [smin(b.add(t, c64(j)), last_t) for j in range(T)]
                 xs = [b.gep(xblk, [b.mul(tj, kcv)]) for tj in toks]
                 with for_range(b, c64(0), cnt, step=R, name="p") as p:
                     rows = [smin(b.add(p, c64(i)), last_r) for i in range(R)]
-                    wr = [b.gep(wblk, [b.mul(ri, kcv)]) for ri in rows]
+                    if direct:  # the weight's own rows, as vectors of halves
+                        wr = [b.bitcast(b.gep(w, [b.mul(b.add(g, ri), ws)]), ptr(hv))
+                              for ri in rows]
+                    else:
+                        wr = [b.gep(wblk, [b.mul(ri, kcv)]) for ri in rows]
                     slots = [[b.gep(part, [b.add(b.mul(ri, c64(TOKEN_CHUNK)), tj)])
                               for tj in toks] for ri in rows]
                     with b.if_else(first) as (then, other):
@@ -1171,15 +1328,15 @@ def _build_gemm(m: ir.Module, name: str, blk: _Blocks, vw: int,
                                     tile.set(i * T + j, b.load(slots[i][j], align=4))
                     with for_range(b, kv, ke, name="k") as k:
                         if R <= T:  # the rows' vectors held, each token's loaded once
-                            wv = [b.load(b.gep(wr[i], [k]), align=4) for i in range(R)]
+                            wv = [wload(wr[i], k) for i in range(R)]
                             for j in range(T):
-                                xv = b.load(b.gep(xs[j], [k]), align=4)
+                                xv = xload(xs[j], k)
                                 for i in range(R):
                                     tile.add_product(i * T + j, wv[i], xv)
                         else:
-                            xv = [b.load(b.gep(xs[j], [k]), align=4) for j in range(T)]
+                            xv = [xload(xs[j], k) for j in range(T)]
                             for i in range(R):
-                                wv = b.load(b.gep(wr[i], [k]), align=4)
+                                wv = wload(wr[i], k)
                                 for j in range(T):
                                     tile.add_product(i * T + j, wv, xv[j])
                     with b.if_else(final) as (then, other):
@@ -1601,7 +1758,7 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
     group = _gemm_group()
 
     def run(a, c):
-        s = _scratch(gemm_scratch_floats(n_in, p.vblock, group))
+        s = _scratch(gemm_scratch_floats(n_in, p.vblock, group, _k_block(p.t)))
         for t0 in range(0, n_tok, TOKEN_CHUNK):  # x's chunk stays in cache across row groups
             gemm(w, ws, x, n_in, y, ldy, t0, min(t0 + TOKEN_CHUNK, n_tok), a, c, nb, s, group)
 
@@ -1626,11 +1783,17 @@ def _prompt_order(p: _Plan, n_tok: int, n_out: int) -> str:
 
 
 def _gemmq(p: _Plan, w, xq, y, ldy, n_tok, n_in, n_out, nb, threads) -> None:
-    """A prompt's product on integer dot products: token tiles of Q_TILE (one-token calls
-    for the rest), rows in blocks that stay in L2 while TOKEN_CHUNK tokens go by; in the
-    order of the kernel llama.cpp would run (`_prompt_order`), for all of its tokens."""
+    """A prompt's product on integer dot products: token tiles of `p.q_tile`, rows in blocks
+    that stay in L2 while TOKEN_CHUNK tokens go by, in the order of the kernel llama.cpp
+    would run (`_prompt_order`) for all of its tokens. The legacy types' tile kernel takes a
+    short last tile itself (repeating its last token); the K-quants' takes whole tiles, and
+    one-token calls do the rest (as do the legacy types' for a remainder of at most
+    Q_TILE_REST tokens, where a whole tile would cost more)."""
     ws, ldq = w.strides[0], xq.shape[1]
-    tiled = n_tok - n_tok % p.q_tile
+    rest = n_tok % p.q_tile
+    if not (quant.get(p.t).int_superblock or rest <= Q_TILE_REST):
+        rest = 0
+    tiled = n_tok - rest
     group = max(1, L2_BUDGET // 2 // ws)
     kern = p.gemmq_tiled if _prompt_order(p, n_tok, n_out) == "tiled" else p.gemmq
     tile, one = kern[p.q_tile], kern[1]

@@ -25,17 +25,12 @@ import numpy as np
 
 from ..errors import UserError
 from ..partial import PartialFile
-from .ops import kld_codes, max_sum_exp
+from .ops import kld_codes, max_sum_exp, row_width
 
 MAGIC = b"_logits_"
 HEADER_BYTES = len(MAGIC) + 3 * 4
 LOG_RANGE = 16.0  # nats below the top logit that the 16-bit codes span
 LEVELS = 65535.0
-
-
-def row_width(n_vocab: int) -> int:
-    """uint16 words per scored token: two floats, then the codes padded to an even count."""
-    return 2 * ((n_vocab + 1) // 2) + 4
 
 
 def scored_per_chunk(n_ctx: int) -> int:

@@ -75,6 +75,12 @@ def _build_max_sum_exp(m: ir.Module) -> None:
     b.ret_void()
 
 
+def _emit_row_width(b: ir.IRBuilder, n: ir.Value) -> ir.Value:
+    """`row_width(n)` in IR: the words of a base row for n logits."""
+    c2 = const(i64, 2)
+    return b.add(b.mul(b.sdiv(b.add(n, const(i64, 1)), c2), c2), const(i64, 4))
+
+
 def _build_kld_sums(m: ir.Module) -> None:
     """kld_sums(x, base, norm, out, n_rows, n): per row of n logits x and its base row (the
     uint16 words of llama-perplexity's base file: scale and min_log_prob as two floats, then
@@ -88,8 +94,7 @@ def _build_kld_sums(m: ir.Module) -> None:
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     expf = m.globals.get("expf") or ir.Function(m, ir.FunctionType(f32, [f32]), "expf")
     c0 = const(i64, 0)
-    words = b.add(b.mul(b.sdiv(b.add(n, const(i64, 1)), const(i64, 2)), const(i64, 2)),
-                  const(i64, 4))
+    words = _emit_row_width(b, n)
     acc, best, where = b.alloca(f64), b.alloca(f32), b.alloca(i64)
     with for_range(b, c0, n_rows, name="r") as r:
         row, xr = b.gep(base, [b.mul(r, words)]), b.gep(x, [b.mul(r, n)])
@@ -125,8 +130,7 @@ def _build_kld_codes(m: ir.Module) -> None:
     x, low, inv, out, n_rows, n = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     c0 = const(i64, 0)
-    words = b.add(b.mul(b.sdiv(b.add(n, const(i64, 1)), const(i64, 2)), const(i64, 2)),
-                  const(i64, 4))
+    words = _emit_row_width(b, n)
     roundeven = m.globals.get("llvm.roundeven.f32") or ir.Function(
         m, ir.FunctionType(f32, [f32]), "llvm.roundeven.f32")
     with for_range(b, c0, n_rows, name="r") as r:
@@ -322,6 +326,12 @@ def max_sum_exp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return top, total
 
 
+def row_width(n_vocab: int) -> int:
+    """uint16 words per scored token of a KL-divergence base (llama-perplexity's format):
+    two floats, then the codes padded to an even count."""
+    return 2 * ((n_vocab + 1) // 2) + 4
+
+
 def kld_sums(logits: np.ndarray, base_rows: np.ndarray, norm: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray]:
     """Per row: the KL-divergence of `logits` (n_rows, n_vocab) from its base row (uint16
@@ -331,7 +341,7 @@ def kld_sums(logits: np.ndarray, base_rows: np.ndarray, norm: np.ndarray
     rows = np.ascontiguousarray(base_rows, np.uint16)
     nm = np.ascontiguousarray(norm, np.float32)
     n_rows, n = x.shape
-    if rows.shape != (n_rows, 2 * ((n + 1) // 2) + 4) or nm.shape != (n_rows,):
+    if rows.shape != (n_rows, row_width(n)) or nm.shape != (n_rows,):
         raise ValueError(f"kld_sums of {x.shape} logits, {rows.shape} base rows, {nm.shape}")
     out = np.empty((n_rows, 2), np.float64)
     fn = _kernels()["kld_sums"]
@@ -346,7 +356,7 @@ def kld_codes(logits: np.ndarray, low: np.ndarray, inv: np.ndarray, out: np.ndar
     x = np.ascontiguousarray(logits, np.float32)
     lo, k = np.ascontiguousarray(low, np.float32), np.ascontiguousarray(inv, np.float32)
     n_rows, n = x.shape
-    if out.shape != (n_rows, 2 * ((n + 1) // 2) + 4) or not out.flags.c_contiguous:
+    if out.shape != (n_rows, row_width(n)) or not out.flags.c_contiguous:
         raise ValueError(f"kld_codes into {out.shape} rows for {x.shape} logits")
     fn = _kernels()["kld_codes"]
     parallel_rows(lambda a, c: fn(x[a:].ctypes.data, lo[a:].ctypes.data, k[a:].ctypes.data,
