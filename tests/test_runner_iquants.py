@@ -26,6 +26,11 @@ N_CTX, CHUNKS = 128, 6
 # IQ3_S +0.04%; without an imatrix IQ4_NL -0.57%, Q4_K_M +0.39%). The bound is 1% but for
 # IQ4_XS, where nearly every tensor is IQ4_NL's 16 uneven levels.
 BOUND = {"IQ4_XS": 0.025, "IQ3_S": 0.01, "IQ2_XXS": 0.01}
+# IQ4_XS (and the IQ4_NL it falls back to): products now llama.cpp's bit for bit
+# (test_runner_iq4_products.py); what is left is the reference's run (flash attention off,
+# a chunk a batch) against our default one: measured -0.008% (28.9010 vs 28.9033); with
+# flash attention off and -b 128 too, 1.5e-8
+BOUND["IQ4_XS"] = 0.001
 
 
 @pytest.fixture(scope="module")

@@ -639,6 +639,48 @@ def _build_gemmq_one(m: ir.Module, name: str, blk: _Blocks, groups: Callable) ->
     return fn
 
 
+def _build_gemvq_pairs(m: ir.Module, name: str, blk: _Blocks, groups: Callable) -> ir.Function:
+    """`_build_gemmq` for one token at a time (same arguments) in the order of ggml's AVX2
+    `vec_dot_iq4_nl_q8_0` (a block of one group): even blocks into one 8-lane float sum, odd
+    ones into another (acc = fma(d * dx, float(levels . x), acc)), the two added and summed
+    as `hsum_float_8`; an odd last block is added on as a scalar, d * dx * its integer sum
+    (fused: ggml's C compiles `sumf += d * sumi` to one fma)."""
+    vt = ir.VectorType(f32, 8)
+    fn = _internal(m, name, [ptr(i8), i64, ptr(i8), i64, ptr(f32), i64, i64, i64, i64, i64,
+                             i64, i64])
+    w, ws, xq, ldq, y, ldy, t0, t1, r0, r1, nb, _ = fn.args
+    b = _Builder(fn.append_basic_block("entry"))
+    c64 = lambda v: const(i64, v)  # noqa: E731
+    n_in = b.mul(nb, c64(blk.size))
+    pairs = b.sdiv(nb, c64(2))
+    accs = _Accs(b, vt, 2)
+
+    def block(row, xr, xd, k):
+        g = groups(b, b.gep(row, [b.mul(k, c64(blk.nbytes))]))[0]
+        xg = b.load(b.bitcast(b.gep(xr, [b.mul(k, c64(Q8_GROUP))]), ptr(_V32I8)), align=1)
+        return _group_dot(b, g, xg), b.fmul(g.scale, b.load(b.gep(xd, [k])), flags=FINITE)
+
+    with for_range(b, t0, t1, name="t") as t:
+        xr = b.gep(xq, [b.mul(t, ldq)])
+        xd = b.bitcast(b.gep(xr, [n_in]), ptr(f32))
+        with for_range(b, r0, r1, name="r") as r:
+            accs.zero()
+            row = b.gep(w, [b.mul(r, ws)])
+            with for_range(b, c64(0), pairs, name="pair") as k2:
+                for i in range(2):
+                    isum, d = block(row, xr, xd, b.add(b.mul(k2, c64(2)), c64(i)))
+                    accs.add_product(i, splat(b, d, 8), b.sitofp(isum, vt))
+            total = _hsum(b, b.fadd(accs.get(0), accs.get(1), flags=FINITE))
+            out = b.gep(y, [b.add(b.mul(t, ldy), r)])
+            b.store(total, out)
+            with b.if_then(b.icmp_signed("!=", b.mul(pairs, c64(2)), nb)):
+                isum, d = block(row, xr, xd, b.sub(nb, c64(1)))
+                tail = intrinsic(b, "llvm.vector.reduce.add.v8i32", i32, [isum])
+                b.store(_fma(b, total, d, b.sitofp(tail, f32)), out)
+    b.ret_void()
+    return fn
+
+
 def _has_offsets(groups: Callable) -> bool:
     """Whether the type's integer groups carry an offset term (w = d * q + m)."""
     fn = ir.Function(ir.Module(), ir.FunctionType(void, [ptr(i8)]), "probe")
@@ -765,12 +807,16 @@ def _build_bsums(b: ir.IRBuilder, xr: ir.Value, nb: ir.Value, dst: ir.Value, n: 
 
 
 def _superblock_facts(emit: Callable) -> tuple[int, bool]:
-    """(lanes of the mins' factors: 16, 8 or 0 for none, whether the levels are signed) of
-    a K-quant's integer view, from emitting it once into a scratch function."""
+    """(lanes of the mins' factors: 16, 8 or 0 for none, whether the levels are signed and
+    go against x + 128) of a K-quant's integer view, from emitting it once into a scratch
+    function."""
     m = ir.Module()
     fn = ir.Function(m, ir.FunctionType(void, [ptr(i8)]), "probe")
     sb = emit(ir.IRBuilder(fn.append_basic_block("entry")), fn.args[0])
-    return (sb.mins.type.count if sb.mins is not None else 0), sb.group(0).signed
+    # levels of up to 127 in magnitude (IQ4_XS) overflow vpmaddubsw on x + 128: they take
+    # their signs onto x instead (`_group_dot`), as ggml does for them
+    bias = sb.group(0).signed and not getattr(emit.__self__, "int_signs_on_x", False)
+    return (sb.mins.type.count if sb.mins is not None else 0), bias
 
 
 def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
@@ -847,10 +893,10 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
                     corr = zero8
                     for gi in range(QK_K // Q8_GROUP):
                         g = sb.group(gi)
-                        if g.signed:
+                        if signed:
                             corr = b.add(corr, _madd(b, _maddubs(b, bias, g.q), g.halves))
                         for j in range(T):
-                            if g.signed:
+                            if signed:
                                 xg = b.load(b.gep(xbj[j], [b.add(b.mul(k, c64(8)), c64(gi))]),
                                             align=32)
                                 dot = _madd(b, _maddubs(b, xg, g.q), g.halves)
@@ -1391,7 +1437,12 @@ def build_module(t: GGMLType) -> ir.Module:
     if groups is not None:
         build = _build_gemmq_k if quant.get(t).int_superblock else _build_gemmq
         one = build(m, f"gemmq1_{name}", blk, groups, 1)
-        _export_q_part(m, f"gemvq_{name}_part", one)
+        # (IQ4_NL: ggml's one-token vec_dot sums in another order than its prompt kernel)
+        if getattr(quant.get(t), "int_dot_pairs", False):
+            _export_q_part(m, f"gemvq_{name}_part",
+                           _build_gemvq_pairs(m, f"gemvq_{name}", blk, groups))
+        else:
+            _export_q_part(m, f"gemvq_{name}_part", one)
         _export(m, f"gemmq1_{name}", one)
         _export(m, f"gemmq_{name}", build(m, f"gemmq_{name}", blk, groups, _q_tile(t)))
         if quant.get(t).int_superblock:  # llama.cpp's tiled order, for prompts

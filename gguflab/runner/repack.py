@@ -1,14 +1,14 @@
 """The products llama.cpp runs over weights it has repacked at load (its CPU "repack" buffer
 type, on by default in llama-cli, llama-perplexity and llama-bench), with their bits.
 
-On an AVX2 build ggml moves Q4_0 and Q4_K weights whose row count is a multiple of 8 into
-an interleaved layout (`q4_0_8x8_q8_0`, `q4_K_8x8_q8_K`, repack.cpp) and multiplies them
-with its own kernels: the first n - n % 4 tokens of a product go through `gemm` (x rounded
-four tokens at a time), the last n % 4 through `gemv`. Both sum each output in one float
-chain per (token, row), in an order of their own:
+On an AVX2 build ggml moves Q4_0, Q4_K and IQ4_NL weights whose row count is a multiple of 8
+into an interleaved layout (`q4_0_8x8_q8_0`, `q4_K_8x8_q8_K`, `iq4_nl_8x8_q8_0`, repack.cpp)
+and multiplies them with its own kernels: the first n - n % 4 tokens of a product go through
+`gemm` (x rounded four tokens at a time), the last n % 4 through `gemv`. Both sum each
+output in one float chain per (token, row), in an order of their own:
 
-- Q4_0 (gemm and gemv alike): per block of 32, the exact integer dot of the levels with x's,
-  converted, then acc = fma(sum, d * dx, acc);
+- Q4_0 and IQ4_NL (one template, a table apart; gemm and gemv alike): per block of 32, the
+  exact integer dot of the levels with x's, converted, then acc = fma(sum, d * dx, acc);
 - Q4_K, gemm: per super-block of 256, per pair of its 32-groups p, I = the sub-scaled integer
   dots of the pair and M = the mins times x's sums of 32 of the pair; acc = fma(I, d * dx,
   acc), accm = fma(M, dmin * dx, accm); the output is acc - accm;
@@ -21,11 +21,12 @@ and scale both flip and every product is the same float).
 We keep the weights as the file has them. The prompt kernel (`gemm_<t>`) puts 8 tokens in
 the 8 lanes of a vector instead: x is packed once per product (`pack_<t>`: each 4 levels
 of a group of 8 tokens side by side, their scales and sums), and each 4 weight levels are
-broadcast against it (vpmaddubsw), so every lane runs the float chain of one (token, row)
-in ggml's order. One-token products and the gemv tokens (`gemv_<t>`) take 8 rows a pass,
-one a lane: each row's integer lanes summed into its lane (vphaddd), then one fma in lanes.
-Integer sums are exact and the float ops are spelled out (`llvm.fma`, no reassociation
-flags), so the bits are ggml's on every x86-64 CPU with AVX2.
+broadcast against it (vpmaddubsw; IQ4_NL's table values as |w| against x with w's signs,
+vpsignb), so every lane runs the float chain of one (token, row) in ggml's order. One-token
+products and the gemv tokens (`gemv_<t>`) take 8 rows a pass, one a lane: each row's
+integer lanes summed into its lane (vphaddd), then one fma in lanes. Integer sums are exact
+and the float ops are spelled out (`llvm.fma`, no reassociation flags), so the bits are
+ggml's on every x86-64 CPU with AVX2.
 
 This is what llama.cpp's AVX2 build does (the oracle build, GGML_NATIVE=OFF, on any x86
 host); a build for AVX-512 runs 512-bit variants of these kernels and repacks Q2_K too,
@@ -50,7 +51,7 @@ from . import kernels as K
 __all__ = ["repacked", "REPACK"]
 
 REPACK = True  # follow llama.cpp's default (repacked weights); False: its --no-repack run
-REPACK_TYPES = (GGMLType.Q4_0, GGMLType.Q4_K)
+REPACK_TYPES = (GGMLType.Q4_0, GGMLType.Q4_K, GGMLType.IQ4_NL)
 ROWS_INTERLEAVED = 8  # ggml repacks a weight only when its row count is a multiple of this
 GEMM_TOKENS = 4  # ggml's gemm takes tokens four at a time, the rest go through gemv
 LANES = 8  # tokens per vector of the prompt kernel
@@ -58,7 +59,7 @@ GROUP = 32  # levels per group (Q4_0 block, Q4_K sub-block)
 RECORD = GROUP * LANES + 2 * 4 * LANES  # packed x per (tile, group): levels, dx, sums
 # rows of the prompt kernel that share each packed x vector (Q4_K: two float chains a row,
 # so fewer rows before registers run out); measured best on SmolLM2's shapes
-GEMM_ROWS = {GGMLType.Q4_0: 4, GGMLType.Q4_K: 2}
+GEMM_ROWS = {GGMLType.Q4_0: 4, GGMLType.Q4_K: 2, GGMLType.IQ4_NL: 4}
 QK_PAIRS = 256 // GROUP // 2  # pairs of groups in a Q4_K super-block
 TOKEN_CHUNK = 64  # tokens per pass of the prompt kernel over a slice of rows
 _V32I8, _V8I32, _V16I16 = (ir.VectorType(i8, 32), ir.VectorType(i32, 8),
@@ -74,7 +75,7 @@ def _host_repacks() -> bool:
 
 def repacked(t: GGMLType, n_out: int) -> bool:
     """Whether llama.cpp's CPU backend repacks a weight of type `t` and `n_out` rows on this
-    host (and so sums its products in the repacked kernels' order): Q4_0 and Q4_K on AVX2
+    host (and so sums its products in the repacked kernels' order): Q4_0, Q4_K, IQ4_NL on AVX2
     (`ggml_repack_get_optimal_repack_type`), rows a multiple of 8."""
     return REPACK and t in REPACK_TYPES and n_out % ROWS_INTERLEAVED == 0 and _host_repacks()
 
@@ -88,6 +89,11 @@ def _c64(v: int) -> ir.Constant:
 
 def _is_k(t: GGMLType) -> bool:
     return t == GGMLType.Q4_K
+
+
+def _is_table(t: GGMLType) -> bool:
+    """IQ4_NL: signed table values up to 127 in magnitude instead of Q4_0's nibbles - 8."""
+    return t == GGMLType.IQ4_NL
 
 
 def _build_pack(m: ir.Module, t: GGMLType) -> ir.Function:
@@ -160,6 +166,28 @@ def _bcast_dots(b: ir.IRBuilder, levels: list[ir.Value], xs: list[ir.Value]) -> 
     return acc
 
 
+def _bcast_dots_signed(b: ir.IRBuilder, levels: list[ir.Value], mags: list[ir.Value],
+                       xs: list[ir.Value]) -> list:
+    """`_bcast_dots` for signed levels up to 127 in magnitude (IQ4_NL): each product is |w|
+    (`mags`, staged as the levels are) against x with w's signs (vpsignb), both broadcast
+    from memory, and its pair sums go to i32 at once (vpmaddwd), as two of them could pass
+    i16's range. <8 x i32> per row."""
+    acc = [None] * len(levels)
+    ones = ir.Constant(_V16I16, [1] * 16)
+
+    def bcast(p, i):
+        w = b.load(b.gep(b.bitcast(p, ptr(i32)), [_c64(i)]), align=4)
+        v = b.insert_element(ir.Constant(_V8I32, None), w, const(i32, 0))
+        return b.bitcast(b.shuffle_vector(v, v, ir.Constant(_V8I32, [0] * 8)), _V32I8)
+
+    for i, x in enumerate(xs):
+        for r, (lv, mg) in enumerate(zip(levels, mags)):
+            s = intrinsic(b, "llvm.x86.avx2.psign.b", _V32I8, [x, bcast(lv, i)])
+            prod = K._madd(b, K._maddubs(b, bcast(mg, i), s), ones)
+            acc[r] = prod if acc[r] is None else b.add(acc[r], prod)
+    return acc
+
+
 def _stage(b: ir.IRBuilder, slot: ir.Value, groups: list[ir.Value]) -> list[ir.Value]:
     """The groups' levels stored in `slot` (<32 x i8> each), behind a barrier so that the
     broadcasts read them from memory; i8* to each."""
@@ -186,6 +214,9 @@ def _build_gemm(m: ir.Module, t: GGMLType) -> ir.Function:
     R = GEMM_ROWS[t]
     accs = K._Accs(b, _V8F, 2 * R)
     slot = alloca_entry(b, _V32I8, gpb * R, name="levels")  # staged for broadcasts
+    if _is_table(t):  # IQ4_NL: the rows' levels, their |w| and d, staged once a row pass
+        stg = b.alloca(_V32I8, size=b.mul(nb, _c64(2 * R)), name="stage")
+        stg_d = b.alloca(f32, size=b.mul(nb, _c64(R)), name="stage_d")
 
     def record(tile, gi):
         return b.gep(xp, [b.mul(b.add(b.mul(tile, ng), gi), _c64(RECORD))])
@@ -203,6 +234,16 @@ def _build_gemm(m: ir.Module, t: GGMLType) -> ir.Function:
     def rows_pass(start, stop, R):
         with for_range(b, start, stop, step=R, name=f"r{R}") as r:
             row = [b.gep(w, [b.mul(b.add(r, _c64(i)), ws)]) for i in range(R)]
+            if _is_table(t):
+                with for_range(b, _c64(0), nb, name=f"stage{R}") as k:
+                    for i, p in enumerate(row):
+                        g = qt.emit_int_groups(b, b.gep(p, [b.mul(k, _c64(nbytes))]))[0]
+                        at = b.add(b.mul(k, _c64(2 * R)), _c64(i))
+                        b.store(g.q, b.gep(stg, [at]), align=32)
+                        mag = intrinsic(b, "llvm.abs.v32i8", _V32I8,
+                                        [g.q, ir.Constant(ir.IntType(1), 0)])
+                        b.store(mag, b.gep(stg, [b.add(at, _c64(R))]), align=32)
+                        b.store(g.scale, b.gep(stg_d, [b.add(b.mul(k, _c64(R)), _c64(i))]))
             with for_range(b, tile0, tile1, name=f"tile{R}") as tile:
                 for i in range(2 * R):
                     accs.set(i, zero_f)
@@ -212,6 +253,16 @@ def _build_gemm(m: ir.Module, t: GGMLType) -> ir.Function:
                     if _is_k(t):
                         _gemm_superblock(b, qt, src, tile, g0, record, xvecs, rec_dx,
                                          rec_sums, accs, R, slot)
+                    elif _is_table(t):
+                        rec = record(tile, g0)
+                        dx = rec_dx(rec)
+                        lv = [b.bitcast(b.gep(stg, [b.add(b.mul(k, _c64(2 * R)), _c64(i))]),
+                                        ptr(i8)) for i in range(2 * R)]
+                        dots = _bcast_dots_signed(b, lv[:R], lv[R:], xvecs(rec))
+                        for i in range(R):
+                            d = b.load(b.gep(stg_d, [b.add(b.mul(k, _c64(R)), _c64(i))]))
+                            dd = b.fmul(K.splat(b, d, LANES), dx, flags=K.FINITE)
+                            accs.add_product(i, b.sitofp(dots[i], _V8F), dd)
                     else:
                         rec = record(tile, g0)
                         xs = xvecs(rec)
@@ -316,12 +367,12 @@ def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
                                                    i64, i64, i64, i64, i64, i64])
     w, ws, xq, ldq, y, ldy, t0, t1, r0, r1, nb, _ = fn.args
     b = K._Builder(fn.append_basic_block("entry"))
-    k_quant = _is_k(t)
+    k_quant, table = _is_k(t), _is_table(t)
     block = qt.info.block_size
     n_in = b.mul(nb, _c64(block))
     v8i16 = ir.VectorType(i16, 8)
     bsums = b.alloca(v8i16, size=nb, name="bsums") if k_quant else None
-    xsum8 = None if k_quant else b.alloca(i32, size=nb, name="xsum8")  # 8 * sum(x) a block
+    xsum8 = None if k_quant or table else b.alloca(i32, size=nb, name="xsum8")  # 8 * sum(x)
     accs = K._Accs(b, _V8F, 2)
     acc1 = alloca_entry(b, f32, 2, name="acc")
 
@@ -350,8 +401,14 @@ def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
                 isum = v if isum is None else b.add(isum, v)
             msum = K._madd(b, sb.mins, b.load(b.gep(bsums, [k]), align=2))
             return isum, msum, sb.d, sb.dmin
-        # Q4_0: the raw nibbles (u = q + 8) against x, less 8 * sum(x) once in lanes: exact
         g = qt.emit_int_groups(b, src)[0]
+        if table:  # IQ4_NL: |x| (the same for the 8 rows) against w with x's signs
+            xg = b.load(b.bitcast(b.gep(xr, [b.mul(k, _c64(GROUP))]), ptr(_V32I8)), align=1)
+            ux = intrinsic(b, "llvm.abs.v32i8", _V32I8, [xg, ir.Constant(ir.IntType(1), 0)])
+            s = intrinsic(b, "llvm.x86.avx2.psign.b", _V32I8, [g.q, xg])
+            return K._madd(b, K._maddubs(b, ux, s), ir.Constant(_V16I16, [1] * 16)), None, \
+                g.scale, None
+        # Q4_0: the raw nibbles (u = q + 8) against x, less 8 * sum(x) once in lanes: exact
         u = b.add(g.q, ir.Constant(_V32I8, [8] * 32))
         xg = b.load(b.bitcast(b.gep(xr, [b.mul(k, _c64(GROUP))]), ptr(_V32I8)), align=1)
         return K._madd(b, K._maddubs(b, u, xg), ir.Constant(_V16I16, [1] * 16)), None, \
@@ -363,7 +420,7 @@ def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
         yt = b.gep(y, [b.mul(tok, ldy)])
         if k_quant:
             K._build_bsums(b, xr, nb, bsums, 8)
-        else:
+        elif not table:
             with for_range(b, _c64(0), nb, name="xs") as k:
                 q = b.load(b.bitcast(b.gep(xr, [b.mul(k, _c64(GROUP))]), ptr(_V32I8)),
                            align=1)
@@ -379,7 +436,7 @@ def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
                 srcs = [b.gep(p, [b.mul(k, _c64(nbytes))]) for p in rows]
                 sums = [block_sums(src, xr, k) for src in srcs]
                 isum = _rows_to_lanes(b, [s[0] for s in sums])
-                if not k_quant:
+                if xsum8 is not None:
                     isum = b.sub(isum, K.splat(b, b.load(b.gep(xsum8, [k])), LANES))
                 d = b.fmul(halves(srcs, 0), dx, flags=K.FINITE)
                 accs.add_product(0, b.sitofp(isum, _V8F), d)
@@ -400,6 +457,8 @@ def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
                 isum, msum, d, dmin = block_sums(b.gep(row, [b.mul(k, _c64(nbytes))]), xr, k)
                 if k_quant:
                     chains = [(hsum(isum), d), (hsum(msum), dmin)]
+                elif table:
+                    chains = [(hsum(isum), d)]
                 else:
                     chains = [(b.sub(hsum(isum), b.load(b.gep(xsum8, [k]))), d)]
                 for j, (v, scale) in enumerate(chains):
@@ -474,7 +533,7 @@ def matmul(w: np.ndarray, t: GGMLType, xq: np.ndarray, y: np.ndarray, ldy: int, 
     block = quant.get(t).info.block_size
     nb = n_in // block
     ng = n_in // GROUP
-    # Q4_0's gemm and gemv sum alike: its prompt kernel takes every token of a prompt
+    # Q4_0's (IQ4_NL's) gemm and gemv sum alike: the prompt kernel takes every token
     n_gemm = (n_tok - n_tok % GEMM_TOKENS) if kern.k_quant else (
         n_tok if n_tok >= GEMM_TOKENS else 0)
     work = n_in * (2 + n_tok // 2)

@@ -42,13 +42,15 @@ from ...jit.builders import (
     i16,
     i32,
     i64,
+    intrinsic,
+    load_bytes,
     ptr,
     vconst,
     vec,
     void,
 )
 from ...jit.floats import emit_f32_to_f16, hardware_half, load_f16
-from ..base import MIN_ELEMENTS_PER_THREAD, QuantType, register
+from ..base import MIN_ELEMENTS_PER_THREAD, IntGroup, IntSuperBlock, QuantType, register
 from ..floats import f16_from_f32_ref
 from ..kquants._qkx2 import F32, Lanes, half_bytes, half_ref, nearest_int_ref, seq_sum_ref
 
@@ -166,6 +168,18 @@ def emit_lookup16(b: ir.IRBuilder, idx: ir.Value, table) -> ir.Value:
                  b.select(mid, c(words[1]), c(words[0])))
     shift = b.shl(b.and_(idx, c(3)), c(3))
     return b.ashr(b.shl(w, b.sub(c(24), shift)), ir.Constant(vt, [24] * n))
+
+
+def emit_levels32(b: ir.IRBuilder, src: ir.Value, offset: int) -> ir.Value:
+    """The 32 table values of the 16 bytes of nibbles at `offset` of `src` (low nibbles
+    first, then the high ones) as <32 x i8>: one vpshufb over the table in both halves, as
+    ggml's AVX2 dot products look them up."""
+    qs = load_bytes(b, src, offset, 16)
+    lo = b.and_(qs, vconst(i8, 0x0F, 16))
+    hi = b.and_(b.lshr(qs, vconst(i8, 4, 16)), vconst(i8, 0x0F, 16))
+    idx = b.shuffle_vector(lo, hi, ir.Constant(vec(i32, 32), list(range(32))))
+    table = ir.Constant(vec(i8, 32), [int(v) for v in KVALUES_IQ4NL] * 2)
+    return intrinsic(b, "llvm.x86.avx2.pshuf.b", vec(i8, 32), [table, idx])
 
 
 def emit_best_index(ln: Lanes, al: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -416,6 +430,16 @@ class IQ4_NL(_IQ4):
         for s, v in enumerate(_emit_levels_packed(ln, _emit_inverse(ln, d), xT)):
             _store(b, v, yp[s], 2)
 
+    # the integer view (x86 AVX2): signed levels up to 127 in magnitude, so the products
+    # take w's signs onto x (vpsignb) rather than x + 128 (which would overflow vpmaddubsw)
+    int_dot = True
+    int_signs_on_x = True
+    int_dot_pairs = True  # one-token products: ggml's vec_dot sums even and odd blocks apart
+
+    def emit_int_groups(self, b: ir.IRBuilder, src: ir.Value) -> list[IntGroup]:
+        """One group: the 32 table values, w = d * q."""
+        return [IntGroup(emit_levels32(b, src, 2), True, load_f16(b, src, 0), None)]
+
     def emit_dequantize_block(self, b: ir.IRBuilder, y: ir.Value, x: ir.Value) -> None:
         d = load_f16(b, y, 0)
         qs = b.zext(b.load(b.bitcast(b.gep(y, [const(i32, 2)]), ptr(vec(i8, 16))), align=1),
@@ -525,6 +549,30 @@ class IQ4_XS(_IQ4):
             lo = b.and_(ls[2 * k], const(i32, 0xF))
             hi = b.shl(b.and_(ls[2 * k + 1], const(i32, 0xF)), const(i32, 4))
             b.store(b.trunc(b.or_(lo, hi), i8), b.gep(yb, [const(i32, 4 + k)]))
+
+    int_dot = int_superblock = True
+    int_signs_on_x = True  # (see IQ4_NL)
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        """8 groups of 32 table values, each with its 6-bit sub-scale less 32 as the integer
+        factor of every pair (vpmaddwd), as ggml's `vec_dot_iq4_xs_q8_K` and its tiled kernel
+        take them; no mins."""
+        v8 = vec(i16, 8)
+        lo = b.zext(load_bytes(b, src, 4, 4), vec(i16, 4))
+        lo = b.shuffle_vector(lo, lo, ir.Constant(vec(i32, 8), [0, 0, 1, 1, 2, 2, 3, 3]))
+        lo = b.and_(b.lshr(lo, ir.Constant(v8, [0, 4] * 4)), vconst(i16, 0xF, 8))
+        h = b.load(b.bitcast(b.gep(src, [const(i32, 2)]), ptr(i16)), align=1)
+        h = b.shuffle_vector(b.insert_element(ir.Constant(v8, None), h, const(i32, 0)),
+                             ir.Constant(v8, None), ir.Constant(vec(i32, 8), [0] * 8))
+        hi = b.shl(b.and_(b.lshr(h, ir.Constant(v8, [2 * k for k in range(8)])),
+                          vconst(i16, 3, 8)), vconst(i16, 4, 8))
+        ls = b.sub(b.or_(lo, hi), vconst(i16, 32, 8))
+
+        def group(g: int) -> IntGroup:
+            halves = b.shuffle_vector(ls, ls, ir.Constant(vec(i32, 16), [g] * 16))
+            return IntGroup(emit_levels32(b, src, 8 + 16 * g), True, None, None, halves)
+
+        return IntSuperBlock(group, load_f16(b, src, 0))
 
     def emit_dequantize_block(self, b: ir.IRBuilder, y: ir.Value, x: ir.Value) -> None:
         d = load_f16(b, y, 0)
