@@ -554,8 +554,8 @@ def _add_model_flags(s: argparse.ArgumentParser, sampling: bool = True) -> None:
                    help="attention as llama.cpp's CPU flash attention computes it, or as its "
                         "non-FA path (default auto: on, as llama.cpp resolves it on the CPU)")
     s.add_argument("-nr", "--no-repack", action="store_true",
-                   help="products in the order of llama.cpp's --no-repack run (Q4_0 and Q4_K "
-                        "weights by vec_dot, not its repacked kernels)")
+                   help="products in the order of llama.cpp's --no-repack run (Q4_0, Q4_K "
+                        "and IQ4_NL weights not through its repacked kernels)")
     if sampling:
         s.add_argument("-n", "--n-predict", type=int, default=-1,
                        help="tokens to generate (-1: until end of generation)")
