@@ -28,11 +28,12 @@ from llvmlite import ir
 
 from ...gguf import GGMLType
 from ...jit import compile_kernels, parallel_rows
-from ...jit.builders import alloca_entry, const, f32, for_range, i8, i16, i32, i64, ptr
+from ...jit.builders import alloca_entry, const, f32, for_range, i8, i16, i32, i64, load_bytes, ptr
 from ...jit.floats import load_f16, store_f16
-from ..base import QuantType, register, rows_by_blocks
+from ..base import IntGroup, IntSuperBlock, QuantType, register, rows_by_blocks
 from ..floats import f16_from_f32_ref
 from ..kquants._qkx2 import nearest_int_ref
+from . import _intdot
 from .grids_iq3 import Iq3Grid, iq3s_grid, iq3xxs_grid
 
 F32 = np.float32
@@ -388,6 +389,31 @@ class IQ3_S(_Iq3):
                 index.append(b.or_(emit_load_u8(b, y, 2 + 8 * ib + k), hi))
             signs = emit_signs32(b, [emit_load_u8(b, y, 74 + 4 * ib + l) for l in range(4)])
             emit_store32(b, emit_scaled(b, db, emit_grid_bytes(b, table, index), signs), x, ib)
+
+    int_dot = int_superblock = True
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        """As ggml's AVX2 `vec_dot_iq3_s_q8_K` reads a block: per 32 weights 8 grid points
+        (the 9-bit index of each: a byte of qs, a bit of qh), 32 signs, the factor 2s + 1;
+        d the fp16 scale (its tiled kernel's too)."""
+        table = grid_table(b, "gguflab_iq3s_grid", iq3s_grid().packed())
+        v8 = ir.VectorType(i32, 8)
+
+        def group(g: int) -> IntGroup:
+            qs = b.zext(load_bytes(b, src, 2 + 8 * g, 8), v8)
+            qh = b.zext(b.load(b.gep(src, [const(i32, 66 + g)])), i32)
+            hi = b.and_(b.shl(_intdot.splat_i32(b, qh, 8), ir.Constant(v8, list(range(8, 0, -1)))),
+                        ir.Constant(v8, [256] * 8))
+            idx = b.or_(qs, hi)
+            mag = _intdot.grid_bytes(b, table, [b.extract_element(idx, const(i32, k))
+                                               for k in range(8)])
+            neg = _intdot.sign_bits(b, load_bytes(b, src, 74 + 4 * g, 4))
+            sc = emit_load_u8(b, src, 106 + g // 2)
+            ls = b.lshr(sc, const(i32, 4)) if g % 2 else b.and_(sc, const(i32, 15))
+            return IntGroup(_intdot.signed(b, mag, neg), True, None, None,
+                            _intdot.pair_factors(b, _intdot.odd_factor(b, ls)))
+
+        return IntSuperBlock(group, load_f16(b, src, 0))
 
 
 @register
