@@ -483,6 +483,33 @@ class IQ3_XXS(_Iq3):
             grid = emit_grid_bytes(b, table, index)
             emit_store32(b, emit_scaled(b, db, grid, emit_signs32(b, sign_bytes)), x, ib)
 
+    int_dot = int_superblock = True
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        """As ggml's AVX2 `vec_dot_iq3_xxs_q8_K` reads a block: per 32 weights 8 grid points
+        (a byte of qs each), four 7-bit sign fields with their parity bit, the factor 2s + 1.
+        d is the fp16 scale times 0.25, as ggml's tiled kernel takes it; its vec_dot takes
+        the 0.25 off the whole sum instead, the same bits (a power of two: exact but where a
+        result falls below 2^-126)."""
+        words = XXS_VALUES[iq3xxs_grid().levels].view("<u4").reshape(-1)
+        table = grid_table(b, "gguflab_iq3xxs_grid", words)
+
+        def group(g: int) -> IntGroup:
+            qs = b.zext(load_bytes(b, src, 2 + 8 * g, 8), ir.VectorType(i32, 8))
+            mag = _intdot.grid_bytes(b, table, [b.extract_element(qs, const(i32, k))
+                                               for k in range(8)])
+            w = b.load(b.bitcast(b.gep(src, [const(i32, 66 + 4 * g)]), i32.as_pointer()),
+                       align=1)
+            signs = [_intdot.with_parity(b, b.and_(b.lshr(w, const(i32, 7 * l)),
+                                                   const(i32, 127))) for l in range(4)]
+            neg = _intdot.sign_bits(b, _intdot.sign_bytes(b, signs))
+            return IntGroup(_intdot.signed(b, mag, neg), True, None, None,
+                            _intdot.pair_factors(b, _intdot.odd_factor(b, b.lshr(
+                                w, const(i32, 28)))))
+
+        d = b.fmul(load_f16(b, src, 0), const(f32, 0.25))
+        return IntSuperBlock(group, d)
+
 
 # -- IR: the compiled quantizer ---------------------------------------------------------------
 #
