@@ -71,3 +71,9 @@ def splat_i32(b: ir.IRBuilder, v: ir.Value, n: int) -> ir.Value:
     """<n x i32> with every lane the i32 `v`."""
     one = b.insert_element(ir.Constant(ir.VectorType(i32, 1), ir.Undefined), v, const(i32, 0))
     return b.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, n), [0] * n))
+
+
+def splat_i8(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """<32 x i8> with every lane the i8 `v`."""
+    one = b.insert_element(ir.Constant(ir.VectorType(i8, 1), ir.Undefined), v, const(i32, 0))
+    return b.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, 32), [0] * 32))
