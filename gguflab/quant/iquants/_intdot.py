@@ -6,6 +6,7 @@ levels instead (the kernel's signed path): the integer sums are the same, exactl
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 
 from ...jit.builders import const, i8, i16, i32, vconst
@@ -31,21 +32,6 @@ def sign_bits(b: ir.IRBuilder, signs: ir.Value) -> ir.Value:
                                                         [e // 8 for e in range(32)]))
     bit = b.and_(spread, ir.Constant(V32I8, [1 << (e % 8) for e in range(32)]))
     return b.icmp_unsigned("!=", bit, vconst(i8, 0, 32))
-
-
-def with_parity(b: ir.IRBuilder, s7: ir.Value) -> ir.Value:
-    """7 stored sign bits (i32) -> the 8 ggml's `ksigns_iq2xs` gives: bit 7 makes the count
-    of set bits even."""
-    par = b.and_(b.ctpop(s7), const(i32, 1))
-    return b.or_(s7, b.shl(par, const(i32, 7)))
-
-
-def sign_bytes(b: ir.IRBuilder, words: list[ir.Value]) -> ir.Value:
-    """Four i32 sign bytes as a <4 x i8>."""
-    v = ir.Constant(ir.VectorType(i8, 4), ir.Undefined)
-    for k, w in enumerate(words):
-        v = b.insert_element(v, b.trunc(w, i8), const(i32, k))
-    return v
 
 
 def signed(b: ir.IRBuilder, mag: ir.Value, neg: ir.Value) -> ir.Value:
@@ -77,3 +63,33 @@ def splat_i8(b: ir.IRBuilder, v: ir.Value) -> ir.Value:
     """<32 x i8> with every lane the i8 `v`."""
     one = b.insert_element(ir.Constant(ir.VectorType(i8, 1), ir.Undefined), v, const(i32, 0))
     return b.shuffle_vector(one, one, ir.Constant(ir.VectorType(i32, 32), [0] * 32))
+
+
+def _even_signs() -> np.ndarray:
+    """ggml's `keven_signs_q2xs` as 128 u64: for 7 stored sign bits s, the 8 bytes +-1 of
+    the signs with the parity bit that makes the count of minus signs even."""
+    s = np.arange(128)
+    bits = (s[:, None] >> np.arange(7)) & 1
+    bits = np.concatenate([bits, bits.sum(axis=1, keepdims=True) & 1], axis=1)
+    return np.where(bits == 1, -1, 1).astype(np.int8).view("<u8").reshape(-1)
+
+
+def even_signs(b: ir.IRBuilder, s7: list[ir.Value]) -> ir.Value:
+    """<32 x i8> of +-1: the signs of 4 groups of 8 stored as 7 bits each (i32), looked up
+    in ggml's table of them, as its vec_dot does."""
+    m = b.module
+    table = m.globals.get("gguflab_keven_signs")
+    if table is None:
+        at = ir.ArrayType(ir.IntType(64), 128)
+        table = ir.GlobalVariable(m, at, "gguflab_keven_signs")
+        table.global_constant = True
+        table.linkage = "internal"
+        table.initializer = ir.Constant(at, [int(w) for w in _even_signs()])
+    return grid_bytes(b, table, s7)
+
+
+def apply_signs(b: ir.IRBuilder, mag: ir.Value, sgn: ir.Value) -> ir.Value:
+    """vpsignb: the levels mag times the +-1 of sgn (<32 x i8> each)."""
+    fn = b.module.declare_intrinsic("llvm.x86.avx2.psign.b",
+                                    fnty=ir.FunctionType(V32I8, [V32I8, V32I8]))
+    return b.call(fn, [mag, sgn])

@@ -474,8 +474,7 @@ def emit_int_superblock_iq2(t: GGMLType, b: ir.IRBuilder, src: ir.Value) -> IntS
             a0 = _emit_u(b, src, 2 + 8 * g, i32)
             a1 = _emit_u(b, src, 6 + 8 * g, i32)
             gi = [b.and_(b.lshr(a0, c(8 * k)), c(255)) for k in range(4)]
-            signs = [_intdot.with_parity(b, b.and_(b.lshr(a1, c(7 * k)), c(127)))
-                     for k in range(4)]
+            s7 = [b.and_(b.lshr(a1, c(7 * k)), c(127)) for k in range(4)]
             f = _intdot.odd_factor(b, b.lshr(a1, c(28)))
             factors = _intdot.pair_factors(b, f)
         else:
@@ -485,17 +484,17 @@ def emit_int_superblock_iq2(t: GGMLType, b: ir.IRBuilder, src: ir.Value) -> IntS
             if t == GGMLType.IQ2_XS:
                 ws = [_emit_u(b, src, 2 + 2 * (4 * g + k), i16) for k in range(4)]
                 gi = [b.and_(w, c(511)) for w in ws]
-                signs = [_intdot.with_parity(b, b.lshr(w, c(9))) for w in ws]
+                s7 = [b.lshr(w, c(9)) for w in ws]
             else:
                 qh = _emit_u(b, src, 66 + g, i8)
                 gi = [b.or_(_emit_u(b, src, 2 + 4 * g + k, i8),
                             b.and_(b.shl(qh, c(8 - 2 * k)), c(0x300))) for k in range(4)]
-        if t == GGMLType.IQ2_S:
-            neg = _intdot.sign_bits(b, load_bytes(b, src, 34 + 4 * g, 4))
-        else:
-            neg = _intdot.sign_bits(b, _intdot.sign_bytes(b, signs))
         mag = _intdot.grid_bytes(b, grid, gi)
-        return IntGroup(_intdot.signed(b, mag, neg), True, None, None, factors)
+        if t == GGMLType.IQ2_S:
+            q = _intdot.signed(b, mag, _intdot.sign_bits(b, load_bytes(b, src, 34 + 4 * g, 4)))
+        else:
+            q = _intdot.apply_signs(b, mag, _intdot.even_signs(b, s7))
+        return IntGroup(q, True, None, None, factors)
 
     d = emit_f16_to_f32(b, b.load(b.bitcast(src, i16.as_pointer()), align=1),
                         hardware_half(Target.CPU))

@@ -500,10 +500,9 @@ class IQ3_XXS(_Iq3):
                                                for k in range(8)])
             w = b.load(b.bitcast(b.gep(src, [const(i32, 66 + 4 * g)]), i32.as_pointer()),
                        align=1)
-            signs = [_intdot.with_parity(b, b.and_(b.lshr(w, const(i32, 7 * l)),
-                                                   const(i32, 127))) for l in range(4)]
-            neg = _intdot.sign_bits(b, _intdot.sign_bytes(b, signs))
-            return IntGroup(_intdot.signed(b, mag, neg), True, None, None,
+            sgn = _intdot.even_signs(b, [b.and_(b.lshr(w, const(i32, 7 * l)),
+                                                const(i32, 127)) for l in range(4)])
+            return IntGroup(_intdot.apply_signs(b, mag, sgn), True, None, None,
                             _intdot.pair_factors(b, _intdot.odd_factor(b, b.lshr(
                                 w, const(i32, 28)))))
 
