@@ -1446,8 +1446,10 @@ def build_module(t: GGMLType) -> ir.Module:
         _export(m, f"gemmq1_{name}", one)
         _export(m, f"gemmq_{name}", build(m, f"gemmq_{name}", blk, groups, _q_tile(t)))
         if quant.get(t).int_superblock:  # llama.cpp's tiled order, for prompts
+            # (a type whose tiled kernel reads its blocks otherwise has a view of its own)
+            tiled = getattr(quant.get(t), "emit_int_superblock_tiled", groups)
             for T, kname in ((Q_TILE_K, f"gemmqt_{name}"), (1, f"gemmqt1_{name}")):
-                _export(m, kname, _build_gemmq_k(m, kname, blk, groups, T, tiled=True))
+                _export(m, kname, _build_gemmq_k(m, kname, blk, tiled, T, tiled=True))
     for T in GEMV_TOKENS:
         if T == 1 and _vec_dot_order(t):
             impl = _build_gemv_vec_dot(m, f"gemv{T}_{name}", t, vw)

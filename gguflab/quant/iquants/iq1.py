@@ -30,9 +30,10 @@ from ...gguf import GGMLType
 from ...jit import compile_kernels
 from ...jit.builders import Target, const, f32, for_range, i8, i16, i32, i64, ptr
 from ...jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half, store_f16
-from ..base import QuantType, register, rows_by_blocks
+from ..base import IntGroup, IntSuperBlock, QuantType, register, rows_by_blocks
 from ..floats import f16_from_f32_ref
 from ..kquants._qkx2 import nearest_int_ref
+from . import _intdot
 from .grids_iq1 import Iq1Grid, iq1s_grid
 from .grids_iq3 import flat_neighbours
 from .iq3 import ScalarOps, emit_load_u8, grid_table, run_row_kernel, seq_sum
@@ -396,6 +397,53 @@ class IQ1_S(_Iq1):
                 hi = b.shl(b.and_(b.lshr(qh, const(i32, 3 * k)), const(i32, 7)), const(i32, 8))
                 index.append(b.or_(emit_load_u8(b, y, 2 + 4 * ib + k), hi))
             emit_store_group(b, emit_grid_values(b, index), [delta] * 4, [dl] * 4, x, 32 * ib)
+
+    int_dot = int_superblock = True
+
+    def _int_groups(self, b: ir.IRBuilder, src: ir.Value, tiled: bool):
+        table = grid_table(b, "gguflab_iq1s_grid", iq1s_grid().packed(), i64)
+        c = lambda v: const(i32, v)  # noqa: E731
+
+        def fields(g: int):
+            qh = emit_u16(b, src, 34 + 2 * g)
+            index = [b.or_(emit_load_u8(b, src, 2 + 4 * g + k),
+                           b.shl(b.and_(b.lshr(qh, c(3 * k)), c(7)), c(8))) for k in range(4)]
+            f = _intdot.odd_factor(b, b.and_(b.lshr(qh, c(12)), c(7)))
+            neg = b.icmp_unsigned("!=", b.and_(qh, c(0x8000)), c(0))
+            return _intdot.grid_bytes(b, table, index), f, neg
+
+        def group(g: int) -> IntGroup:
+            q, f, neg = fields(g)
+            if tiled:  # 8 * grid + delta, the delta +-1
+                delta = b.select(neg, ir.Constant(i8, -1), ir.Constant(i8, 1))
+                q = b.add(b.shl(q, _intdot.splat_i8(b, ir.Constant(i8, 3))),
+                          _intdot.splat_i8(b, delta))
+            return IntGroup(q, True, None, None, _intdot.pair_factors(b, f))
+
+        d = emit_f16_to_f32(b, b.load(b.bitcast(src, i16.as_pointer()), align=1),
+                            hardware_half(Target.CPU))
+        if tiled:
+            return IntSuperBlock(group, b.fmul(d, const(f32, 0.125)))
+        mins = ir.Constant(ir.VectorType(i16, 16), ir.Undefined)
+        for g in range(8):
+            _, f, neg = fields(g)
+            m = b.select(neg, b.sub(ir.Constant(i16, 0), f), f)
+            for h in range(2):
+                mins = b.insert_element(mins, m, c(2 * g + h))
+        return IntSuperBlock(group, d, mins, b.fmul(d, const(f32, -0.125)), "scalar")
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        """As ggml's AVX2 `vec_dot_iq1_s_q8_K` reads a block: per 32 weights 4 grid points of
+        8 values -1, 0, 1 (the 11-bit index of each: a byte of qs, 3 bits of qh) and the
+        factor 2s + 1, their sum in 8 i32 lanes times d * dx; the delta +-1/8 through Q8_K's
+        sums of 16 (times +-(2s + 1)), into a float scalar by d * dx, its 1/8 taken into
+        that factor (ggml: off the scalar's total; exact, a power of two)."""
+        return self._int_groups(b, src, False)
+
+    def emit_int_superblock_tiled(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        """As ggml's tiled kernel unpacks a block: per weight 8 * grid value + delta (+-1),
+        the factor 2s + 1 per 32, d the fp16 scale times 1/8; no mins."""
+        return self._int_groups(b, src, True)
 
 
 @register

@@ -31,11 +31,24 @@ from llvmlite import ir
 
 from ...errors import UserError
 from ...gguf import GGMLType, type_info
-from ...jit.builders import Target, alloca_entry, const, f32, for_range, i1, i8, i16, i32, i64
+from ...jit.builders import (
+    Target,
+    alloca_entry,
+    const,
+    f32,
+    for_range,
+    i1,
+    i8,
+    i16,
+    i32,
+    i64,
+    load_bytes,
+)
 from ...jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..base import QuantType, register
+from ..base import IntGroup, IntSuperBlock, QuantType, register
 from ..floats import f16_from_f32_ref
 from ..kquants._qkx2 import half_bytes, half_ref, nearest_int_ref
+from . import _intdot
 from .grids_iq2 import LEVEL_BYTES, grid_bytes, grid_levels, search_tables, signs_with_parity
 
 F32 = np.float32
@@ -445,6 +458,47 @@ def emit_dequantize_iq2(t: GGMLType, b: ir.IRBuilder, y: ir.Value, x: ir.Value) 
                 gi = b.or_(lo, b.and_(b.shl(qh, c(8 - 2 * sub)), c(0x300)))
                 signs = _emit_u(b, y, 34 + 4 * ib32 + sub, i8)
             _emit_group(b, grid, gi, signs, dbs[sub // 2], x, 4 * ib32 + sub)
+
+
+def emit_int_superblock_iq2(t: GGMLType, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+    """A block as ggml's AVX2 `vec_dot_iq2_*_q8_K` reads it: per 32 weights 4 grid points of 8
+    magnitudes, 32 signs (XXS/XS: 7 stored with even parity), the factor 2s + 1 for all 32
+    (XXS) or per 16 (XS, S). d is the fp16 scale times 0.125, as ggml's tiled kernel takes
+    it; its vec_dot takes the 0.125 off the whole sum instead, the same bits (a power of two:
+    exact but where a result falls below 2^-126)."""
+    grid = _grid_global(b, t)
+    c = lambda v: const(i32, v)  # noqa: E731
+
+    def group(g: int) -> IntGroup:
+        if t == GGMLType.IQ2_XXS:
+            a0 = _emit_u(b, src, 2 + 8 * g, i32)
+            a1 = _emit_u(b, src, 6 + 8 * g, i32)
+            gi = [b.and_(b.lshr(a0, c(8 * k)), c(255)) for k in range(4)]
+            s7 = [b.and_(b.lshr(a1, c(7 * k)), c(127)) for k in range(4)]
+            f = _intdot.odd_factor(b, b.lshr(a1, c(28)))
+            factors = _intdot.pair_factors(b, f)
+        else:
+            sc = _emit_u(b, src, (66 if t == GGMLType.IQ2_XS else 74) + g, i8)
+            factors = _intdot.pair_factors(b, _intdot.odd_factor(b, b.and_(sc, c(15))),
+                                           _intdot.odd_factor(b, b.lshr(sc, c(4))))
+            if t == GGMLType.IQ2_XS:
+                ws = [_emit_u(b, src, 2 + 2 * (4 * g + k), i16) for k in range(4)]
+                gi = [b.and_(w, c(511)) for w in ws]
+                s7 = [b.lshr(w, c(9)) for w in ws]
+            else:
+                qh = _emit_u(b, src, 66 + g, i8)
+                gi = [b.or_(_emit_u(b, src, 2 + 4 * g + k, i8),
+                            b.and_(b.shl(qh, c(8 - 2 * k)), c(0x300))) for k in range(4)]
+        mag = _intdot.grid_bytes(b, grid, gi)
+        if t == GGMLType.IQ2_S:
+            q = _intdot.signed(b, mag, _intdot.sign_bits(b, load_bytes(b, src, 34 + 4 * g, 4)))
+        else:
+            q = _intdot.apply_signs(b, mag, _intdot.even_signs(b, s7))
+        return IntGroup(q, True, None, None, factors)
+
+    d = emit_f16_to_f32(b, b.load(b.bitcast(src, i16.as_pointer()), align=1),
+                        hardware_half(Target.CPU))
+    return IntSuperBlock(group, b.fmul(d, const(f32, 0.125)))
 
 
 # -- IR: the quantizer ------------------------------------------------------------------------
@@ -940,6 +994,11 @@ class _IQ2(QuantType):
 
     def emit_dequantize_block(self, b: ir.IRBuilder, y: ir.Value, x: ir.Value) -> None:
         emit_dequantize_iq2(self.type, b, y, x)
+
+    int_dot = int_superblock = True
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        return emit_int_superblock_iq2(self.type, b, src)
 
     def levels_ref(self, q: np.ndarray) -> np.ndarray:
         gi, _, _ = _fields(self.type, np.ascontiguousarray(q, np.uint8))

@@ -28,11 +28,12 @@ from llvmlite import ir
 
 from ...gguf import GGMLType
 from ...jit import compile_kernels, parallel_rows
-from ...jit.builders import alloca_entry, const, f32, for_range, i8, i16, i32, i64, ptr
+from ...jit.builders import alloca_entry, const, f32, for_range, i8, i16, i32, i64, load_bytes, ptr
 from ...jit.floats import load_f16, store_f16
-from ..base import QuantType, register, rows_by_blocks
+from ..base import IntGroup, IntSuperBlock, QuantType, register, rows_by_blocks
 from ..floats import f16_from_f32_ref
 from ..kquants._qkx2 import nearest_int_ref
+from . import _intdot
 from .grids_iq3 import Iq3Grid, iq3s_grid, iq3xxs_grid
 
 F32 = np.float32
@@ -389,6 +390,31 @@ class IQ3_S(_Iq3):
             signs = emit_signs32(b, [emit_load_u8(b, y, 74 + 4 * ib + l) for l in range(4)])
             emit_store32(b, emit_scaled(b, db, emit_grid_bytes(b, table, index), signs), x, ib)
 
+    int_dot = int_superblock = True
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        """As ggml's AVX2 `vec_dot_iq3_s_q8_K` reads a block: per 32 weights 8 grid points
+        (the 9-bit index of each: a byte of qs, a bit of qh), 32 signs, the factor 2s + 1;
+        d the fp16 scale (its tiled kernel's too)."""
+        table = grid_table(b, "gguflab_iq3s_grid", iq3s_grid().packed())
+        v8 = ir.VectorType(i32, 8)
+
+        def group(g: int) -> IntGroup:
+            qs = b.zext(load_bytes(b, src, 2 + 8 * g, 8), v8)
+            qh = b.zext(b.load(b.gep(src, [const(i32, 66 + g)])), i32)
+            hi = b.and_(b.shl(_intdot.splat_i32(b, qh, 8), ir.Constant(v8, list(range(8, 0, -1)))),
+                        ir.Constant(v8, [256] * 8))
+            idx = b.or_(qs, hi)
+            mag = _intdot.grid_bytes(b, table, [b.extract_element(idx, const(i32, k))
+                                               for k in range(8)])
+            neg = _intdot.sign_bits(b, load_bytes(b, src, 74 + 4 * g, 4))
+            sc = emit_load_u8(b, src, 106 + g // 2)
+            ls = b.lshr(sc, const(i32, 4)) if g % 2 else b.and_(sc, const(i32, 15))
+            return IntGroup(_intdot.signed(b, mag, neg), True, None, None,
+                            _intdot.pair_factors(b, _intdot.odd_factor(b, ls)))
+
+        return IntSuperBlock(group, load_f16(b, src, 0))
+
 
 @register
 class IQ3_XXS(_Iq3):
@@ -456,6 +482,32 @@ class IQ3_XXS(_Iq3):
             index = [emit_load_u8(b, y, 2 + 8 * ib + k) for k in range(8)]
             grid = emit_grid_bytes(b, table, index)
             emit_store32(b, emit_scaled(b, db, grid, emit_signs32(b, sign_bytes)), x, ib)
+
+    int_dot = int_superblock = True
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        """As ggml's AVX2 `vec_dot_iq3_xxs_q8_K` reads a block: per 32 weights 8 grid points
+        (a byte of qs each), four 7-bit sign fields with their parity bit, the factor 2s + 1.
+        d is the fp16 scale times 0.25, as ggml's tiled kernel takes it; its vec_dot takes
+        the 0.25 off the whole sum instead, the same bits (a power of two: exact but where a
+        result falls below 2^-126)."""
+        words = XXS_VALUES[iq3xxs_grid().levels].view("<u4").reshape(-1)
+        table = grid_table(b, "gguflab_iq3xxs_grid", words)
+
+        def group(g: int) -> IntGroup:
+            qs = b.zext(load_bytes(b, src, 2 + 8 * g, 8), ir.VectorType(i32, 8))
+            mag = _intdot.grid_bytes(b, table, [b.extract_element(qs, const(i32, k))
+                                               for k in range(8)])
+            w = b.load(b.bitcast(b.gep(src, [const(i32, 66 + 4 * g)]), i32.as_pointer()),
+                       align=1)
+            sgn = _intdot.even_signs(b, [b.and_(b.lshr(w, const(i32, 7 * l)),
+                                                const(i32, 127)) for l in range(4)])
+            return IntGroup(_intdot.apply_signs(b, mag, sgn), True, None, None,
+                            _intdot.pair_factors(b, _intdot.odd_factor(b, b.lshr(
+                                w, const(i32, 28)))))
+
+        d = b.fmul(load_f16(b, src, 0), const(f32, 0.25))
+        return IntSuperBlock(group, d)
 
 
 # -- IR: the compiled quantizer ---------------------------------------------------------------
