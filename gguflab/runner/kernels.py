@@ -32,8 +32,9 @@ the IR spells out (explicit `llvm.fma` for each product, a fixed tree across lan
 float op carries a flag that lets LLVM reassociate or contract it. Only `nnan`/`ninf` are
 set (the weights and activations are finite), which drops NaN checks without changing a
 finite result. A wider CPU runs the same function, with its wider registers only where that
-leaves the result as it is (the integer dot products). Decoding products are posted as jobs to the thread team of `jit.parallel`
-(`matmuls` posts a layer's Q, K, V, or gate and up, at once), a hand-off of about a
+leaves the result as it is (the integer dot products). Decoding products are posted as
+jobs to the thread team of `jit.parallel` (`matmuls` posts a layer's Q, K, V, or gate and
+up, at once; `Products` posts them once and replays them every token), a hand-off of about a
 microsecond; prompt products split rows with `parallel_rows`. The kernels take the numpy
 arrays themselves (PyObject*) and read their data pointers, which keeps a call to a few
 microseconds.

@@ -533,26 +533,26 @@ class _Decoder:
         self.x, self.h, self.a = (np.empty(hp.n_embd, f32) for _ in range(3))
         # q and k side by side, so that one call rotates both (RoPE takes each head alone)
         nq, nk = hp.n_head * hd, hp.n_head_kv * hd
-        self.qk, self.qkr = np.empty(nq + nk, f32), np.empty((1, hp.n_head + hp.n_head_kv, hd), f32)
+        self.qk = np.empty(nq + nk, f32)
+        self.qkr = np.empty((1, hp.n_head + hp.n_head_kv, hd), f32)
         self.q, self.k, self.v = self.qk[:nq], self.qk[nq:], np.empty(nk, f32)
         self.qr, self.kr = self.qkr[:, :hp.n_head], self.qkr[:, hp.n_head:]
         self.att = np.empty((1, nq), f32)
         self.attend = OneQuery(self.qr, self.att, hp.n_head_kv, hp.q_scale, hp.attn_softcap,
                                threads)
         self.steps = []
+        ffn: dict[int, tuple[np.ndarray, ...]] = {}  # gate, up, act by FFN width
         for L in m.layers[:n_cpu]:
             n_ff = L.w_gate.data.shape[0]
-            if not hasattr(self, "gate") or self.gate.size != n_ff:
-                self.gate, self.up = np.empty(n_ff, f32), np.empty(n_ff, f32)
-                self.act = np.empty(n_ff, f32)
+            gate, up, act = ffn.setdefault(n_ff, tuple(np.empty(n_ff, f32) for _ in range(3)))
             self.steps.append((
                 Products([(L.wq.data, L.wq.type), (L.wk.data, L.wk.type),
                           (L.wv.data, L.wv.type)], self.h, [self.q, self.k, self.v], threads),
                 Products([(L.wo.data, L.wo.type)], self.att[0], [self.a], threads),
                 Products([(L.w_gate.data, L.w_gate.type), (L.w_up.data, L.w_up.type)],
-                         self.h, [self.gate, self.up], threads),
-                Products([(L.w_down.data, L.w_down.type)], self.act, [self.a], threads),
-                (self.gate, self.up, self.act)))
+                         self.h, [gate, up], threads),
+                Products([(L.w_down.data, L.w_down.type)], act, [self.a], threads),
+                (gate, up, act)))
 
     def run(self, m: Model, x: np.ndarray, p0: int, cache: KVCache) -> np.ndarray:
         """x (n_embd,) at position p0 through the CPU layers; a new array."""
