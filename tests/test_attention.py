@@ -185,6 +185,7 @@ SHAPES = [
     (100, 30, 40, 0.0, 4, 4, 64),  # tiles with a sliding window
     (65, 0, 0, 7.0, 4, 2, 128),  # tiles with a softcap
     (2, 60, 0, 0.0, 4, 2, 36),  # a head size with a tail past whole vectors of 8
+    (67, 90, 30, 0.0, 3, 1, 40),  # tiles: dims past whole blocks of 16, rows past blocks of 4
 ]
 
 

@@ -55,30 +55,41 @@ def _hexf(s: str) -> ir.Constant:
 
 
 def emit_v_expf(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
-    """ggml's AVX2 `ggml_v_expf`, one lane: 2^n times a polynomial in x - n ln2, with its
-    two-step scaling past |n| > 126 (and the limits past 192)."""
-    fma = _intr(b.module, "llvm.fma.f32", 3)
-    fabs = _intr(b.module, "llvm.fabs.f32", 1)
-    ci = lambda v: ir.Constant(i32, v)  # noqa: E731
-    r = _hexf("0x1.8p23")
-    z = b.call(fma, [x, _hexf("0x1.715476p+0"), r])
+    """ggml's AVX2 `ggml_v_expf` of x, a float or a vector of floats (lane by lane the same
+    function): 2^n times a polynomial in x - n ln2, with its two-step scaling past
+    |n| > 126 (and the limits past 192)."""
+    lanes = x.type.count if isinstance(x.type, ir.VectorType) else 0
+    ft = x.type
+    it = ir.VectorType(i32, lanes) if lanes else i32
+    sfx = f"v{lanes}f32" if lanes else "f32"
+    fma_f = _intr_t(b.module, f"llvm.fma.{sfx}", ft, 3)
+    fabs_f = _intr_t(b.module, f"llvm.fabs.{sfx}", ft, 1)
+    fma = lambda a, c, d: b.call(fma_f, [a, c, d])  # noqa: E731
+    ci = lambda v: ir.Constant(it, [v] * lanes if lanes else v)  # noqa: E731
+    cf = lambda v: ir.Constant(ft, [v] * lanes if lanes else v)  # noqa: E731
+    hx = lambda s: cf(float.fromhex(s))  # noqa: E731
+    r = hx("0x1.8p23")
+    z = fma(x, hx("0x1.715476p+0"), r)
     n = b.fsub(z, r)
-    red = b.call(fma, [b.fneg(n), _hexf("0x1.7f7d1cp-20"),
-                       b.call(fma, [b.fneg(n), _hexf("0x1.62e4p-1"), x])])
-    e = b.shl(b.bitcast(z, i32), ci(23))
-    k = b.bitcast(b.add(e, ci(0x3F800000)), f32)
+    red = fma(b.fneg(n), hx("0x1.7f7d1cp-20"), fma(b.fneg(n), hx("0x1.62e4p-1"), x))
+    e = b.shl(b.bitcast(z, it), ci(23))
+    k = b.bitcast(b.add(e, ci(0x3F800000)), ft)
     u = b.fmul(red, red)
-    j = b.call(fma, [
-        b.call(fma, [b.call(fma, [_hexf("0x1.0e4020p-7"), red, _hexf("0x1.573e2ep-5")]), u,
-                     b.call(fma, [_hexf("0x1.555e66p-3"), red, _hexf("0x1.fffdb6p-2")])]),
-        u, b.fmul(_hexf("0x1.ffffecp-1"), red)])
-    an = b.call(fabs, [n])
-    g = b.select(b.fcmp_ordered("<=", n, _fc(0.0)), ci(0x82000000 - (1 << 32)), ci(0))
-    s1 = b.bitcast(b.add(g, ci(0x7F000000)), f32)
-    s2 = b.bitcast(b.sub(e, g), f32)
-    far = b.select(b.fcmp_ordered(">", an, _fc(192.0)), b.fmul(s1, s1),
-                   b.fmul(b.call(fma, [s2, j, s2]), s1))
-    return b.select(b.fcmp_ordered(">", an, _fc(126.0)), far, b.call(fma, [k, j, k]))
+    j = fma(fma(fma(hx("0x1.0e4020p-7"), red, hx("0x1.573e2ep-5")), u,
+                fma(hx("0x1.555e66p-3"), red, hx("0x1.fffdb6p-2"))),
+            u, b.fmul(hx("0x1.ffffecp-1"), red))
+    an = b.call(fabs_f, [n])
+    g = b.select(b.fcmp_ordered("<=", n, cf(0.0)), ci(0x82000000 - (1 << 32)), ci(0))
+    s1 = b.bitcast(b.add(g, ci(0x7F000000)), ft)
+    s2 = b.bitcast(b.sub(e, g), ft)
+    far = b.select(b.fcmp_ordered(">", an, cf(192.0)), b.fmul(s1, s1),
+                   b.fmul(fma(s2, j, s2), s1))
+    return b.select(b.fcmp_ordered(">", an, cf(126.0)), far, fma(k, j, k))
+
+
+def _intr_t(m: ir.Module, name: str, t: ir.Type, n_args: int) -> ir.Function:
+    """The intrinsic `name` over values of type t (llvm.fma.v8f32 ...), declared once."""
+    return m.globals.get(name) or ir.Function(m, ir.FunctionType(t, [t] * n_args), name)
 
 
 def _build(m: ir.Module, name: str, half_kv: bool) -> None:
@@ -245,66 +256,36 @@ def _build(m: ir.Module, name: str, half_kv: bool) -> None:
         return b.shuffle_vector(v, ir.Constant(v8, ir.Undefined), ir.Constant(
             ir.VectorType(i32, 8), [0] * 8))
 
-    def tiled_row(g, kbase, qrow, lo, pos):
-        tile = const(i64, TILE)
-        maxnum = _intr(m, "llvm.maxnum.f32", 2)
-        start = b.mul(b.sdiv(lo, tile), tile)
-        with for_range(b, start, b.add(pos, c1), TILE, name="ic") as ic:
-            with for_range(b, c0, tile, name="z") as t:
-                b.store(fz, b.gep(kq, [t]))
-            with for_range(b, c0, hd, name="d") as d:  # q.k: one FMA chain over the dims
-                qd = b.load(b.gep(qrow, [d]))
-                ktrow = b.add(b.mul(b.add(b.mul(g, hd), d), tpad), ic)
-                with for_range(b, c0, tile, name="t") as t:
-                    p = b.gep(kq, [t])
-                    b.store(b.call(fma, [b.load(b.gep(kt, [b.add(ktrow, t)])), qd,
-                                         b.load(p)]), p)
-            b.store(ninf, mx_)
-            with for_range(b, c0, tile, name="s") as t:
-                j = b.add(ic, t)
-                seen = b.and_(b.icmp_signed(">=", j, lo), b.icmp_signed("<=", j, pos))
-                p = b.gep(kq, [t])
-                raw = b.load(p)
-                with b.if_else(seen) as (then, other):
-                    with then:
-                        b.store(score(raw), p)
-                    with other:
-                        b.store(ninf, p)
-                v, mx = b.load(p), b.load(mx_)
-                b.store(b.select(b.fcmp_ordered(">", mx, v), mx, v), mx_)
-            mo = b.load(m_)
-            mnew = b.call(maxnum, [mo, b.load(mx_)])
-            with b.if_then(b.fcmp_ordered(">", mnew, mo)):
-                ms = b.call(expf, [b.fsub(mo, mnew)])
-                with for_range(b, c0, hd, name="sc") as d:
-                    p = b.gep(vkq, [d])
-                    b.store(b.fmul(b.load(p), ms), p)
-                b.store(b.fmul(b.load(s_), ms), s_)
-            b.store(mnew, m_)
-            b.store(ir.Constant(f64, 0.0), sd_)
-            with for_range(b, c0, tile, 8, name="e") as e0:  # 8 lanes at a time
-                ev = []
-                for lane in range(8):
-                    p = b.gep(kq, [b.add(e0, const(i64, lane))])
-                    ev.append(emit_v_expf(b, b.fsub(b.load(p), mnew)))
-                    b.store(ev[-1], p)
-                r = b.fadd(b.fadd(b.fadd(ev[0], ev[4]), b.fadd(ev[2], ev[6])),
-                           b.fadd(b.fadd(ev[1], ev[5]), b.fadd(ev[3], ev[7])))
-                b.store(b.fadd(b.load(sd_), b.fpext(r, f64)), sd_)
-            b.store(b.fptrunc(b.fadd(b.fpext(b.load(s_), f64), b.load(sd_)), f32), s_)
-            jlo = b.select(b.icmp_signed(">", lo, ic), lo, ic)
-            last = b.add(ic, const(i64, TILE - 1))
-            jhi = b.select(b.icmp_signed("<", pos, last), pos, last)
-            with for_range(b, jlo, b.add(jhi, c1), name="vj") as j:  # V: FMA chain over keys
-                pj = b.load(b.gep(kq, [b.sub(j, ic)]))
-                vrow = b.add(kbase, b.mul(j, hd))
-                with for_range(b, c0, hd, name="vd") as d:
-                    p = b.gep(vkq, [d])
-                    b.store(b.call(fma, [load_kv(vc, b.add(vrow, d)), pj, b.load(p)]), p)
-
-    mx_ = b.alloca(f32, name="tmax")
     split = b.icmp_signed("==", route, const(i64, SPLIT))
-    vec = b.or_(split, b.icmp_signed("==", route, const(i64, VEC)))
+    tiled = b.icmp_signed("==", route, const(i64, TILED))
+    with b.if_then(tiled):  # whole blocks of Q_BLOCK queries of one head, then one by one
+        blocks = {rb: _build_tiled_block(m, f"{name}_tiles{rb}", rb, half_kv)
+                  for rb in (Q_BLOCK, 1)}
+        r_ = b.alloca(i64, name="row")
+        b.store(row0, r_)
+        cond = b.append_basic_block("blk.cond")
+        body = b.append_basic_block("blk.body")
+        done = b.append_basic_block("blk.end")
+        b.branch(cond)
+        b.position_at_end(cond)
+        b.cbranch(b.icmp_signed("<", b.load(r_), row1), body, done)
+        b.position_at_end(body)
+        r = b.load(r_)
+        h, i = b.sdiv(r, n), b.srem(r, n)
+        whole = b.and_(b.icmp_signed("<=", b.add(i, const(i64, Q_BLOCK)), n),
+                       b.icmp_signed("<=", b.add(r, const(i64, Q_BLOCK)), row1))
+        args = [q, kc, vc, kt, out, n, n_head, group, hd, hstride, tpad, p0, n_swa, sc, cap,
+                h, i]
+        with b.if_else(whole) as (then, other):
+            with then:
+                b.call(blocks[Q_BLOCK], args)
+                b.store(b.add(r, const(i64, Q_BLOCK)), r_)
+            with other:
+                b.call(blocks[1], args)
+                b.store(b.add(r, c1), r_)
+        b.branch(cond)
+        b.position_at_end(done)
+        b.ret_void()
     with for_range(b, row0, row1, name="r") as r:
         # SPLIT: one query, and "query" i is the i-th range of tpad keys of its head
         h, i = b.sdiv(r, n), b.srem(r, n)
@@ -325,11 +306,7 @@ def _build(m: ir.Module, name: str, half_kv: bool) -> None:
         b.store(fz, s_)
         with for_range(b, c0, hd, name="zv") as d:
             b.store(fz, b.gep(vkq, [d]))
-        with b.if_else(vec) as (then, other):
-            with then:
-                (vec_row_simd if hw else vec_row)(kbase, qrow, lo, hi)
-            with other:
-                tiled_row(g, kbase, qrow, lo, pos)
+        (vec_row_simd if hw else vec_row)(kbase, qrow, lo, hi)
         s = b.load(s_)
         with b.if_else(split) as (then, other):
             with then:  # the range's partial (M, S, V unscaled) at out + r * (2 + hd)
@@ -343,6 +320,203 @@ def _build(m: ir.Module, name: str, half_kv: bool) -> None:
                 with for_range(b, c0, hd, name="o") as d:  # V / S
                     b.store(b.fmul(b.load(b.gep(vkq, [d])), inv), b.gep(orow, [d]))
     b.ret_void()
+
+
+Q_BLOCK = 4  # queries of one head the tiled route takes together (ggml: a tile of 64)
+V_WIDTH = 16  # dims of V (and keys of K) a register block holds: two vectors of 8
+
+
+def _build_tiled_block(m: ir.Module, name: str, rows: int, half_kv: bool) -> ir.Function:
+    """`name(q, k, v, kt, out, n, n_head, group, hd, hstride, tpad, p0, n_swa, sc, cap, h,
+    i)`: the TILED route for `rows` consecutive queries i.. of head h, as ggml's tiled
+    kernel computes each of them: per tile of 64 keys, q.k as one FMA chain over the dims
+    (x scale, softcap, masked keys -inf), the running max moved once (V and S rescaled by
+    expf), ggml_v_expf of the scores 8 at a time summed in AVX2's lane tree into a double,
+    then V added as one FMA chain over the tile's keys (a masked key's weight is 0, which
+    leaves the sum's bits as they are). The queries share the loads of K and V: registers
+    hold Q_BLOCK queries x V_WIDTH lanes."""
+    fn = ir.Function(m, ir.FunctionType(void, [*_ARGS[:13], f32, f32, i64, i64]), name)
+    fn.linkage = "internal"
+    (q, kc, vc, kt, out, n, n_head, group, hd, hstride, tpad, p0, n_swa, sc, cap, h,
+     i) = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    v8, h8 = ir.VectorType(f32, 8), ir.VectorType(ir.HalfType(), 8)
+    c0, c1 = const(i64, 0), const(i64, 1)
+    fz, ninf = _fc(0.0), _fc(float("-inf"))
+    zero8 = ir.Constant(v8, [0.0] * 8)
+    fma = _intr(m, "llvm.fma.f32", 3)
+    fma8 = _intr_t(m, "llvm.fma.v8f32", v8, 3)
+    expf = _intr(m, "expf", 1)
+    tanhf = _intr(m, "tanhf", 1)
+    maxnum = _intr(m, "llvm.maxnum.f32", 2)
+    half = ptr(ir.VectorType(i16, 8))
+
+    def ld8(base, idx):
+        return b.load(b.bitcast(b.gep(base, [idx]), ptr(v8)), align=4)
+
+    def st8(val, base, idx):
+        b.store(val, b.bitcast(b.gep(base, [idx]), ptr(v8)), align=4)
+
+    def kv8(base, idx):
+        if half_kv:
+            return b.fpext(b.bitcast(b.load(b.bitcast(b.gep(base, [idx]), half), align=2), h8),
+                           v8)
+        return ld8(b.bitcast(base, ptr(f32)), idx)
+
+    def kv1(base, idx):
+        if half_kv:
+            return emit_f16_to_f32(b, b.load(b.gep(base, [idx])), hardware_half(Target.CPU))
+        return b.load(b.gep(b.bitcast(base, ptr(f32)), [idx]))
+
+    def splat8(x):
+        return b.shuffle_vector(b.insert_element(ir.Constant(v8, ir.Undefined), x,
+                                                 const(i32, 0)),
+                                ir.Constant(v8, ir.Undefined),
+                                ir.Constant(ir.VectorType(i32, 8), [0] * 8))
+
+    def lanes(v, idx):
+        idx = list(idx)
+        return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, len(idx)), idx))
+
+    tile = const(i64, TILE)
+    vkq = b.alloca(f32, b.mul(hd, const(i64, rows)), name="vkq")
+    kq = b.alloca(f32, rows * TILE, name="kq")
+    m_ = [b.alloca(f32, name=f"M{k}") for k in range(rows)]
+    s_ = [b.alloca(f32, name=f"S{k}") for k in range(rows)]
+    sd_ = b.alloca(f64, name="sumd")
+    accs = [[b.alloca(v8, name=f"a{k}{t}") for t in range(2)] for k in range(rows)]
+    acc1 = [b.alloca(f32, name=f"t{k}") for k in range(rows)]
+    g = b.sdiv(h, group)
+    kbase = b.mul(g, hstride)
+    pos = [b.add(p0, b.add(i, const(i64, k))) for k in range(rows)]
+
+    def first_key(p):  # a sliding window keeps p - j < n_swa
+        lo = b.sub(p, b.sub(n_swa, c1))
+        return b.select(b.icmp_signed(">", n_swa, c0),
+                        b.select(b.icmp_signed(">", lo, c0), lo, c0), c0)
+
+    lo = [first_key(p) for p in pos]
+    qrow = [b.gep(q, [b.mul(b.add(b.mul(b.add(i, const(i64, k)), n_head), h), hd)])
+            for k in range(rows)]
+    vrow = [b.gep(vkq, [b.mul(const(i64, k), hd)]) for k in range(rows)]
+    kqrow = [b.gep(kq, [const(i64, k * TILE)]) for k in range(rows)]
+    for k in range(rows):
+        b.store(ninf, m_[k])
+        b.store(fz, s_[k])
+        with for_range(b, c0, hd, name="zv") as d:
+            b.store(fz, b.gep(vrow[k], [d]))
+    hd_vec = b.sub(hd, b.srem(hd, const(i64, V_WIDTH)))
+    capped = b.fcmp_ordered("!=", cap, fz)
+    start = b.mul(b.sdiv(lo[0], tile), tile)
+    last = pos[-1]
+    with for_range(b, start, b.add(last, c1), TILE, name="ic") as ic:
+        # q.k for 16 keys at a time: each score one FMA chain over the dims, from 0
+        for c in range(0, TILE, V_WIDTH):
+            for row in accs:
+                for a in row:
+                    b.store(zero8, a)
+            with for_range(b, c0, hd, name="d") as d:
+                ktrow = b.add(b.add(b.mul(b.add(b.mul(g, hd), d), tpad), ic), const(i64, c))
+                kv = [ld8(kt, ktrow), ld8(kt, b.add(ktrow, const(i64, 8)))]
+                for k in range(rows):
+                    qd = splat8(b.load(b.gep(qrow[k], [d])))
+                    for t in range(2):
+                        b.store(b.call(fma8, [kv[t], qd, b.load(accs[k][t])]), accs[k][t])
+            for k in range(rows):
+                for t in range(2):
+                    st8(b.load(accs[k][t]), kqrow[k], const(i64, c + 8 * t))
+        # each query's scores, its running max and sum
+        for k in range(rows):
+            row = kqrow[k]
+            for e in range(0, TILE, 8):
+                st8(b.fmul(ld8(row, const(i64, e)), splat8(sc)), row, const(i64, e))
+            with b.if_then(capped):
+                with for_range(b, c0, tile, name="cap") as t:
+                    p = b.gep(row, [t])
+                    b.store(b.fmul(cap, b.call(tanhf, [b.load(p)])), p)
+            mx = None
+            for e in range(0, TILE, 8):
+                j = b.add(splat8_i(b, b.add(ic, const(i64, e))),
+                          ir.Constant(ir.VectorType(i64, 8), list(range(8))))
+                seen = b.and_(b.icmp_signed(">=", j, splat8_i(b, lo[k])),
+                              b.icmp_signed("<=", j, splat8_i(b, pos[k])))
+                v = b.select(seen, ld8(row, const(i64, e)), ir.Constant(v8, [float("-inf")] * 8))
+                st8(v, row, const(i64, e))
+                mx = v if mx is None else b.select(b.fcmp_ordered(">", mx, v), mx, v)
+            mx4 = b.select(b.fcmp_ordered(">", lanes(mx, range(4)), lanes(mx, range(4, 8))),
+                           lanes(mx, range(4)), lanes(mx, range(4, 8)))
+            mx2 = b.select(b.fcmp_ordered(">", lanes(mx4, [0, 1]), lanes(mx4, [2, 3])),
+                           lanes(mx4, [0, 1]), lanes(mx4, [2, 3]))
+            a0, a1 = (b.extract_element(mx2, const(i32, t)) for t in range(2))
+            tmax = b.select(b.fcmp_ordered(">", a0, a1), a0, a1)
+            with b.if_else(b.fcmp_ordered("==", tmax, ninf)) as (skip, go):
+                with skip:  # no key of this tile: weights 0, nothing else moves
+                    for e in range(0, TILE, 8):
+                        st8(zero8, row, const(i64, e))
+                with go:
+                    mo = b.load(m_[k])
+                    mnew = b.call(maxnum, [mo, tmax])
+                    with b.if_then(b.fcmp_ordered(">", mnew, mo)):
+                        ms = b.call(expf, [b.fsub(mo, mnew)])
+                        with for_range(b, c0, hd, name="sc") as d:
+                            p = b.gep(vrow[k], [d])
+                            b.store(b.fmul(b.load(p), ms), p)
+                        b.store(b.fmul(b.load(s_[k]), ms), s_[k])
+                    b.store(mnew, m_[k])
+                    sd = ir.Constant(f64, 0.0)
+                    for e in range(0, TILE, 8):
+                        ev = emit_v_expf(b, b.fsub(ld8(row, const(i64, e)), splat8(mnew)))
+                        st8(ev, row, const(i64, e))
+                        h4 = b.fadd(lanes(ev, range(4)), lanes(ev, range(4, 8)))
+                        h2 = b.fadd(lanes(h4, [0, 1]), lanes(h4, [2, 3]))
+                        r = b.fadd(b.extract_element(h2, const(i32, 0)),
+                                   b.extract_element(h2, const(i32, 1)))
+                        sd = b.fadd(sd, b.fpext(r, f64))
+                    b.store(b.fptrunc(b.fadd(b.fpext(b.load(s_[k]), f64), sd), f32), s_[k])
+        # V: one FMA chain over the keys any of the queries sees, 16 dims at a time
+        jlo = b.select(b.icmp_signed(">", lo[0], ic), lo[0], ic)
+        top = b.add(ic, const(i64, TILE - 1))
+        jhi = b.select(b.icmp_signed("<", last, top), last, top)
+        with for_range(b, c0, hd_vec, V_WIDTH, name="vd") as d:
+            for k in range(rows):
+                for t in range(2):
+                    b.store(ld8(vrow[k], b.add(d, const(i64, 8 * t))), accs[k][t])
+            with for_range(b, jlo, b.add(jhi, c1), name="vj") as j:
+                at = b.add(b.add(kbase, b.mul(j, hd)), d)
+                vv = [kv8(vc, at), kv8(vc, b.add(at, const(i64, 8)))]
+                for k in range(rows):
+                    pj = splat8(b.load(b.gep(kqrow[k], [b.sub(j, ic)])))
+                    for t in range(2):
+                        b.store(b.call(fma8, [vv[t], pj, b.load(accs[k][t])]), accs[k][t])
+            for k in range(rows):
+                for t in range(2):
+                    st8(b.load(accs[k][t]), vrow[k], b.add(d, const(i64, 8 * t)))
+        with for_range(b, hd_vec, hd, name="vt") as d:  # dims past whole blocks of 16
+            for k in range(rows):
+                b.store(b.load(b.gep(vrow[k], [d])), acc1[k])
+            with for_range(b, jlo, b.add(jhi, c1), name="vtj") as j:
+                vj = kv1(vc, b.add(b.add(kbase, b.mul(j, hd)), d))
+                for k in range(rows):
+                    pj = b.load(b.gep(kqrow[k], [b.sub(j, ic)]))
+                    b.store(b.call(fma, [vj, pj, b.load(acc1[k])]), acc1[k])
+            for k in range(rows):
+                b.store(b.load(acc1[k]), b.gep(vrow[k], [d]))
+    for k in range(rows):  # V / S
+        s = b.load(s_[k])
+        inv = b.select(b.fcmp_ordered("==", s, fz), fz, b.fdiv(_fc(1.0), s))
+        orow = b.gep(out, [b.mul(b.add(b.mul(b.add(i, const(i64, k)), n_head), h), hd)])
+        with for_range(b, c0, hd, name="o") as d:
+            b.store(b.fmul(b.load(b.gep(vrow[k], [d])), inv), b.gep(orow, [d]))
+    b.ret_void()
+    return fn
+
+
+def splat8_i(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """<8 x i64> of x."""
+    t = ir.VectorType(i64, 8)
+    return b.shuffle_vector(b.insert_element(ir.Constant(t, ir.Undefined), x, const(i32, 0)),
+                            ir.Constant(t, ir.Undefined),
+                            ir.Constant(ir.VectorType(i32, 8), [0] * 8))
 
 
 def _build_reduce(m: ir.Module) -> None:
