@@ -282,7 +282,28 @@ def _load(obj: bytes, signatures: dict[str, type]) -> CompiledModule:
     engine.finalize_object()
     compiled = CompiledModule(engine, signatures)
     compiled.obj = obj
+    if os.environ.get("GGUFLAB_PERF_MAP"):
+        _perf_map(engine, obj)
     return compiled
+
+
+def _perf_map(engine: llvm.ExecutionEngine, obj: bytes) -> None:
+    """Name the loaded functions in /tmp/perf-PID.map, where `perf report` looks for JIT
+    symbols (GGUFLAB_PERF_MAP=1; needs binutils' nm)."""
+    import subprocess
+    import tempfile
+    with tempfile.NamedTemporaryFile(suffix=".o") as f:
+        f.write(obj)
+        f.flush()
+        out = subprocess.run(["nm", "-S", "--defined-only", f.name], capture_output=True,
+                             text=True).stdout
+    with open(f"/tmp/perf-{os.getpid()}.map", "a") as m:
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) == 4 and parts[2] in "tT":
+                addr = engine.get_function_address(parts[3])
+                if addr:
+                    m.write(f"{addr:x} {int(parts[1], 16):x} {parts[3]}\n")
 
 
 def store_cached(path: str, data: bytes) -> None:
