@@ -107,7 +107,6 @@ def _build(m: ir.Module, name: str, half_kv: bool) -> None:
     fz, one, ninf = _fc(0.0), _fc(1.0), _fc(float("-inf"))
     vkq = b.alloca(f32, hd, name="vkq")  # the V accumulator (fp16 values on the VEC route)
     qh = b.alloca(f32, hd, name="qh")  # Q rounded to fp16
-    kq = b.alloca(f32, TILE, name="kq")  # a tile's scores, then its exponentials
     acc = b.alloca(f32, STEP, name="acc")
     m_, s_ = b.alloca(f32, name="M"), b.alloca(f32, name="S")
     sd_ = b.alloca(f64, name="sumd")
@@ -383,7 +382,6 @@ def _build_tiled_block(m: ir.Module, name: str, rows: int, half_kv: bool) -> ir.
     kq = b.alloca(f32, rows * TILE, name="kq")
     m_ = [b.alloca(f32, name=f"M{k}") for k in range(rows)]
     s_ = [b.alloca(f32, name=f"S{k}") for k in range(rows)]
-    sd_ = b.alloca(f64, name="sumd")
     accs = [[b.alloca(v8, name=f"a{k}{t}") for t in range(2)] for k in range(rows)]
     acc1 = [b.alloca(f32, name=f"t{k}") for k in range(rows)]
     g = b.sdiv(h, group)
