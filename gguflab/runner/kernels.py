@@ -113,7 +113,9 @@ FINITE_DEQUANT = True  # decode kernels: the finite-math flags on the dequantiza
 GEMV_ACCS = 4  # accumulators of the decode kernel: enough to cover the FMA latency
 GEMV_TOKENS = (1, 4)  # decode kernel variants: 1 token, and up to 4 tokens in one pass
 GEMV_ROWS = 1  # rows the decode kernel runs side by side (quantized weights)
-GEMV_ROWS_FLOAT = 2  # (float weights, one token: 4 accumulators each, see _build_gemv_vec_dot)
+GEMV_ROWS_FLOAT = 1  # (float weights: 4 accumulators each, see _build_gemv_vec_dot; two rows side
+# by side were faster on one weight reused from cache, but 1.4x slower on weights streaming from
+# memory, as decoding reads them: a 1536x576 F16 product over 212 MB of weights, 194 -> 137 us)
 
 
 # -- the block each kernel walks -----------------------------------------------------------
