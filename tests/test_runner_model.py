@@ -91,7 +91,10 @@ def _decode_both_ways(path, tune=lambda m: None, fa="auto", prompt=TOKENS[:9], n
         out = [m.forward(prompt, cache)]
         for _ in range(12):
             out.append(m.forward([int(np.argmax(out[-1]))], cache))
-        runs.append((np.array(out), cache.k[:, :, :cache.n], cache.v[:, :, :cache.n]))
+        programs = [p for d in (m._decoders or {}).values()
+                    for p in (d._programs if d._programs_for is not None else {}).values()]
+        runs.append((np.array(out), cache.k[:, :, :cache.n], cache.v[:, :, :cache.n],
+                     any(p is not None for p in programs)))
     return runs
 
 
@@ -108,7 +111,8 @@ def test_prepared_decoding_steps_are_the_general_route_bit_for_bit(case, smollm2
     """One token runs through prepared buffers and posted products (model._Decoder); the
     general route computes the same thing per call. Same logits, same caches, for the
     integer (Q4_1) and float (F16) products, biases, q/k norms, Gemma's post norms, GELU,
-    soft caps and sliding window, Phi-3's fused weights, and flash attention forced f32."""
+    soft caps and sliding window, Phi-3's fused weights, and flash attention forced f32;
+    where it can, the prepared step runs as one compiled program on the thread team."""
     from dataclasses import replace
 
     from gguflab.synth import SynthConfig, write_synthetic_llama
@@ -125,8 +129,10 @@ def test_prepared_decoding_steps_are_the_general_route_bit_for_bit(case, smollm2
                           sliding_window=4 if arch.startswith("gemma") else 0, seed=3)
         path = write_synthetic_llama(tmp_path / f"{case}.gguf",
                                      replace(cfg, tokenizer_from=smollm2))
-    (a, ka, va), (b, kb, vb) = _decode_both_ways(path, tune, fa, **more)
+    (a, ka, va, program), (b, kb, vb, _) = _decode_both_ways(path, tune, fa, **more)
     assert a.shape[0] == 13 and np.isfinite(a).all()
+    # the step runs as one compiled program (runner/program.py) but for GELU and f32 attention
+    assert program == (case not in ("gemma2", "gemma3", "f32-attention"))
     for ours, general in ((a, b), (ka, kb), (va, vb)):
         np.testing.assert_array_equal(ours.view(np.uint32), general.view(np.uint32))
 

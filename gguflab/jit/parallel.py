@@ -12,6 +12,12 @@
 
 A job is `fn(i64* args, i64 part, i64 n_parts)` (a compiled function's address) with up to
 `JOB_ARGS` int64 arguments and a number of parts; `pack_job` writes one into a job table.
+
+`Team.run_program(phases, n)` runs a sequence of job tables, each finished before the next
+starts (a barrier between), without coming back to Python: a decoding step's ~300
+products, norms and rotations in one call, as ggml runs a graph. A phase of serial steps is
+one job of one part, `steps_part()`, that calls each step's function in turn (see
+`STEP_WORDS`).
 """
 
 from __future__ import annotations
@@ -40,6 +46,13 @@ PART_BITS = 20  # the ticket word: seq (24 bits) | total parts (20) | next part 
 # cache lines
 TICKET, DONE, JOBS, N_JOBS, N_WORKERS, YIELD, QUIT, SLEEP = 0, 8, 16, 17, 18, 19, 24, 32
 YIELD_EVERY = 64
+# a serial step: a function's address and 8 int64 arguments. The function takes at most 8
+# arguments, all integers or pointers, and is called with all 8: the C calling conventions
+# of the targets we compile for (x86-64 SysV and Windows, AArch64) pass the first of those
+# in registers and leave any stack ones to the caller, so the ones it does not take are
+# ignored.
+STEP_ARGS = 8
+STEP_WORDS = 1 + STEP_ARGS
 _JOB = struct.Struct(f"<{JOB_WORDS}q")
 
 
@@ -261,6 +274,31 @@ def _build_team_module() -> ir.Module:
     b.ret(c(0))
     b.position_at_end(quit_)
     b.ret(c(1))
+
+    # team_program(ctrl, phases, n_phases): team_run over each (jobs, n_jobs) pair in turn
+    team_run = m.globals["team_run"]
+    fn = ir.Function(m, ir.FunctionType(i64, [ptr(i64), ptr(i64), i64]), "team_program")
+    ctrl, phases, n_phases = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    acc = b.alloca(i64)
+    b.store(c(0), acc)
+    with for_range(b, c(0), n_phases) as k:
+        jobs = b.inttoptr(b.load(b.gep(phases, [b.mul(k, c(2))])), ptr(i64))
+        n = b.load(b.gep(phases, [b.add(b.mul(k, c(2)), c(1))]))
+        b.store(b.or_(b.load(acc), b.call(team_run, [ctrl, jobs, n])), acc)
+    b.ret(b.load(acc))
+
+    # steps(args, part, n_parts): the steps at args[0] (a count, then STEP_WORDS each)
+    fn = ir.Function(m, job_fn, "steps")
+    argv = fn.args[0]
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    steps = b.inttoptr(b.load(argv), ptr(i64))
+    step_fn = ir.FunctionType(void, [i64] * STEP_ARGS)
+    with for_range(b, c(0), b.load(steps)) as k:
+        rec = b.gep(steps, [b.add(b.mul(k, c(STEP_WORDS)), c(1))])
+        target = b.inttoptr(b.load(rec), ptr(step_fn))
+        b.call(target, [b.load(b.gep(rec, [c(1 + a)])) for a in range(STEP_ARGS)])
+    b.ret_void()
     return m
 
 
@@ -271,9 +309,18 @@ _I64 = ctypes.c_int64
 def _team_kernels():
     run = ctypes.CFUNCTYPE(_I64, ctypes.c_void_p, ctypes.c_void_p, _I64)
     work = ctypes.CFUNCTYPE(_I64, ctypes.c_void_p, _I64, _I64)
-    mod = compile_kernels(_build_team_module, {"team_run": run, "team_work": work},
+    step = ctypes.CFUNCTYPE(None, ctypes.c_void_p, _I64, _I64)
+    mod = compile_kernels(_build_team_module, {"team_run": run, "team_work": work,
+                                               "team_program": run, "steps": step},
                           key="parallel.team")
-    return mod["team_run"], mod["team_work"]
+    return mod["team_run"], mod["team_work"], mod["team_program"], mod["steps"]
+
+
+def steps_part() -> int:
+    """The address of the job that runs a list of serial steps (args[0]: the list's
+    address; the list: the number of steps, then each step's function address and its
+    STEP_ARGS arguments)."""
+    return ctypes.cast(_team_kernels()[3], ctypes.c_void_p).value
 
 
 @cache
@@ -289,7 +336,7 @@ class Team:
     """`n_threads - 1` worker threads plus whoever calls `run`."""
 
     def __init__(self, n_threads: int):
-        self._run, self._work = _team_kernels()
+        self._run, self._work, self._program = _team_kernels()[:3]
         self.n_workers = n_threads - 1
         self.ctrl = np.zeros(SLEEP + 8 * max(1, self.n_workers), np.int64)
         self.ctrl[N_WORKERS] = self.n_workers
@@ -309,11 +356,19 @@ class Team:
     def run(self, jobs: int, n_jobs: int) -> None:
         """Run every part of the `n_jobs` jobs at address `jobs`; returns when all are done.
         A second thread calling meanwhile runs its jobs alone rather than wait."""
+        self._call(self._run, jobs, n_jobs)
+
+    def run_program(self, phases: int, n_phases: int) -> None:
+        """Run the phases at address `phases` (pairs of a job table's address and its
+        number of jobs) one after the other, each to its end before the next begins."""
+        self._call(self._program, phases, n_phases)
+
+    def _call(self, fn, a: int, n: int) -> None:
         if not self._lock.acquire(blocking=False):
-            _solo().run(jobs, n_jobs)
+            _solo()._call(fn, a, n)
             return
         try:
-            if self._run(self._addr, jobs, n_jobs):
+            if fn(self._addr, a, n):
                 for w in range(self.n_workers):
                     if self.ctrl[SLEEP + 8 * w]:
                         self.ctrl[SLEEP + 8 * w] = 0

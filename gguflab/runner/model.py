@@ -7,7 +7,9 @@ fly. Hyperparameters and conventions follow llama.cpp (F16 KV cache)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,13 +18,17 @@ import numpy as np
 
 from ..errors import UserError
 from ..gguf import GGMLType, GGUFReader, Keys, ReaderTensor
-from ..jit.parallel import default_threads
-from .attention import TILED, OneQuery, flash_attn
+from ..jit.parallel import JOB_WORDS, default_threads, team
+from .attention import SPLIT, TILE, TILED, OneQuery, flash_attn, key_ranges
+from .attention import _kernels as attn_kernels
 from .families import FAMILIES, Family, supported
-from .kernels import Products, get_rows, matmul, matmuls
+from .kernels import _HALF_KINDS, Products, _act_kernels, get_rows, matmul, matmuls
 from .ops import rms_norm, soft_max, swiglu
 from .ops import tanh as ops_tanh
+from .program import Program, f32_bits
+from .program import kernels as program_kernels
 from .rope import RopeParams, rope_rotate, rope_table, yarn_attn_factor
+from .rope import _kernels as rope_kernels
 
 
 @dataclass(frozen=True)
@@ -519,6 +525,11 @@ class Model:
         return memo[1]
 
 
+def _addr(fn) -> int:
+    """The address of a compiled function loaded as a ctypes function."""
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
 class _Decoder:
     """One token through the CPU layers, with every buffer and product posted once: the same
     steps and kernels as `Model.forward`'s general route (the same bits, tested), without
@@ -541,6 +552,7 @@ class _Decoder:
         self.attend = OneQuery(self.qr, self.att, hp.n_head_kv, hp.q_scale, hp.attn_softcap,
                                threads)
         self.steps = []
+        self.rope_rows: dict[bool, np.ndarray] = {}  # the token's RoPE row, global and local
         ffn: dict[int, tuple[np.ndarray, ...]] = {}  # gate, up, act by FFN width
         for L in m.layers[:n_cpu]:
             n_ff = L.w_gate.data.shape[0]
@@ -556,6 +568,136 @@ class _Decoder:
 
     def run(self, m: Model, x: np.ndarray, p0: int, cache: KVCache) -> np.ndarray:
         """x (n_embd,) at position p0 through the CPU layers; a new array."""
+        if self.use_program:
+            ranges = key_ranges(1, p0, cache.n_ctx, self.threads)
+            prog = self._program(m, cache, bool(ranges))
+            if prog is not None:
+                self.x[...] = x
+                pos = np.array([p0])
+                for local, row in self.rope_rows.items():
+                    row[...] = m._rope_tables(pos, local, cache.n_ctx)
+                prog.run(team(self.threads), p0=p0, tpad=-(-(p0 + 1) // TILE) * TILE,
+                         size=ranges)
+                return self.x.copy()
+        return self._run_steps(m, x, p0, cache)
+
+    use_program = True  # (False: the steps one by one from Python, as before; for tests)
+
+    def _program(self, m: Model, cache: KVCache, split: bool) -> Program | None:
+        """This decoder's step as one `Program` over `cache` (None where the model needs a
+        step the program does not take: GELU, a float-rounded x, attention in f32)."""
+        if self._programs_for is None or self._programs_for() is not cache:
+            self._programs_for, self._programs = weakref.ref(cache), {}
+        if split not in self._programs:
+            self._programs[split] = self._build_program(m, cache, split)
+        return self._programs[split]
+
+    _programs_for: weakref.ref | None = None
+
+    def _build_program(self, m: Model, cache: KVCache, split: bool) -> Program | None:
+        hp = m.hp
+        if (not self.steps or m.flash_attn == "f32" or hp.family.gelu
+                or cache.k.dtype != np.float32 or cache.k.shape[0] < len(self.steps)):
+            return None
+        hd, n_kv, n_head, n_ctx = hp.head_dim, hp.n_head_kv, hp.n_head, cache.n_ctx
+        k = program_kernels()
+        prog = Program()
+        keep = prog.keep
+        eps = f32_bits(hp.rms_eps)
+
+        def arr(a):  # a float32 array the steps read by address
+            a = np.ascontiguousarray(a, np.float32)
+            keep.append(a)
+            return a.ctypes.data
+
+        def rounds(P) -> bool:  # x rounded as the products `P` read it
+            for act, int_path, buf in P.rounds:
+                if int_path or act in _HALF_KINDS:
+                    prog.step(_addr(_act_kernels()[act]), id(P.x), 1, P.x.shape[0], id(buf))
+                elif buf is not P.x:
+                    return False
+            return True
+
+        def products(P):
+            prog.parallel(np.frombuffer(P.table.buf, np.int64, P.n_jobs * JOB_WORDS)
+                          .reshape(-1, JOB_WORDS))
+
+        def residual(L):
+            if L.ffn_post_norm is not None:
+                prog.step(k["rms_norm_step"], self.a.ctypes.data, arr(L.ffn_post_norm),
+                          self.a.ctypes.data, 1, hp.n_embd, eps)
+            prog.step(k["add_step"], self.x.ctypes.data, self.a.ctypes.data,
+                      self.x.ctypes.data, hp.n_embd)
+
+        X, h, a = self.x.ctypes.data, self.h.ctypes.data, self.a.ctypes.data
+        att = self.att.ctypes.data
+        rope_fn = _addr(rope_kernels()["rope_rotate"])
+        attn = attn_kernels()
+        reduce_fn = _addr(attn["reduce"])
+        q_args = self.attend.args
+        rows = n_head
+        parts = min(rows, 4 * self.threads) if self.threads > 1 else 1
+        n_ranges = self.threads
+        partials = np.empty(n_head * n_ranges * (hd + 2), np.float32)
+        keep.append(partials)
+        for il, (L, step) in enumerate(zip(m.layers, self.steps)):
+            qkv, wo, gate_up, down, (g, u, act) = step
+            if il:
+                residual(m.layers[il - 1])
+            prog.step(k["rms_norm_step"], X, arr(L.attn_norm), h, 1, hp.n_embd, eps)
+            if not rounds(qkv):
+                return None
+            products(qkv)
+            if L.bq is not None:
+                for vec, bias in ((self.q, L.bq), (self.k, L.bk), (self.v, L.bv)):
+                    prog.step(k["add_step"], vec.ctypes.data, arr(bias), vec.ctypes.data,
+                              vec.size)
+            if L.q_norm is not None:
+                prog.step(k["rms_norm_step"], self.q.ctypes.data, arr(L.q_norm),
+                          self.q.ctypes.data, n_head, hd, eps)
+                prog.step(k["rms_norm_step"], self.k.ctypes.data, arr(L.k_norm),
+                          self.k.ctypes.data, n_kv, hd, eps)
+            local = bool(hp.swa_layers) and hp.swa_layers[il]
+            table = self.rope_rows.setdefault(local, np.empty((1, hp.rope_dim), np.float32))
+            prog.step(rope_fn, self.qk.ctypes.data, self.qkr.ctypes.data, table.ctypes.data,
+                      1, n_head + n_kv, hd, hp.rope_dim, int(hp.rope_neox))
+            keys, vals = cache.k[il], cache.v[il]
+            for src, dst in ((self.kr.ctypes.data, keys), (self.v.ctypes.data, vals)):
+                w = prog.step(k["store_f16_step"], src, 0, n_kv, hd, n_ctx * hd)
+                prog.vary("p0", w, 2, dst.ctypes.data, 4 * hd)
+            args = list(q_args)
+            args[1], args[2], args[9] = keys.ctypes.data, vals.ctypes.data, n_ctx * hd
+            args[12] = hp.n_swa if local else 0
+            part = attn["attn_f32"]
+            if split:
+                args[4], args[5] = partials.ctypes.data, n_ranges | SPLIT << 32
+                w = prog.job(part, min(n_ranges * n_head, 4 * self.threads), *args)
+                prog.vary("size", w, 2 + 10)
+                prog.vary("p0", w, 2 + 11)
+                prog.step(reduce_fn, partials.ctypes.data, att, n_head, n_ranges, hd)
+            else:
+                w = prog.job(part, parts, *args)
+                prog.vary("tpad", w, 2 + 10)
+                prog.vary("p0", w, 2 + 11)
+            if not rounds(wo):
+                return None
+            products(wo)
+            if L.attn_post_norm is not None:
+                prog.step(k["rms_norm_step"], a, arr(L.attn_post_norm), a, 1, hp.n_embd, eps)
+            prog.step(k["add_step"], X, a, X, hp.n_embd)
+            prog.step(k["rms_norm_step"], X, arr(L.ffn_norm), h, 1, hp.n_embd, eps)
+            if not rounds(gate_up):
+                return None
+            products(gate_up)
+            prog.step(k["swiglu_step"], g.ctypes.data, u.ctypes.data, act.ctypes.data, g.size)
+            if not rounds(down):
+                return None
+            products(down)
+        residual(m.layers[len(self.steps) - 1])
+        keep.append(cache)  # (the program is dropped with the cache: see `_program`)
+        return prog.build()
+
+    def _run_steps(self, m: Model, x: np.ndarray, p0: int, cache: KVCache) -> np.ndarray:
         hp, eps = m.hp, m.hp.rms_eps
         n_kv, hd = hp.n_head_kv, hp.head_dim
         pos = np.array([p0])

@@ -1,0 +1,185 @@
+"""A decoding step as one compiled call.
+
+Decoding a small model is mostly hand-offs: SmolLM2-135M makes about 300 products, norms,
+rotations and cache writes a token, each a few microseconds of arithmetic. Called one by
+one from Python, the calls and the waits between them cost more than the arithmetic, and
+the other threads idle meanwhile. A `Program` is the step written out once: phases of team
+jobs (`jit.parallel`), each finished before the next begins, the serial pieces between
+them (norms, RoPE, the cache writes, rounding x for the next products) as lists of steps
+one thread runs. Per token only the words that depend on the position change: `run(p0=...)`
+writes them (each `base + mult * value`) and hands the whole step to the team.
+
+The steps call the same compiled functions the general route calls, so the bits are the
+same (tested against `Model.forward`'s general route).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+import numpy as np
+from llvmlite import ir
+
+from ..jit import compile_kernels
+from ..jit.builders import Target, const, f32, for_range, i64, ptr, void
+from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
+from ..jit.parallel import JOB_ARGS, JOB_WORDS, STEP_ARGS, Team, steps_part
+from . import ops
+
+
+class Program:
+    """Phases of jobs run in order by a thread team. Build it with `parallel` (a job table)
+    and `step` (a serial step, gathered with the steps around it into one one-part job);
+    `where`s returned by both name a word that `vary` makes depend on a variable."""
+
+    def __init__(self):
+        self._phases: list[list[list[int]]] = []  # each: job records (JOB_WORDS ints)
+        self._serial: list[list[list[int]] | None] = []  # a phase's steps, if serial
+        self._vary: dict[str, list[tuple[tuple[int, ...], int, int]]] = {}
+        self.keep: list = []  # what the words point at stays alive with the program
+        self._words: np.ndarray | None = None
+
+    def parallel(self, records: np.ndarray | list[list[int]]) -> tuple[int, int]:
+        """A phase of these job records (JOB_WORDS words each): returns its index."""
+        recs = [list(map(int, r)) for r in records]
+        if any(len(r) != JOB_WORDS for r in recs):
+            raise ValueError(f"a job record is {JOB_WORDS} words")
+        self._phases.append(recs)
+        self._serial.append(None)
+        return len(self._phases) - 1, 0
+
+    def job(self, fn: int, parts: int, *args: int) -> tuple[int, int]:
+        """A phase of one job: `where` of its first argument word is (phase, 0) + (2 + k)."""
+        if len(args) > JOB_ARGS:
+            raise ValueError(f"a job takes at most {JOB_ARGS} arguments")
+        return self.parallel([[fn, parts, *args, *(0,) * (JOB_ARGS - len(args))]])
+
+    def step(self, fn: int, *args: int) -> tuple[int, int]:
+        """A serial step after what came before; returns (phase, step index)."""
+        if len(args) > STEP_ARGS:
+            raise ValueError(f"a step takes at most {STEP_ARGS} arguments")
+        if not self._serial or self._serial[-1] is None:
+            self._phases.append([])
+            self._serial.append([])
+        steps = self._serial[-1]
+        steps.append([fn, *args, *(0,) * (STEP_ARGS - len(args))])
+        return len(self._phases) - 1, len(steps) - 1
+
+    def vary(self, var: str, where: tuple[int, int], word: int, base: int = 0,
+             mult: int = 1) -> None:
+        """Word `word` of the record or step at `where` becomes base + mult * var on each
+        run (for a job record: word 2 is its first argument; for a step: word 1)."""
+        self._vary.setdefault(var, []).append((where, word, base, mult))
+
+    def build(self) -> Program:
+        """Lay the program out in one array of words: the phase table, the job records,
+        the step lists; after this, `run`."""
+        n_ph = len(self._phases)
+        n_rec = sum(max(1, len(r)) if s is None else 1
+                    for r, s in zip(self._phases, self._serial))
+        n_steps = sum(1 + len(s) * (1 + STEP_ARGS) for s in self._serial if s is not None)
+        words = np.zeros(2 * n_ph + n_rec * JOB_WORDS + n_steps, np.int64)
+        addr = words.ctypes.data
+        at_rec = 2 * n_ph
+        at_step = at_rec + n_rec * JOB_WORDS
+        where: dict[tuple[int, int], int] = {}  # (phase, record or step) -> word index
+        for k, (recs, steps) in enumerate(zip(self._phases, self._serial)):
+            words[2 * k] = addr + 8 * at_rec
+            if steps is None:
+                words[2 * k + 1] = len(recs)
+                for j, rec in enumerate(recs):
+                    where[k, j] = at_rec
+                    words[at_rec:at_rec + JOB_WORDS] = rec
+                    at_rec += JOB_WORDS
+            else:
+                words[2 * k + 1] = 1
+                words[at_rec:at_rec + 3] = [steps_part(), 1, addr + 8 * at_step]
+                at_rec += JOB_WORDS
+                words[at_step] = len(steps)
+                at_step += 1
+                for j, st in enumerate(steps):
+                    where[k, j] = at_step
+                    words[at_step:at_step + 1 + STEP_ARGS] = st
+                    at_step += 1 + STEP_ARGS
+        self._words, self._n_phases = words, n_ph
+        self._patches = {}
+        for var, items in self._vary.items():
+            idx = np.array([where[w] + word for w, word, _, _ in items], np.int64)
+            base = np.array([b for _, _, b, _ in items], np.int64)
+            mult = np.array([m for _, _, _, m in items], np.int64)
+            self._patches[var] = (idx, base, mult)
+        return self
+
+    def run(self, team: Team, **values: int) -> None:
+        """Set the varying words from `values` (every variable `vary` named) and run the
+        phases on `team`."""
+        words = self._words
+        for var, (idx, base, mult) in self._patches.items():
+            words[idx] = base + mult * values[var]
+        team.run_program(words.ctypes.data, self._n_phases)
+
+
+# -- the serial steps' own kernels: plain pointers and integers only (see STEP_ARGS) --------
+
+
+def _build(m: ir.Module) -> None:
+    ops._build_rms_norm(m)
+    ops._build_swiglu(m)
+    # rms_norm_steps(x, w, y, n_rows, n, eps bits): ops.rms_norm over whole rows
+    fn = ir.Function(m, ir.FunctionType(void, [i64] * 6), "rms_norm_step")
+    x, w, y, rows, n, eps = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    impl = m.globals["rms_norm.impl"]
+    p = lambda v: b.inttoptr(v, ptr(f32))  # noqa: E731
+    b.call(impl, [p(x), p(w), p(y), const(i64, 0), rows, n,
+                  b.bitcast(b.trunc(eps, ir.IntType(32)), f32)])
+    b.ret_void()
+    # swiglu_step(g, u, y, n)
+    fn = ir.Function(m, ir.FunctionType(void, [i64] * 4), "swiglu_step")
+    g, u, y, n = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    b.call(m.globals["swiglu.impl"], [p(g), p(u), p(y), const(i64, 0), const(i64, 1), n])
+    b.ret_void()
+    # add_step(a, c, y, n): y = a + c, float32
+    fn = ir.Function(m, ir.FunctionType(void, [i64] * 4), "add_step")
+    a, c, y, n = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    with for_range(b, const(i64, 0), n) as i:
+        b.store(b.fadd(b.load(b.gep(p(a), [i])), b.load(b.gep(p(c), [i]))),
+                b.gep(p(y), [i]))
+    b.ret_void()
+    # store_f16_step(x, dst, n_rows, n, dst_stride): rows of x (n floats each) rounded to
+    # fp16 (nearest even, as numpy's astype) and stored as float32 into rows dst_stride
+    # floats apart: a KV cache column
+    fn = ir.Function(m, ir.FunctionType(void, [i64] * 5), "store_f16_step")
+    x, dst, rows, n, stride = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    hw = hardware_half(Target.CPU)
+    with for_range(b, const(i64, 0), rows, name="r") as r:
+        src = b.gep(p(x), [b.mul(r, n)])
+        out = b.gep(p(dst), [b.mul(r, stride)])
+        with for_range(b, const(i64, 0), n, name="i") as i:
+            h = emit_f32_to_f16(b, b.load(b.gep(src, [i])), hw)
+            b.store(emit_f16_to_f32(b, h, hw), b.gep(out, [i]))
+    b.ret_void()
+
+
+STEPS = ("rms_norm_step", "swiglu_step", "add_step", "store_f16_step")
+
+
+@cache
+def kernels() -> dict[str, int]:
+    """The steps' kernels by name: their addresses."""
+    def build() -> ir.Module:
+        m = ir.Module(name="program_steps")
+        _build(m)
+        return m
+
+    sig = ctypes.CFUNCTYPE(None)
+    mod = compile_kernels(build, key="program.steps", signatures=dict.fromkeys(STEPS, sig))
+    return {name: ctypes.cast(mod[name], ctypes.c_void_p).value for name in STEPS}
+
+
+def f32_bits(v: float) -> int:
+    return int(np.array([v], np.float32).view(np.int32)[0])

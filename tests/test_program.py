@@ -1,0 +1,39 @@
+"""runner/program.py: a decoding step's phases and serial steps run as one compiled call;
+the words that depend on the position are rewritten per run."""
+
+import numpy as np
+import pytest
+
+from gguflab.jit.parallel import STEP_ARGS, team
+from gguflab.runner.program import Program, f32_bits, kernels
+
+
+def test_steps_run_in_order_and_varying_words_follow_the_position():
+    k = kernels()
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 3, 40).astype(np.float32)
+    one = np.full(40, 0.5, np.float32)
+    w = rng.normal(1, 0.1, 40).astype(np.float32)
+    dst = np.zeros((2, 6, 40), np.float32)  # (rows, positions, n): a KV cache's layout
+    prog = Program()
+    prog.step(k["add_step"], x.ctypes.data, one.ctypes.data, x.ctypes.data, 40)
+    prog.step(k["rms_norm_step"], x.ctypes.data, w.ctypes.data, x.ctypes.data, 1, 40,
+              f32_bits(1e-5))
+    where = prog.step(k["store_f16_step"], x.ctypes.data, 0, 1, 40, 6 * 40)
+    prog.vary("p0", where, 2, dst.ctypes.data, 4 * 40)  # word 2: the step's 2nd argument
+    prog.build()
+    want = x.copy()
+    for p0 in range(4):
+        prog.run(team(2), p0=p0)
+        want = want + one
+        want = want * np.float32(1 / np.sqrt(np.float32(np.mean(
+            want.astype(np.float64) ** 2)) + np.float32(1e-5))) * w
+        np.testing.assert_allclose(x, want, rtol=1e-5)
+        want = x.copy()
+        np.testing.assert_array_equal(dst[0, p0], x.astype(np.float16).astype(np.float32))
+    assert not dst[0, 4:].any() and not dst[1].any()
+
+
+def test_a_step_takes_at_most_its_argument_words():
+    with pytest.raises(ValueError, match="at most"):
+        Program().step(kernels()["add_step"], *range(STEP_ARGS + 1))
