@@ -794,7 +794,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def keep_freed_memory() -> None:
+    """Have glibc keep freed blocks of up to 64 MiB (and a free heap top of up to 256 MiB)
+    for reuse. By default it hands blocks past an adaptive threshold (128 KiB at first)
+    back to the kernel, and the next one comes as fresh zeroed pages: a perplexity run,
+    whose activations and logits are freed and made again every batch, took 0.49M page
+    faults and 1.3 s of kernel time that way (SmolLM2 F16, 1 thread; 27K and 0.17 s
+    after). Where there is no mallopt (not glibc), nothing changes."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD (fixed: no longer adaptive)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()
     for stream in (sys.stdout, sys.stderr):
         try:  # metadata may hold bytes that are not UTF-8: show them, never crash on them
             stream.reconfigure(errors="backslashreplace")

@@ -37,3 +37,22 @@ def test_steps_run_in_order_and_varying_words_follow_the_position():
 def test_a_step_takes_at_most_its_argument_words():
     with pytest.raises(ValueError, match="at most"):
         Program().step(kernels()["add_step"], *range(STEP_ARGS + 1))
+
+
+def test_cache_writes_round_as_numpy_s_float16():
+    """The KV cache's fp16 rounding (store_f16: the prompt's and the decode program's
+    writes) is numpy's astype(float16): nearest even, fp16 subnormals, overflow to inf."""
+    from gguflab.runner.program import store_f16
+    rng = np.random.default_rng(1)
+    n, n_kv, hd = 7, 3, 40
+    x = (rng.standard_normal((n, n_kv, hd)) * 10.0 ** rng.integers(-8, 6, (n, n_kv, hd))
+         ).astype(np.float32)
+    x[0, 0, :4] = [65520.0, -70000.0, 2.0 ** -25, 1 + 2.0 ** -11]  # inf, -inf, ties to even
+    cache = np.full((n_kv, 16, hd), 7.0, np.float32)
+    store_f16(x, cache, 5)
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16).astype(np.float32).transpose(1, 0, 2)
+    np.testing.assert_array_equal(cache[:, 5:12].view(np.uint32), want.view(np.uint32))
+    assert (cache[:, :5] == 7).all() and (cache[:, 12:] == 7).all()
+    with pytest.raises(ValueError):
+        store_f16(x, cache, 10)  # past the cache's end

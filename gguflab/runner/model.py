@@ -25,7 +25,7 @@ from .families import FAMILIES, Family, supported
 from .kernels import _HALF_KINDS, Products, _act_kernels, get_rows, matmul, matmuls
 from .ops import rms_norm, soft_max, swiglu
 from .ops import tanh as ops_tanh
-from .program import Program, f32_bits
+from .program import Program, f32_bits, store_f16
 from .program import kernels as program_kernels
 from .rope import RopeParams, rope_rotate, rope_table, yarn_attn_factor
 from .rope import _kernels as rope_kernels
@@ -360,12 +360,14 @@ class Model:
     # -- the forward pass ----------------------------------------------------------------
 
     def forward(self, tokens: list[int] | np.ndarray, cache: KVCache,
-                all_logits: bool = False, first: int = 0) -> np.ndarray:
+                all_logits: bool = False, first: int = 0,
+                out: np.ndarray | None = None) -> np.ndarray:
         """Run `tokens` at the next positions of `cache`; returns the logits of every token
         from `first` on (n_tok - first, n_vocab) when `all_logits`, else of the last one
         (n_vocab,). As llama.cpp does with the tokens whose logits it is not asked for, the
         rows before `first` leave the last layer after its attention (the KV cache still
-        holds every token)."""
+        holds every token). `out` (float32, the logits' shape, contiguous rows): where to
+        put them (a long run reuses one buffer rather than fault in fresh pages each call)."""
         hp = self.hp
         tokens = np.asarray(tokens, np.int64)
         n, p0 = len(tokens), cache.n
@@ -418,9 +420,15 @@ class Model:
                 h = rms_norm(x, self.output_norm, hp.rms_eps)
                 if _observer is not None:
                     _observe((self.output,), h)
-                logits = self.output @ h
+                if out is not None and all_logits and gpu is None:
+                    logits = matmul(self.output.data, self.output.type, h, out=out)
+                else:
+                    logits = self.output @ h
         if hp.final_softcap:
             logits = softcap(logits, hp.final_softcap)
+        if out is not None and logits is not out:
+            out[...] = logits if all_logits else logits[0]
+            return out
         return logits if all_logits else logits[0]
 
     def _decoder_fits(self, n_cpu: int) -> bool:
@@ -456,10 +464,10 @@ class Model:
             q, k = rms_norm(q, L.q_norm, hp.rms_eps), rms_norm(k, L.k_norm, hp.rms_eps)
         local = bool(hp.swa_layers) and hp.swa_layers[il]
         q, k = self.rope(q, pos, local, cache.n_ctx), self.rope(k, pos, local, cache.n_ctx)
-        p0, t = pos[0], pos[0] + n
+        p0 = int(pos[0])
         keys, vals = cache.k[il], cache.v[il]  # (n_kv, n_ctx, hd)
-        keys[:, p0:t] = k.astype(np.float16).transpose(1, 0, 2)
-        vals[:, p0:t] = v.reshape(n, n_kv, hd).astype(np.float16).transpose(1, 0, 2)
+        store_f16(k, keys, p0)
+        store_f16(v.reshape(n, n_kv, hd), vals, p0)
         if self.flash_attn != "off":  # llama.cpp's CPU flash attention
             route = TILED if self.flash_attn == "f32" else None  # None: ggml's choice
             out = flash_attn(q, keys, vals, int(p0), hp.q_scale, hp.attn_softcap,
@@ -663,7 +671,7 @@ class _Decoder:
                       1, n_head + n_kv, hd, hp.rope_dim, int(hp.rope_neox))
             keys, vals = cache.k[il], cache.v[il]
             for src, dst in ((self.kr.ctypes.data, keys), (self.v.ctypes.data, vals)):
-                w = prog.step(k["store_f16_step"], src, 0, n_kv, hd, n_ctx * hd)
+                w = prog.step(k["store_f16_step"], src, 0, n_kv, hd, n_ctx * hd, hd)
                 prog.vary("p0", w, 2, dst.ctypes.data, 4 * hd)
             args = list(q_args)
             args[1], args[2], args[9] = keys.ctypes.data, vals.ctypes.data, n_ctx * hd

@@ -128,18 +128,25 @@ def iter_perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: boo
     count = 0
     acc = _KldAccumulator(n_chunk * (n_ctx - 1 - first)) if base is not None else None
     ppls = []
+    cache = buf = None  # one KV cache and one logits buffer for every chunk
     try:
         for i in range(n_chunk):
             chunk = list(tokens[i * n_ctx:(i + 1) * n_ctx])
             if add_bos and bos_id is not None:
                 chunk[0] = bos_id
-            cache = model.new_cache(n_ctx)
+            if cache is None:
+                cache = model.new_cache(n_ctx)
+            cache.n = 0  # (a chunk reads only the cells it writes: no need to clear them)
             # the logits from `first` on, as llama-perplexity asks for them, evaluated as
             # its batches of n_seq chunks side by side hold them
             n_side = min(n_seq, n_chunk - i // n_seq * n_seq)
+            n_vocab = getattr(getattr(model, "hp", None), "n_vocab", None)
+            if buf is None and n_vocab is not None and getattr(model, "gpu", None) is None:
+                buf = np.empty((n_ctx - first, n_vocab), np.float32)
             logits = _chunk_logits(model, chunk, cache, first,
                                    chunk_pieces(n_ctx, n_side, n_batch, n_ubatch,
-                                                getattr(model, "flash_attn", "on") != "off"))
+                                                getattr(model, "flash_attn", "on") != "off"),
+                                   buf)
             target = np.asarray(tokens[i * n_ctx + first + 1:(i + 1) * n_ctx])
             if writer is not None:
                 writer.write_chunk(logits)
@@ -180,18 +187,24 @@ def iter_perplexity(model: Model, tokens: list[int], n_ctx: int, *, add_bos: boo
     return PerplexityResult(ppl, err, n_chunk, n_ctx, count, ppls)
 
 
-def _chunk_logits(model: Model, chunk: list[int], cache, first: int, pieces: list[int]
-                  ) -> np.ndarray:
-    """The logits of rows first .. n - 2 of `chunk`, evaluated in `pieces`."""
-    out, s = [], 0
+def _chunk_logits(model: Model, chunk: list[int], cache, first: int, pieces: list[int],
+                  buf: np.ndarray | None = None) -> np.ndarray:
+    """The logits of rows first .. n - 2 of `chunk`, evaluated in `pieces` (into `buf`,
+    (len(chunk) - first, n_vocab) float32, when given: the next chunk reuses it)."""
+    parts, s, row = [], 0, 0
     for size in pieces:
         if s + size > first:
-            out.append(model.forward(chunk[s:s + size], cache, all_logits=True,
-                                     first=max(0, first - s)))
+            skip = max(0, first - s)
+            rows = None if buf is None else buf[row:row + size - skip]
+            parts.append(model.forward(chunk[s:s + size], cache, all_logits=True,
+                                       first=skip, out=rows))
+            row += size - skip
         else:  # nothing asked of these rows
             model.forward(chunk[s:s + size], cache)
         s += size
-    return np.asarray(np.concatenate(out)[:-1], np.float32)
+    if buf is not None:
+        return buf[:-1]
+    return np.asarray(np.concatenate(parts)[:-1], np.float32)
 
 
 # -- KL-divergence as llama-perplexity computes it --------------------------------------

@@ -149,15 +149,16 @@ def _build(m: ir.Module) -> None:
         b.store(b.fadd(b.load(b.gep(p(a), [i])), b.load(b.gep(p(c), [i]))),
                 b.gep(p(y), [i]))
     b.ret_void()
-    # store_f16_step(x, dst, n_rows, n, dst_stride): rows of x (n floats each) rounded to
-    # fp16 (nearest even, as numpy's astype) and stored as float32 into rows dst_stride
-    # floats apart: a KV cache column
-    fn = ir.Function(m, ir.FunctionType(void, [i64] * 5), "store_f16_step")
-    x, dst, rows, n, stride = fn.args
+    # store_f16_step(x, dst, n_rows, n, dst_stride, x_stride): rows of x (n floats each,
+    # x_stride apart; 0: n) rounded to fp16 (nearest even, as numpy's astype) and stored as
+    # float32 into rows dst_stride floats apart: a KV cache column
+    fn = ir.Function(m, ir.FunctionType(void, [i64] * 6), "store_f16_step")
+    x, dst, rows, n, stride, xs = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     hw = hardware_half(Target.CPU)
+    xs = b.select(b.icmp_signed("==", xs, const(i64, 0)), n, xs)
     with for_range(b, const(i64, 0), rows, name="r") as r:
-        src = b.gep(p(x), [b.mul(r, n)])
+        src = b.gep(p(x), [b.mul(r, xs)])
         out = b.gep(p(dst), [b.mul(r, stride)])
         with for_range(b, const(i64, 0), n, name="i") as i:
             h = emit_f32_to_f16(b, b.load(b.gep(src, [i])), hw)
@@ -179,6 +180,25 @@ def kernels() -> dict[str, int]:
     sig = ctypes.CFUNCTYPE(None)
     mod = compile_kernels(build, key="program.steps", signatures=dict.fromkeys(STEPS, sig))
     return {name: ctypes.cast(mod[name], ctypes.c_void_p).value for name in STEPS}
+
+
+@cache
+def _store_fn():
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_int64] * 6)(kernels()["store_f16_step"])
+
+
+def store_f16(x: np.ndarray, cache: np.ndarray, p0: int) -> None:
+    """x (n, n_kv, head_dim) float32 rounded to fp16 into a layer's cache (n_kv, n_ctx,
+    head_dim; float32 holding fp16 values) at positions p0 .. p0 + n - 1."""
+    n, n_kv, hd = x.shape
+    if (cache.dtype != np.float32 or not cache.flags.c_contiguous or cache.shape[0] != n_kv
+            or cache.shape[2] != hd or not 0 <= p0 <= cache.shape[1] - n):
+        raise ValueError(f"{x.shape} at {p0} into a cache of {cache.shape} {cache.dtype}")
+    x = np.ascontiguousarray(x, np.float32)
+    fn = _store_fn()
+    for j in range(n_kv):  # a head's new rows are consecutive cells
+        fn(x[0, j].ctypes.data if n else 0, cache[j, p0].ctypes.data if n else 0, n, hd, hd,
+           n_kv * hd)
 
 
 def f32_bits(v: float) -> int:
