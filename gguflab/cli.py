@@ -811,7 +811,20 @@ def keep_freed_memory() -> None:
     mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD (fixed: no longer adaptive)
 
 
+def one_blas_thread() -> None:
+    """numpy's OpenBLAS starts a thread per core, and after any BLAS call they spin for a
+    while: on a machine whose cores our own kernels keep busy, that time is taken from
+    them (0.1-0.3 s of a 10 s perplexity run on 2 cores). gguflab's products run in its
+    own kernels, so one BLAS thread is plenty; read once, when numpy loads (a setting
+    the user made is kept)."""
+    import os
+
+    if "numpy" not in sys.modules:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    one_blas_thread()
     keep_freed_memory()
     for stream in (sys.stdout, sys.stderr):
         try:  # metadata may hold bytes that are not UTF-8: show them, never crash on them
