@@ -56,3 +56,19 @@ def test_cache_writes_round_as_numpy_s_float16():
     assert (cache[:, :5] == 7).all() and (cache[:, 12:] == 7).all()
     with pytest.raises(ValueError):
         store_f16(x, cache, 10)  # past the cache's end
+
+
+def test_geglu_step_is_the_general_route_s_gelu():
+    """The program's GELU step is model.gelu_ggml (ggml's fp16 table, 0 from -10 down, x
+    from 10 up) times u, bit for bit, across the table's range and its edges."""
+    from gguflab.runner.model import gelu_ggml, gelu_table
+    rng = np.random.default_rng(2)
+    g = np.concatenate([rng.uniform(-12, 12, 4000), [-10, 10, -9.999, 9.999, 0, -0.0],
+                        rng.normal(0, 1e-3, 100)]).astype(np.float32)
+    u = rng.normal(0, 2, g.size).astype(np.float32)
+    y = np.empty_like(g)
+    prog = Program()
+    prog.step(kernels()["geglu_step"], g.ctypes.data, u.ctypes.data, y.ctypes.data, g.size,
+              gelu_table().ctypes.data)
+    prog.build().run(team(2))
+    np.testing.assert_array_equal(y.view(np.uint32), (gelu_ggml(g) * u).view(np.uint32))

@@ -542,7 +542,9 @@ class _Decoder:
     """One token through the CPU layers, with every buffer and product posted once: the same
     steps and kernels as `Model.forward`'s general route (the same bits, tested), without
     the per-call work of forty numpy steps and seven product set-ups a layer, which cost
-    more than the arithmetic on a small model."""
+    more than the arithmetic on a small model. The whole step runs as one compiled
+    `Program` on the thread team (`run`); attention forced to f32 takes the steps one by
+    one from Python (`_run_steps`)."""
 
     def __init__(self, m: Model, n_cpu: int, threads: int):
         hp = m.hp
@@ -593,7 +595,7 @@ class _Decoder:
 
     def _program(self, m: Model, cache: KVCache, split: bool) -> Program | None:
         """This decoder's step as one `Program` over `cache` (None where the model needs a
-        step the program does not take: GELU, a float-rounded x, attention in f32)."""
+        step the program does not take: a float-rounded x, attention forced to f32)."""
         if self._programs_for is None or self._programs_for() is not cache:
             self._programs_for, self._programs = weakref.ref(cache), {}
         if split not in self._programs:
@@ -604,8 +606,8 @@ class _Decoder:
 
     def _build_program(self, m: Model, cache: KVCache, split: bool) -> Program | None:
         hp = m.hp
-        if (not self.steps or m.flash_attn == "f32" or hp.family.gelu
-                or cache.k.dtype != np.float32 or cache.k.shape[0] < len(self.steps)):
+        if (not self.steps or m.flash_attn == "f32" or cache.k.dtype != np.float32
+                or cache.k.shape[0] < len(self.steps)):
             return None
         hd, n_kv, n_head, n_ctx = hp.head_dim, hp.n_head_kv, hp.n_head, cache.n_ctx
         k = program_kernels()
@@ -697,7 +699,12 @@ class _Decoder:
             if not rounds(gate_up):
                 return None
             products(gate_up)
-            prog.step(k["swiglu_step"], g.ctypes.data, u.ctypes.data, act.ctypes.data, g.size)
+            if hp.family.gelu:
+                prog.step(k["geglu_step"], g.ctypes.data, u.ctypes.data, act.ctypes.data,
+                          g.size, gelu_table().ctypes.data)
+            else:
+                prog.step(k["swiglu_step"], g.ctypes.data, u.ctypes.data, act.ctypes.data,
+                          g.size)
             if not rounds(down):
                 return None
             products(down)
@@ -818,6 +825,12 @@ _GELU: np.ndarray | None = None
 def gelu_ggml(x: np.ndarray) -> np.ndarray:
     """GELU (tanh form) as ggml's CPU computes it: looked up by x rounded to fp16 in a table
     of fp16 results, 0 below -10 and x above 10."""
+    y = gelu_table()[x.astype(np.float16).view(np.uint16)]
+    return np.where(x <= -10, np.float32(0), np.where(x >= 10, x, y))
+
+
+def gelu_table() -> np.ndarray:
+    """ggml's GELU table: float32 (65536,), the result for each fp16 bit pattern."""
     global _GELU
     if _GELU is None:
         f = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
@@ -830,8 +843,7 @@ def gelu_ggml(x: np.ndarray) -> np.ndarray:
             t = np.tanh(inner.astype(np.float64)).astype(np.float32)
             g = np.float32(0.5) * f * (np.float32(1) + t)
         _GELU = g.astype(np.float16).astype(np.float32)
-    y = _GELU[x.astype(np.float16).view(np.uint16)]
-    return np.where(x <= -10, np.float32(0), np.where(x >= 10, x, y))
+    return _GELU
 
 
 def moe_ffn(ex: Experts, h: np.ndarray) -> np.ndarray:

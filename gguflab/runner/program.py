@@ -149,6 +149,20 @@ def _build(m: ir.Module) -> None:
         b.store(b.fadd(b.load(b.gep(p(a), [i])), b.load(b.gep(p(c), [i]))),
                 b.gep(p(y), [i]))
     b.ret_void()
+    # geglu_step(g, u, y, n, table): y = gelu(g) * u, GELU as ggml's CPU looks it up (see
+    # model.gelu_ggml): `table` (65536 floats) at g's fp16 bits, 0 from -10 down, g from 10 up
+    fn = ir.Function(m, ir.FunctionType(void, [i64] * 5), "geglu_step")
+    g, u, y, n, table = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    hw = hardware_half(Target.CPU)
+    with for_range(b, const(i64, 0), n) as i:
+        x = b.load(b.gep(p(g), [i]))
+        bits = b.zext(emit_f32_to_f16(b, x, hw), i64)
+        v = b.load(b.gep(p(table), [bits]))
+        v = b.select(b.fcmp_ordered(">=", x, ir.Constant(f32, 10.0)), x, v)
+        v = b.select(b.fcmp_ordered("<=", x, ir.Constant(f32, -10.0)), ir.Constant(f32, 0.0), v)
+        b.store(b.fmul(v, b.load(b.gep(p(u), [i]))), b.gep(p(y), [i]))
+    b.ret_void()
     # store_f16_step(x, dst, n_rows, n, dst_stride, x_stride): rows of x (n floats each,
     # x_stride apart; 0: n) rounded to fp16 (nearest even, as numpy's astype) and stored as
     # float32 into rows dst_stride floats apart: a KV cache column
@@ -166,7 +180,7 @@ def _build(m: ir.Module) -> None:
     b.ret_void()
 
 
-STEPS = ("rms_norm_step", "swiglu_step", "add_step", "store_f16_step")
+STEPS = ("rms_norm_step", "swiglu_step", "geglu_step", "add_step", "store_f16_step")
 
 
 @cache
