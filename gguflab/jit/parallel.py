@@ -23,6 +23,7 @@ one job of one part, `steps_part()`, that calls each step's function in turn (se
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 import struct
 import threading
@@ -86,23 +87,39 @@ def _pool(n: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=n, thread_name_prefix="gguflab")
 
 
+SLICES_PER_THREAD = 4  # (parallel_rows: slices are taken first come, first served)
+
+
 def parallel_rows(
-    fn: Callable[[int, int], object], n_rows: int, threads: int | None = None, min_rows: int = 1
+    fn: Callable[[int, int], object], n_rows: int, threads: int | None = None, min_rows: int = 1,
+    align: int = 1
 ) -> None:
-    """Call `fn(start, stop)` over [0, n_rows) in at most `threads` contiguous slices of at
-    least `min_rows` rows; the calling thread takes the first slice itself."""
+    """Call `fn(start, stop)` over [0, n_rows) in contiguous slices of at least `min_rows`
+    rows (cut at multiples of `align`), on at most `threads` threads, the calling one
+    included. Each thread takes the next slice as it finishes one, up to SLICES_PER_THREAD
+    slices a thread: a thread that is slowed (a busy core, a virtual CPU descheduled) does
+    fewer, rather than everyone waiting for its fixed share."""
     threads = threads or default_threads()
-    parts = max(1, min(threads, n_rows // max(1, min_rows)))
-    if parts == 1:
+    parts = max(1, min(threads * SLICES_PER_THREAD, n_rows // max(1, min_rows, align)))
+    if parts == 1 or threads == 1:
         fn(0, n_rows)
         return
-    bounds = [n_rows * k // parts for k in range(parts + 1)]
-    futures = [_pool(threads).submit(fn, bounds[k], bounds[k + 1]) for k in range(1, parts)]
+    bounds = [n_rows * k // parts // align * align for k in range(parts)] + [n_rows]
+    ticket = itertools.count()  # next() on it is atomic under the GIL
+    stop: list[bool] = []
+
+    def take() -> None:
+        while not stop and (k := next(ticket)) < parts:
+            if bounds[k] < bounds[k + 1]:
+                fn(bounds[k], bounds[k + 1])
+
+    futures = [_pool(threads).submit(take) for _ in range(min(threads, parts) - 1)]
     try:
-        fn(bounds[0], bounds[1])
+        take()
         for f in futures:
             f.result()
     except BaseException:  # Ctrl-C, kill: no slice may go on reading what the caller frees
+        stop.append(True)
         wait(futures)
         raise
 

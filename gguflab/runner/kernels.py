@@ -103,6 +103,7 @@ Q_TILE_K = 8  # (the K-quants: each super-block unpacked once)
 Q_TILE_REST = 2  # tokens past the last whole tile that go one at a time (legacy types)
 # work (in weight elements touched) below which one more thread costs more than it saves
 MIN_WORK_PER_THREAD = 1 << 20
+ROW_ALIGN = 8  # prompt products split their rows at multiples of this (the row tiles)
 MIN_WORK_PER_PART = 1 << 16  # (decoding, where a hand-off to a team thread costs ~1 us)
 # blocks of more vectors than this go through memory between dequantization and dot
 BARRIER_MIN_CHUNKS = 8
@@ -1769,7 +1770,7 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
         for t0 in range(0, n_tok, TOKEN_CHUNK):  # x's chunk stays in cache across row groups
             gemm(w, ws, x, n_in, y, ldy, t0, min(t0 + TOKEN_CHUNK, n_tok), a, c, nb, s, group)
 
-    parallel_rows(run, n_out, threads, _min_rows(n_in * (2 + n_tok // 2)))
+    parallel_rows(run, n_out, threads, _min_rows(n_in * (2 + n_tok // 2)), align=ROW_ALIGN)
     return y
 
 
@@ -1811,7 +1812,7 @@ def _gemmq(p: _Plan, w, xq, y, ldy, n_tok, n_in, n_out, nb, threads) -> None:
         if tiled < n_tok:
             one(w, ws, xq, ldq, y, ldy, tiled, n_tok, a, c, nb, group)
 
-    parallel_rows(run, n_out, threads, _min_rows(n_in * (2 + n_tok // 2)))
+    parallel_rows(run, n_out, threads, _min_rows(n_in * (2 + n_tok // 2)), align=ROW_ALIGN)
 
 
 def matmuls(weights: list[tuple[np.ndarray, GGMLType]], x: np.ndarray,

@@ -566,7 +566,8 @@ def matmul(w: np.ndarray, t: GGMLType, xq: np.ndarray, y: np.ndarray, ldy: int, 
             for t0 in range(0, tiles, chunk):
                 kern.gemm(w, ws, xp, y, ldy, n_gemm, t0, min(t0 + chunk, tiles), a, c, nb)
 
-        parallel_rows(run, n_out, threads, K._min_rows(work))
+        parallel_rows(run, n_out, threads, K._min_rows(work), align=K.ROW_ALIGN)
     if n_gemm < n_tok:
         parallel_rows(lambda a, c: kern.gemv(w, ws, xq, ldq, y, ldy, n_gemm, n_tok, a, c, nb,
-                                             0), n_out, threads, K._min_rows(work))
+                                             0), n_out, threads, K._min_rows(work),
+                      align=K.ROW_ALIGN)
