@@ -84,6 +84,27 @@ def test_threads_split_rows_exactly():
         assert (seen == 1).all()
 
 
+def test_row_slices_run_on_the_team_once_each_nested_and_raise_in_the_caller():
+    """parallel_rows runs its slices as a team job of Python callbacks: every row once, cuts
+    at the alignment asked, a slice that calls parallel_rows itself, and an exception in any
+    slice raised by the call."""
+    seen = np.zeros(4000, np.int32)
+
+    def fn(a, b):
+        assert a % 8 == 0
+        jit.parallel_rows(lambda c, d: np.add.at(seen, np.arange(a + c, a + d), 1), b - a, 2)
+
+    jit.parallel_rows(fn, 4000, 2, align=8)
+    assert (seen == 1).all()
+
+    def bad(a, b):
+        if a >= 2000:
+            raise KeyError(a)
+
+    with pytest.raises(KeyError):
+        jit.parallel_rows(bad, 4000, 2)
+
+
 def test_disk_cache_is_used_by_a_new_process(tmp_path):
     env = {**os.environ, "GGUFLAB_CACHE_DIR": str(tmp_path), "GGUFLAB_DEBUG": "1"}
     code = "from gguflab import jit; import numpy as np; jit.f32_to_f16(np.ones(4, np.float32))"
