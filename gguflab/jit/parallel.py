@@ -5,11 +5,11 @@
   ctypes callback: quantizing, prompt processing.
 - `run_jobs(jobs, n_jobs)` is for compiled jobs, such as the many short calls of decoding
   (a 135M model makes hundreds a token): a `Team` of worker threads that wait in compiled
-  code, spinning on one
-  shared word, take parts of the posted jobs and run them without ever touching Python. A
-  hand-off costs about a cache-line transfer instead of a pool task. A worker that finds
-  nothing to do for a while goes to sleep on an Event; whoever posts a job runs every part
-  nobody else took, so a sleeping (or busy) worker only costs speed, never a hang.
+  code, spinning on one shared word, take parts of the posted jobs and run them without
+  ever touching Python. A hand-off costs about a cache-line transfer, not a sleep and a
+  wake-up. A worker that finds nothing to do for a while goes to sleep on an Event;
+  whoever posts a job runs every part nobody else took, so a sleeping (or busy) worker
+  only costs speed, never a hang.
 
 A job is `fn(i64* args, i64 part, i64 n_parts)` (a compiled function's address) with up to
 `JOB_ARGS` int64 arguments and a number of parts; `pack_job` writes one into a job table.
