@@ -311,6 +311,14 @@ def _by_rows(fn, n_rows: int, n: int, a, b, y, *extra) -> None:
                       min_rows=max(1, MIN_VALUES // n))
 
 
+def _row_addresses(*arrays: np.ndarray):
+    """row -> the address of that row in each of `arrays` (C-contiguous). Read from the
+    array interface, not `.ctypes`: that makes a reference cycle which keeps the array
+    (a chunk's logits, tens of MB) alive until the garbage collector next runs."""
+    base = [(a.__array_interface__["data"][0], a.strides[0]) for a in arrays]
+    return lambda row: [p + row * s for p, s in base]
+
+
 def max_sum_exp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row of `logits` (n_rows, n_vocab): the top logit (float32) and Σ expf(x - top)
     (float64), as llama-perplexity's softmax computes them; rows split across the threads."""
@@ -320,8 +328,8 @@ def max_sum_exp(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n_rows, n = x.shape
     top, total = np.empty(n_rows, np.float32), np.empty(n_rows, np.float64)
     fn = _kernels()["max_sum_exp"]
-    parallel_rows(lambda a, c: fn(x[a:].ctypes.data, top[a:].ctypes.data,
-                                  total[a:].ctypes.data, c - a, n), n_rows)
+    at = _row_addresses(x, top, total)
+    parallel_rows(lambda a, c: fn(*at(a), c - a, n), n_rows)
     return top, total
 
 
@@ -344,8 +352,8 @@ def kld_sums(logits: np.ndarray, base_rows: np.ndarray, norm: np.ndarray
         raise ValueError(f"kld_sums of {x.shape} logits, {rows.shape} base rows, {nm.shape}")
     out = np.empty((n_rows, 2), np.float64)
     fn = _kernels()["kld_sums"]
-    parallel_rows(lambda a, c: fn(x[a:].ctypes.data, rows[a:].ctypes.data, nm[a:].ctypes.data,
-                                  out[a:].ctypes.data, c - a, n), n_rows)
+    at = _row_addresses(x, rows, nm, out)
+    parallel_rows(lambda a, c: fn(*at(a), c - a, n), n_rows)
     return out[:, 0], out[:, 1].astype(np.int64)
 
 
@@ -358,5 +366,5 @@ def kld_codes(logits: np.ndarray, low: np.ndarray, inv: np.ndarray, out: np.ndar
     if out.shape != (n_rows, row_width(n)) or not out.flags.c_contiguous:
         raise ValueError(f"kld_codes into {out.shape} rows for {x.shape} logits")
     fn = _kernels()["kld_codes"]
-    parallel_rows(lambda a, c: fn(x[a:].ctypes.data, lo[a:].ctypes.data, k[a:].ctypes.data,
-                                  out[a:].ctypes.data, c - a, n), n_rows)
+    at = _row_addresses(x, lo, k, out)
+    parallel_rows(lambda a, c: fn(*at(a), c - a, n), n_rows)
