@@ -26,10 +26,10 @@ import numpy as np
 from llvmlite import ir
 
 from ..errors import UserError
-from ..jit import compile_kernels, parallel_rows
+from ..jit import compile_kernels
 from ..jit.builders import Target, const, f32, f64, for_range, i16, i64, ptr, void
 from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..jit.parallel import default_threads, job_table
+from ..jit.parallel import SLICES_PER_THREAD, JobTable, default_threads, job_table
 
 TILE = 64  # ggml's GGML_FA_TILE_Q and GGML_FA_TILE_KV: queries per tile and keys per tile
 VEC, TILED, SPLIT = 0, 1, 2  # the routes (SPLIT: VEC over key ranges, then combined)
@@ -605,12 +605,6 @@ def _kernels() -> dict:
                for name in ("attn_f32", "attn_f16")}, "reduce": mod["attn_reduce"]}
 
 
-@cache
-def _callable(part: int):
-    """The team-job kernel at address `part` as a function this thread can call."""
-    return _PART_SIG(part)
-
-
 def route_for(n_tokens: int) -> int:
     """ggml's choice: whole tiles of queries once a batch holds 64 or more."""
     return TILED if n_tokens >= TILE else VEC
@@ -672,12 +666,11 @@ def flash_attn(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: floa
     args = [q.ctypes.data, k.ctypes.data, v.ctypes.data, kt.ctypes.data, out.ctypes.data,
             n | route << 32, n_head, n_head // n_kv, hd, n_ctx * hd, tpad, p0, n_swa,
             int(floats)]
-    if n >= TILE:  # a prompt: on the threads the prompt's products use, in two halves
-        argv = (ctypes.c_int64 * len(args))(*args)
-        run = _callable(part)
-        parts = max(1, min(threads, rows))
-        parallel_rows(lambda a, z: [run(ctypes.addressof(argv), i, parts) for i in range(a, z)],
-                      parts, threads)
+    if n >= TILE:  # a prompt: parts of whole heads' rows, taken first come, first served
+        jobs = JobTable()  # (its own: a caller may be a job's part)
+        jobs.add(part, max(1, min(rows, SLICES_PER_THREAD * threads)) if threads > 1 else 1,
+                 *args)
+        jobs.run(threads)
         return out
     if ranges:
         _post_split(part, args, ranges, threads)

@@ -58,7 +58,7 @@ from llvmlite import ir
 from .. import quant
 from ..errors import UserError
 from ..gguf import GGMLType
-from ..jit import compile_kernels, host_cpu, parallel_rows
+from ..jit import compile_kernels, host_cpu
 from ..jit.builders import (
     Target,
     alloca_entry,
@@ -77,7 +77,7 @@ from ..jit.builders import (
     void,
 )
 from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..jit.parallel import MAX_JOBS, JobTable, default_threads, job_table, team
+from ..jit.parallel import MAX_JOBS, SLICES_PER_THREAD, JobTable, default_threads, job_table, team
 from . import repack
 
 __all__ = ["SUPPORTED_TYPES", "matmul", "matmuls", "get_rows", "quantizes_activations"]
@@ -1146,15 +1146,33 @@ def _build_round_float(m: ir.Module, kind: GGMLType) -> ir.Function:
     return fn
 
 
+def _export_act_part(m: ir.Module, name: str, impl: ir.Function) -> None:
+    """`name(i64* args, part, n_parts)`: a rounding kernel as a team job over its share of
+    the tokens; args are (x, n_tok, n_in, out, out_row_bytes), raw addresses."""
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(i64), i64, i64]), name)
+    argv, part, n_parts = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    x, ntok, n_in, out, out_row = [b.load(b.gep(argv, [const(i64, k)])) for k in range(5)]
+    t0, t1 = _part_rows(b, ntok, const(i64, 1), part, n_parts)
+    xp = b.gep(b.inttoptr(x, ptr(f32)), [b.mul(t0, n_in)])
+    op = b.gep(b.inttoptr(out, ptr(i8)), [b.mul(t0, out_row)])
+    b.call(impl, [xp, b.sub(t1, t0), n_in, b.bitcast(op, impl.args[3].type)])
+    b.ret_void()
+
+
 def build_activation_module() -> ir.Module:
     """`round_q8_0`, `round_q8_1`, `round_q8_k`, `xq_float`, `round_f16` and `round_bf16`,
-    with ndarray arguments."""
+    with ndarray arguments; and each `round_<kind>_part`, the rounding as a team job."""
     m = ir.Module(name="activations")
     for kind in _Q8_KINDS:
-        _export(m, f"round_{kind.name.lower()}", _build_round_q8(m, kind))
+        impl = _build_round_q8(m, kind)
+        _export(m, f"round_{kind.name.lower()}", impl)
+        _export_act_part(m, f"round_{kind.name.lower()}_part", impl)
     _export(m, "xq_float", _build_xq_float(m))
     for kind in _HALF_KINDS:
-        _export(m, f"round_{kind.name.lower()}", _build_round_float(m, kind))
+        impl = _build_round_float(m, kind)
+        _export(m, f"round_{kind.name.lower()}", impl)
+        _export_act_part(m, f"round_{kind.name.lower()}_part", impl)
     return m
 
 
@@ -1430,6 +1448,69 @@ def _export_q_part(m: ir.Module, name: str, impl: ir.Function) -> None:
     b.ret_void()
 
 
+def _part_rows(b: ir.IRBuilder, n_rows: ir.Value, align: ir.Value, part: ir.Value,
+               n_parts: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """Rows [r0, r1) of team part `part` of `n_parts`: even shares cut at multiples of
+    `align` (the last part ends at n_rows), as `jit.parallel_rows` cuts its slices."""
+    one = const(i64, 1)
+
+    def bound(p):
+        r = b.mul(b.sdiv(b.sdiv(b.mul(n_rows, p), n_parts), align), align)
+        return b.select(b.icmp_signed("==", p, n_parts), n_rows, r)
+
+    return bound(part), bound(b.add(part, one))
+
+
+def _token_chunks(b: ir.IRBuilder, t0: ir.Value, t1: ir.Value, call: Callable) -> None:
+    """call(c0, c1) over [t0, t1) in chunks of TOKEN_CHUNK tokens."""
+    with for_range(b, const(i64, 0), b.sdiv(b.add(b.sub(t1, t0), const(i64, TOKEN_CHUNK - 1)),
+                                            const(i64, TOKEN_CHUNK)), name="chunk") as c:
+        c0 = b.add(t0, b.mul(c, const(i64, TOKEN_CHUNK)))
+        c1 = b.add(c0, const(i64, TOKEN_CHUNK))
+        call(c0, b.select(b.icmp_signed("<", c1, t1), c1, t1))
+
+
+def _export_prompt_q_part(m: ir.Module, name: str, tile: ir.Function,
+                          one: ir.Function) -> None:
+    """`name(i64* args, part, n_parts)`: a prompt's product on integer dot products as a
+    team job: args are (w, w_stride, xq, ldq, y, ldy, n_tok, tiled,
+    n_rows, n_blocks, group_rows, align), the arrays as raw addresses. The part takes its
+    share of the rows (`_part_rows`); its tokens [0, tiled) go through `tile` a TOKEN_CHUNK
+    at a time, the rest through `one`."""
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(i64), i64, i64]), name)
+    argv, part, n_parts = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    w, ws, xq, ldq, y, ldy, ntok, tiled, n_rows, nb, group, align = [
+        b.load(b.gep(argv, [const(i64, k)])) for k in range(12)]
+    r0, r1 = _part_rows(b, n_rows, align, part, n_parts)
+    w, xq = b.inttoptr(w, ptr(i8)), b.inttoptr(xq, ptr(i8))
+    y = b.inttoptr(y, ptr(f32))
+    _token_chunks(b, const(i64, 0), tiled, lambda c0, c1: b.call(
+        tile, [w, ws, xq, ldq, y, ldy, c0, c1, r0, r1, nb, group]))
+    with b.if_then(b.icmp_signed("<", tiled, ntok)):
+        b.call(one, [w, ws, xq, ldq, y, ldy, tiled, ntok, r0, r1, nb, group])
+    b.ret_void()
+
+
+def _export_prompt_part(m: ir.Module, name: str, gemm: ir.Function) -> None:
+    """`name(i64* args, part, n_parts)`: a prompt's product over float kernels (`gemm`) as a
+    team job: args are (w, w_stride, x, ldx, y, ldy, n_tok, n_rows, n_blocks, group_rows,
+    scratch, scratch_floats, align), raw addresses; part k works in its own scratch, at
+    scratch + k * scratch_floats floats."""
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(i64), i64, i64]), name)
+    argv, part, n_parts = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    w, ws, x, ldx, y, ldy, ntok, n_rows, nb, group, scratch, per, align = [
+        b.load(b.gep(argv, [const(i64, k)])) for k in range(13)]
+    r0, r1 = _part_rows(b, n_rows, align, part, n_parts)
+    w, x, y = b.inttoptr(w, ptr(i8)), b.inttoptr(x, ptr(f32)), b.inttoptr(y, ptr(f32))
+    s = b.gep(b.inttoptr(scratch, ptr(f32)), [b.mul(part, per)])
+    with b.if_then(b.icmp_signed("<", r0, r1)):
+        _token_chunks(b, const(i64, 0), ntok, lambda c0, c1: b.call(
+            gemm, [w, ws, x, ldx, y, ldy, c0, c1, r0, r1, nb, s, group]))
+    b.ret_void()
+
+
 def build_module(t: GGMLType) -> ir.Module:
     """`gemv_<t>` and `gemm_<t>` for weight type `t`; their array arguments are ndarray
     objects (see `_export`); `gemv<T>_<t>_part`, the same gemv as a team job; and where the
@@ -1448,12 +1529,17 @@ def build_module(t: GGMLType) -> ir.Module:
         else:
             _export_q_part(m, f"gemvq_{name}_part", one)
         _export(m, f"gemmq1_{name}", one)
-        _export(m, f"gemmq_{name}", build(m, f"gemmq_{name}", blk, groups, _q_tile(t)))
+        tile = build(m, f"gemmq_{name}", blk, groups, _q_tile(t))
+        _export(m, f"gemmq_{name}", tile)
+        _export_prompt_q_part(m, f"gemmq_{name}_ppart", tile, one)
         if quant.get(t).int_superblock:  # llama.cpp's tiled order, for prompts
             # (a type whose tiled kernel reads its blocks otherwise has a view of its own)
             tiled = getattr(quant.get(t), "emit_int_superblock_tiled", groups)
-            for T, kname in ((Q_TILE_K, f"gemmqt_{name}"), (1, f"gemmqt1_{name}")):
-                _export(m, kname, _build_gemmq_k(m, kname, blk, tiled, T, tiled=True))
+            impls = [_build_gemmq_k(m, kname, blk, tiled, T, tiled=True)
+                     for T, kname in ((Q_TILE_K, f"gemmqt_{name}"), (1, f"gemmqt1_{name}"))]
+            _export(m, f"gemmqt_{name}", impls[0])
+            _export(m, f"gemmqt1_{name}", impls[1])
+            _export_prompt_q_part(m, f"gemmqt_{name}_ppart", *impls)
     for T in GEMV_TOKENS:
         if T == 1 and _vec_dot_order(t):
             impl = _build_gemv_vec_dot(m, f"gemv{T}_{name}", t, vw)
@@ -1462,7 +1548,9 @@ def build_module(t: GGMLType) -> ir.Module:
         _export(m, f"gemv{T}_{name}", impl)
         _export_part(m, f"gemv{T}_{name}_part", impl, _gemv_rows(blk) if T == 1 else 1)
     rounding = t if _gemm_rounds(t) else None
-    _export(m, f"gemm_{name}", _build_gemm(m, f"gemm_{name}", blk, vw, rounding))
+    gemm = _build_gemm(m, f"gemm_{name}", blk, vw, rounding)
+    _export(m, f"gemm_{name}", gemm)
+    _export_prompt_part(m, f"gemm_{name}_ppart", gemm)
     return m
 
 
@@ -1511,11 +1599,18 @@ class _Plan:
         self.tiled = self.int_dot and quant.get(t).int_superblock
         if self.int_dot:
             sigs |= {f"gemvq_{name}_part": _PART_SIG, f"gemmq_{name}": _GEMMQ_SIG,
-                     f"gemmq1_{name}": _GEMMQ_SIG}
+                     f"gemmq1_{name}": _GEMMQ_SIG, f"gemmq_{name}_ppart": _PART_SIG}
         if self.tiled:
-            sigs |= {f"gemmqt_{name}": _GEMMQ_SIG, f"gemmqt1_{name}": _GEMMQ_SIG}
-        mod = compile_kernels(lambda: build_module(t), {**sigs, f"gemm_{name}": _GEMM_SIG},
+            sigs |= {f"gemmqt_{name}": _GEMMQ_SIG, f"gemmqt1_{name}": _GEMMQ_SIG,
+                     f"gemmqt_{name}_ppart": _PART_SIG}
+        mod = compile_kernels(lambda: build_module(t), {**sigs, f"gemm_{name}": _GEMM_SIG,
+                                                        f"gemm_{name}_ppart": _PART_SIG},
                               key=f"kernels.build_module:{t.name}")
+        addr = lambda k: ctypes.cast(mod[k], ctypes.c_void_p).value  # noqa: E731
+        # prompt products as team jobs, by address (see `prompt_job`)
+        self.gemm_ppart = addr(f"gemm_{name}_ppart")
+        self.gemmq_ppart = addr(f"gemmq_{name}_ppart") if self.int_dot else 0
+        self.gemmqt_ppart = addr(f"gemmqt_{name}_ppart") if self.tiled else 0
         self.gemv = {T: mod[f"gemv{T}_{name}"] for T in GEMV_TOKENS}
         # team jobs are run by address, from compiled code
         self.gemv_part = {T: ctypes.cast(mod[f"gemv{T}_{name}_part"], ctypes.c_void_p).value
@@ -1642,9 +1737,23 @@ def _act_kernels() -> dict:
     """The rounding kernel of each kind (keyed by its GGMLType) and "xq_float"."""
     kinds = _Q8_KINDS + _HALF_KINDS
     names = [f"round_{k.name.lower()}" for k in kinds] + ["xq_float"]
-    mod = compile_kernels(build_activation_module, dict.fromkeys(names, _ACT_SIG),
+    parts = [f"round_{k.name.lower()}_part" for k in kinds]
+    mod = compile_kernels(build_activation_module,
+                          {**dict.fromkeys(names, _ACT_SIG), **dict.fromkeys(parts, _PART_SIG)},
                           key="kernels.build_activation_module")
-    return {"xq_float": mod["xq_float"], **{k: mod[f"round_{k.name.lower()}"] for k in kinds}}
+    return {"xq_float": mod["xq_float"], **{k: mod[f"round_{k.name.lower()}"] for k in kinds},
+            **{("part", k): ctypes.cast(mod[f"round_{k.name.lower()}_part"],
+                                        ctypes.c_void_p).value for k in kinds}}
+
+
+def round_job(kind: GGMLType, x: int, n_tok: int, n_in: int, out: int,
+              threads: int) -> list[int]:
+    """The job record (fn, parts, args) that rounds x (raw address, n_tok rows of n_in
+    floats) to `kind` into `out` (the integer form for the Q8 kinds, float32 for F16/BF16)."""
+    row = xq_row_bytes(n_in) if kind in _Q8_KINDS else 4 * n_in
+    parts = max(1, min(threads * SLICES_PER_THREAD, n_tok // max(1, (1 << 15) // n_in)))
+    return [_act_kernels()["part", kind], parts if threads > 1 else 1, x, n_tok, n_in, out,
+            row]
 
 
 def round_q8(x: np.ndarray, kind: GGMLType, out: np.ndarray | None = None) -> np.ndarray:
@@ -1657,13 +1766,25 @@ def round_q8(x: np.ndarray, kind: GGMLType, out: np.ndarray | None = None) -> np
         raise UserError(f"{kind.name} rounds rows of whole blocks, got {n_in} values")
     if out is None:
         out = np.empty((n_tok, xq_row_bytes(n_in)), np.uint8)
-    fn = _act_kernels()[kind]
     if n_tok == 1:
-        fn(x2, 1, n_in, out)
+        _act_kernels()[kind](x2, 1, n_in, out)
     else:
-        parallel_rows(lambda a, c: fn(x2[a:c], c - a, n_in, out[a:c]), n_tok,
-                      min_rows=max(1, (1 << 15) // n_in))
+        _run_job(round_job(kind, data_address(x2), n_tok, n_in, data_address(out),
+                           default_threads()))
     return out
+
+
+def data_address(a: np.ndarray) -> int:
+    """The address of an array's data (through the array interface: `.ctypes` costs more
+    and makes a reference cycle)."""
+    return a.__array_interface__["data"][0]
+
+
+def _run_job(record: list[int], threads: int | None = None) -> None:
+    """One job record run on the team (a table of its own: a caller may be a job's part)."""
+    table = JobTable()
+    table.add(*record)
+    table.run(threads)
 
 
 def xq_float(xq: np.ndarray, n_in: int) -> np.ndarray:
@@ -1753,25 +1874,46 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
         jobs.run(threads)
         return y
 
-    ws, nb = w.strides[0], n_in // p.vblock
     if p.int_dot:
+        xq = round_q8(x, p.act)
         if repack.repacked(p.t, n_out):  # llama.cpp's repacked weights: its order there
-            repack.matmul(w, p.t, round_q8(x, p.act), y, ldy, n_tok, n_in, n_out, threads)
+            repack.matmul(w, p.t, xq, y, ldy, n_tok, n_in, n_out, threads)
         else:
-            _gemmq(p, w, round_q8(x, p.act), y, ldy, n_tok, n_in, n_out, nb, threads)
+            _run_job(prompt_job(p, w, data_address(xq), xq.shape[1], data_address(y), ldy,
+                                n_tok, n_in, n_out, threads), threads)
         return y
     if not _gemm_rounds(p.t):  # (the float kernels round x themselves, as they pack it)
         x = round_activations(x, p.act)
-    gemm = p.gemm
-    group = _gemm_group()
-
-    def run(a, c):
-        s = _scratch(gemm_scratch_floats(n_in, p.vblock, group, _k_block(p.t)))
-        for t0 in range(0, n_tok, TOKEN_CHUNK):  # x's chunk stays in cache across row groups
-            gemm(w, ws, x, n_in, y, ldy, t0, min(t0 + TOKEN_CHUNK, n_tok), a, c, nb, s, group)
-
-    parallel_rows(run, n_out, threads, _min_rows(n_in * (2 + n_tok // 2)), align=ROW_ALIGN)
+    _run_job(prompt_job(p, w, data_address(x), n_in, data_address(y), ldy, n_tok, n_in,
+                        n_out, threads), threads)
     return y
+
+
+def _row_parts(n_rows: int, threads: int, min_rows: int, align: int) -> int:
+    """Parts a product's rows are cut into, as `jit.parallel_rows` cuts its slices."""
+    if threads == 1:
+        return 1
+    return max(1, min(threads * SLICES_PER_THREAD, n_rows // max(1, min_rows, align)))
+
+
+def prompt_job(p: _Plan, w: np.ndarray, x: int, ldx: int, y: int, ldy: int, n_tok: int,
+               n_in: int, n_out: int, threads: int) -> list[int]:
+    """The job record (fn, parts, args) of a prompt's product over `w` (not repacked): `x`
+    the address of the tokens as the kernels take them (`round_q8`'s rows, `ldx` bytes
+    apart, for integer dot products; else float32 rows of `ldx` floats, rounded as
+    `_gemm_rounds` says), `y` of the output rows (`ldy` floats apart). A float product's
+    parts work in scratch of this thread's, which must stay unused until the job is run."""
+    ws, nb = w.strides[0], n_in // p.vblock
+    parts = _row_parts(n_out, threads, _min_rows(n_in * (2 + n_tok // 2)), ROW_ALIGN)
+    if p.int_dot:
+        return [_gemmq_part(p, n_tok, n_out), parts, data_address(w), ws, x, ldx, y, ldy,
+                n_tok, n_tok - _q_rest(p, n_tok), n_out, nb,
+                max(1, L2_BUDGET // 2 // ws), ROW_ALIGN]
+    group = _gemm_group()
+    per = -(-gemm_scratch_floats(n_in, p.vblock, group, _k_block(p.t)) // 16) * 16
+    scratch = data_address(_scratch(per * parts))
+    return [p.gemm_ppart, parts, data_address(w), ws, x, ldx, y, ldy, n_tok, n_out, nb,
+            group, scratch, per, ROW_ALIGN]
 
 
 # llama.cpp's CPU backend sends a product over K-quant weights (not repacked) with this many
@@ -1790,29 +1932,21 @@ def _prompt_order(p: _Plan, n_tok: int, n_out: int) -> str:
     return "vec_dot"
 
 
-def _gemmq(p: _Plan, w, xq, y, ldy, n_tok, n_in, n_out, nb, threads) -> None:
-    """A prompt's product on integer dot products: token tiles of `p.q_tile`, rows in blocks
-    that stay in L2 while TOKEN_CHUNK tokens go by, in the order of the kernel llama.cpp
-    would run (`_prompt_order`) for all of its tokens. The legacy types' tile kernel takes a
-    short last tile itself (repeating its last token); the K-quants' takes whole tiles, and
-    one-token calls do the rest (as do the legacy types' for a remainder of at most
-    Q_TILE_REST tokens, where a whole tile would cost more)."""
-    ws, ldq = w.strides[0], xq.shape[1]
+def _q_rest(p: _Plan, n_tok: int) -> int:
+    """Tokens past the last whole tile of a prompt's integer product that go one at a time:
+    the legacy types' tile kernel takes a short last tile itself (repeating its last token);
+    the K-quants' takes whole tiles only, and one-token calls do the rest (as do the legacy
+    types' for a remainder of at most Q_TILE_REST tokens, where a whole tile would cost
+    more)."""
     rest = n_tok % p.q_tile
-    if not (quant.get(p.t).int_superblock or rest <= Q_TILE_REST):
-        rest = 0
-    tiled = n_tok - rest
-    group = max(1, L2_BUDGET // 2 // ws)
-    kern = p.gemmq_tiled if _prompt_order(p, n_tok, n_out) == "tiled" else p.gemmq
-    tile, one = kern[p.q_tile], kern[1]
+    return rest if quant.get(p.t).int_superblock or rest <= Q_TILE_REST else 0
 
-    def run(a, c):
-        for t0 in range(0, tiled, TOKEN_CHUNK):
-            tile(w, ws, xq, ldq, y, ldy, t0, min(t0 + TOKEN_CHUNK, tiled), a, c, nb, group)
-        if tiled < n_tok:
-            one(w, ws, xq, ldq, y, ldy, tiled, n_tok, a, c, nb, group)
 
-    parallel_rows(run, n_out, threads, _min_rows(n_in * (2 + n_tok // 2)), align=ROW_ALIGN)
+def _gemmq_part(p: _Plan, n_tok: int, n_out: int) -> int:
+    """The prompt job of an integer product: token tiles of `p.q_tile`, rows in blocks that
+    stay in L2 while TOKEN_CHUNK tokens go by, in the order of the kernel llama.cpp would
+    run (`_prompt_order`) for all of its tokens."""
+    return p.gemmqt_ppart if _prompt_order(p, n_tok, n_out) == "tiled" else p.gemmq_ppart
 
 
 def matmuls(weights: list[tuple[np.ndarray, GGMLType]], x: np.ndarray,
