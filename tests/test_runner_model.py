@@ -17,6 +17,7 @@ from llama_ref import (
 )
 
 from gguflab.errors import UserError
+from gguflab.jit.parallel import default_threads
 from gguflab.runner.model import Model
 from gguflab.runner.perplexity import perplexity
 
@@ -135,6 +136,74 @@ def test_prepared_decoding_steps_are_the_general_route_bit_for_bit(case, smollm2
     assert program == (case != "f32-attention")
     for ours, general in ((a, b), (ka, kb), (va, vb)):
         np.testing.assert_array_equal(ours.view(np.uint32), general.view(np.uint32))
+
+
+def _synthetic(case, smollm2, tmp_path):
+    from dataclasses import replace
+
+    from gguflab.synth import SynthConfig, write_synthetic_llama
+    arch = "llama" if case == "f16" else case
+    cfg = SynthConfig(n_layer=3, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, arch=arch,
+                      sliding_window=4 if arch.startswith("gemma") else 0, seed=3)
+    return write_synthetic_llama(tmp_path / f"{case}.gguf", replace(cfg, tokenizer_from=smollm2))
+
+
+@pytest.mark.parametrize("case", ["q4_1", "biases", "f32-attention", "f16", "qwen3", "gemma2",
+                                  "gemma3", "phi3"])
+def test_prompt_batch_program_is_the_general_route_bit_for_bit(case, smollm2, tmp_path):
+    """A batch of 64 tokens or more runs as one compiled program (runner/ubatch.py); the
+    general route computes the same per call. Same logits and caches for a first batch, a
+    batch at a later position, logits from a row on and the last row's alone (its last
+    layer's FFN then takes one token, on the one-token kernels), for integer (Q4_1) and
+    float (F16) products, biases, q/k norms, Gemma's post norms, GELU, soft caps and
+    sliding window, Phi-3's fused weights and flash attention forced f32."""
+    path, tune, fa = smollm2, (lambda m: None), None
+    if case == "biases":
+        tune = _biases
+    elif case == "f32-attention":
+        fa = "f32"
+    elif case != "q4_1":
+        path = _synthetic(case, smollm2, tmp_path)
+    rng = np.random.default_rng(1)
+    tokens = [int(t) for t in rng.integers(2, 40000, 64 + 70)]
+    runs = []
+    for program in (True, False):
+        m = Model(path)
+        m.flash_attn = fa or m.flash_attn
+        m.use_ubatch = program
+        tune(m)
+        cache, last_cache = m.new_cache(256), m.new_cache(256)
+        out, used = [], []
+        for toks, c, first in ((tokens[:64], cache, 0), (tokens[64:], cache, 5),
+                               (tokens[:70], last_cache, None)):
+            out.append(m.forward(toks, c, all_logits=first is not None, first=first or 0))
+            skip = len(toks) - 1 if first is None else first
+            batch = (m._ubatches or {}).get((len(toks), skip, default_threads()))
+            used.append(batch is not None and batch.program is not None)
+        runs.append((out, cache.k[:, :, :cache.n], cache.v[:, :, :cache.n], used))
+    (a, ka, va, used), (b, kb, vb, unused) = runs
+    assert used == [True] * 3 and unused == [False] * 3
+    assert a[1].shape == (70 - 5, m.hp.n_vocab) and np.isfinite(a[1]).all()
+    for ours, general in (*zip(a, b), (ka, kb), (va, vb)):
+        np.testing.assert_array_equal(ours.view(np.uint32), general.view(np.uint32))
+
+
+def test_prompt_batch_program_leaves_repacked_weights_to_the_general_route(tmp_path, smollm2):
+    """Repacked weights (Q4_0 here, on a CPU where llama.cpp repacks them) and batches under
+    64 tokens take the general route; the result is the same either way."""
+    from gguflab.runner import repack
+    path = tmp_path / "q4_0.gguf"
+    llama_quantize(smollm2, str(path), 2, allow_requantize=True)  # 2 = Q4_0
+    m = Model(path)
+    tokens = list(range(100, 180))
+    whole = m.forward(tokens, m.new_cache(128), all_logits=True)
+    short = m.forward(tokens[:63], m.new_cache(128), all_logits=True)
+    built = [b.program is not None for k, b in m._ubatches.items() if k != "cache"]
+    assert built == [not repack.repacked(m.layers[0].wq.type, m.layers[0].wq.data.shape[0])]
+    m.use_ubatch = False
+    np.testing.assert_array_equal(m.forward(tokens, m.new_cache(128), all_logits=True), whole)
+    np.testing.assert_array_equal(m.forward(tokens[:63], m.new_cache(128), all_logits=True),
+                                  short)
 
 
 def test_context_full_is_a_clear_error(smollm2):

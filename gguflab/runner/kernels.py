@@ -1897,23 +1897,32 @@ def _row_parts(n_rows: int, threads: int, min_rows: int, align: int) -> int:
 
 
 def prompt_job(p: _Plan, w: np.ndarray, x: int, ldx: int, y: int, ldy: int, n_tok: int,
-               n_in: int, n_out: int, threads: int) -> list[int]:
+               n_in: int, n_out: int, threads: int, scratch: np.ndarray | None = None
+               ) -> list[int]:
     """The job record (fn, parts, args) of a prompt's product over `w` (not repacked): `x`
     the address of the tokens as the kernels take them (`round_q8`'s rows, `ldx` bytes
     apart, for integer dot products; else float32 rows of `ldx` floats, rounded as
     `_gemm_rounds` says), `y` of the output rows (`ldy` floats apart). A float product's
-    parts work in scratch of this thread's, which must stay unused until the job is run."""
+    parts work in `scratch` (float32, `prompt_scratch_floats` a part), by default this
+    thread's, which must then stay unused until the job is run."""
     ws, nb = w.strides[0], n_in // p.vblock
     parts = _row_parts(n_out, threads, _min_rows(n_in * (2 + n_tok // 2)), ROW_ALIGN)
     if p.int_dot:
         return [_gemmq_part(p, n_tok, n_out), parts, data_address(w), ws, x, ldx, y, ldy,
                 n_tok, n_tok - _q_rest(p, n_tok), n_out, nb,
                 max(1, L2_BUDGET // 2 // ws), ROW_ALIGN]
-    group = _gemm_group()
-    per = -(-gemm_scratch_floats(n_in, p.vblock, group, _k_block(p.t)) // 16) * 16
-    scratch = data_address(_scratch(per * parts))
+    per = prompt_scratch_floats(p, n_in)
+    if scratch is None:
+        scratch = _scratch(per * parts)
+    elif scratch.dtype != np.float32 or scratch.size < per * parts:
+        raise ValueError(f"a product of {n_in} inputs needs {per * parts} floats of scratch")
     return [p.gemm_ppart, parts, data_address(w), ws, x, ldx, y, ldy, n_tok, n_out, nb,
-            group, scratch, per, ROW_ALIGN]
+            _gemm_group(), data_address(scratch), per, ROW_ALIGN]
+
+
+def prompt_scratch_floats(p: _Plan, n_in: int) -> int:
+    """Floats of scratch each part of a float prompt product needs (whole cache lines)."""
+    return -(-gemm_scratch_floats(n_in, p.vblock, _gemm_group(), _k_block(p.t)) // 16) * 16
 
 
 # llama.cpp's CPU backend sends a product over K-quant weights (not repacked) with this many

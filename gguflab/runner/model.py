@@ -29,6 +29,7 @@ from .program import Program, f32_bits, store_f16
 from .program import kernels as program_kernels
 from .rope import RopeParams, rope_rotate, rope_table, yarn_attn_factor
 from .rope import _kernels as rope_kernels
+from .ubatch import UBatch
 
 
 @dataclass(frozen=True)
@@ -390,8 +391,12 @@ class Model:
             raise UserError(f"this KV cache holds {cache.k.shape[0]} layers but the CPU runs "
                             f"{n_cpu}: make it with new_cache after setting the offload")
         skip = first if all_logits else n - 1  # rows whose logits nobody asked for
+        batch = self._ubatch(n, skip, cache) if n_cpu == hp.n_layer and n > 1 else None
         if n == 1 and self._decoder_fits(n_cpu):  # one token: the layers' steps prepared
             x = self._decoder(n_cpu).run(self, x[0], int(p0), cache)[None]
+        elif batch is not None:  # a prompt's batch: the layers as one compiled program
+            x = batch.run(self, x, int(p0), cache)
+            skip = 0
         else:
             for il, L in enumerate(self.layers[:n_cpu]):
                 h = rms_norm(x, L.attn_norm, hp.rms_eps)
@@ -439,6 +444,26 @@ class Model:
                 and all(L.experts is None for L in self.layers[:n_cpu]))
 
     _decoders: dict | None = None
+    _ubatches: dict | None = None
+    use_ubatch = True  # (False: prompts take the general route; for tests)
+
+    def _ubatch(self, n: int, skip: int, cache: KVCache) -> UBatch | None:
+        """The compiled program of a batch of `n` tokens over `cache` (None where the
+        general route must take it). The last two shapes are kept, with the cache they
+        were laid out for."""
+        if not self.use_ubatch or _observer is not None or n < TILE:
+            return None
+        key = (n, skip, default_threads())
+        if self._ubatches is None or self._ubatches["cache"]() is not cache:
+            self._ubatches = {"cache": weakref.ref(cache)}
+        found = self._ubatches.get(key)
+        if found is None:
+            found = UBatch(self, cache, n, skip, key[2])
+            shapes = [k for k in self._ubatches if k != "cache"]
+            for old in shapes[:-1]:
+                del self._ubatches[old]
+            self._ubatches[key] = found
+        return found if found.program is not None else None
 
     def _decoder(self, n_cpu: int) -> _Decoder:
         key = (default_threads(), n_cpu)

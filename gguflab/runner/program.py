@@ -41,10 +41,11 @@ class Program:
         self._words: np.ndarray | None = None
 
     def parallel(self, records: np.ndarray | list[list[int]]) -> tuple[int, int]:
-        """A phase of these job records (JOB_WORDS words each): returns its index."""
-        recs = [list(map(int, r)) for r in records]
+        """A phase of these job records (fn, parts, args: at most JOB_WORDS words each, the
+        args not given 0): returns its index."""
+        recs = [list(map(int, r)) + [0] * (JOB_WORDS - len(r)) for r in records]
         if any(len(r) != JOB_WORDS for r in recs):
-            raise ValueError(f"a job record is {JOB_WORDS} words")
+            raise ValueError(f"a job record is at most {JOB_WORDS} words")
         self._phases.append(recs)
         self._serial.append(None)
         return len(self._phases) - 1, 0
@@ -180,7 +181,59 @@ def _build(m: ir.Module) -> None:
     b.ret_void()
 
 
-STEPS = ("rms_norm_step", "swiglu_step", "geglu_step", "add_step", "store_f16_step")
+    # bias_step(x, c, y, rows, n): y = x + c, c (n floats) added to each of the rows
+    fn = ir.Function(m, ir.FunctionType(void, [i64] * 5), "bias_step")
+    x, c, y, rows, n = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    with for_range(b, const(i64, 0), rows, name="r") as r:
+        o = b.mul(r, n)
+        with for_range(b, const(i64, 0), n, name="i") as i:
+            at = b.add(o, i)
+            b.store(b.fadd(b.load(b.gep(p(x), [at])), b.load(b.gep(p(c), [i]))),
+                    b.gep(p(y), [at]))
+    b.ret_void()
+    # keys_t_step(k, kt, n_kv, hd, hstride, t, tpad): a layer's keys (n_kv heads, hstride
+    # floats apart, rows of hd) transposed into kt (n_kv, hd, tpad) as the tiled attention
+    # reads them: positions [0, t), zeros on to tpad
+    fn = ir.Function(m, ir.FunctionType(void, [i64] * 7), "keys_t_step")
+    k, kt, n_kv, hd, hs, t, tpad = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    zero = ir.Constant(f32, 0.0)
+    with for_range(b, const(i64, 0), n_kv, name="j") as j:
+        src = b.gep(p(k), [b.mul(j, hs)])
+        dst = b.gep(p(kt), [b.mul(b.mul(j, hd), tpad)])
+        with for_range(b, const(i64, 0), t, name="s") as s:
+            row = b.gep(src, [b.mul(s, hd)])
+            with for_range(b, const(i64, 0), hd, name="d") as d:
+                b.store(b.load(b.gep(row, [d])), b.gep(dst, [b.add(b.mul(d, tpad), s)]))
+        with for_range(b, const(i64, 0), hd, name="d") as d:
+            with for_range(b, t, tpad, name="s") as s:
+                b.store(zero, b.gep(dst, [b.add(b.mul(d, tpad), s)]))
+    b.ret_void()
+    # rows_part(args, part, n_parts): a step over rows as a team job. args: fn, n_rows, align,
+    # unit, then three (address, byte stride a row) pairs, then up to four more words; the
+    # part calls fn(a0 + r0 * s0, a1 + r0 * s1, a2 + r0 * s2, (r1 - r0) * unit, w0, w1, w2,
+    # w3) for its rows [r0, r1) (even shares cut at multiples of align)
+    fn = ir.Function(m, ir.FunctionType(void, [ptr(i64), i64, i64]), "rows_part")
+    argv, part, n_parts = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    a = [b.load(b.gep(argv, [const(i64, k)])) for k in range(14)]
+    target, n_rows, align, unit = a[:4]
+
+    def bound(q):
+        r = b.mul(b.sdiv(b.sdiv(b.mul(n_rows, q), n_parts), align), align)
+        return b.select(b.icmp_signed("==", q, n_parts), n_rows, r)
+
+    r0, r1 = bound(part), bound(b.add(part, const(i64, 1)))
+    call = b.inttoptr(target, ptr(ir.FunctionType(void, [i64] * 8)))
+    with b.if_then(b.icmp_signed("<", r0, r1)):
+        b.call(call, [*(b.add(a[4 + 2 * q], b.mul(r0, a[5 + 2 * q])) for q in range(3)),
+                      b.mul(b.sub(r1, r0), unit), *a[10:14]])
+    b.ret_void()
+
+
+STEPS = ("rms_norm_step", "swiglu_step", "geglu_step", "add_step", "store_f16_step",
+         "bias_step", "keys_t_step", "rows_part")
 
 
 @cache
@@ -213,6 +266,19 @@ def store_f16(x: np.ndarray, cache: np.ndarray, p0: int) -> None:
     for j in range(n_kv):  # a head's new rows are consecutive cells
         fn(x[0, j].ctypes.data if n else 0, cache[j, p0].ctypes.data if n else 0, n, hd, hd,
            n_kv * hd)
+
+
+def rows_job(fn: int, n_rows: int, rows: list[tuple[int, int]], more: tuple[int, ...] = (),
+             unit: int = 1, parts: int = 1, align: int = 1) -> list[int]:
+    """The job record that runs step `fn` over `n_rows` rows in `parts` parts: `rows` are up
+    to three (address, bytes a row) pairs, each advanced to a part's first row (a stride of
+    0 for what every row shares), then the part's rows times `unit`, then `more` (see
+    `rows_part`)."""
+    if len(rows) > 3 or len(more) > 4:
+        raise ValueError("a rows job takes three row pointers and four more words")
+    ptrs = [w for r in (*rows, *[(0, 0)] * (3 - len(rows))) for w in r]
+    return [kernels()["rows_part"], max(1, min(parts, n_rows)), fn, n_rows, align, unit,
+            *ptrs, *more, *(0,) * (4 - len(more))]
 
 
 def f32_bits(v: float) -> int:

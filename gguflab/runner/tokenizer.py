@@ -91,6 +91,8 @@ _EOG_TEXTS = frozenset({
     "<\uff5cend\u2581of\u2581sentence\uff5c>", "[e~[",
 })
 _ALWAYS_SHOWN = frozenset({"<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"})
+_MARKER_TEXTS = _EOT_TEXTS | _EOM_TEXTS | _EOG_TEXTS | _ALWAYS_SHOWN | frozenset().union(
+    *_FIM_TEXTS.values())
 
 # -- Unicode classes as llama.cpp sees them -------------------------------------------------
 
@@ -356,12 +358,12 @@ class Tokenizer:
 
         self._ranks: dict[tuple[str, str], int] = {}
         if merges is not None:
-            ranks = self._ranks
-            for i, m in enumerate(merges):
-                pos = m.find(" ", 1)
-                key = (m[:pos], m[pos + 1:]) if pos >= 0 else ("", "")
-                if key not in ranks:
-                    ranks[key] = i
+            # "left right", split at the first space after the first character; the first
+            # of repeated merges ranks (a reversed comprehension: later ones are overwritten)
+            cut = [m.find(" ", 1) for m in merges]
+            self._ranks = {(m[:c], m[c + 1:]) if c >= 0 else ("", ""): i
+                           for i, m, c in zip(range(len(cut) - 1, -1, -1), merges[::-1],
+                                              cut[::-1])}
 
         # special ids: defaults, then metadata (out-of-range values ignored)
         def in_range(v: Any) -> bool:
@@ -391,7 +393,10 @@ class Tokenizer:
         def mark_control(i: int) -> None:
             attrs[i] |= ATTR_CONTROL
 
-        for i, t in enumerate(texts):
+        # (only the ids of the marker texts are walked: a vocabulary has 50K-250K tokens)
+        marked = [i for i, t in enumerate(texts) if t in _MARKER_TEXTS]
+        for i in marked:
+            t = texts[i]
             if self.eot_id is None and t in _EOT_TEXTS:
                 self.eot_id = i
                 mark_control(i)
@@ -405,7 +410,8 @@ class Tokenizer:
         self.fim_ids = fim
 
         eog = {fim[k] for k in ("pad", "rep", "sep") if fim[k] is not None}
-        for i, t in enumerate(texts):
+        for i in marked:
+            t = texts[i]
             if t in _EOG_TEXTS:
                 eog.add(i)
                 mark_control(i)

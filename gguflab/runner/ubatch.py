@@ -1,0 +1,239 @@
+"""A prompt's batch of tokens through the CPU layers as one compiled `Program`.
+
+`Model.forward` on a batch walks the layers from Python: per layer some fifteen products,
+norms, roundings, rotations and additions, each handed to the thread team and waited for.
+Between them the other threads idle while Python prepares the next call (the additions of
+the residual ran in numpy on one thread). A `UBatch` lays the whole batch out once: every
+product's job record (`kernels.prompt_job`), the roundings of their inputs, the norms, RoPE,
+GLUs and additions as row-parallel jobs (`program.rows_job`), the KV cache writes and the
+transposed keys of the tiled attention as serial steps, and the attention as one job; then
+runs it per batch with only the position's words rewritten, as `ggml_graph_compute` runs a
+graph. The kernels are the general route's, so the bits are the same (tested).
+
+What the program does not lay out (products over repacked weights, experts, attention
+without flash attention, watched products, offloaded layers, batches under one tile of
+queries) takes the general route.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from ..jit.parallel import JOB_WORDS, SLICES_PER_THREAD, JobTable, team
+from . import kernels as K
+from . import repack
+from .attention import TILE, TILED
+from .attention import _kernels as attn_kernels
+from .program import Program, f32_bits, rows_job
+from .program import kernels as program_kernels
+from .rope import _kernels as rope_kernels
+
+F32 = np.float32
+
+
+def _addr(a: np.ndarray) -> int:
+    return K.data_address(a)
+
+
+class UBatch:
+    """`n` tokens at any position of `cache` through the model's layers, the rows before
+    `skip` dropped after the last layer's attention (their logits are not asked for), on
+    `threads` threads. `program` is None where the model needs a step this does not take."""
+
+    def __init__(self, m, cache, n: int, skip: int, threads: int):
+        self.n, self.skip, self.threads = n, skip, threads
+        hp = m.hp
+        self.x = np.empty((n, hp.n_embd), F32)
+        self.rope_rows: dict[bool, np.ndarray] = {}
+        self.program = self._build(m, cache) if n >= TILE else None
+
+    def run(self, m, x: np.ndarray, p0: int, cache) -> np.ndarray:
+        """x (n, n_embd) at positions p0 .. p0 + n - 1 through the layers; returns the
+        rows from `skip` on (a view of this batch's buffer, valid until the next run)."""
+        n = self.n
+        self.x[...] = x
+        pos = np.arange(p0, p0 + n)
+        for local, table in self.rope_rows.items():
+            table[...] = m._rope_tables(pos, local, cache.n_ctx)
+        t = p0 + n
+        self.program.run(team(self.threads), p0=p0, t=t, tpad=-(-t // TILE) * TILE)
+        return self.x[self.skip:]
+
+    def _build(self, m, cache) -> Program | None:
+        hp = m.hp
+        n, skip, threads = self.n, self.skip, self.threads
+        if (cache.k.dtype != F32 or m.flash_attn == "off" or cache.k.shape[0] < hp.n_layer
+                or any(L.experts is not None for L in m.layers)):
+            return None
+        from .model import gelu_table
+
+        E, hd, n_head, n_kv, n_ctx = hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv, cache.n_ctx
+        nq, nk = n_head * hd, n_kv * hd
+        steps = program_kernels()
+        prog = Program()
+        keep = prog.keep
+        eps = f32_bits(hp.rms_eps)
+        parts = SLICES_PER_THREAD * threads if threads > 1 else 1
+
+        def buf(*shape, dtype=F32):
+            a = np.empty(shape, dtype)
+            keep.append(a)
+            return a
+
+        def vec(a):  # a float32 vector the jobs read by address
+            a = np.ascontiguousarray(a, F32)
+            keep.append(a)
+            return _addr(a)
+
+        X = self.x
+        H, A = buf(n, E), buf(n, E)
+        Q, Kx, V = buf(n, nq), buf(n, nk), buf(n, nk)
+        QR, KR, ATT = buf(n, n_head, hd), buf(n, n_kv, hd), buf(n, nq)
+        n_ff = max(L.w_gate.data.shape[0] for L in m.layers)
+        G, U, ACT = buf(n, n_ff), buf(n, n_ff), buf(n, n_ff)
+        KT = buf(n_kv * hd * (-(-n_ctx // TILE) * TILE))
+        rounded: dict[tuple, np.ndarray] = {}  # (x buffer, kind, integer form) -> rounded
+        # float products' scratch: one a product in a phase (they run side by side)
+        need = 0
+        for L in m.layers:
+            for W in (L.wq, L.wk, L.wv, L.wo, L.w_gate, L.w_up, L.w_down):
+                p = K._plan(W.type)
+                if not p.int_dot:
+                    n_in = W.data.shape[1] * W.data.itemsize // p.type_size * p.block
+                    need = max(need, K.prompt_scratch_floats(p, n_in))
+        scratch = [buf(need * parts) if need else None for _ in range(3)]
+
+        def rows(fn, n_rows, ptrs, more=(), unit=1):
+            prog.parallel([rows_job(fn, n_rows, ptrs, more, unit, parts)])
+
+        def norm(src, w, dst, n_rows, width):
+            rows(steps["rms_norm_step"], n_rows, [(_addr(src), 4 * width), (vec(w), 0),
+                                                  (_addr(dst), 4 * width)], (width, eps))
+
+        def add(dst, a, n_rows, width):
+            rows(steps["add_step"], n_rows, [(_addr(dst), 4 * width), (_addr(a), 4 * width),
+                                             (_addr(dst), 4 * width)], unit=width)
+
+        def products(weights, x, ys, r0=0) -> bool:
+            """The products of x's rows [r0:] with `weights` into `ys` (their rows [r0:]): a
+            phase of x's roundings, then a phase of the products."""
+            m_tok = n - r0
+            rounds, recs, done = [], [], set()
+            for j, (W, y) in enumerate(zip(weights, ys)):
+                p = K._plan(W.type)
+                w = p.weight(W.data)
+                n_out = w.shape[0]
+                n_in = w.shape[1] * w.itemsize // p.type_size * p.block
+                if n_in != x.shape[1] or n_out != y.shape[1] or n_in % K.FLOAT_GROUP:
+                    return False
+                yv = y[r0:]
+                small = m_tok == 1 or (m_tok <= K.GEMV_TOKENS[-1] and not p.int_dot) or (
+                    K._vec_dot_rows(p, n_out))
+                int_path = p.int_dot and (m_tok == 1 or not small)
+                if p.int_dot and repack.repacked(p.t, n_out):
+                    return False  # (the repacked kernels are not team jobs yet)
+                if not int_path and p.act in K._Q8_KINDS:
+                    return False  # (x rounded to Q8 levels as floats: a step not laid out)
+                key = (id(x), p.act, int_path)
+                if int_path:
+                    kind = p.act
+                elif p.act in K._HALF_KINDS and (small or not K._gemm_rounds(p.t)):
+                    kind = p.act
+                else:
+                    key, kind = (id(x), None, False), None  # x as it is
+                if key not in rounded:
+                    rounded[key] = x if kind is None else buf(
+                        n, K.xq_row_bytes(n_in), dtype=np.uint8) if int_path else buf(n, n_in)
+                if kind is not None and key not in done:  # (rounded anew for each use)
+                    done.add(key)
+                    rounds.append(K.round_job(kind, _addr(x[r0:]), m_tok, n_in,
+                                              _addr(rounded[key][r0:]), threads))
+                xr = rounded[key][r0:]
+                if small:
+                    table = JobTable()
+                    seen = {(p.act, int_path): xr}
+                    K._add_gemv(table, p, w, xr, yv, n_out, m_tok, n_in, n_out, threads, seen)
+                    keep.extend((xr, yv, w))  # (the records hold these objects' ids)
+                    recs.extend(np.frombuffer(table.buf, np.int64, table.n * JOB_WORDS)
+                                .reshape(-1, JOB_WORDS).tolist())
+                    continue
+                ldx = xr.shape[1] if int_path else n_in
+                if int_path:
+                    rec = K.prompt_job(p, w, _addr(xr), ldx, _addr(yv), y.shape[1], m_tok, n_in,
+                                       n_out, threads)
+                else:
+                    rec = K.prompt_job(p, w, _addr(xr), ldx, _addr(yv), y.shape[1], m_tok, n_in,
+                                       n_out, threads, scratch=scratch[j])
+                keep.append(w)
+                recs.append(rec)
+            if rounds:
+                prog.parallel(rounds)
+            prog.parallel(recs)
+            return True
+
+        rope_fn = ctypes.cast(rope_kernels()["rope_rotate"], ctypes.c_void_p).value
+        attn = attn_kernels()["attn_f32"]
+        floats = int(np.array([hp.q_scale, hp.attn_softcap], F32).view(np.int64)[0])
+        glu = steps["geglu_step"] if hp.family.gelu else steps["swiglu_step"]
+        last = len(m.layers) - 1
+        for il, L in enumerate(m.layers):
+            norm(X, L.attn_norm, H, n, E)
+            if not products([L.wq, L.wk, L.wv], H, [Q, Kx, V]):
+                return None
+            if L.bq is not None:
+                for y, bias, width in ((Q, L.bq, nq), (Kx, L.bk, nk), (V, L.bv, nk)):
+                    rows(steps["bias_step"], n, [(_addr(y), 4 * width), (vec(bias), 0),
+                                                 (_addr(y), 4 * width)], (width,))
+            if L.q_norm is not None:
+                norm(Q, L.q_norm, Q, n * n_head, hd)
+                norm(Kx, L.k_norm, Kx, n * n_kv, hd)
+            local = bool(hp.swa_layers) and hp.swa_layers[il]
+            table = self.rope_rows.setdefault(local, np.empty((n, hp.rope_dim), F32))
+            neox = int(hp.rope_neox)
+            prog.parallel([rows_job(rope_fn, n, [(_addr(src), 4 * width), (_addr(dst), 4 * width),
+                                                 (_addr(table), 4 * hp.rope_dim)],
+                                    (heads, hd, hp.rope_dim, neox), 1, parts)
+                           for src, dst, width, heads in ((Q, QR, nq, n_head),
+                                                          (Kx, KR, nk, n_kv))])
+            keys, vals = cache.k[il], cache.v[il]
+            for src, dst in ((KR, keys), (V, vals)):
+                for j in range(n_kv):
+                    w = prog.step(steps["store_f16_step"], _addr(src) + 4 * j * hd, 0, n, hd,
+                                  hd, nk)
+                    prog.vary("p0", w, 2, _addr(dst[j]), 4 * hd)
+            w = prog.step(steps["keys_t_step"], _addr(keys), _addr(KT), n_kv, hd, n_ctx * hd,
+                          0, 0)
+            prog.vary("t", w, 6)
+            prog.vary("tpad", w, 7)
+            w = prog.job(attn, max(1, min(n * n_head, parts)), _addr(QR), _addr(keys),
+                         _addr(vals), _addr(KT), _addr(ATT), n | TILED << 32, n_head,
+                         n_head // n_kv, hd, n_ctx * hd, 0, 0, hp.n_swa if local else 0, floats)
+            prog.vary("tpad", w, 2 + 10)
+            prog.vary("p0", w, 2 + 11)
+            if not products([L.wo], ATT, [A]):
+                return None
+            r0 = skip if il == last else 0  # (the rows whose logits nobody asked for leave)
+            rows_left = n - r0
+            if L.attn_post_norm is not None:
+                norm(A[r0:], L.attn_post_norm, A[r0:], rows_left, E)
+            add(X[r0:], A[r0:], rows_left, E)
+            norm(X[r0:], L.ffn_norm, H[r0:], rows_left, E)
+            n_ff = L.w_gate.data.shape[0]
+            g, u, act = G[:, :n_ff], U[:, :n_ff], ACT[:, :n_ff]
+            if n_ff != G.shape[1]:  # (layers of another width: their own contiguous rows)
+                g, u, act = (buf(n, n_ff) for _ in range(3))
+            if not products([L.w_gate, L.w_up], H, [g, u], r0):
+                return None
+            rows(glu, rows_left, [(_addr(g[r0:]), 4 * n_ff), (_addr(u[r0:]), 4 * n_ff),
+                                  (_addr(act[r0:]), 4 * n_ff)],
+                 (_addr(gelu_table()),) if hp.family.gelu else (), unit=n_ff)
+            if not products([L.w_down], act, [A], r0):
+                return None
+            if L.ffn_post_norm is not None:
+                norm(A[r0:], L.ffn_post_norm, A[r0:], rows_left, E)
+            add(X[r0:], A[r0:], rows_left, E)
+        keep.append(gelu_table())
+        keep.append(cache)  # (the program is dropped with the cache: see Model._ubatch)
+        return prog.build()
