@@ -44,8 +44,9 @@ from llvmlite import ir
 
 from .. import quant
 from ..gguf import GGMLType
-from ..jit import compile_kernels, host_cpu, parallel_rows
+from ..jit import compile_kernels, host_cpu
 from ..jit.builders import alloca_entry, const, f32, for_range, i8, i16, i32, i64, intrinsic, ptr
+from ..jit.parallel import JobTable
 from . import kernels as K
 
 __all__ = ["repacked", "REPACK"]
@@ -490,16 +491,67 @@ def _build_gemv(m: ir.Module, t: GGMLType) -> ir.Function:
     return fn
 
 
+def _job_fn(m: ir.Module, name: str, n_args: int):
+    """A team job `name(i64* args, part, n_parts)`: (builder, its first n_args args, part,
+    n_parts)."""
+    fn = ir.Function(m, ir.FunctionType(ir.VoidType(), [ptr(i64), i64, i64]), name)
+    argv, part, n_parts = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    return b, [b.load(b.gep(argv, [_c64(k)])) for k in range(n_args)], part, n_parts
+
+
+def _build_jobs(m: ir.Module, t: GGMLType, pack: ir.Function, gemm: ir.Function,
+                gemv: ir.Function) -> None:
+    """The prompt's kernels as team jobs over raw addresses (see `prompt_jobs`):
+    `pack_<t>_ppart` (xq, ldq, n_gemm, n_groups, xp) packs its share of x's tiles;
+    `gemm_<t>_ppart` (w, w_stride, xp, y, ldy, n_gemm, n_rows, n_blocks, align) and
+    `gemv_<t>_ppart` (w, w_stride, xq, ldq, y, ldy, t0, t1, n_rows, n_blocks, align) take
+    their share of the rows."""
+    name = t.name.lower()
+    b, (xq, ldq, n_gemm, ng, xp), part, n_parts = _job_fn(m, f"pack_{name}_ppart", 5)
+    tiles = b.sdiv(b.add(n_gemm, _c64(LANES - 1)), _c64(LANES))
+    a0, a1 = K._part_rows(b, tiles, _c64(1), part, n_parts)
+    t1 = b.mul(a1, _c64(LANES))
+    t1 = b.select(b.icmp_signed("<", t1, n_gemm), t1, n_gemm)
+    with b.if_then(b.icmp_signed("<", a0, a1)):
+        b.call(pack, [b.inttoptr(xq, ptr(i8)), ldq, b.mul(a0, _c64(LANES)), t1, ng,
+                      b.gep(b.inttoptr(xp, ptr(i8)), [b.mul(b.mul(a0, ng), _c64(RECORD))])])
+    b.ret_void()
+    b, (w, ws, xp, y, ldy, n_gemm, n_rows, nb, align), part, n_parts = _job_fn(
+        m, f"gemm_{name}_ppart", 9)
+    r0, r1 = K._part_rows(b, n_rows, align, part, n_parts)
+    tiles = b.sdiv(b.add(n_gemm, _c64(LANES - 1)), _c64(LANES))
+    w, xp, y = b.inttoptr(w, ptr(i8)), b.inttoptr(xp, ptr(i8)), b.inttoptr(y, ptr(f32))
+    chunk = TOKEN_CHUNK // LANES
+    with b.if_then(b.icmp_signed("<", r0, r1)):
+        with for_range(b, _c64(0), b.sdiv(b.add(tiles, _c64(chunk - 1)), _c64(chunk)),
+                       name="chunk") as c:
+            c0 = b.mul(c, _c64(chunk))
+            c1 = b.add(c0, _c64(chunk))
+            c1 = b.select(b.icmp_signed("<", c1, tiles), c1, tiles)
+            b.call(gemm, [w, ws, xp, y, ldy, n_gemm, c0, c1, r0, r1, nb])
+    b.ret_void()
+    b, (w, ws, xq, ldq, y, ldy, t0, t1, n_rows, nb, align), part, n_parts = _job_fn(
+        m, f"gemv_{name}_ppart", 11)
+    r0, r1 = K._part_rows(b, n_rows, align, part, n_parts)
+    with b.if_then(b.icmp_signed("<", r0, r1)):
+        b.call(gemv, [b.inttoptr(w, ptr(i8)), ws, b.inttoptr(xq, ptr(i8)), ldq,
+                      b.inttoptr(y, ptr(f32)), ldy, t0, t1, r0, r1, nb, _c64(0)])
+    b.ret_void()
+
+
 def build_module(t: GGMLType) -> ir.Module:
-    """`pack_<t>`, `gemm_<t>`, `gemv_<t>` (ndarray arguments, see `kernels._export`) and
-    `gemv_<t>_part` (a one-token gemv as a team job) for a repacked weight type."""
+    """`pack_<t>`, `gemm_<t>`, `gemv_<t>` (ndarray arguments, see `kernels._export`),
+    `gemv_<t>_part` (a one-token gemv as a team job) and the prompt's jobs (`_build_jobs`)
+    for a repacked weight type."""
     m = ir.Module(name=f"repack_{t.name.lower()}")
     name = t.name.lower()
-    K._export(m, f"pack_{name}", _build_pack(m, t))
-    K._export(m, f"gemm_{name}", _build_gemm(m, t))
-    gemv = _build_gemv(m, t)
+    pack, gemm, gemv = _build_pack(m, t), _build_gemm(m, t), _build_gemv(m, t)
+    K._export(m, f"pack_{name}", pack)
+    K._export(m, f"gemm_{name}", gemm)
     K._export(m, f"gemv_{name}", gemv)
     K._export_q_part(m, f"gemv_{name}_part", gemv)
+    _build_jobs(m, t, pack, gemm, gemv)
     return m
 
 
@@ -513,12 +565,16 @@ _GEMM_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A, _A, _I64, _I64, _I64, _I64, _I6
 class _Kernels:
     def __init__(self, t: GGMLType):
         name = t.name.lower()
+        jobs = [f"{k}_{name}_ppart" for k in ("pack", "gemm", "gemv")]
         sigs = {f"pack_{name}": _PACK_SIG, f"gemm_{name}": _GEMM_SIG,
-                f"gemv_{name}": K._GEMMQ_SIG, f"gemv_{name}_part": K._PART_SIG}
+                f"gemv_{name}": K._GEMMQ_SIG, f"gemv_{name}_part": K._PART_SIG,
+                **dict.fromkeys(jobs, K._PART_SIG)}
         mod = compile_kernels(lambda: build_module(t), sigs, key=f"repack.build_module:{t.name}")
         self.pack, self.gemm = mod[f"pack_{name}"], mod[f"gemm_{name}"]
         self.gemv = mod[f"gemv_{name}"]
-        self.gemv_part = ctypes.cast(mod[f"gemv_{name}_part"], ctypes.c_void_p).value
+        addr = lambda k: ctypes.cast(mod[k], ctypes.c_void_p).value  # noqa: E731
+        self.gemv_part = addr(f"gemv_{name}_part")
+        self.pack_job, self.gemm_job, self.gemv_job = map(addr, jobs)
         self.k_quant = _is_k(t)
 
 
@@ -541,33 +597,53 @@ def gemv_part(t: GGMLType) -> int:
     return kernels(t).gemv_part
 
 
+def gemm_tokens(t: GGMLType, n_tok: int) -> int:
+    """The first tokens of a product that ggml's repacked gemm takes (the rest: its gemv).
+    Q4_0's (IQ4_NL's) gemm and gemv sum alike: the prompt kernel takes every token."""
+    if _is_k(t):
+        return n_tok - n_tok % GEMM_TOKENS
+    return n_tok if n_tok >= GEMM_TOKENS else 0
+
+
+def packed_bytes(t: GGMLType, n_tok: int, n_in: int) -> int:
+    """Bytes of x packed for the prompt kernel (`pack_<t>`): 0 where gemv takes it all."""
+    return -(-gemm_tokens(t, n_tok) // LANES) * (n_in // GROUP) * RECORD
+
+
+def prompt_jobs(w: np.ndarray, t: GGMLType, xq: int, ldq: int, y: int, ldy: int, n_tok: int,
+                n_in: int, n_out: int, threads: int, xp: int) -> tuple[list, list]:
+    """A product over a repacked weight as team jobs on raw addresses, x given rounded
+    (`kernels.round_q8`'s rows, ldq bytes apart): (the phase that packs x into `xp`,
+    `packed_bytes` long; empty where gemv takes every token), (the phase of the products:
+    the first `gemm_tokens` tokens in the order of ggml's gemm, the rest in its gemv's)."""
+    kern = kernels(t)
+    nb = n_in // quant.get(t).info.block_size
+    ng = n_in // GROUP
+    n_gemm = gemm_tokens(t, n_tok)
+    parts = K._row_parts(n_out, threads, K._min_rows(n_in * (2 + n_tok // 2)), K.ROW_ALIGN)
+    wa, ws = K.data_address(w), w.strides[0]
+    pack, products = [], []
+    if n_gemm:
+        tiles = -(-n_gemm // LANES)
+        pack.append([kern.pack_job, K._row_parts(tiles, threads, max(1, (1 << 13) // ng), 1),
+                     xq, ldq, n_gemm, ng, xp])
+        products.append([kern.gemm_job, parts, wa, ws, xp, y, ldy, n_gemm, n_out, nb,
+                         K.ROW_ALIGN])
+    if n_gemm < n_tok:
+        products.append([kern.gemv_job, parts, wa, ws, xq, ldq, y, ldy, n_gemm, n_tok, n_out,
+                         nb, K.ROW_ALIGN])
+    return pack, products
+
+
 def matmul(w: np.ndarray, t: GGMLType, xq: np.ndarray, y: np.ndarray, ldy: int, n_tok: int,
            n_in: int, n_out: int, threads: int) -> None:
     """y = x @ W.T over a repacked weight, x given rounded (`kernels.round_q8`, xq): the
     first n_tok - n_tok % 4 tokens in the order of ggml's gemm, the rest in its gemv's."""
-    kern = kernels(t)
-    ws, ldq = w.strides[0], xq.shape[1]
-    block = quant.get(t).info.block_size
-    nb = n_in // block
-    ng = n_in // GROUP
-    # Q4_0's (IQ4_NL's) gemm and gemv sum alike: the prompt kernel takes every token
-    n_gemm = (n_tok - n_tok % GEMM_TOKENS) if kern.k_quant else (
-        n_tok if n_tok >= GEMM_TOKENS else 0)
-    work = n_in * (2 + n_tok // 2)
-    if n_gemm:
-        tiles = -(-n_gemm // LANES)
-        xp = np.empty(tiles * ng * RECORD, np.uint8)
-        parallel_rows(lambda a, c: kern.pack(xq, ldq, a * LANES, min(c * LANES, n_gemm), ng,
-                                             xp[a * ng * RECORD:]),
-                      tiles, threads, max(1, (1 << 13) // ng))
-        chunk = TOKEN_CHUNK // LANES
-
-        def run(a, c):
-            for t0 in range(0, tiles, chunk):
-                kern.gemm(w, ws, xp, y, ldy, n_gemm, t0, min(t0 + chunk, tiles), a, c, nb)
-
-        parallel_rows(run, n_out, threads, K._min_rows(work), align=K.ROW_ALIGN)
-    if n_gemm < n_tok:
-        parallel_rows(lambda a, c: kern.gemv(w, ws, xq, ldq, y, ldy, n_gemm, n_tok, a, c, nb,
-                                             0), n_out, threads, K._min_rows(work),
-                      align=K.ROW_ALIGN)
+    xp = np.empty(max(1, packed_bytes(t, n_tok, n_in)), np.uint8)
+    for phase in prompt_jobs(w, t, K.data_address(xq), xq.shape[1], K.data_address(y), ldy,
+                             n_tok, n_in, n_out, threads, K.data_address(xp)):
+        if phase:
+            table = JobTable()
+            for rec in phase:
+                table.add(*rec)
+            table.run(threads)

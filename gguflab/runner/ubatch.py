@@ -10,9 +10,8 @@ transposed keys of the tiled attention as serial steps, and the attention as one
 runs it per batch with only the position's words rewritten, as `ggml_graph_compute` runs a
 graph. The kernels are the general route's, so the bits are the same (tested).
 
-What the program does not lay out (products over repacked weights, experts, attention
-without flash attention, watched products, offloaded layers, batches under one tile of
-queries) takes the general route.
+What the program does not lay out (experts, attention without flash attention, watched
+products, offloaded layers, batches under one tile of queries) takes the general route.
 """
 
 from __future__ import annotations
@@ -120,7 +119,7 @@ class UBatch:
             """The products of x's rows [r0:] with `weights` into `ys` (their rows [r0:]): a
             phase of x's roundings, then a phase of the products."""
             m_tok = n - r0
-            rounds, recs, done = [], [], set()
+            rounds, packs, recs, done = [], [], [], set()
             for j, (W, y) in enumerate(zip(weights, ys)):
                 p = K._plan(W.type)
                 w = p.weight(W.data)
@@ -132,8 +131,6 @@ class UBatch:
                 small = m_tok == 1 or (m_tok <= K.GEMV_TOKENS[-1] and not p.int_dot) or (
                     K._vec_dot_rows(p, n_out))
                 int_path = p.int_dot and (m_tok == 1 or not small)
-                if p.int_dot and repack.repacked(p.t, n_out):
-                    return False  # (the repacked kernels are not team jobs yet)
                 if not int_path and p.act in K._Q8_KINDS:
                     return False  # (x rounded to Q8 levels as floats: a step not laid out)
                 key = (id(x), p.act, int_path)
@@ -160,6 +157,20 @@ class UBatch:
                                 .reshape(-1, JOB_WORDS).tolist())
                     continue
                 ldx = xr.shape[1] if int_path else n_in
+                if int_path and repack.repacked(p.t, n_out):  # x packed once per type
+                    pkey = (id(x), "packed", p.t)
+                    if pkey not in rounded:
+                        rounded[pkey] = buf(max(1, repack.packed_bytes(p.t, n, n_in)),
+                                            dtype=np.uint8)
+                    pack, jobs = repack.prompt_jobs(w, p.t, _addr(xr), ldx, _addr(yv),
+                                                    y.shape[1], m_tok, n_in, n_out, threads,
+                                                    _addr(rounded[pkey]))
+                    if pkey not in done:
+                        done.add(pkey)
+                        packs.extend(pack)
+                    keep.append(w)
+                    recs.extend(jobs)
+                    continue
                 if int_path:
                     rec = K.prompt_job(p, w, _addr(xr), ldx, _addr(yv), y.shape[1], m_tok, n_in,
                                        n_out, threads)
@@ -168,9 +179,9 @@ class UBatch:
                                        n_out, threads, scratch=scratch[j])
                 keep.append(w)
                 recs.append(rec)
-            if rounds:
-                prog.parallel(rounds)
-            prog.parallel(recs)
+            for phase in (rounds, packs, recs):
+                if phase:
+                    prog.parallel(phase)
             return True
 
         rope_fn = ctypes.cast(rope_kernels()["rope_rotate"], ctypes.c_void_p).value
