@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from gguflab.jit.parallel import STEP_ARGS, team
-from gguflab.runner.program import Program, f32_bits, kernels
+from gguflab.runner.program import Program, f32_bits, kernels, rows_job
 
 
 def test_steps_run_in_order_and_varying_words_follow_the_position():
@@ -72,3 +72,37 @@ def test_geglu_step_is_the_general_route_s_gelu():
               gelu_table().ctypes.data)
     prog.build().run(team(2))
     np.testing.assert_array_equal(y.view(np.uint32), (gelu_ggml(g) * u).view(np.uint32))
+
+
+def test_rows_jobs_split_rows_and_words_varied_twice_sum_their_terms():
+    """`rows_job` runs a step over rows in parts (each part's pointers moved to its first
+    row; a stride of 0 for what all rows share); `bias_step` adds a vector to each row;
+    `keys_t_step` transposes a cache's keys with zeros to the padding; a word varied by two
+    variables (a cache's address and a position) is the sum of both terms."""
+    k = kernels()
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (37, 24)).astype(np.float32)
+    c = rng.normal(0, 1, 24).astype(np.float32)
+    y = np.zeros_like(x)
+    keys = [np.zeros((2, 16, 8), np.float32) for _ in range(2)]  # (n_kv, n_ctx, hd)
+    kt = np.full((2, 8, 8), 7.0, np.float32)  # (n_kv, hd, tpad)
+    prog = Program()
+    prog.parallel([rows_job(k["bias_step"], 37, [(x.ctypes.data, 96), (c.ctypes.data, 0),
+                                                  (y.ctypes.data, 96)], (24,), parts=5)])
+    where = prog.step(k["store_f16_step"], y.ctypes.data, 0, 3, 8, 8, 24)  # 3 rows into head 0
+    prog.vary("cache", where, 2)
+    prog.vary("p0", where, 2, 0, 4 * 8)
+    where = prog.step(k["keys_t_step"], 0, kt.ctypes.data, 2, 8, 16 * 8, 0, 8)
+    prog.vary("cache", where, 1)
+    prog.vary("t", where, 6)
+    prog.build()
+    for cache, p0 in ((keys[0], 2), (keys[1], 5)):
+        prog.run(team(2), cache=cache.ctypes.data, p0=p0, t=p0 + 3)
+        np.testing.assert_array_equal(y, x + c)
+        want = np.zeros((2, 16, 8), np.float32)
+        want[0, p0:p0 + 3] = y[:3, :8].astype(np.float16)
+        np.testing.assert_array_equal(cache, want)
+        np.testing.assert_array_equal(kt[:, :, :p0 + 3], want[:, :p0 + 3].transpose(0, 2, 1))
+        assert not kt[:, :, p0 + 3:8].any()
+    with pytest.raises(ValueError, match="three row pointers"):
+        rows_job(k["add_step"], 4, [(0, 0)] * 4)

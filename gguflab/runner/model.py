@@ -448,19 +448,18 @@ class Model:
     use_ubatch = True  # (False: prompts take the general route; for tests)
 
     def _ubatch(self, n: int, skip: int, cache: KVCache) -> UBatch | None:
-        """The compiled program of a batch of `n` tokens over `cache` (None where the
-        general route must take it). The last two shapes are kept, with the cache they
-        were laid out for."""
-        if not self.use_ubatch or _observer is not None or n < TILE:
+        """The compiled program of a batch of `n` tokens over a cache like `cache` (None
+        where the general route must take it). The last two shapes are kept."""
+        if (not self.use_ubatch or _observer is not None or n < TILE
+                or cache.k.dtype != np.float32):
             return None
-        key = (n, skip, default_threads())
-        if self._ubatches is None or self._ubatches["cache"]() is not cache:
-            self._ubatches = {"cache": weakref.ref(cache)}
+        key = (n, skip, default_threads(), cache.k.shape)
+        if self._ubatches is None:
+            self._ubatches = {}
         found = self._ubatches.get(key)
         if found is None:
             found = UBatch(self, cache, n, skip, key[2])
-            shapes = [k for k in self._ubatches if k != "cache"]
-            for old in shapes[:-1]:
+            for old in list(self._ubatches)[:-1]:
                 del self._ubatches[old]
             self._ubatches[key] = found
         return found if found.program is not None else None

@@ -70,7 +70,8 @@ class Program:
     def vary(self, var: str, where: tuple[int, int], word: int, base: int = 0,
              mult: int = 1) -> None:
         """Word `word` of the record or step at `where` becomes base + mult * var on each
-        run (for a job record: word 2 is its first argument; for a step: word 1)."""
+        run (for a job record: word 2 is its first argument; for a step: word 1); a word
+        varied by several variables is the sum of their terms."""
         self._vary.setdefault(var, []).append((where, word, base, mult))
 
     def build(self) -> Program:
@@ -104,20 +105,26 @@ class Program:
                     words[at_step:at_step + 1 + STEP_ARGS] = st
                     at_step += 1 + STEP_ARGS
         self._words, self._n_phases = words, n_ph
+        bases: dict[int, int] = {}  # each varied word: the sum of its terms' bases
         self._patches = {}
         for var, items in self._vary.items():
-            idx = np.array([where[w] + word for w, word, _, _ in items], np.int64)
-            base = np.array([b for _, _, b, _ in items], np.int64)
-            mult = np.array([m for _, _, _, m in items], np.int64)
-            self._patches[var] = (idx, base, mult)
+            idx = [where[w] + word for w, word, _, _ in items]
+            if len(set(idx)) < len(idx):
+                raise ValueError(f"a word varies twice by {var!r}")
+            for i, (_, _, b, _) in zip(idx, items):
+                bases[i] = bases.get(i, 0) + b
+            self._patches[var] = (np.array(idx, np.int64),
+                                  np.array([m for _, _, _, m in items], np.int64))
+        self._bases = (np.array(list(bases), np.int64), np.array(list(bases.values()), np.int64))
         return self
 
     def run(self, team: Team, **values: int) -> None:
         """Set the varying words from `values` (every variable `vary` named) and run the
         phases on `team`."""
         words = self._words
-        for var, (idx, base, mult) in self._patches.items():
-            words[idx] = base + mult * values[var]
+        words[self._bases[0]] = self._bases[1]
+        for var, (idx, mult) in self._patches.items():
+            words[idx] += mult * values[var]
         team.run_program(words.ctypes.data, self._n_phases)
 
 

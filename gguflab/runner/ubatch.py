@@ -46,6 +46,7 @@ class UBatch:
         hp = m.hp
         self.x = np.empty((n, hp.n_embd), F32)
         self.rope_rows: dict[bool, np.ndarray] = {}
+        self.cache_shape = cache.k.shape  # (any cache of this shape: its address varies)
         self.program = self._build(m, cache) if n >= TILE else None
 
     def run(self, m, x: np.ndarray, p0: int, cache) -> np.ndarray:
@@ -57,7 +58,11 @@ class UBatch:
         for local, table in self.rope_rows.items():
             table[...] = m._rope_tables(pos, local, cache.n_ctx)
         t = p0 + n
-        self.program.run(team(self.threads), p0=p0, t=t, tpad=-(-t // TILE) * TILE)
+        if cache.k.shape != self.cache_shape or cache.v.shape != self.cache_shape:
+            raise ValueError(f"a batch laid out for a cache of {self.cache_shape}, given "
+                             f"{cache.k.shape}")
+        self.program.run(team(self.threads), p0=p0, t=t, tpad=-(-t // TILE) * TILE,
+                         k=_addr(cache.k), v=_addr(cache.v))
         return self.x[self.skip:]
 
     def _build(self, m, cache) -> Program | None:
@@ -208,19 +213,23 @@ class UBatch:
                                     (heads, hd, hp.rope_dim, neox), 1, parts)
                            for src, dst, width, heads in ((Q, QR, nq, n_head),
                                                           (Kx, KR, nk, n_kv))])
-            keys, vals = cache.k[il], cache.v[il]
-            for src, dst in ((KR, keys), (V, vals)):
+            # the cache's layer: its address plus the layer's offset (any cache of the shape)
+            layer = 4 * il * n_kv * n_ctx * hd
+            for src, var in ((KR, "k"), (V, "v")):
                 for j in range(n_kv):
                     w = prog.step(steps["store_f16_step"], _addr(src) + 4 * j * hd, 0, n, hd,
                                   hd, nk)
-                    prog.vary("p0", w, 2, _addr(dst[j]), 4 * hd)
-            w = prog.step(steps["keys_t_step"], _addr(keys), _addr(KT), n_kv, hd, n_ctx * hd,
-                          0, 0)
+                    prog.vary("p0", w, 2, layer + 4 * j * n_ctx * hd, 4 * hd)
+                    prog.vary(var, w, 2)
+            w = prog.step(steps["keys_t_step"], 0, _addr(KT), n_kv, hd, n_ctx * hd, 0, 0)
+            prog.vary("k", w, 1, layer)
             prog.vary("t", w, 6)
             prog.vary("tpad", w, 7)
-            w = prog.job(attn, max(1, min(n * n_head, parts)), _addr(QR), _addr(keys),
-                         _addr(vals), _addr(KT), _addr(ATT), n | TILED << 32, n_head,
-                         n_head // n_kv, hd, n_ctx * hd, 0, 0, hp.n_swa if local else 0, floats)
+            w = prog.job(attn, max(1, min(n * n_head, parts)), _addr(QR), 0, 0, _addr(KT),
+                         _addr(ATT), n | TILED << 32, n_head, n_head // n_kv, hd, n_ctx * hd, 0,
+                         0, hp.n_swa if local else 0, floats)
+            prog.vary("k", w, 2 + 1, layer)
+            prog.vary("v", w, 2 + 2, layer)
             prog.vary("tpad", w, 2 + 10)
             prog.vary("p0", w, 2 + 11)
             if not products([L.wo], ATT, [A]):
@@ -246,5 +255,4 @@ class UBatch:
                 norm(A[r0:], L.ffn_post_norm, A[r0:], rows_left, E)
             add(X[r0:], A[r0:], rows_left, E)
         keep.append(gelu_table())
-        keep.append(cache)  # (the program is dropped with the cache: see Model._ubatch)
         return prog.build()
