@@ -40,6 +40,11 @@ JOB_ARGS = 14
 JOB_WORDS = 2 + JOB_ARGS  # fn, n_parts, args...
 MAX_JOBS = 16
 SPIN_LIMIT = 1 << 17  # pause loops an idle worker spins before sleeping (a few ms)
+# a sleeping worker also looks for work on its own, after NAP_MIN seconds, then twice as
+# long each time it finds none (up to NAP_MAX), spinning NAP_SPIN pauses each look: a
+# worker that fell asleep while the caller was busy in Python (a garbage collection) and
+# missed the wake-up before a long compiled call (a prompt's whole batch) joins in soon
+NAP_MIN, NAP_MAX, NAP_SPIN = 0.001, 0.064, 1 << 10
 PART_BITS = 20  # the ticket word: seq (24 bits) | total parts (20) | next part (20)
 
 # the control block, in int64 words; fields that different threads write sit on separate
@@ -365,9 +370,13 @@ class Team:
                              name=f"gguflab-team-{w}").start()
 
     def _worker(self, w: int) -> None:
-        while self._work(self._addr, w, SPIN_LIMIT) == 0:
-            self._wake[w].wait()
-            self._wake[w].clear()
+        limit, nap = SPIN_LIMIT, NAP_MIN
+        while self._work(self._addr, w, limit) == 0:
+            if self._wake[w].wait(nap):
+                self._wake[w].clear()
+                limit, nap = SPIN_LIMIT, NAP_MIN
+            else:
+                limit, nap = NAP_SPIN, min(2 * nap, NAP_MAX)
 
     def run(self, jobs: int, n_jobs: int) -> None:
         """Run every part of the `n_jobs` jobs at address `jobs`; returns when all are done.
@@ -384,13 +393,19 @@ class Team:
             _solo()._call(fn, a, n)
             return
         try:
+            # workers asleep are woken before the call, not only after: one call may be a
+            # whole program (a prompt's batch), which they would otherwise miss entirely
+            self._wake_sleepers()
             if fn(self._addr, a, n):
-                for w in range(self.n_workers):
-                    if self.ctrl[SLEEP + 8 * w]:
-                        self.ctrl[SLEEP + 8 * w] = 0
-                        self._wake[w].set()
+                self._wake_sleepers()
         finally:
             self._lock.release()
+
+    def _wake_sleepers(self) -> None:
+        for w in range(self.n_workers):
+            if self.ctrl[SLEEP + 8 * w]:
+                self.ctrl[SLEEP + 8 * w] = 0
+                self._wake[w].set()
 
 
 _teams: dict = {}
