@@ -178,7 +178,8 @@ def test_prompt_batch_program_is_the_general_route_bit_for_bit(case, smollm2, tm
                                (tokens[:70], last_cache, None)):
             out.append(m.forward(toks, c, all_logits=first is not None, first=first or 0))
             skip = len(toks) - 1 if first is None else first
-            batch = (m._ubatches or {}).get((len(toks), skip, default_threads(), c.k.shape))
+            batch = (m._ubatches or {}).get((len(toks), skip, default_threads(), c.k.shape,
+                                             m.flash_attn))
             used.append(batch is not None and batch.program is not None)
         runs.append((out, cache.k[:, :, :cache.n], cache.v[:, :, :cache.n], used))
     (a, ka, va, used), (b, kb, vb, unused) = runs

@@ -35,9 +35,10 @@ finite result. A wider CPU runs the same function, with its wider registers only
 leaves the result as it is (the integer dot products). Decoding products are posted as
 jobs to the thread team of `jit.parallel` (`matmuls` posts a layer's Q, K, V, or gate and
 up, at once; `Products` posts them once and replays them every token), a hand-off of about a
-microsecond; prompt products split rows with `parallel_rows`. The kernels take the numpy
-arrays themselves (PyObject*) and read their data pointers, which keeps a call to a few
-microseconds.
+microsecond. A prompt's products are team jobs too (`prompt_job`), each part cutting its
+share of the rows and the token chunks itself; `runner/ubatch.py` lays a whole batch out
+as one program of them. The one-token jobs take the numpy arrays themselves (PyObject*)
+and read their data pointers, which keeps posting them to a few microseconds.
 """
 
 from __future__ import annotations
@@ -1528,29 +1529,23 @@ def build_module(t: GGMLType) -> ir.Module:
                            _build_gemvq_pairs(m, f"gemvq_{name}", blk, groups))
         else:
             _export_q_part(m, f"gemvq_{name}_part", one)
-        _export(m, f"gemmq1_{name}", one)
         tile = build(m, f"gemmq_{name}", blk, groups, _q_tile(t))
-        _export(m, f"gemmq_{name}", tile)
         _export_prompt_q_part(m, f"gemmq_{name}_ppart", tile, one)
         if quant.get(t).int_superblock:  # llama.cpp's tiled order, for prompts
             # (a type whose tiled kernel reads its blocks otherwise has a view of its own)
             tiled = getattr(quant.get(t), "emit_int_superblock_tiled", groups)
             impls = [_build_gemmq_k(m, kname, blk, tiled, T, tiled=True)
                      for T, kname in ((Q_TILE_K, f"gemmqt_{name}"), (1, f"gemmqt1_{name}"))]
-            _export(m, f"gemmqt_{name}", impls[0])
-            _export(m, f"gemmqt1_{name}", impls[1])
             _export_prompt_q_part(m, f"gemmqt_{name}_ppart", *impls)
     for T in GEMV_TOKENS:
         if T == 1 and _vec_dot_order(t):
             impl = _build_gemv_vec_dot(m, f"gemv{T}_{name}", t, vw)
         else:
             impl = _build_gemv(m, f"gemv{T}_{name}", blk, vw, T)
-        _export(m, f"gemv{T}_{name}", impl)
         _export_part(m, f"gemv{T}_{name}_part", impl, _gemv_rows(blk) if T == 1 else 1)
     rounding = t if _gemm_rounds(t) else None
-    gemm = _build_gemm(m, f"gemm_{name}", blk, vw, rounding)
-    _export(m, f"gemm_{name}", gemm)
-    _export_prompt_part(m, f"gemm_{name}_ppart", gemm)
+    _export_prompt_part(m, f"gemm_{name}_ppart", _build_gemm(m, f"gemm_{name}", blk, vw,
+                                                             rounding))
     return m
 
 
@@ -1568,13 +1563,8 @@ def _array_data_offset() -> int:
 ARRAY_DATA_OFFSET = _array_data_offset()
 
 _I64, _A = ctypes.c_int64, ctypes.py_object
-_GEMV_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A, _I64, _A, _I64, _I64, _I64, _I64, _I64)
 _PART_SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, _I64, _I64)
 _ACT_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _I64, _A)
-_GEMMQ_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A, _I64, _A, _I64, _I64, _I64, _I64, _I64, _I64,
-                              _I64)
-_GEMM_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A, _I64, _A, _I64, _I64, _I64, _I64, _I64, _I64,
-                             _A, _I64)
 
 
 # -- Python side -----------------------------------------------------------------------------
@@ -1592,36 +1582,27 @@ class _Plan:
             self.dtypes += (np.dtype(_FLOAT_TYPES[t]),)
         self.vblock = _blocks(t).size  # floats per block the kernels walk
         name = t.name.lower()
-        sigs = {f"gemv{T}_{name}": _GEMV_SIG for T in GEMV_TOKENS}
-        sigs |= {f"gemv{T}_{name}_part": _PART_SIG for T in GEMV_TOKENS}
+        sigs = {f"gemv{T}_{name}_part": _PART_SIG for T in GEMV_TOKENS}
         self.act = quant.get(t).activation_type  # x is rounded to this first
         self.int_dot = _int_groups(t) is not None and self.act in _Q8_KINDS
         self.tiled = self.int_dot and quant.get(t).int_superblock
         if self.int_dot:
-            sigs |= {f"gemvq_{name}_part": _PART_SIG, f"gemmq_{name}": _GEMMQ_SIG,
-                     f"gemmq1_{name}": _GEMMQ_SIG, f"gemmq_{name}_ppart": _PART_SIG}
+            sigs |= {f"gemvq_{name}_part": _PART_SIG, f"gemmq_{name}_ppart": _PART_SIG}
         if self.tiled:
-            sigs |= {f"gemmqt_{name}": _GEMMQ_SIG, f"gemmqt1_{name}": _GEMMQ_SIG,
-                     f"gemmqt_{name}_ppart": _PART_SIG}
-        mod = compile_kernels(lambda: build_module(t), {**sigs, f"gemm_{name}": _GEMM_SIG,
-                                                        f"gemm_{name}_ppart": _PART_SIG},
+            sigs |= {f"gemmqt_{name}_ppart": _PART_SIG}
+        mod = compile_kernels(lambda: build_module(t), {**sigs, f"gemm_{name}_ppart": _PART_SIG},
                               key=f"kernels.build_module:{t.name}")
         addr = lambda k: ctypes.cast(mod[k], ctypes.c_void_p).value  # noqa: E731
         # prompt products as team jobs, by address (see `prompt_job`)
         self.gemm_ppart = addr(f"gemm_{name}_ppart")
         self.gemmq_ppart = addr(f"gemmq_{name}_ppart") if self.int_dot else 0
         self.gemmqt_ppart = addr(f"gemmqt_{name}_ppart") if self.tiled else 0
-        self.gemv = {T: mod[f"gemv{T}_{name}"] for T in GEMV_TOKENS}
         # team jobs are run by address, from compiled code
         self.gemv_part = {T: ctypes.cast(mod[f"gemv{T}_{name}_part"], ctypes.c_void_p).value
                           for T in GEMV_TOKENS}
         if self.int_dot:
             self.gemvq_part = ctypes.cast(mod[f"gemvq_{name}_part"], ctypes.c_void_p).value
             self.q_tile = _q_tile(t)
-            self.gemmq = {self.q_tile: mod[f"gemmq_{name}"], 1: mod[f"gemmq1_{name}"]}
-        if self.tiled:
-            self.gemmq_tiled = {self.q_tile: mod[f"gemmqt_{name}"], 1: mod[f"gemmqt1_{name}"]}
-        self.gemm = mod[f"gemm_{name}"]
 
     def weight(self, w) -> np.ndarray:
         """`w` checked: 2-D, an accepted dtype, whole blocks per row, contiguous rows (copied

@@ -451,9 +451,9 @@ class Model:
         """The compiled program of a batch of `n` tokens over a cache like `cache` (None
         where the general route must take it). The last two shapes are kept."""
         if (not self.use_ubatch or _observer is not None or n < TILE
-                or cache.k.dtype != np.float32):
+                or cache.k.dtype != np.float32 or self.flash_attn == "off"):
             return None
-        key = (n, skip, default_threads(), cache.k.shape)
+        key = (n, skip, default_threads(), cache.k.shape, self.flash_attn)
         if self._ubatches is None:
             self._ubatches = {}
         found = self._ubatches.get(key)

@@ -541,15 +541,11 @@ def _build_jobs(m: ir.Module, t: GGMLType, pack: ir.Function, gemm: ir.Function,
 
 
 def build_module(t: GGMLType) -> ir.Module:
-    """`pack_<t>`, `gemm_<t>`, `gemv_<t>` (ndarray arguments, see `kernels._export`),
-    `gemv_<t>_part` (a one-token gemv as a team job) and the prompt's jobs (`_build_jobs`)
-    for a repacked weight type."""
+    """`gemv_<t>_part` (a one-token gemv as a team job) and the prompt's jobs
+    (`_build_jobs`) for a repacked weight type."""
     m = ir.Module(name=f"repack_{t.name.lower()}")
     name = t.name.lower()
     pack, gemm, gemv = _build_pack(m, t), _build_gemm(m, t), _build_gemv(m, t)
-    K._export(m, f"pack_{name}", pack)
-    K._export(m, f"gemm_{name}", gemm)
-    K._export(m, f"gemv_{name}", gemv)
     K._export_q_part(m, f"gemv_{name}_part", gemv)
     _build_jobs(m, t, pack, gemm, gemv)
     return m
@@ -557,21 +553,14 @@ def build_module(t: GGMLType) -> ir.Module:
 
 # -- Python side -----------------------------------------------------------------------------
 
-_I64, _A = ctypes.c_int64, ctypes.py_object
-_PACK_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _I64, _I64, _I64, _A)
-_GEMM_SIG = ctypes.CFUNCTYPE(None, _A, _I64, _A, _A, _I64, _I64, _I64, _I64, _I64, _I64, _I64)
 
 
 class _Kernels:
     def __init__(self, t: GGMLType):
         name = t.name.lower()
         jobs = [f"{k}_{name}_ppart" for k in ("pack", "gemm", "gemv")]
-        sigs = {f"pack_{name}": _PACK_SIG, f"gemm_{name}": _GEMM_SIG,
-                f"gemv_{name}": K._GEMMQ_SIG, f"gemv_{name}_part": K._PART_SIG,
-                **dict.fromkeys(jobs, K._PART_SIG)}
+        sigs = {f"gemv_{name}_part": K._PART_SIG, **dict.fromkeys(jobs, K._PART_SIG)}
         mod = compile_kernels(lambda: build_module(t), sigs, key=f"repack.build_module:{t.name}")
-        self.pack, self.gemm = mod[f"pack_{name}"], mod[f"gemm_{name}"]
-        self.gemv = mod[f"gemv_{name}"]
         addr = lambda k: ctypes.cast(mod[k], ctypes.c_void_p).value  # noqa: E731
         self.gemv_part = addr(f"gemv_{name}_part")
         self.pack_job, self.gemm_job, self.gemv_job = map(addr, jobs)

@@ -9,6 +9,7 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.containers import VerticalScroll
+from textual.css.query import NoMatches
 from textual.widget import Widget
 from textual.widgets import ContentSwitcher, DataTable, Static
 from textual.worker import get_current_worker
@@ -74,8 +75,11 @@ class ModelDetail(Widget):
     def _loaded(self, entry: ModelEntry, details: ModelDetails | None, error: str | None) -> None:
         if entry is not self.entry:  # the cursor moved on meanwhile
             return
+        try:
+            text = self.query_one("#detail-text", Static)
+        except NoMatches:  # the app closed while the header was read (a slow disk)
+            return
         self.details = details
-        text = self.query_one("#detail-text", Static)
         if details is None:
             text.update(Group(_headline(entry), Text(f"error: {error}", style="red")))
             return
