@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,28 @@ def smollm2() -> str:
     from gguflab.catalog import embedded_model
 
     return embedded_model()
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory):
+    """`mktemp` for a module's fixtures: what it made is removed after the module's last test,
+    unless one of the module's tests failed (then it stays, beside the failed test's tmp_path).
+
+    The models the fixtures write (SmolLM2 at F32 is 540 MB, and several modules make one)
+    would otherwise stay until the session ends: about 15 GB, more than a CI machine may have
+    free. Function-scoped tmp_path folders go when their test passes
+    (tmp_path_retention_policy = "failed" in pyproject.toml)."""
+    made: list[Path] = []
+    failed_before = request.session.testsfailed
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.session.testsfailed == failed_before:
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -261,8 +261,8 @@ def test_kernel_refuses_bad_shapes():
 
 
 @pytest.fixture(scope="module")
-def smol_q8(tmp_path_factory, smollm2):
-    out = tmp_path_factory.mktemp("attention") / "smol-q8_0.gguf"
+def smol_q8(module_tmp, smollm2):
+    out = module_tmp("attention") / "smol-q8_0.gguf"
     llama_quantize(smollm2, str(out), 7, allow_requantize=True)  # 7 = MOSTLY_Q8_0
     return out
 

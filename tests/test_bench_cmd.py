@@ -22,9 +22,9 @@ SMALL = ["-p", "16", "-n", "4", "-r", "2", "-t", "2"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2):
+def tiny(module_tmp, smollm2):
     # llama-bench needs a tokenizer: SmolLM2's (its 49152 tokens make the embeddings)
-    path = tmp_path_factory.mktemp("bench") / "tiny.gguf"
+    path = module_tmp("bench") / "tiny.gguf"
     return str(write_synthetic_llama(path, SynthConfig(
         n_layer=2, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, tied=True,
         tokenizer_from=smollm2)))

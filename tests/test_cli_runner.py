@@ -16,8 +16,8 @@ from gguflab.runner.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def smol_f32(tmp_path_factory, smollm2):
-    out = tmp_path_factory.mktemp("cli-runner") / "smol-f32.gguf"
+def smol_f32(module_tmp, smollm2):
+    out = module_tmp("cli-runner") / "smol-f32.gguf"
     llama_quantize(smollm2, str(out), 0, allow_requantize=True)
     return str(out)
 

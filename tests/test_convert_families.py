@@ -211,23 +211,23 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, fixtures, smollm2) -> dict[str, Path]:
-    return _build(tmp_path_factory.mktemp("hf"), fixtures / "llama2-tokenizer.model", smollm2)
+def folders(module_tmp, fixtures, smollm2) -> dict[str, Path]:
+    return _build(module_tmp("hf"), fixtures / "llama2-tokenizer.model", smollm2)
 
 
 @pytest.fixture(scope="module")
-def llama_cpp_outputs(folders, tmp_path_factory) -> dict[str, Path]:
+def llama_cpp_outputs(folders, module_tmp) -> dict[str, Path]:
     """llama.cpp's file for every case, converted in one process."""
     llama_cpp_src()
-    out = tmp_path_factory.mktemp("llama-cpp")
+    out = module_tmp("llama-cpp")
     refs = convert_many([(folders[f], t, out / f"{case}.gguf") for case, f, t in CASES])
     return {case: ref for (case, _, _), ref in zip(CASES, refs)}
 
 
 @pytest.fixture(scope="module")
-def ours(folders, tmp_path_factory):
+def ours(folders, module_tmp):
     """Our conversion of a folder (once per folder and outtype)."""
-    root, done = tmp_path_factory.mktemp("ours"), {}
+    root, done = module_tmp("ours"), {}
 
     def convert(folder: str, outtype: str) -> Path:
         if (folder, outtype) not in done:

@@ -216,12 +216,12 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def llama_cpp_outputs(tmp_path_factory, fixtures, smollm2):
+def llama_cpp_outputs(module_tmp, fixtures, smollm2):
     """Every case's folder and llama.cpp's file for it, converted in one process."""
     llama_cpp_src()
-    root = tmp_path_factory.mktemp("hf")
+    root = module_tmp("hf")
     folders = _build_folders(root, fixtures / "llama2-tokenizer.model", smollm2)
-    out = tmp_path_factory.mktemp("llama-cpp")
+    out = module_tmp("llama-cpp")
     jobs = [(folders[f], t, out / f"{case}.gguf", *(["--vocab-only"] if vocab else []))
             for case, f, t, vocab in CASES]
     refs = convert_many(jobs)

@@ -380,8 +380,8 @@ N_LAYER = 4
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Model:
-    path = tmp_path_factory.mktemp("cuda-fwd") / "tiny.gguf"
+def tiny_model(module_tmp) -> Model:
+    path = module_tmp("cuda-fwd") / "tiny.gguf"
     return Model(write_synthetic_llama(path, SynthConfig(
         n_layer=N_LAYER, n_embd=128, n_ff=256, n_head=4, n_head_kv=2, n_vocab=160)))
 
@@ -434,13 +434,13 @@ def test_forward_offloaded_on_the_host_device_matches_model_forward(ngl, tiny_mo
 
 
 @pytest.fixture(scope="module")
-def quantized_models(tmp_path_factory) -> dict[str, Model]:
+def quantized_models(module_tmp) -> dict[str, Model]:
     """A tiny llama of 256-wide rows (K-quant blocks) as Q4_0 and Q8_0 (their products read
     Q8_0-rounded activations), Q4_K_M and Q5_K_S (Q8_K-rounded)."""
     from gguflab.quant.mixes import parse_mix
     from gguflab.quant.pipeline import QuantizeOptions, quantize_model
 
-    d = tmp_path_factory.mktemp("cuda-quant")
+    d = module_tmp("cuda-quant")
     src = write_synthetic_llama(d / "f16.gguf", SynthConfig(
         n_layer=3, n_embd=256, n_ff=512, n_head=4, n_head_kv=2, n_vocab=256))
     out = {}

@@ -28,8 +28,8 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def gemma(request, tmp_path_factory, smollm2):
-    path = tmp_path_factory.mktemp("gemma") / f"{request.param}.gguf"
+def gemma(request, module_tmp, smollm2):
+    path = module_tmp("gemma") / f"{request.param}.gguf"
     return write_synthetic_llama(path, replace(CONFIGS[request.param], tokenizer_from=smollm2))
 
 

@@ -28,8 +28,8 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def moe(request, tmp_path_factory, smollm2):
-    path = tmp_path_factory.mktemp("moe") / f"{request.param}.gguf"
+def moe(request, module_tmp, smollm2):
+    path = module_tmp("moe") / f"{request.param}.gguf"
     from dataclasses import replace
 
     return write_synthetic_llama(path, replace(CONFIGS[request.param], tokenizer_from=smollm2))

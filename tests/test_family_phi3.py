@@ -25,8 +25,8 @@ CONFIGS = {"plain": BASE, "longrope-long": replace(BASE, longrope_ctx=128),
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def phi3(request, tmp_path_factory, smollm2):
-    path = tmp_path_factory.mktemp("phi3") / f"{request.param}.gguf"
+def phi3(request, module_tmp, smollm2):
+    path = module_tmp("phi3") / f"{request.param}.gguf"
     return write_synthetic_llama(path, replace(CONFIGS[request.param], tokenizer_from=smollm2))
 
 
@@ -59,8 +59,8 @@ def test_phi3_on_the_emulated_gpu_matches_the_cpu(phi3):
 
 
 @pytest.fixture(scope="module")
-def phi3_plain(tmp_path_factory, smollm2):
-    path = tmp_path_factory.mktemp("phi3-q") / "phi3.gguf"
+def phi3_plain(module_tmp, smollm2):
+    path = module_tmp("phi3-q") / "phi3.gguf"
     return write_synthetic_llama(path, replace(BASE, tokenizer_from=smollm2))
 
 

@@ -21,8 +21,8 @@ TOKENS = [1, 450, 4996, 17354, 1701, 29916, 432, 17204, 975, 278, 17366, 11203, 
 
 
 @pytest.fixture(scope="module")
-def qwen3(tmp_path_factory, fixtures):
-    d = tmp_path_factory.mktemp("qwen3")
+def qwen3(module_tmp, fixtures):
+    d = module_tmp("qwen3")
     cfg = llama_config("Qwen3ForCausalLM", tie=True, head_dim=32, rope_theta=1000000.0,
                        attention_bias=False)
     w = random_weights(cfg, seed=7)
@@ -84,9 +84,9 @@ def test_qwen3_on_the_emulated_gpu_matches_the_cpu(qwen3):
 
 
 @pytest.fixture(scope="module")
-def qwen3_256(tmp_path_factory, fixtures):
+def qwen3_256(module_tmp, fixtures):
     """A Qwen3 whose widths take K-quant blocks (256), with head_dim 128 (q is 512 wide)."""
-    d = tmp_path_factory.mktemp("qwen3-256")
+    d = module_tmp("qwen3-256")
     cfg = llama_config("Qwen3ForCausalLM", n_embd=256, n_ff=512, n_layer=3, n_head=4,
                        n_head_kv=2, head_dim=128, tie=True, rope_theta=1000000.0)
     folder = write_folder(d / "qwen3-256", cfg, random_weights(cfg, seed=8),
@@ -97,9 +97,9 @@ def qwen3_256(tmp_path_factory, fixtures):
 
 
 @pytest.fixture(scope="module")
-def qwen2_256(tmp_path_factory, fixtures):
+def qwen2_256(module_tmp, fixtures):
     """Qwen2.5's layout (q/k/v biases, tied) at K-quant widths, for the quantizer's rules."""
-    d = tmp_path_factory.mktemp("qwen2-256")
+    d = module_tmp("qwen2-256")
     cfg = llama_config("Qwen2ForCausalLM", n_embd=256, n_ff=512, n_layer=3, n_head=4,
                        n_head_kv=2, tie=True, rope_theta=1000000.0)
     folder = write_folder(d / "qwen2-256", cfg, random_weights(cfg, seed=9, bias=True),

@@ -47,12 +47,12 @@ def collect(model, out, *, n_ctx=N_CTX, chunks=N_CHUNKS, text=TEXT, **kw):
 
 
 @pytest.fixture(scope="module")
-def smol_f32(tmp_path_factory, smollm2):
+def smol_f32(module_tmp, smollm2):
     """SmolLM2 with F32 weights (the shipped Q4_1 dequantized: exact)."""
     from gguflab.quant.mixes import parse_mix
     from gguflab.quant.pipeline import QuantizeOptions, quantize_model
 
-    path = tmp_path_factory.mktemp("imx") / "smol-f32.gguf"
+    path = module_tmp("imx") / "smol-f32.gguf"
     opts = QuantizeOptions(overwrite=True, allow_requantize=True, threads=2, stats=False)
     for _ in quantize_model(smollm2, str(path), parse_mix("F32"), opts):
         pass
@@ -60,9 +60,9 @@ def smol_f32(tmp_path_factory, smollm2):
 
 
 @pytest.fixture(scope="module")
-def pair_f32(smol_f32, tmp_path_factory):
+def pair_f32(smol_f32, module_tmp):
     """(ours, llama-imatrix's) on the F32 model, same text, -c 128, 3 chunks."""
-    d = tmp_path_factory.mktemp("pair")
+    d = module_tmp("pair")
     ours, ref = d / "ours.gguf", d / "ref.gguf"
     collect(smol_f32, ours)
     run_tool("llama-imatrix", "-m", smol_f32, "-f", TEXT, "-o", ref, "-c", N_CTX,
@@ -173,8 +173,8 @@ def ggml_quantize_chunk(t: GGMLType, x: np.ndarray, imatrix: np.ndarray | None) 
 
 
 @pytest.fixture(scope="module")
-def moe_f32(tmp_path_factory, smollm2):
-    path = tmp_path_factory.mktemp("moe") / "qwen3moe-f32.gguf"
+def moe_f32(module_tmp, smollm2):
+    path = module_tmp("moe") / "qwen3moe-f32.gguf"
     cfg = SynthConfig(n_layer=2, n_embd=256, n_ff=256, n_head=4, n_head_kv=2, n_vocab=512,
                       arch="qwen3moe", n_expert=4, n_expert_used=2, seed=5,
                       dtype=GGMLType.F32, tokenizer_from=smollm2)

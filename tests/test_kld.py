@@ -57,10 +57,10 @@ def llama_perplexity(model, *args) -> str:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, smollm2):
+def files(module_tmp, smollm2):
     """F32 SmolLM2 and its Q4_K_M (both by llama-quantize), the F32 base written by
     llama-perplexity, and llama-perplexity's KLD of the Q4_K_M against it."""
-    d = tmp_path_factory.mktemp("kld")
+    d = module_tmp("kld")
     f32, q4 = str(d / "f32.gguf"), str(d / "q4km.gguf")
     llama_quantize(smollm2, f32, 0, allow_requantize=True)
     llama_quantize(f32, q4, 15)
@@ -180,8 +180,8 @@ SYN_CTX, VOCAB = 32, 64000
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    path = tmp_path_factory.mktemp("kld-synth") / "wide.gguf"
+def synth(module_tmp):
+    path = module_tmp("kld-synth") / "wide.gguf"
     write_synthetic_llama(path, SynthConfig(n_layer=1, n_embd=64, n_ff=128, n_head=2,
                                             n_head_kv=1, n_vocab=VOCAB, n_ctx=SYN_CTX,
                                             dtype=GGMLType.F32))

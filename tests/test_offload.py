@@ -23,8 +23,8 @@ N_LAYER = 4
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("offload") / "tiny.gguf"
+def tiny(module_tmp) -> str:
+    path = module_tmp("offload") / "tiny.gguf"
     return write_synthetic_llama(path, SynthConfig(n_layer=N_LAYER, n_embd=64, n_ff=128,
                                                    n_head=4, n_head_kv=2, n_vocab=96))
 
@@ -150,8 +150,8 @@ def test_plan_is_a_dataclass_with_the_fields_the_tui_reads():
 
 
 @pytest.fixture(scope="module")
-def tiny_with_vocab(tmp_path_factory, smollm2) -> str:
-    path = tmp_path_factory.mktemp("offload-cli") / "tiny-vocab.gguf"
+def tiny_with_vocab(module_tmp, smollm2) -> str:
+    path = module_tmp("offload-cli") / "tiny-vocab.gguf"
     return write_synthetic_llama(path, SynthConfig(n_layer=N_LAYER, n_embd=64, n_ff=128,
                                                    n_head=4, n_head_kv=2,
                                                    tokenizer_from=smollm2))

@@ -45,9 +45,9 @@ SYNTH = {
 }
 
 
-@pytest.fixture(scope="session")
-def models(tmp_path_factory, smollm2):
-    d = tmp_path_factory.mktemp("mixes")
+@pytest.fixture(scope="module")
+def models(module_tmp, smollm2):
+    d = module_tmp("mixes")
     out = {"smollm2": smollm2}
     for name, c in SYNTH.items():
         out[name] = write_synthetic_llama(d / f"{name}.gguf", c)
@@ -73,9 +73,9 @@ def fake_imatrix(src: str, path, skip: tuple[str, ...] = (), seed: int = 0) -> s
     return str(path)
 
 
-@pytest.fixture(scope="session")
-def imatrices(models, tmp_path_factory):
-    d = tmp_path_factory.mktemp("imatrix")
+@pytest.fixture(scope="module")
+def imatrices(models, module_tmp):
+    d = module_tmp("imatrix")
     return {k: fake_imatrix(v, d / f"{k}.imatrix.gguf") for k, v in models.items()}
 
 

@@ -35,11 +35,11 @@ def assert_same_file(ref, ours):
     raise AssertionError(f"{len(bad)} tensors differ, first: {bad[:5]}")
 
 
-@pytest.fixture(scope="session")
-def models(tmp_path_factory, smollm2):
+@pytest.fixture(scope="module")
+def models(module_tmp, smollm2):
     """F16 inputs: SmolLM2 requantized to F16 by llama.cpp (and by us: must be equal), and a
     synthetic llama (8 layers, 256 wide, GQA 4) in F16."""
-    d = tmp_path_factory.mktemp("quant")
+    d = module_tmp("quant")
     smol_ref, smol_ours = d / "smol-f16-llama.gguf", d / "smol-f16-ours.gguf"
     llama_quantize(smollm2, str(smol_ref), int(parse_mix("F16").ftype), allow_requantize=True)
     events = run_ours(smollm2, smol_ours, "F16", allow_requantize=True)

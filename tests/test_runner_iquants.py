@@ -34,15 +34,15 @@ BOUND["IQ4_XS"] = 0.001
 
 
 @pytest.fixture(scope="module")
-def smol_f32(tmp_path_factory, smollm2):
-    out = tmp_path_factory.mktemp("iquants") / "smol-f32.gguf"
+def smol_f32(module_tmp, smollm2):
+    out = module_tmp("iquants") / "smol-f32.gguf"
     llama_quantize(smollm2, str(out), 0, allow_requantize=True)  # 0 = ALL_F32
     return out
 
 
 @pytest.fixture(scope="module")
-def imatrix(smol_f32, tmp_path_factory):
-    out = tmp_path_factory.mktemp("iquants-imatrix") / "smol.imatrix.gguf"
+def imatrix(smol_f32, module_tmp):
+    out = module_tmp("iquants-imatrix") / "smol.imatrix.gguf"
     for _ in collect_imatrix(str(smol_f32), default_eval_text(), str(out), n_ctx=N_CTX,
                              chunks=3, compute_ppl=False):
         pass

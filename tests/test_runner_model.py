@@ -26,8 +26,8 @@ TOKENS = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 3458, 282, 8295, 314, 411
 
 
 @pytest.fixture(scope="module")
-def smol_f32(tmp_path_factory, smollm2):
-    out = tmp_path_factory.mktemp("runner") / "smol-f32.gguf"
+def smol_f32(module_tmp, smollm2):
+    out = module_tmp("runner") / "smol-f32.gguf"
     llama_quantize(smollm2, str(out), 0, allow_requantize=True)  # 0 = ALL_F32
     return out
 

@@ -28,8 +28,8 @@ SIGNALS = [signal.SIGTERM, signal.SIGHUP]
 
 
 @pytest.fixture(scope="module")
-def big(tmp_path_factory, smollm2) -> str:
-    path = tmp_path_factory.mktemp("signals") / "big.gguf"
+def big(module_tmp, smollm2) -> str:
+    path = module_tmp("signals") / "big.gguf"
     from dataclasses import replace
 
     return str(write_synthetic_llama(path, replace(BIG, tokenizer_from=smollm2)))

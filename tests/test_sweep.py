@@ -47,8 +47,8 @@ def mtimes(folder):
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory, smollm2):
-    folder = tmp_path_factory.mktemp("sweep")
+def first(module_tmp, smollm2):
+    folder = module_tmp("sweep")
     model = folder / "tiny.gguf"
     write_synthetic_llama(model, SynthConfig(tokenizer_from=smollm2, **CONFIG))
     events, fin = run(model, TYPES)
@@ -283,12 +283,12 @@ def test_gpu_layers_give_the_cpu_figures(first, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def imatrices(first, tmp_path_factory):
+def imatrices(first, module_tmp):
     """Two importance matrices of the sweep's model, collected over 2 and 1 chunks."""
     from gguflab.imatrix.collect import collect_imatrix
 
     model = first[0]
-    folder = tmp_path_factory.mktemp("imatrix")
+    folder = module_tmp("imatrix")
     out = []
     for chunks in (2, 1):
         path = folder / f"tiny-{chunks}.imatrix.gguf"

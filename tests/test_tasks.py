@@ -281,10 +281,10 @@ def test_choice_of_tasks_is_llama_cpps():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2):
+def tiny(module_tmp, smollm2):
     from gguflab.synth import SynthConfig, write_synthetic_llama
 
-    folder = tmp_path_factory.mktemp("tasks")
+    folder = module_tmp("tasks")
     model = folder / "tiny.gguf"
     write_synthetic_llama(model, SynthConfig(tokenizer_from=smollm2, n_layer=2, n_embd=256,
                                              n_ff=512, n_head=4, n_head_kv=2, tied=True))

@@ -30,10 +30,10 @@ class ChatApp(App):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, smollm2) -> str:
+def tiny(module_tmp, smollm2) -> str:
     """Random weights with SmolLM2's tokenizer and chat template: fast, never says EOS."""
     return write_synthetic_llama(
-        tmp_path_factory.mktemp("chat") / "tiny.gguf",
+        module_tmp("chat") / "tiny.gguf",
         SynthConfig(n_layer=2, n_embd=64, n_ff=128, n_head=4, n_head_kv=2,
                     tokenizer_from=smollm2))
 
