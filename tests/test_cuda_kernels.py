@@ -131,15 +131,14 @@ def test_products_and_get_rows_match_numpy(t, dev):
     pw = dev.upload(raw)
     nb = n_in // K.virtual_block(t)
     name = t.name.lower()
-    for n_tok in (1, 3, 6):
+    for n_tok in (1, 3, K.MATMUL_TOKENS + 3):  # a prompt's last group of tokens short
         x = rng.standard_normal((n_tok, n_in)).astype(np.float32)
         px, py = dev.upload(x), dev.alloc(4 * n_tok * n_out)
         ref = x.astype(np.float64) @ wf.T.astype(np.float64)
         # float32 sums of n_in products, in any order: a few ulps of the sum of magnitudes
         tol = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(wf).T.astype(np.float64))
-        for kernel, per_item in (("matvec", 1), ("matmul", K.MATMUL_TOKENS)):
+        for kernel, items in (("matvec", n_tok * n_out), ("matmul", K.matmul_items(n_tok, n_out))):
             dev.write(py, np.full((n_tok, n_out), np.nan, np.float32))
-            items = -(-n_tok // per_item) * n_out  # an item is (group of tokens, row)
             dev.launch(f"{kernel}_{name}", items, pw, raw.strides[0], px, n_in, py, n_out,
                        n_out, nb, n_tok, K.lanes_per_row(nb))
             got = _f32(dev, py, (n_tok, n_out))
@@ -508,11 +507,11 @@ def test_products_see_the_cpus_activations(t, quantized_models):
 
     rng = np.random.default_rng(int(t))
     raw, _ = _weights(t, 48, 512, rng)
-    gpu = GpuLayers(quantized_models["Q8_0"], [], 4, HostDevice())
+    gpu = GpuLayers(quantized_models["Q8_0"], [], 16, HostDevice())  # 16: a pass's tokens
     dev = gpu.device
     w = DeviceWeight(dev.upload(raw), t, 48, 512, raw.shape[1])
     calls = 0
-    for n in (1, 3, 4):
+    for n in (1, 3, K.MATMUL_TOKENS + 1):
         for scale in (0.05, 1.0, 40.0):
             x = (rng.standard_normal((n, 512)) * scale).astype(np.float32)
             want = matmul(raw, t, x)

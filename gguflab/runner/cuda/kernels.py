@@ -44,7 +44,8 @@ from ..kernels import _Blocks, _blocks, _Builder, _CannotFuse, _fma
 
 WARP = 32
 MAX_HEAD_DIM = 256  # attention keeps one head's output row per lane on the stack
-MATMUL_TOKENS = 4  # tokens per item of the prompt kernel: each weight row dequantized once
+MATMUL_TOKENS = 8  # tokens per item of the prompt kernel: a weight block dequantized once
+# serves 8 tokens (its floats in registers: 8 accumulators a lane)
 LOG2E = 1.4426950408889634
 
 # every weight type the quant registry can dequantize with IR (F32 is a plain load)
@@ -259,6 +260,11 @@ def matmul_spec(t: GGMLType) -> KernelSpec:
     return KernelSpec(f"matmul_{t.name.lower()}", "pipipiiiii", WARP, grouped=True)
 
 
+def matmul_items(n_tok: int, n_rows: int) -> int:
+    """Items of a prompt product: the last group of tokens may be short."""
+    return -(-n_tok // MATMUL_TOKENS) * n_rows
+
+
 def lanes_per_row(n_blocks: int) -> int:
     """GPU lanes for a row of `n_blocks` blocks (lanes take whole blocks): the smallest power
     of two that covers them, at most a warp."""
@@ -309,18 +315,19 @@ def can_fuse(blk: _Blocks) -> bool:
 
 def _dot_body(t: GGMLType, T: int) -> Body:
     """y[tok, r] = dot(W[r], x[tok]) with args (w, w_stride, x, ldx, y, ldy, n_rows,
-    n_blocks, n_tok, lanes per row) and one item per (group of T tokens, row). The last group clamps its
-    extra tokens to the last one and skips their stores. Lanes take whole blocks in turn.
+    n_blocks, n_tok, lanes per row) and one item per (group of T tokens, row). The last
+    group clamps its extra tokens to the last one and skips their stores. Lanes take whole
+    blocks in turn, and each block is dequantized once for the group's T tokens.
 
-    Decode (T = 1), for every type whose IR allows it: the block's dequantization IR is
-    emitted through `_Builder`, whose stores become multiply-adds into vector accumulators,
-    so the dequantized weights stay in registers (on a GPU, a 256-float stack buffer per
-    thread would live in local memory). Otherwise, and for prompt groups (where the
-    registers go to T tokens' accumulators instead), the block is dequantized into a stack
-    buffer and dotted from there with every token of the group, so a prompt reads each
-    weight row n_tok / T times."""
+    For every type whose IR allows it, the block's dequantization IR is emitted through
+    `_Builder`, whose stores become multiply-adds, so the dequantized weights stay in
+    registers (on a GPU, a 256-float stack buffer per thread lives in local memory: 1 KB a
+    lane, read T times). Decode (T = 1) adds them into vector accumulators, one per vector
+    width the IR stores; a prompt group into one scalar accumulator per token (T tokens'
+    vector accumulators would not fit in registers). Other types dequantize the block into
+    a stack buffer and dot it from there with every token of the group."""
     blk = _blocks(t)
-    fuse = T == 1 and can_fuse(blk)  # prompt groups: one dequantization serves T tokens
+    fuse = can_fuse(blk)
 
     def body(b: ir.IRBuilder, args: list[ir.Value], it: Item) -> None:
         w, ws, x, ldx, y, ldy, n_rows, nb, n_tok, _group = args
@@ -362,9 +369,14 @@ def _dot_body(t: GGMLType, T: int) -> Body:
                         xv = fb.load(fb.bitcast(fb.gep(xp, [at]), ptr(value.type)), align=4)
                         if n == 1:
                             accs[tok].add_product(value, xv, fb)
-                            continue
-                        slot = vacc(tok, n)
-                        fb.store(_fma(fb, fb.load(slot), value, xv), slot)
+                        elif T == 1:
+                            slot = vacc(tok, n)
+                            fb.store(_fma(fb, fb.load(slot), value, xv), slot)
+                        else:
+                            for i in range(n):
+                                lane = const(i32, i)
+                                accs[tok].add_product(fb.extract_element(value, lane),
+                                                      fb.extract_element(xv, lane), fb)
 
                 with fb.intercept(scratch, on_store):
                     blk.emit(fb, src, scratch)

@@ -287,7 +287,7 @@ class GpuLayers:
             if n == 1:
                 kernel, items = f"matvec_{name}", w.n_out
             else:
-                kernel, items = f"matmul_{name}", -(-n // K.MATMUL_TOKENS) * w.n_out
+                kernel, items = f"matmul_{name}", K.matmul_items(n, w.n_out)
             self._launch(kernel, items, w.ptr, w.row_bytes, src, w.n_in, y, w.n_out, w.n_out,
                          w.n_blocks, n, K.lanes_per_row(w.n_blocks))
 
