@@ -87,6 +87,27 @@ def default_threads() -> int:
 
 
 SLICES_PER_THREAD = 4  # (parallel_rows: slices are taken first come, first served)
+
+
+def row_parts(n_rows: int, threads: int, min_rows: int = 1, align: int = 1) -> int:
+    """Parts n_rows rows are cut into on `threads` threads: up to SLICES_PER_THREAD a thread,
+    each of at least `min_rows` rows (and `align`); part k of n runs rows [bound(k),
+    bound(k + 1)) with bound(k) = n_rows * k // n // align * align and bound(n) = n_rows
+    (`emit_part_rows` is the same cut in IR, for a compiled job's parts)."""
+    if threads == 1:
+        return 1
+    return max(1, min(threads * SLICES_PER_THREAD, n_rows // max(1, min_rows, align)))
+
+
+def emit_part_rows(b: ir.IRBuilder, n_rows: ir.Value, align: ir.Value, part: ir.Value,
+                   n_parts: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """IR: rows [r0, r1) of part `part` of `n_parts` (i64 values), cut as `row_parts` says."""
+
+    def bound(p):
+        r = b.mul(b.sdiv(b.sdiv(b.mul(n_rows, p), n_parts), align), align)
+        return b.select(b.icmp_signed("==", p, n_parts), n_rows, r)
+
+    return bound(part), bound(b.add(part, const(i64, 1)))
 _SLICE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 
 
@@ -101,12 +122,13 @@ def parallel_rows(
     fewer, rather than everyone waiting for its fixed share.
 
     The slices are one team job (see `Team`) whose function is `fn` behind a ctypes
-    callback: the team's threads wait for work spinning in compiled code, without the GIL,
-    so a hand-off costs no sleep and wake-up in the kernel (a thread pool's did: 15K of
-    them in a pp512 run, about a tenth of its time on a 2-core virtual machine)."""
+    callback, for kernels called a slice at a time from Python (the quantizer's rows, the
+    general route's norms and element-wise steps, the host build of the GPU kernels).
+    Compiled kernels post their parts as team jobs themselves
+    (`run_jobs`), without coming back to Python for each slice."""
     threads = threads or default_threads()
-    parts = max(1, min(threads * SLICES_PER_THREAD, n_rows // max(1, min_rows, align)))
-    if parts == 1 or threads == 1:
+    parts = row_parts(n_rows, threads, min_rows, align)
+    if parts == 1:
         fn(0, n_rows)
         return
     bounds = [n_rows * k // parts // align * align for k in range(parts)] + [n_rows]
@@ -451,6 +473,15 @@ class JobTable:
         n, self.n = self.n, 0
         if n:
             team(threads).run(self.addr, n)
+
+
+def run_jobs(records: list[list[int]], threads: int | None = None) -> None:
+    """Job records (fn, n_parts, args...) run on the team as one phase, in a table of their
+    own (the caller may itself be a job's part, using this thread's table)."""
+    table = JobTable()
+    for rec in records:
+        table.add(*rec)
+    table.run(threads)
 
 
 def job_table() -> JobTable:

@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..jit import compile_kernels
 from ..jit.builders import Target, const, f32, f64, for_range, i16, i64, ptr, void
 from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..jit.parallel import SLICES_PER_THREAD, JobTable, default_threads, job_table
+from ..jit.parallel import default_threads, job_table, row_parts, run_jobs
 
 TILE = 64  # ggml's GGML_FA_TILE_Q and GGML_FA_TILE_KV: queries per tile and keys per tile
 VEC, TILED, SPLIT = 0, 1, 2  # the routes (SPLIT: VEC over key ranges, then combined)
@@ -667,10 +667,7 @@ def flash_attn(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, scale: floa
             n | route << 32, n_head, n_head // n_kv, hd, n_ctx * hd, tpad, p0, n_swa,
             int(floats)]
     if n >= TILE:  # a prompt: parts of whole heads' rows, taken first come, first served
-        jobs = JobTable()  # (its own: a caller may be a job's part)
-        jobs.add(part, max(1, min(rows, SLICES_PER_THREAD * threads)) if threads > 1 else 1,
-                 *args)
-        jobs.run(threads)
+        run_jobs([[part, row_parts(rows, threads), *args]], threads)
         return out
     if ranges:
         _post_split(part, args, ranges, threads)

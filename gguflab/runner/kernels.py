@@ -78,7 +78,16 @@ from ..jit.builders import (
     void,
 )
 from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..jit.parallel import MAX_JOBS, SLICES_PER_THREAD, JobTable, default_threads, job_table, team
+from ..jit.parallel import (
+    MAX_JOBS,
+    JobTable,
+    default_threads,
+    emit_part_rows,
+    job_table,
+    row_parts,
+    run_jobs,
+    team,
+)
 from . import repack
 
 __all__ = ["SUPPORTED_TYPES", "matmul", "matmuls", "get_rows", "quantizes_activations"]
@@ -1154,7 +1163,7 @@ def _export_act_part(m: ir.Module, name: str, impl: ir.Function) -> None:
     argv, part, n_parts = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     x, ntok, n_in, out, out_row = [b.load(b.gep(argv, [const(i64, k)])) for k in range(5)]
-    t0, t1 = _part_rows(b, ntok, const(i64, 1), part, n_parts)
+    t0, t1 = emit_part_rows(b, ntok, const(i64, 1), part, n_parts)
     xp = b.gep(b.inttoptr(x, ptr(f32)), [b.mul(t0, n_in)])
     op = b.gep(b.inttoptr(out, ptr(i8)), [b.mul(t0, out_row)])
     b.call(impl, [xp, b.sub(t1, t0), n_in, b.bitcast(op, impl.args[3].type)])
@@ -1420,12 +1429,7 @@ def _export_part(m: ir.Module, name: str, impl: ir.Function, align: int) -> None
     a = [b.load(b.gep(argv, [const(i64, k)])) for k in range(9)]
     w, ws, x, ldx, y, ldy, ntok, n_rows, nb = a
 
-    def bound(p):
-        r = b.sdiv(b.mul(n_rows, p), n_parts)
-        r = b.mul(b.sdiv(r, const(i64, align)), const(i64, align))
-        return b.select(b.icmp_signed("==", p, n_parts), n_rows, r)
-
-    r0, r1 = bound(part), bound(b.add(part, const(i64, 1)))
+    r0, r1 = emit_part_rows(b, n_rows, const(i64, align), part, n_parts)
     data = lambda v, arg: _array_data(b, b.inttoptr(v, ptr(i8)), arg.type)  # noqa: E731
     b.call(impl, [data(w, impl.args[0]), ws, data(x, impl.args[2]), ldx, data(y, impl.args[4]),
                   ldy, ntok, r0, r1, nb])
@@ -1440,26 +1444,12 @@ def _export_q_part(m: ir.Module, name: str, impl: ir.Function) -> None:
     argv, part, n_parts = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     w, ws, xq, y, n_rows, nb = [b.load(b.gep(argv, [const(i64, k)])) for k in range(6)]
-    r0 = b.sdiv(b.mul(n_rows, part), n_parts)
-    r1 = b.sdiv(b.mul(n_rows, b.add(part, const(i64, 1))), n_parts)
+    r0, r1 = emit_part_rows(b, n_rows, const(i64, 1), part, n_parts)
     data = lambda v, arg: _array_data(b, b.inttoptr(v, ptr(i8)), arg.type)  # noqa: E731
     zero, one = const(i64, 0), const(i64, 1)
     b.call(impl, [data(w, impl.args[0]), ws, data(xq, impl.args[2]), zero,
                   data(y, impl.args[4]), zero, zero, one, r0, r1, nb, n_rows])
     b.ret_void()
-
-
-def _part_rows(b: ir.IRBuilder, n_rows: ir.Value, align: ir.Value, part: ir.Value,
-               n_parts: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """Rows [r0, r1) of team part `part` of `n_parts`: even shares cut at multiples of
-    `align` (the last part ends at n_rows), as `jit.parallel_rows` cuts its slices."""
-    one = const(i64, 1)
-
-    def bound(p):
-        r = b.mul(b.sdiv(b.sdiv(b.mul(n_rows, p), n_parts), align), align)
-        return b.select(b.icmp_signed("==", p, n_parts), n_rows, r)
-
-    return bound(part), bound(b.add(part, one))
 
 
 def _token_chunks(b: ir.IRBuilder, t0: ir.Value, t1: ir.Value, call: Callable) -> None:
@@ -1476,14 +1466,14 @@ def _export_prompt_q_part(m: ir.Module, name: str, tile: ir.Function,
     """`name(i64* args, part, n_parts)`: a prompt's product on integer dot products as a
     team job: args are (w, w_stride, xq, ldq, y, ldy, n_tok, tiled,
     n_rows, n_blocks, group_rows, align), the arrays as raw addresses. The part takes its
-    share of the rows (`_part_rows`); its tokens [0, tiled) go through `tile` a TOKEN_CHUNK
+    share of the rows (`emit_part_rows`); its tokens [0, tiled) go through `tile` a TOKEN_CHUNK
     at a time, the rest through `one`."""
     fn = ir.Function(m, ir.FunctionType(void, [ptr(i64), i64, i64]), name)
     argv, part, n_parts = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     w, ws, xq, ldq, y, ldy, ntok, tiled, n_rows, nb, group, align = [
         b.load(b.gep(argv, [const(i64, k)])) for k in range(12)]
-    r0, r1 = _part_rows(b, n_rows, align, part, n_parts)
+    r0, r1 = emit_part_rows(b, n_rows, align, part, n_parts)
     w, xq = b.inttoptr(w, ptr(i8)), b.inttoptr(xq, ptr(i8))
     y = b.inttoptr(y, ptr(f32))
     _token_chunks(b, const(i64, 0), tiled, lambda c0, c1: b.call(
@@ -1503,7 +1493,7 @@ def _export_prompt_part(m: ir.Module, name: str, gemm: ir.Function) -> None:
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     w, ws, x, ldx, y, ldy, ntok, n_rows, nb, group, scratch, per, align = [
         b.load(b.gep(argv, [const(i64, k)])) for k in range(13)]
-    r0, r1 = _part_rows(b, n_rows, align, part, n_parts)
+    r0, r1 = emit_part_rows(b, n_rows, align, part, n_parts)
     w, x, y = b.inttoptr(w, ptr(i8)), b.inttoptr(x, ptr(f32)), b.inttoptr(y, ptr(f32))
     s = b.gep(b.inttoptr(scratch, ptr(f32)), [b.mul(part, per)])
     with b.if_then(b.icmp_signed("<", r0, r1)):
@@ -1732,9 +1722,8 @@ def round_job(kind: GGMLType, x: int, n_tok: int, n_in: int, out: int,
     """The job record (fn, parts, args) that rounds x (raw address, n_tok rows of n_in
     floats) to `kind` into `out` (the integer form for the Q8 kinds, float32 for F16/BF16)."""
     row = xq_row_bytes(n_in) if kind in _Q8_KINDS else 4 * n_in
-    parts = max(1, min(threads * SLICES_PER_THREAD, n_tok // max(1, (1 << 15) // n_in)))
-    return [_act_kernels()["part", kind], parts if threads > 1 else 1, x, n_tok, n_in, out,
-            row]
+    parts = row_parts(n_tok, threads, (1 << 15) // n_in)
+    return [_act_kernels()["part", kind], parts, x, n_tok, n_in, out, row]
 
 
 def round_q8(x: np.ndarray, kind: GGMLType, out: np.ndarray | None = None) -> np.ndarray:
@@ -1750,8 +1739,8 @@ def round_q8(x: np.ndarray, kind: GGMLType, out: np.ndarray | None = None) -> np
     if n_tok == 1:
         _act_kernels()[kind](x2, 1, n_in, out)
     else:
-        _run_job(round_job(kind, data_address(x2), n_tok, n_in, data_address(out),
-                           default_threads()))
+        run_jobs([round_job(kind, data_address(x2), n_tok, n_in, data_address(out),
+                            default_threads())])
     return out
 
 
@@ -1759,13 +1748,6 @@ def data_address(a: np.ndarray) -> int:
     """The address of an array's data (through the array interface: `.ctypes` costs more
     and makes a reference cycle)."""
     return a.__array_interface__["data"][0]
-
-
-def _run_job(record: list[int], threads: int | None = None) -> None:
-    """One job record run on the team (a table of its own: a caller may be a job's part)."""
-    table = JobTable()
-    table.add(*record)
-    table.run(threads)
 
 
 def xq_float(xq: np.ndarray, n_in: int) -> np.ndarray:
@@ -1860,21 +1842,14 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
         if repack.repacked(p.t, n_out):  # llama.cpp's repacked weights: its order there
             repack.matmul(w, p.t, xq, y, ldy, n_tok, n_in, n_out, threads)
         else:
-            _run_job(prompt_job(p, w, data_address(xq), xq.shape[1], data_address(y), ldy,
-                                n_tok, n_in, n_out, threads), threads)
+            run_jobs([prompt_job(p, w, data_address(xq), xq.shape[1], data_address(y), ldy,
+                                 n_tok, n_in, n_out, threads)], threads)
         return y
     if not _gemm_rounds(p.t):  # (the float kernels round x themselves, as they pack it)
         x = round_activations(x, p.act)
-    _run_job(prompt_job(p, w, data_address(x), n_in, data_address(y), ldy, n_tok, n_in,
-                        n_out, threads), threads)
+    run_jobs([prompt_job(p, w, data_address(x), n_in, data_address(y), ldy, n_tok, n_in,
+                         n_out, threads)], threads)
     return y
-
-
-def _row_parts(n_rows: int, threads: int, min_rows: int, align: int) -> int:
-    """Parts a product's rows are cut into, as `jit.parallel_rows` cuts its slices."""
-    if threads == 1:
-        return 1
-    return max(1, min(threads * SLICES_PER_THREAD, n_rows // max(1, min_rows, align)))
 
 
 def prompt_job(p: _Plan, w: np.ndarray, x: int, ldx: int, y: int, ldy: int, n_tok: int,
@@ -1887,7 +1862,7 @@ def prompt_job(p: _Plan, w: np.ndarray, x: int, ldx: int, y: int, ldy: int, n_to
     parts work in `scratch` (float32, `prompt_scratch_floats` a part), by default this
     thread's, which must then stay unused until the job is run."""
     ws, nb = w.strides[0], n_in // p.vblock
-    parts = _row_parts(n_out, threads, _min_rows(n_in * (2 + n_tok // 2)), ROW_ALIGN)
+    parts = row_parts(n_out, threads, _min_rows(n_in * (2 + n_tok // 2)), ROW_ALIGN)
     if p.int_dot:
         return [_gemmq_part(p, n_tok, n_out), parts, data_address(w), ws, x, ldx, y, ldy,
                 n_tok, n_tok - _q_rest(p, n_tok), n_out, nb,

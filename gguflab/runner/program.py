@@ -24,7 +24,7 @@ from llvmlite import ir
 from ..jit import compile_kernels
 from ..jit.builders import Target, const, f32, for_range, i64, ptr, void
 from ..jit.floats import emit_f16_to_f32, emit_f32_to_f16, hardware_half
-from ..jit.parallel import JOB_ARGS, JOB_WORDS, STEP_ARGS, Team, steps_part
+from ..jit.parallel import JOB_ARGS, JOB_WORDS, STEP_ARGS, Team, emit_part_rows, steps_part
 from . import ops
 
 
@@ -227,11 +227,7 @@ def _build(m: ir.Module) -> None:
     a = [b.load(b.gep(argv, [const(i64, k)])) for k in range(14)]
     target, n_rows, align, unit = a[:4]
 
-    def bound(q):
-        r = b.mul(b.sdiv(b.sdiv(b.mul(n_rows, q), n_parts), align), align)
-        return b.select(b.icmp_signed("==", q, n_parts), n_rows, r)
-
-    r0, r1 = bound(part), bound(b.add(part, const(i64, 1)))
+    r0, r1 = emit_part_rows(b, n_rows, align, part, n_parts)
     call = b.inttoptr(target, ptr(ir.FunctionType(void, [i64] * 8)))
     with b.if_then(b.icmp_signed("<", r0, r1)):
         b.call(call, [*(b.add(a[4 + 2 * q], b.mul(r0, a[5 + 2 * q])) for q in range(3)),

@@ -46,7 +46,7 @@ from .. import quant
 from ..gguf import GGMLType
 from ..jit import compile_kernels, host_cpu
 from ..jit.builders import alloca_entry, const, f32, for_range, i8, i16, i32, i64, intrinsic, ptr
-from ..jit.parallel import JobTable
+from ..jit.parallel import emit_part_rows, row_parts, run_jobs
 from . import kernels as K
 
 __all__ = ["repacked", "REPACK"]
@@ -510,7 +510,7 @@ def _build_jobs(m: ir.Module, t: GGMLType, pack: ir.Function, gemm: ir.Function,
     name = t.name.lower()
     b, (xq, ldq, n_gemm, ng, xp), part, n_parts = _job_fn(m, f"pack_{name}_ppart", 5)
     tiles = b.sdiv(b.add(n_gemm, _c64(LANES - 1)), _c64(LANES))
-    a0, a1 = K._part_rows(b, tiles, _c64(1), part, n_parts)
+    a0, a1 = emit_part_rows(b, tiles, _c64(1), part, n_parts)
     t1 = b.mul(a1, _c64(LANES))
     t1 = b.select(b.icmp_signed("<", t1, n_gemm), t1, n_gemm)
     with b.if_then(b.icmp_signed("<", a0, a1)):
@@ -519,7 +519,7 @@ def _build_jobs(m: ir.Module, t: GGMLType, pack: ir.Function, gemm: ir.Function,
     b.ret_void()
     b, (w, ws, xp, y, ldy, n_gemm, n_rows, nb, align), part, n_parts = _job_fn(
         m, f"gemm_{name}_ppart", 9)
-    r0, r1 = K._part_rows(b, n_rows, align, part, n_parts)
+    r0, r1 = emit_part_rows(b, n_rows, align, part, n_parts)
     tiles = b.sdiv(b.add(n_gemm, _c64(LANES - 1)), _c64(LANES))
     w, xp, y = b.inttoptr(w, ptr(i8)), b.inttoptr(xp, ptr(i8)), b.inttoptr(y, ptr(f32))
     chunk = TOKEN_CHUNK // LANES
@@ -533,7 +533,7 @@ def _build_jobs(m: ir.Module, t: GGMLType, pack: ir.Function, gemm: ir.Function,
     b.ret_void()
     b, (w, ws, xq, ldq, y, ldy, t0, t1, n_rows, nb, align), part, n_parts = _job_fn(
         m, f"gemv_{name}_ppart", 11)
-    r0, r1 = K._part_rows(b, n_rows, align, part, n_parts)
+    r0, r1 = emit_part_rows(b, n_rows, align, part, n_parts)
     with b.if_then(b.icmp_signed("<", r0, r1)):
         b.call(gemv, [b.inttoptr(w, ptr(i8)), ws, b.inttoptr(xq, ptr(i8)), ldq,
                       b.inttoptr(y, ptr(f32)), ldy, t0, t1, r0, r1, nb, _c64(0)])
@@ -609,12 +609,12 @@ def prompt_jobs(w: np.ndarray, t: GGMLType, xq: int, ldq: int, y: int, ldy: int,
     nb = n_in // quant.get(t).info.block_size
     ng = n_in // GROUP
     n_gemm = gemm_tokens(t, n_tok)
-    parts = K._row_parts(n_out, threads, K._min_rows(n_in * (2 + n_tok // 2)), K.ROW_ALIGN)
+    parts = row_parts(n_out, threads, K._min_rows(n_in * (2 + n_tok // 2)), K.ROW_ALIGN)
     wa, ws = K.data_address(w), w.strides[0]
     pack, products = [], []
     if n_gemm:
         tiles = -(-n_gemm // LANES)
-        pack.append([kern.pack_job, K._row_parts(tiles, threads, max(1, (1 << 13) // ng), 1),
+        pack.append([kern.pack_job, row_parts(tiles, threads, max(1, (1 << 13) // ng), 1),
                      xq, ldq, n_gemm, ng, xp])
         products.append([kern.gemm_job, parts, wa, ws, xp, y, ldy, n_gemm, n_out, nb,
                          K.ROW_ALIGN])
@@ -632,7 +632,4 @@ def matmul(w: np.ndarray, t: GGMLType, xq: np.ndarray, y: np.ndarray, ldy: int, 
     for phase in prompt_jobs(w, t, K.data_address(xq), xq.shape[1], K.data_address(y), ldy,
                              n_tok, n_in, n_out, threads, K.data_address(xp)):
         if phase:
-            table = JobTable()
-            for rec in phase:
-                table.add(*rec)
-            table.run(threads)
+            run_jobs(phase, threads)

@@ -25,15 +25,12 @@ from . import kernels as K
 from . import repack
 from .attention import TILE, TILED
 from .attention import _kernels as attn_kernels
+from .kernels import data_address
 from .program import Program, f32_bits, rows_job
 from .program import kernels as program_kernels
 from .rope import _kernels as rope_kernels
 
 F32 = np.float32
-
-
-def _addr(a: np.ndarray) -> int:
-    return K.data_address(a)
 
 
 class UBatch:
@@ -47,7 +44,7 @@ class UBatch:
         self.x = np.empty((n, hp.n_embd), F32)
         self.rope_rows: dict[bool, np.ndarray] = {}
         self.cache_shape = cache.k.shape  # (any cache of this shape: its address varies)
-        self.program = self._build(m, cache) if n >= TILE else None
+        self.program = self._build(m, cache)
 
     def run(self, m, x: np.ndarray, p0: int, cache) -> np.ndarray:
         """x (n, n_embd) at positions p0 .. p0 + n - 1 through the layers; returns the
@@ -62,14 +59,14 @@ class UBatch:
             raise ValueError(f"a batch laid out for a cache of {self.cache_shape}, given "
                              f"{cache.k.shape}")
         self.program.run(team(self.threads), p0=p0, t=t, tpad=-(-t // TILE) * TILE,
-                         k=_addr(cache.k), v=_addr(cache.v))
+                         k=data_address(cache.k), v=data_address(cache.v))
         return self.x[self.skip:]
 
     def _build(self, m, cache) -> Program | None:
         hp = m.hp
         n, skip, threads = self.n, self.skip, self.threads
-        if (cache.k.dtype != F32 or m.flash_attn == "off" or cache.k.shape[0] < hp.n_layer
-                or any(L.experts is not None for L in m.layers)):
+        # (the cache's dtype, -fa off, a watcher and short batches: `Model._ubatch` decides)
+        if cache.k.shape[0] < hp.n_layer or any(L.experts is not None for L in m.layers):
             return None
         from .model import gelu_table
 
@@ -89,7 +86,7 @@ class UBatch:
         def vec(a):  # a float32 vector the jobs read by address
             a = np.ascontiguousarray(a, F32)
             keep.append(a)
-            return _addr(a)
+            return data_address(a)
 
         X = self.x
         H, A = buf(n, E), buf(n, E)
@@ -113,12 +110,12 @@ class UBatch:
             prog.parallel([rows_job(fn, n_rows, ptrs, more, unit, parts)])
 
         def norm(src, w, dst, n_rows, width):
-            rows(steps["rms_norm_step"], n_rows, [(_addr(src), 4 * width), (vec(w), 0),
-                                                  (_addr(dst), 4 * width)], (width, eps))
+            rows(steps["rms_norm_step"], n_rows, [(data_address(src), 4 * width), (vec(w), 0),
+                                                  (data_address(dst), 4 * width)], (width, eps))
 
         def add(dst, a, n_rows, width):
-            rows(steps["add_step"], n_rows, [(_addr(dst), 4 * width), (_addr(a), 4 * width),
-                                             (_addr(dst), 4 * width)], unit=width)
+            rows(steps["add_step"], n_rows, [(data_address(dst), 4 * width), (data_address(a), 4 * width),
+                                             (data_address(dst), 4 * width)], unit=width)
 
         def products(weights, x, ys, r0=0) -> bool:
             """The products of x's rows [r0:] with `weights` into `ys` (their rows [r0:]): a
@@ -150,8 +147,8 @@ class UBatch:
                         n, K.xq_row_bytes(n_in), dtype=np.uint8) if int_path else buf(n, n_in)
                 if kind is not None and key not in done:  # (rounded anew for each use)
                     done.add(key)
-                    rounds.append(K.round_job(kind, _addr(x[r0:]), m_tok, n_in,
-                                              _addr(rounded[key][r0:]), threads))
+                    rounds.append(K.round_job(kind, data_address(x[r0:]), m_tok, n_in,
+                                              data_address(rounded[key][r0:]), threads))
                 xr = rounded[key][r0:]
                 if small:
                     table = JobTable()
@@ -167,9 +164,9 @@ class UBatch:
                     if pkey not in rounded:
                         rounded[pkey] = buf(max(1, repack.packed_bytes(p.t, n, n_in)),
                                             dtype=np.uint8)
-                    pack, jobs = repack.prompt_jobs(w, p.t, _addr(xr), ldx, _addr(yv),
+                    pack, jobs = repack.prompt_jobs(w, p.t, data_address(xr), ldx, data_address(yv),
                                                     y.shape[1], m_tok, n_in, n_out, threads,
-                                                    _addr(rounded[pkey]))
+                                                    data_address(rounded[pkey]))
                     if pkey not in done:
                         done.add(pkey)
                         packs.extend(pack)
@@ -177,10 +174,10 @@ class UBatch:
                     recs.extend(jobs)
                     continue
                 if int_path:
-                    rec = K.prompt_job(p, w, _addr(xr), ldx, _addr(yv), y.shape[1], m_tok, n_in,
+                    rec = K.prompt_job(p, w, data_address(xr), ldx, data_address(yv), y.shape[1], m_tok, n_in,
                                        n_out, threads)
                 else:
-                    rec = K.prompt_job(p, w, _addr(xr), ldx, _addr(yv), y.shape[1], m_tok, n_in,
+                    rec = K.prompt_job(p, w, data_address(xr), ldx, data_address(yv), y.shape[1], m_tok, n_in,
                                        n_out, threads, scratch=scratch[j])
                 keep.append(w)
                 recs.append(rec)
@@ -200,16 +197,16 @@ class UBatch:
                 return None
             if L.bq is not None:
                 for y, bias, width in ((Q, L.bq, nq), (Kx, L.bk, nk), (V, L.bv, nk)):
-                    rows(steps["bias_step"], n, [(_addr(y), 4 * width), (vec(bias), 0),
-                                                 (_addr(y), 4 * width)], (width,))
+                    rows(steps["bias_step"], n, [(data_address(y), 4 * width), (vec(bias), 0),
+                                                 (data_address(y), 4 * width)], (width,))
             if L.q_norm is not None:
                 norm(Q, L.q_norm, Q, n * n_head, hd)
                 norm(Kx, L.k_norm, Kx, n * n_kv, hd)
             local = bool(hp.swa_layers) and hp.swa_layers[il]
             table = self.rope_rows.setdefault(local, np.empty((n, hp.rope_dim), F32))
             neox = int(hp.rope_neox)
-            prog.parallel([rows_job(rope_fn, n, [(_addr(src), 4 * width), (_addr(dst), 4 * width),
-                                                 (_addr(table), 4 * hp.rope_dim)],
+            prog.parallel([rows_job(rope_fn, n, [(data_address(src), 4 * width), (data_address(dst), 4 * width),
+                                                 (data_address(table), 4 * hp.rope_dim)],
                                     (heads, hd, hp.rope_dim, neox), 1, parts)
                            for src, dst, width, heads in ((Q, QR, nq, n_head),
                                                           (Kx, KR, nk, n_kv))])
@@ -217,16 +214,16 @@ class UBatch:
             layer = 4 * il * n_kv * n_ctx * hd
             for src, var in ((KR, "k"), (V, "v")):
                 for j in range(n_kv):
-                    w = prog.step(steps["store_f16_step"], _addr(src) + 4 * j * hd, 0, n, hd,
+                    w = prog.step(steps["store_f16_step"], data_address(src) + 4 * j * hd, 0, n, hd,
                                   hd, nk)
                     prog.vary("p0", w, 2, layer + 4 * j * n_ctx * hd, 4 * hd)
                     prog.vary(var, w, 2)
-            w = prog.step(steps["keys_t_step"], 0, _addr(KT), n_kv, hd, n_ctx * hd, 0, 0)
+            w = prog.step(steps["keys_t_step"], 0, data_address(KT), n_kv, hd, n_ctx * hd, 0, 0)
             prog.vary("k", w, 1, layer)
             prog.vary("t", w, 6)
             prog.vary("tpad", w, 7)
-            w = prog.job(attn, max(1, min(n * n_head, parts)), _addr(QR), 0, 0, _addr(KT),
-                         _addr(ATT), n | TILED << 32, n_head, n_head // n_kv, hd, n_ctx * hd, 0,
+            w = prog.job(attn, max(1, min(n * n_head, parts)), data_address(QR), 0, 0, data_address(KT),
+                         data_address(ATT), n | TILED << 32, n_head, n_head // n_kv, hd, n_ctx * hd, 0,
                          0, hp.n_swa if local else 0, floats)
             prog.vary("k", w, 2 + 1, layer)
             prog.vary("v", w, 2 + 2, layer)
@@ -246,9 +243,9 @@ class UBatch:
                 g, u, act = (buf(n, n_ff) for _ in range(3))
             if not products([L.w_gate, L.w_up], H, [g, u], r0):
                 return None
-            rows(glu, rows_left, [(_addr(g[r0:]), 4 * n_ff), (_addr(u[r0:]), 4 * n_ff),
-                                  (_addr(act[r0:]), 4 * n_ff)],
-                 (_addr(gelu_table()),) if hp.family.gelu else (), unit=n_ff)
+            rows(glu, rows_left, [(data_address(g[r0:]), 4 * n_ff), (data_address(u[r0:]), 4 * n_ff),
+                                  (data_address(act[r0:]), 4 * n_ff)],
+                 (data_address(gelu_table()),) if hp.family.gelu else (), unit=n_ff)
             if not products([L.w_down], act, [A], r0):
                 return None
             if L.ffn_post_norm is not None:
