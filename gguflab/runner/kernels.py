@@ -1800,6 +1800,30 @@ def _vec_dot_rows(p: _Plan, n_out: int) -> bool:
     return n_out % TINYBLAS_ROWS != 0 and _vec_dot_order(p.t)
 
 
+@dataclass(frozen=True)
+class Route:
+    """How a product over a weight takes its tokens, as llama.cpp's CPU backend would:
+    `gemv`, the decode kernels (a pass over W a token, or a few tokens) rather than the
+    prompt's tiles; x rounded first to `x_kind` (None: taken as it is), into `round_q8`'s
+    integer rows when `int_x` (else floats); `repacked`, W interleaved as ggml repacks it."""
+
+    gemv: bool
+    x_kind: GGMLType | None
+    int_x: bool
+    repacked: bool
+
+
+def route(p: _Plan, n_tok: int, n_out: int) -> Route:
+    """The route of a product of `n_tok` tokens over the `n_out` rows of `p`'s weight (what
+    `matmul` runs, and what a batch program lays out)."""
+    gemv = (n_tok == 1 or (n_tok <= GEMV_TOKENS[-1] and not p.int_dot)
+            or _vec_dot_rows(p, n_out))
+    if p.int_dot:  # (their gemv is one token's: a few tokens' and vec_dot rows are floats')
+        return Route(gemv, p.act, True, repack.repacked(p.t, n_out))
+    rounded = p.act in _Q8_KINDS or (p.act in _HALF_KINDS and (gemv or not _gemm_rounds(p.t)))
+    return Route(gemv, p.act if rounded else None, False, False)
+
+
 def _add_gemv(jobs: JobTable, p: _Plan, w, x, y, ldy, n_tok, n_in, n_out, threads,
               seen: dict) -> None:
     """Post one decode product (n_tok <= GEMV_TOKENS[-1]) as a team job: a part per
@@ -1830,23 +1854,23 @@ def matmul(w: np.ndarray, wtype: GGMLType, x: np.ndarray, threads: int | None = 
     if _special(p, w, x, y, n_tok, n_in, n_out):
         return y
     threads = threads or default_threads()
-    if n_tok == 1 or (n_tok <= GEMV_TOKENS[-1] and not p.int_dot) or _vec_dot_rows(p, n_out):
+    r = route(p, n_tok, n_out)
+    if r.gemv:
         jobs = job_table()
         seen: dict = {}
         _add_gemv(jobs, p, w, x, y, ldy, n_tok, n_in, n_out, threads, seen)
         jobs.run(threads)
         return y
 
-    if p.int_dot:
-        xq = round_q8(x, p.act)
-        if repack.repacked(p.t, n_out):  # llama.cpp's repacked weights: its order there
+    if r.int_x:
+        xq = round_q8(x, r.x_kind)
+        if r.repacked:  # llama.cpp's repacked weights: its order there
             repack.matmul(w, p.t, xq, y, ldy, n_tok, n_in, n_out, threads)
         else:
             run_jobs([prompt_job(p, w, data_address(xq), xq.shape[1], data_address(y), ldy,
                                  n_tok, n_in, n_out, threads)], threads)
         return y
-    if not _gemm_rounds(p.t):  # (the float kernels round x themselves, as they pack it)
-        x = round_activations(x, p.act)
+    x = round_activations(x, r.x_kind)  # (None: the float kernels round x as they pack it)
     run_jobs([prompt_job(p, w, data_address(x), n_in, data_address(y), ldy, n_tok, n_in,
                          n_out, threads)], threads)
     return y

@@ -130,18 +130,11 @@ class UBatch:
                 if n_in != x.shape[1] or n_out != y.shape[1] or n_in % K.FLOAT_GROUP:
                     return False
                 yv = y[r0:]
-                small = m_tok == 1 or (m_tok <= K.GEMV_TOKENS[-1] and not p.int_dot) or (
-                    K._vec_dot_rows(p, n_out))
-                int_path = p.int_dot and (m_tok == 1 or not small)
-                if not int_path and p.act in K._Q8_KINDS:
+                r = K.route(p, m_tok, n_out)
+                kind, int_path = r.x_kind, r.int_x
+                if not int_path and kind in K._Q8_KINDS:
                     return False  # (x rounded to Q8 levels as floats: a step not laid out)
-                key = (id(x), p.act, int_path)
-                if int_path:
-                    kind = p.act
-                elif p.act in K._HALF_KINDS and (small or not K._gemm_rounds(p.t)):
-                    kind = p.act
-                else:
-                    key, kind = (id(x), None, False), None  # x as it is
+                key = (id(x), kind, int_path)
                 if key not in rounded:
                     rounded[key] = x if kind is None else buf(
                         n, K.xq_row_bytes(n_in), dtype=np.uint8) if int_path else buf(n, n_in)
@@ -150,7 +143,7 @@ class UBatch:
                     rounds.append(K.round_job(kind, data_address(x[r0:]), m_tok, n_in,
                                               data_address(rounded[key][r0:]), threads))
                 xr = rounded[key][r0:]
-                if small:
+                if r.gemv:
                     table = JobTable()
                     seen = {(p.act, int_path): xr}
                     K._add_gemv(table, p, w, xr, yv, n_out, m_tok, n_in, n_out, threads, seen)
@@ -159,7 +152,7 @@ class UBatch:
                                 .reshape(-1, JOB_WORDS).tolist())
                     continue
                 ldx = xr.shape[1] if int_path else n_in
-                if int_path and repack.repacked(p.t, n_out):  # x packed once per type
+                if r.repacked:  # x packed once per type
                     pkey = (id(x), "packed", p.t)
                     if pkey not in rounded:
                         rounded[pkey] = buf(max(1, repack.packed_bytes(p.t, n, n_in)),
