@@ -70,3 +70,19 @@ def test_iq_products_in_vec_dot_order(t, monkeypatch):
         for threads in (1, 2):
             got = matmul(w, t, x[:n], threads=threads)
             np.testing.assert_array_equal(got, ref[:n], err_msg=f"{t.name} n={n} t={threads}")
+
+
+@pytest.mark.parametrize("t", [GGMLType.TQ1_0, GGMLType.TQ2_0], ids=lambda t: t.name)
+def test_ternary_products_are_ggmls_bits(t):
+    """TQ1_0 and TQ2_0 as ggml's AVX2 `vec_dot_tq{1,2}_0_q8_K`: levels 0..2 dotted with
+    Q8_K's, less Q8_K's sums of 16, one conversion and FMA by d * dx a super-block. llama.cpp's
+    tiled kernel does not take them: every token count sums in that order."""
+    _int_path(t)
+    w = quant.get(t).quantize(sample_weights(20, N_IN, seed=int(t)))
+    x = activations(33, N_IN, seed=int(t))
+    for n in (1, 3, 8, 9, 33):
+        ref = ggml_mul_mat(t, w, x[:n])
+        for threads in (1, 2):
+            got = matmul(w, t, x[:n], threads=threads)
+            np.testing.assert_array_equal(got, ref, err_msg=f"{t.name} n={n} t={threads}")
+    np.testing.assert_array_equal(matmul(w, t, x), ggml_cpu_matmul(t, w, x))

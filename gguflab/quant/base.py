@@ -139,6 +139,8 @@ class QuantType:
 
     int_dot = False  # the type has `emit_int_groups` (or `emit_int_superblock`)
     int_superblock = False  # its integer view is `emit_int_superblock` (the K-quants)
+    # (int_superblock types) llama.cpp's tiled kernel (`ggml-cpu/tiled/`) takes its prompts
+    int_tiled = True
 
     def emit_int_groups(self, b: ir.IRBuilder, src: ir.Value) -> list[IntGroup]:
         """The block at `src` (i8*) as its groups of 32 integer levels, in order (x86 AVX2:

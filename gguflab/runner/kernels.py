@@ -1521,7 +1521,7 @@ def build_module(t: GGMLType) -> ir.Module:
             _export_q_part(m, f"gemvq_{name}_part", one)
         tile = build(m, f"gemmq_{name}", blk, groups, _q_tile(t))
         _export_prompt_q_part(m, f"gemmq_{name}_ppart", tile, one)
-        if quant.get(t).int_superblock:  # llama.cpp's tiled order, for prompts
+        if quant.get(t).int_superblock and quant.get(t).int_tiled:  # its tiled order
             # (a type whose tiled kernel reads its blocks otherwise has a view of its own)
             tiled = getattr(quant.get(t), "emit_int_superblock_tiled", groups)
             impls = [_build_gemmq_k(m, kname, blk, tiled, T, tiled=True)
@@ -1575,7 +1575,7 @@ class _Plan:
         sigs = {f"gemv{T}_{name}_part": _PART_SIG for T in GEMV_TOKENS}
         self.act = quant.get(t).activation_type  # x is rounded to this first
         self.int_dot = _int_groups(t) is not None and self.act in _Q8_KINDS
-        self.tiled = self.int_dot and quant.get(t).int_superblock
+        self.tiled = self.int_dot and quant.get(t).int_superblock and quant.get(t).int_tiled
         if self.int_dot:
             sigs |= {f"gemvq_{name}_part": _PART_SIG, f"gemmq_{name}_ppart": _PART_SIG}
         if self.tiled:

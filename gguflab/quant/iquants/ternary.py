@@ -22,7 +22,7 @@ from llvmlite import ir
 from ...gguf import GGMLType
 from ...jit.builders import const, f32, fabs, i8, i16, i32, intrinsic, ptr, splat, vconst, vec
 from ...jit.floats import load_f16, store_f16
-from ..base import QuantType, register
+from ..base import IntGroup, IntSuperBlock, QuantType, register
 from ..floats import f16_from_f32_ref
 from ..kquants._qkx2 import F32, half_bytes, half_ref
 
@@ -128,6 +128,20 @@ def _part(b: ir.IRBuilder, v: ir.Value, start: int, n: int) -> ir.Value:
     return b.shuffle_vector(v, v, ir.Constant(vec(i32, n), list(range(start, start + n))))
 
 
+def _int_superblock(b: ir.IRBuilder, group, d: ir.Value) -> IntSuperBlock:
+    """As ggml's AVX2 `vec_dot_tq{1,2}_0_q8_K` takes a block: the levels 0..2 (unsigned)
+    dotted with Q8_K's levels in 8 i32 lanes, less Q8_K's sums of 16 (the levels' -1: the
+    16 sums pairwise into the 8 lanes), converted once and times d * dx. Not in llama.cpp's
+    tiled kernel: its prompts sum in this order too."""
+    ones = ir.Constant(vec(i16, 16), [1] * 16)
+    return IntSuperBlock(lambda g: IntGroup(group(g), False, None, None), d, ones, None, "sub")
+
+
+def _concat(b: ir.IRBuilder, lo: ir.Value, hi: ir.Value) -> ir.Value:
+    n = lo.type.count
+    return b.shuffle_vector(lo, hi, ir.Constant(vec(i32, 2 * n), list(range(2 * n))))
+
+
 def _load(b: ir.IRBuilder, y: ir.Value, offset: int, n: int) -> ir.Value:
     return b.load(b.bitcast(b.gep(y, [const(i32, offset)]), ptr(vec(i8, n))), align=1)
 
@@ -186,6 +200,27 @@ class TQ1_0(QuantType):
         p = ir.Constant(vec(i8, 16), [int(POW3[n]) for n in range(4) for _ in range(4)])
         _emit_store_trits(b, _emit_trits(b, spread, p), d, x, 240)
 
+    int_dot = int_superblock = True
+    int_tiled = False
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        def trits(offset: int, width: int, n: int) -> ir.Value:  # <width x i8>
+            p = ir.Constant(vec(i8, width), [int(POW3[n]) & 0xFF] * width)
+            return b.trunc(_emit_trits(b, _load(b, src, offset, width), p), vec(i8, width))
+
+        def group(g: int) -> ir.Value:  # weights 32g .. 32g + 31 (see the module docstring)
+            if g < 5:
+                return trits(0, 32, g)
+            if g < 7:
+                return _concat(b, trits(32, 16, 2 * (g - 5)), trits(32, 16, 2 * (g - 5) + 1))
+            qh = _load(b, src, 48, 4)
+            spread = b.shuffle_vector(qh, qh, ir.Constant(vec(i32, 16), [0, 1, 2, 3] * 4))
+            p = ir.Constant(vec(i8, 16), [int(POW3[n]) for n in range(4) for _ in range(4)])
+            last = b.trunc(_emit_trits(b, spread, p), vec(i8, 16))
+            return _concat(b, trits(32, 16, 4), last)
+
+        return _int_superblock(b, group, load_f16(b, src, 52))
+
 
 @register
 class TQ2_0(QuantType):
@@ -231,3 +266,13 @@ class TQ2_0(QuantType):
             for n in range(4):
                 t = b.and_(b.lshr(byte, ir.Constant(vec(i32, 32), [2 * n] * 32)), three)
                 _emit_store_trits(b, t, d, x, 128 * g + 32 * n)
+
+    int_dot = int_superblock = True
+    int_tiled = False
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        def group(g: int) -> ir.Value:  # weights 32g .. 32g + 31: bits 2n of byte group g // 4
+            byte = _load(b, src, 32 * (g // 4), 32)
+            return b.and_(b.lshr(byte, vconst(i8, 2 * (g % 4), 32)), vconst(i8, 3, 32))
+
+        return _int_superblock(b, group, load_f16(b, src, 64))
