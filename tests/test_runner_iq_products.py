@@ -1,10 +1,11 @@
-"""The grid i-quants' products (IQ3_S, IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S) are ggml's own
+"""The grid i-quants' products (IQ3_S, IQ3_XXS, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M) are ggml's own
 function, bit for bit, in both orders llama.cpp's CPU backend sums them in: below 8 tokens
 as its AVX2 `vec_dot_iq*_q8_K` (per super-block the grid points' magnitudes with their signs
 dotted with Q8_K's levels, times the factors 2s + 1, in 8 i32 lanes; one float conversion
 and FMA by d * dx a super-block; ggml's horizontal sum, then its 0.125 or 0.25; IQ1_S's
-delta through Q8_K's sums of 16 into a float scalar), from 8 tokens on as its tiled kernel
-(`ggml-cpu/tiled/`: per super-block d * float(sum), IQ1_S's levels as 8 * grid + delta, then
+delta through Q8_K's sums of 16 into a float scalar; IQ1_M's, a delta a grid point, through
+a second integer sum in float lanes of its own), from 8 tokens on as its tiled kernel
+(`ggml-cpu/tiled/`: per super-block d * float(sum), IQ1's levels as 8 * grid + delta, then
 one FMA by the token's scale). Whatever the tile a token falls in and the threads that run its
 rows; with `kernels.PROMPT_TILED` off (llama.cpp's GGML_CPU_TILED_MM=0), vec_dot's order
 for every token count."""
@@ -23,7 +24,7 @@ from gguflab.runner import kernels
 from gguflab.runner.kernels import matmul
 
 IQ_TYPES = (GGMLType.IQ3_S, GGMLType.IQ3_XXS, GGMLType.IQ2_XXS, GGMLType.IQ2_XS,
-            GGMLType.IQ2_S, GGMLType.IQ1_S)
+            GGMLType.IQ2_S, GGMLType.IQ1_S, GGMLType.IQ1_M)
 N_IN = 1024  # 4 super-blocks a row
 
 

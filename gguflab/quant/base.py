@@ -73,6 +73,10 @@ class IntSuperBlock:
     mins: ir.Value | None = None  # <16 x i16> (a factor per 16 of x) or <8 x i16> (per 32)
     dmin: ir.Value | None = None  # f32
     fold: str | None = None
+    # IQ1_M's delta: a second integer sum (group g's +-1 a weight with its sub-scales) into
+    # 8 float lanes of its own (times d * dx), whose total is added times `factor2` at the end
+    group2: Callable[[int], IntGroup] | None = None
+    factor2: float = 0.0
 
 
 class QuantType:

@@ -820,17 +820,17 @@ def _build_bsums(b: ir.IRBuilder, xr: ir.Value, nb: ir.Value, dst: ir.Value, n: 
         b.store(sums, b.gep(dst, [k]), align=2)
 
 
-def _superblock_facts(emit: Callable) -> tuple[int, bool]:
+def _superblock_facts(emit: Callable) -> tuple[int, bool, bool]:
     """(lanes of the mins' factors: 16, 8 or 0 for none, whether the levels are signed and
-    go against x + 128) of a K-quant's integer view, from emitting it once into a scratch
-    function."""
+    go against x + 128, whether it has a second sum `group2`) of a K-quant's integer view,
+    from emitting it once into a scratch function."""
     m = ir.Module()
     fn = ir.Function(m, ir.FunctionType(void, [ptr(i8)]), "probe")
     sb = emit(ir.IRBuilder(fn.append_basic_block("entry")), fn.args[0])
     # levels of up to 127 in magnitude (IQ4_XS) overflow vpmaddubsw on x + 128: they take
     # their signs onto x instead (`_group_dot`), as ggml does for them
     bias = sb.group(0).signed and not getattr(emit.__self__, "int_signs_on_x", False)
-    return (sb.mins.type.count if sb.mins is not None else 0), bias
+    return (sb.mins.type.count if sb.mins is not None else 0), bias, sb.group2 is not None
 
 
 def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
@@ -856,7 +856,8 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
     b = _Builder(fn.append_basic_block("entry"))
     c64 = lambda v: const(i64, v)  # noqa: E731
     n_in = b.mul(nb, c64(QK_K))
-    n_mins, signed = _superblock_facts(emit)
+    n_mins, signed, two = _superblock_facts(emit)
+    two = two and not tiled  # (the tiled kernel folds the delta into the levels)
     # signed levels (Q3_K) take x + 128 as vpmaddubsw's unsigned side, and the lanes lose
     # 128 * (their scaled levels) again once a super-block: exact, one op a group less
     xb = b.alloca(_V32I8, size=b.mul(nb, c64(T * QK_K // Q8_GROUP)), name="xb")
@@ -864,6 +865,7 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
     vsums = ir.VectorType(i16, max(n_mins, 8))
     bsums = b.alloca(vsums, size=b.mul(nb, c64(T)), name="bsums")
     accs, accm = _Accs(b, vt, T), _Accs(b, v4, T)
+    acc2 = _Accs(b, vt, T if two else 1)  # (IQ1_M) the second sum's float lanes
     summs = alloca_entry(b, f32, T, name="summs")
     vtt = ir.VectorType(f32, T)
     acct = _Accs(b, vtt, 1)  # (tiled) the T tokens' sums of one row
@@ -894,6 +896,7 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
             with for_range(b, g0, g1, name="r") as r:
                 accs.zero()
                 accm.zero()
+                acc2.zero()
                 acct.zero()
                 for j in range(T):
                     b.store(const(f32, 0.0), b.gep(summs, [const(i32, j)]))
@@ -904,8 +907,15 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
                         neg_dmin = b.fmul(sb.dmin, const(f32, -1.0), flags=FINITE)
                     xk = [b.gep(x, [b.mul(k, c64(QK_K))]) for x in xr]
                     sumi = [zero8] * T
+                    sumi2 = [zero8] * T
                     corr = zero8
                     for gi in range(QK_K // Q8_GROUP):
+                        if two:  # (x as it is: the second sum's signs go onto x)
+                            g2 = sb.group2(gi)
+                            for j in range(T):
+                                xg = b.load(b.bitcast(b.gep(xk[j], [c64(Q8_GROUP * gi)]),
+                                                      ptr(_V32I8)), align=1)
+                                sumi2[j] = b.add(sumi2[j], _group_dot(b, g2, xg))
                         g = sb.group(gi)
                         if signed:
                             corr = b.add(corr, _madd(b, _maddubs(b, bias, g.q), g.halves))
@@ -936,6 +946,8 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
                         if not tiled:
                             d = b.fmul(dx, sb.d, flags=FINITE)
                             accs.add_product(j, splat(b, d, 8), b.sitofp(sumi[j], vt))
+                            if two:
+                                acc2.add_product(j, splat(b, d, 8), b.sitofp(sumi2[j], vt))
                     if tiled:
                         _tiled_superblock(b, sb, sumi, prods, b.load(b.gep(dxs, [k])), acct,
                                           corr if signed else None)
@@ -951,6 +963,8 @@ def _build_gemmq_k(m: ir.Module, name: str, blk: _Blocks, emit: Callable,
                     elif sb.fold == "scalar":
                         total = b.fadd(total, b.load(b.gep(summs, [const(i32, j)])),
                                        flags=FINITE)
+                    if two:  # (ggml: total + delta * total2; the delta 1/8 makes it exact)
+                        total = _fma(b, total, const(f32, sb.factor2), _hsum(b, acc2.get(j)))
                     b.store(total, b.gep(y, [b.add(b.mul(b.add(t, c64(j)), ldy), r)]))
     b.ret_void()
     return fn

@@ -534,6 +534,62 @@ class IQ1_M(_Iq1):
             emit_store_group(b, emit_grid_values(b, index), deltas,
                              [dl[0], dl[0], dl[1], dl[1]], x, 32 * ib)
 
+    int_dot = int_superblock = True
+
+    def _int_groups(self, b: ir.IRBuilder, src: ir.Value, tiled: bool) -> IntSuperBlock:
+        table = grid_table(b, "gguflab_iq1s_grid", iq1s_grid().packed(), i64)
+        c = lambda v: const(i32, v)  # noqa: E731
+        sc = [emit_u16(b, src, 48 + 2 * i) for i in range(4)]
+
+        def fields(g: int):
+            """(grid bytes, <32 x i8> delta sign +-1 a grid point, the factors per 16)."""
+            index, deltas = [], ir.Constant(ir.VectorType(i8, 4), ir.Undefined)
+            for j in range(2):
+                qh = emit_load_u8(b, src, 32 + 2 * g + j)
+                for k in range(2):
+                    hi = b.shl(b.and_(b.lshr(qh, c(4 * k)), c(7)), c(8))
+                    index.append(b.or_(emit_load_u8(b, src, 4 * g + 2 * j + k), hi))
+                    neg = b.icmp_unsigned("!=", b.and_(qh, c(0x08 << (4 * k))), c(0))
+                    deltas = b.insert_element(deltas, b.select(neg, ir.Constant(i8, -1),
+                                                               ir.Constant(i8, 1)),
+                                              c(2 * j + k))
+            deltas = b.shuffle_vector(deltas, deltas, ir.Constant(
+                ir.VectorType(i32, 32), [e // 8 for e in range(32)]))
+            f = [_intdot.odd_factor(b, b.and_(b.lshr(sc[g // 2], c(6 * (g % 2) + 3 * h)), c(7)))
+                 for h in range(2)]
+            return _intdot.grid_bytes(b, table, index), deltas, _intdot.pair_factors(b, *f)
+
+        def group(g: int) -> IntGroup:
+            q, deltas, factors = fields(g)
+            if tiled:  # 8 * grid + delta
+                q = b.add(b.shl(q, _intdot.splat_i8(b, ir.Constant(i8, 3))), deltas)
+            return IntGroup(q, True, None, None, factors)
+
+        def group2(g: int) -> IntGroup:
+            _, deltas, factors = fields(g)
+            return IntGroup(deltas, True, None, None, factors)
+
+        bits = b.or_(b.or_(b.lshr(sc[0], c(12)), b.and_(b.lshr(sc[1], c(8)), c(0xF0))),
+                     b.or_(b.and_(b.lshr(sc[2], c(4)), c(0xF00)), b.and_(sc[3], c(0xF000))))
+        d = emit_f16_to_f32(b, b.trunc(bits, i16), hardware_half(Target.CPU))
+        if tiled:
+            return IntSuperBlock(group, b.fmul(d, const(f32, 0.125)))
+        return IntSuperBlock(group, d, group2=group2, factor2=float(DELTA))
+
+    def emit_int_superblock(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        """As ggml's AVX2 `vec_dot_iq1_m_q8_K` reads a block: per 32 weights 4 grid points
+        of 8 values -1, 0, 1 (the 11-bit index of each: a byte of qs, 3 bits of qh) with the
+        factors 2s + 1 per 16, in 8 i32 lanes; the delta (+-1 a grid point, its sign in qh)
+        dotted with x with the same factors in 8 more; each into float lanes of its own by
+        d * dx (d the fp16 scale spread over the four scale words), the totals summed as
+        total + 1/8 * total2."""
+        return self._int_groups(b, src, False)
+
+    def emit_int_superblock_tiled(self, b: ir.IRBuilder, src: ir.Value) -> IntSuperBlock:
+        """As ggml's tiled kernel unpacks a block: per weight 8 * grid value + delta (+-1 a
+        grid point), the factors 2s + 1 per 16, d the fp16 scale times 1/8; no mins."""
+        return self._int_groups(b, src, True)
+
 
 # -- IR: the compiled quantizer ---------------------------------------------------------------
 #
