@@ -108,6 +108,8 @@ def emit_part_rows(b: ir.IRBuilder, n_rows: ir.Value, align: ir.Value, part: ir.
         return b.select(b.icmp_signed("==", p, n_parts), n_rows, r)
 
     return bound(part), bound(b.add(part, const(i64, 1)))
+
+
 _SLICE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)
 
 

@@ -541,14 +541,22 @@ class IQ1_M(_Iq1):
         c = lambda v: const(i32, v)  # noqa: E731
         sc = [emit_u16(b, src, 48 + 2 * i) for i in range(4)]
 
-        def fields(g: int):
-            """(grid bytes, <32 x i8> delta sign +-1 a grid point, the factors per 16)."""
-            index, deltas = [], ir.Constant(ir.VectorType(i8, 4), ir.Undefined)
+        def grid(g: int) -> ir.Value:
+            """The grid bytes of group g's 4 points (11-bit indices: qs, and 3 bits of qh)."""
+            index = []
             for j in range(2):
                 qh = emit_load_u8(b, src, 32 + 2 * g + j)
                 for k in range(2):
                     hi = b.shl(b.and_(b.lshr(qh, c(4 * k)), c(7)), c(8))
                     index.append(b.or_(emit_load_u8(b, src, 4 * g + 2 * j + k), hi))
+            return _intdot.grid_bytes(b, table, index)
+
+        def deltas_and_factors(g: int) -> tuple[ir.Value, ir.Value]:
+            """(<32 x i8> the delta's sign +-1 a grid point, the factors 2s + 1 per 16)."""
+            deltas = ir.Constant(ir.VectorType(i8, 4), ir.Undefined)
+            for j in range(2):
+                qh = emit_load_u8(b, src, 32 + 2 * g + j)
+                for k in range(2):
                     neg = b.icmp_unsigned("!=", b.and_(qh, c(0x08 << (4 * k))), c(0))
                     deltas = b.insert_element(deltas, b.select(neg, ir.Constant(i8, -1),
                                                                ir.Constant(i8, 1)),
@@ -557,16 +565,17 @@ class IQ1_M(_Iq1):
                 ir.VectorType(i32, 32), [e // 8 for e in range(32)]))
             f = [_intdot.odd_factor(b, b.and_(b.lshr(sc[g // 2], c(6 * (g % 2) + 3 * h)), c(7)))
                  for h in range(2)]
-            return _intdot.grid_bytes(b, table, index), deltas, _intdot.pair_factors(b, *f)
+            return deltas, _intdot.pair_factors(b, *f)
 
         def group(g: int) -> IntGroup:
-            q, deltas, factors = fields(g)
+            q = grid(g)
+            deltas, factors = deltas_and_factors(g)
             if tiled:  # 8 * grid + delta
                 q = b.add(b.shl(q, _intdot.splat_i8(b, ir.Constant(i8, 3))), deltas)
             return IntGroup(q, True, None, None, factors)
 
         def group2(g: int) -> IntGroup:
-            _, deltas, factors = fields(g)
+            deltas, factors = deltas_and_factors(g)
             return IntGroup(deltas, True, None, None, factors)
 
         bits = b.or_(b.or_(b.lshr(sc[0], c(12)), b.and_(b.lshr(sc[1], c(8)), c(0xF0))),

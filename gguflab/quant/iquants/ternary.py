@@ -128,7 +128,7 @@ def _part(b: ir.IRBuilder, v: ir.Value, start: int, n: int) -> ir.Value:
     return b.shuffle_vector(v, v, ir.Constant(vec(i32, n), list(range(start, start + n))))
 
 
-def _int_superblock(b: ir.IRBuilder, group, d: ir.Value) -> IntSuperBlock:
+def _int_superblock(group, d: ir.Value) -> IntSuperBlock:
     """As ggml's AVX2 `vec_dot_tq{1,2}_0_q8_K` takes a block: the levels 0..2 (unsigned)
     dotted with Q8_K's levels in 8 i32 lanes, less Q8_K's sums of 16 (the levels' -1: the
     16 sums pairwise into the 8 lanes), converted once and times d * dx. Not in llama.cpp's
@@ -144,6 +144,14 @@ def _concat(b: ir.IRBuilder, lo: ir.Value, hi: ir.Value) -> ir.Value:
 
 def _load(b: ir.IRBuilder, y: ir.Value, offset: int, n: int) -> ir.Value:
     return b.load(b.bitcast(b.gep(y, [const(i32, offset)]), ptr(vec(i8, n))), align=1)
+
+
+def _emit_qh_trits(b: ir.IRBuilder, y: ir.Value) -> ir.Value:
+    """TQ1_0's last 16 trits (weights 240..255, from its 4 bytes at 48) as <16 x i32>."""
+    qh = _load(b, y, 48, 4)
+    spread = b.shuffle_vector(qh, qh, ir.Constant(vec(i32, 16), [0, 1, 2, 3] * 4))
+    p = ir.Constant(vec(i8, 16), [int(POW3[n]) for n in range(4) for _ in range(4)])
+    return _emit_trits(b, spread, p)
 
 
 @register
@@ -195,10 +203,7 @@ class TQ1_0(QuantType):
             for n in range(5):
                 p = ir.Constant(vec(i8, width), [int(POW3[n]) & 0xFF] * width)
                 _emit_store_trits(b, _emit_trits(b, byte, p), d, x, at + width * n)
-        qh = _load(b, y, 48, 4)
-        spread = b.shuffle_vector(qh, qh, ir.Constant(vec(i32, 16), [0, 1, 2, 3] * 4))
-        p = ir.Constant(vec(i8, 16), [int(POW3[n]) for n in range(4) for _ in range(4)])
-        _emit_store_trits(b, _emit_trits(b, spread, p), d, x, 240)
+        _emit_store_trits(b, _emit_qh_trits(b, y), d, x, 240)
 
     int_dot = int_superblock = True
     int_tiled = False
@@ -213,13 +218,10 @@ class TQ1_0(QuantType):
                 return trits(0, 32, g)
             if g < 7:
                 return _concat(b, trits(32, 16, 2 * (g - 5)), trits(32, 16, 2 * (g - 5) + 1))
-            qh = _load(b, src, 48, 4)
-            spread = b.shuffle_vector(qh, qh, ir.Constant(vec(i32, 16), [0, 1, 2, 3] * 4))
-            p = ir.Constant(vec(i8, 16), [int(POW3[n]) for n in range(4) for _ in range(4)])
-            last = b.trunc(_emit_trits(b, spread, p), vec(i8, 16))
+            last = b.trunc(_emit_qh_trits(b, src), vec(i8, 16))
             return _concat(b, trits(32, 16, 4), last)
 
-        return _int_superblock(b, group, load_f16(b, src, 52))
+        return _int_superblock(group, load_f16(b, src, 52))
 
 
 @register
@@ -275,4 +277,4 @@ class TQ2_0(QuantType):
             byte = _load(b, src, 32 * (g // 4), 32)
             return b.and_(b.lshr(byte, vconst(i8, 2 * (g % 4), 32)), vconst(i8, 3, 32))
 
-        return _int_superblock(b, group, load_f16(b, src, 64))
+        return _int_superblock(group, load_f16(b, src, 64))
